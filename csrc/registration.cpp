@@ -1,0 +1,40 @@
+// The one place where gpufit's operator schemas are declared.
+//
+// Kernels register themselves per backend (CPU in the .cpp files, CUDA in the .cu files) with
+// TORCH_LIBRARY_IMPL; fake kernels and autograd are registered from Python (gpufit/ops.py).
+// gpufit/_schema.py holds the same schema strings for the pure-PyTorch fallback, and a test
+// checks that both agree.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef GPUFIT_WITH_CUDA
+#define GPUFIT_WITH_CUDA 0
+#endif
+#ifndef GPUFIT_CUDA_ARCHS_TOKENS
+#define GPUFIT_CUDA_ARCHS_TOKENS none
+#endif
+#define GPUFIT_STRINGIFY_(...) #__VA_ARGS__
+#define GPUFIT_STRINGIFY(...) GPUFIT_STRINGIFY_(__VA_ARGS__)
+
+TORCH_LIBRARY(gpufit, m) {
+  m.def("fused_linear_relu(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def(
+      "fused_linear_relu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out, "
+      "bool needs_input_grad) -> (Tensor, Tensor, Tensor)");
+}
+
+// A plain extension module (no pybind11): importing gpufit._C loads the shared library, which
+// runs the registrations above, and exposes how the library was built.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "gpufit compiled operators", -1,
+                                   nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  if (PyModule_AddIntConstant(module, "with_cuda", GPUFIT_WITH_CUDA) < 0 ||
+      PyModule_AddStringConstant(module, "cuda_archs",
+                                 GPUFIT_STRINGIFY(GPUFIT_CUDA_ARCHS_TOKENS)) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

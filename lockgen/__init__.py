@@ -1,0 +1,1 @@
+"""lockgen: reproducible CUDA + PyTorch environments from a compatibility matrix."""
