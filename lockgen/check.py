@@ -438,6 +438,8 @@ def suggest(m: Matrix, req: Request, limit: int = 3) -> tuple[Combination, ...]:
     if req.cudnn is not None:
         best(lambda c: any(k.startswith("cuDNN") for k in c.keeps),
              lambda c: (c[1][2], c[1][0]))
+    if req.python is not None:
+        best(lambda c: c.python == req.python.minor, lambda c: (c[1][0], c[1][2], c[1][3]))
     seen, out = set(), []
     for p in picks:
         key = (p.torch, p.cuda)
