@@ -329,6 +329,26 @@ def _rules(m: Matrix, req: Request) -> tuple[list[Conflict], Release | None, Bui
                     "and the newest CUDA features may fail")
             if not floor.verified:
                 add(NOTE, "driver", f"the driver floor of CUDA {req.cuda} is unverified")
+    elif req.driver is not None and req.cuda is None and not req.cpu:
+        best = m.max_cuda_for_driver(req.driver)
+        mvc = max((mj.major for mj in m.cuda_majors if req.driver >= mj.linux_floor),
+                  default=None)
+        oldest, lowest = m.cuda_toolkits[0], min(m.cuda_majors, key=lambda mj: mj.major)
+        if best is not None:
+            newer = [t for t in m.cuda_toolkits if t.version > best and t.version.major == mvc]
+            extra = (f"; newer CUDA {mvc}.x builds through minor version compatibility"
+                     if newer else "")
+            add(NOTE, "driver", f"driver {req.driver} runs CUDA builds up to {best} fully"
+                + extra)
+        elif mvc is not None:
+            add(NOTE, "driver",
+                f"driver {req.driver} runs no CUDA version of the matrix fully (CUDA "
+                f"{oldest.version} needs {oldest.linux}); CUDA {mvc}.x builds only through "
+                "minor version compatibility")
+        else:
+            add(WARNING, "driver",
+                f"driver {req.driver} is too old for every CUDA build of the matrix (CUDA "
+                f"{lowest.major}.x needs >= {lowest.linux_floor}): CPU builds only")
 
     # -- GPU architecture
     if req.gpu is not None and build is not None and release is not None:

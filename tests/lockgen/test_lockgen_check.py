@@ -156,3 +156,13 @@ def test_json_shape(matrix):
     assert data["conflicts"][0]["field"] == "driver"
     assert set(data["suggestions"][0]) == {"torch", "torchvision", "cuda", "cudnn", "python",
                                            "target", "keeps"}
+
+
+def test_driver_alone_says_what_it_runs(matrix):
+    r = run(matrix, driver="535.104.05")
+    assert r.ok
+    text = " ".join(c.message for c in r.conflicts)
+    assert "up to 12.2 fully" in text and "CUDA 12.x" in text
+    r = run(matrix, driver="400")
+    assert r.ok and fields(r, "warning") == {"driver"}
+    assert "450.80.02" in r.warnings[0].message
