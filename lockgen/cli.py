@@ -235,6 +235,40 @@ def _run_doctor(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_FAIL if d.verdict == BROKEN else EXIT_OK
 
 
+# -- flake ----------------------------------------------------------------------------------
+
+
+def _configure_flake(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nix-config", help="Nix facts file (default: nix.toml beside the matrix)")
+    p.add_argument("--output", "-o", help="where to write (default: flake.nix at the repository "
+                                          "root; '-' for stdout)")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 when the flake differs from the matrix")
+
+
+def _run_flake(args: argparse.Namespace, out: TextIO) -> int:
+    from pathlib import Path
+
+    from lockgen.flake import default_flake_path, generate, stale, write_flake
+
+    m = _matrix(args)
+    text = generate(m, args.nix_config)
+    if args.output == "-":
+        out.write(text)
+        return EXIT_OK
+    path = Path(args.output) if args.output else default_flake_path(m)
+    if args.check:
+        diff = stale(path, text)
+        if diff is None:
+            out.write(f"{path} is up to date\n")
+            return EXIT_OK
+        out.write(f"{path} is stale; regenerate with `lockgen flake`:\n{diff}\n")
+        return EXIT_FAIL
+    changed = write_flake(path, text)
+    out.write(f"{'wrote' if changed else 'unchanged:'} {path} ({len(m.targets)} dev shells)\n")
+    return EXIT_OK
+
+
 # -- registry -------------------------------------------------------------------------------
 
 COMMANDS: tuple[Command, ...] = (
@@ -244,6 +278,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("check", "check a torch/CUDA/cuDNN/Python/driver/GPU combination",
             _configure_check, _run_check),
     Command("doctor", "inspect this machine: verdict and fix", _configure_doctor, _run_doctor),
+    Command("flake", "write flake.nix: a Nix dev shell per target", _configure_flake,
+            _run_flake),
 )
 
 
