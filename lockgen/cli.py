@@ -33,8 +33,12 @@ workflow:
                                runnable? explains each conflict, suggests the nearest valid ones
   4. lockgen doctor            inspects this machine (driver, GPUs, installed torch, nvcc) and
                                says: works / works with warnings / broken, and the fix
-  later: render -> lock -> verify -> install (conda-lock and pip lockfiles per target),
-         flake (a Nix dev shell per target)
+  5. lockgen render --all       conda-lock inputs: envs/<target>.yml + virtual packages
+  6. lockgen lock --all         solve into envs/<target>.lock (checked by verify); --flavor pip
+                               writes envs/<target>.requirements.txt with --hash lines
+  7. lockgen verify FILE        is a lockfile the CUDA build its target promises, fresh, hashed?
+  8. lockgen install FILE --prefix DIR   install a lock without conda (checks the driver)
+  later: flake (a Nix dev shell per target)
 
 example:
   lockgen check --torch 2.1.2 --cuda 12.1 --python 3.11 --driver 535 --gpu "RTX 3090"
@@ -269,6 +273,152 @@ def _run_flake(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+# -- render / lock / verify / install ---------------------------------------------------------
+
+
+def _envs_dir(args: argparse.Namespace, m):
+    from pathlib import Path
+
+    return Path(args.envs) if getattr(args, "envs", None) else m.path.parent
+
+
+def _selected_targets(args: argparse.Namespace, m) -> list:
+    if args.all == bool(args.target):
+        raise LockgenError("name one target or pass --all "
+                           f"(targets: {', '.join(m.targets)})")
+    return list(m.targets.values()) if args.all else [m.target(args.target)]
+
+
+def _configure_target_selection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", nargs="?", help="a target of envs/targets.toml")
+    p.add_argument("--all", action="store_true", help="every target")
+    p.add_argument("--envs", help="folder of the spec and lock files (default: beside the "
+                                  "matrix)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="also targets whose conda channel the matrix does not confirm "
+                        "(never one it says cannot supply the build)")
+
+
+def _configure_render(p: argparse.ArgumentParser) -> None:
+    _configure_target_selection(p)
+
+
+def _run_render(args: argparse.Namespace, out: TextIO) -> int:
+    from lockgen.render.conda import render_target
+
+    m = _matrix(args)
+    failed = 0
+    for t in _selected_targets(args, m):
+        try:
+            for path in render_target(m, t, _envs_dir(args, m), args.allow_unverified):
+                out.write(f"wrote {path}\n")
+        except LockgenError as exc:
+            if not args.all:
+                raise
+            failed += 1
+            out.write(f"refused {t.name}: {exc}\n")
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def _configure_lock(p: argparse.ArgumentParser) -> None:
+    _configure_target_selection(p)
+    p.add_argument("--flavor", choices=("conda", "pip"), default="conda",
+                   help="conda: envs/<target>.lock (conda-lock format); pip: "
+                        "envs/<target>.requirements.txt with --hash lines")
+    p.add_argument("--engine", choices=("rattler", "conda-lock"), default="rattler",
+                   help="rattler (embedded, default) or the real conda-lock (needs "
+                        "conda/mamba/micromamba)")
+    p.add_argument("--channel", action="append", default=[], metavar="URL",
+                   help="solve against these channels instead of the target's (repeatable)")
+    p.add_argument("--conda", help="conda/mamba/micromamba executable for --engine conda-lock")
+    p.add_argument("--index-url", help="pip flavor: resolve from this index instead")
+    p.add_argument("--cache-dir", help="rattler's repodata cache folder")
+
+
+def _run_lock(args: argparse.Namespace, out: TextIO) -> int:
+    from pathlib import Path
+
+    m = _matrix(args)
+    envs = _envs_dir(args, m)
+    failed = 0
+    for t in _selected_targets(args, m):
+        try:
+            if args.flavor == "pip":
+                from lockgen.render.pip import PipResolver, lock_pip
+                from lockgen.verify import verify_file
+
+                path = lock_pip(t, envs, getattr(args, "pip_resolver", None) or PipResolver(),
+                                args.index_url)
+                report = verify_file(path, m)
+            else:
+                from lockgen.solve import lock_target, make_solver
+
+                solver = getattr(args, "solver", None) or make_solver(
+                    args.engine, Path(args.cache_dir) if args.cache_dir else None, args.conda)
+                result = lock_target(m, t, envs, solver, args.channel, args.allow_unverified)
+                path, report = result.path, result.report
+            out.write(f"wrote {path}\n{report.format()}\n")
+            if not report.ok:
+                failed += 1
+        except LockgenError as exc:
+            if not args.all:
+                raise
+            failed += 1
+            out.write(f"failed {t.name}: {exc}\n")
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def _configure_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("lockfile", nargs="+", help="envs/<target>.lock or "
+                                               "envs/<target>.requirements.txt")
+    p.add_argument("--envs", help="folder of envs/<target>.yml (default: the lockfile's)")
+    p.add_argument("--check-channels", action="store_true",
+                   help="also compare every hash with the channel's repodata (network)")
+    p.add_argument("--json", action="store_true")
+
+
+def _run_verify(args: argparse.Namespace, out: TextIO) -> int:
+    from pathlib import Path
+
+    from lockgen.verify import verify_file
+
+    m = _matrix(args)
+    reports = [verify_file(f, m, Path(args.envs) if args.envs else None, args.check_channels)
+               for f in args.lockfile]
+    if args.json:
+        json.dump([r.to_json() for r in reports], out, indent=2)
+        out.write("\n")
+    else:
+        out.write("\n".join(r.format() for r in reports) + "\n")
+    return EXIT_OK if all(r.ok for r in reports) else EXIT_FAIL
+
+
+def _configure_install(p: argparse.ArgumentParser) -> None:
+    p.add_argument("lockfile", help="envs/<target>.lock")
+    p.add_argument("--prefix", required=True, help="the environment folder to create")
+    p.add_argument("--platform", help="install the packages of this platform (default: host)")
+    p.add_argument("--no-driver-check", action="store_true",
+                   help="skip checking the NVIDIA driver against the lock's CUDA")
+    p.add_argument("--cache-dir", help="package cache folder (default: rattler's)")
+
+
+def _run_install(args: argparse.Namespace, out: TextIO) -> int:
+    from pathlib import Path
+
+    from lockgen.install import install_lockfile
+
+    m = _matrix(args)
+    res = install_lockfile(Path(args.lockfile), Path(args.prefix), m, platform=args.platform,
+                           prober=getattr(args, "prober", None),
+                           driver_check=not args.no_driver_check,
+                           cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    out.write(f"driver: {res.driver.message}\n")
+    for w in res.warnings:
+        out.write(f"warning: {w}\n")
+    out.write(f"installed {res.packages} packages for {res.platform} into {res.prefix}\n")
+    return EXIT_OK
+
+
 # -- registry -------------------------------------------------------------------------------
 
 COMMANDS: tuple[Command, ...] = (
@@ -280,6 +430,13 @@ COMMANDS: tuple[Command, ...] = (
     Command("doctor", "inspect this machine: verdict and fix", _configure_doctor, _run_doctor),
     Command("flake", "write flake.nix: a Nix dev shell per target", _configure_flake,
             _run_flake),
+    Command("render", "write envs/<target>.yml and its virtual packages (conda-lock input)",
+            _configure_render, _run_render),
+    Command("lock", "solve a target into envs/<target>.lock (or a pip hash-lock)",
+            _configure_lock, _run_lock),
+    Command("verify", "check a lockfile against its target", _configure_verify, _run_verify),
+    Command("install", "install a lockfile into a prefix without conda",
+            _configure_install, _run_install),
 )
 
 

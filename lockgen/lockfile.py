@@ -1,0 +1,163 @@
+"""conda-lock lockfiles, read and written through conda-lock's own models.
+
+Everything here goes through ``conda_lock`` itself so that ``conda-lock install`` /
+``conda-lock render`` accept what lockgen writes and lockgen reads what conda-lock writes:
+
+* the lock *specification* comes from ``conda_lock.src_parser.make_lock_spec`` reading
+  ``envs/<target>.yml`` (with ``--channel`` overrides exactly as ``conda-lock lock --channel``
+  applies them);
+* the per-platform ``content_hash`` is ``conda_lock.content_hash.compute_content_hashes`` of
+  that specification and the virtual-package repo built from
+  ``envs/<target>.virtual-packages.yml`` by
+  ``conda_lock.virtual_package.virtual_package_repo_from_specification`` — the same two calls
+  ``conda-lock lock -f ENV --virtual-package-spec VP`` makes. (Semantics, for reference: per
+  platform, sha256 of the sorted-keys JSON of the channels, the platform's dependency specs
+  sorted by (manager, name), and the virtual packages' fake repodata for that platform and
+  noarch.) So a lock made by lockgen and one made by conda-lock from the same inputs carry
+  the same hashes, and editing either input makes ``verify`` report the lock as stale;
+* files are written with ``conda_lock.lockfile.write_conda_lock_file`` (version 1 format) and
+  read with ``parse_conda_lock_file``.
+
+conda-lock filters virtual packages out of the lockfile, so what a lock was solved for is
+kept in ``metadata.custom_metadata`` under the ``lockgen.*`` keys (:data:`META_TARGET` etc.).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lockgen.atomic import atomic_write_text
+from lockgen.errors import LockgenError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from conda_lock.lockfile.v2prelim.models import LockedDependency, Lockfile
+    from conda_lock.models.lock_spec import LockSpecification
+
+META_TARGET = "lockgen.target"
+META_CUDA = "lockgen.cuda"  # the __cuda the solve assumed ("" for a CPU target)
+META_VIRTUAL_PACKAGES = "lockgen.virtual_packages"  # JSON {platform: {name: "version"}}
+META_ENGINE = "lockgen.engine"
+META_CHANNEL_OVERRIDES = "lockgen.channel_overrides"  # JSON list, [] when none
+META_CHANNEL_SUPPORT = "lockgen.channel_support"  # supplied / unknown (render's verdict)
+
+
+def _require_conda_lock():
+    try:
+        import conda_lock  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise LockgenError("this command needs conda-lock (pip install conda-lock==4.0.3)"
+                           ) from exc
+
+
+def lock_spec(env_file: Path, channel_overrides: Sequence[str] = ()) -> LockSpecification:
+    """The conda-lock specification of an environment file, as ``conda-lock lock`` sees it."""
+    _require_conda_lock()
+    from conda_lock.lookup import DEFAULT_MAPPING_URL
+    from conda_lock.src_parser import make_lock_spec
+
+    if not env_file.exists():
+        raise LockgenError(f"{env_file} does not exist: run `lockgen render "
+                           f"{env_file.name.removesuffix('.yml')}` first")
+    try:
+        return make_lock_spec(src_files=[env_file],
+                              channel_overrides=list(channel_overrides) or None,
+                              mapping_url=DEFAULT_MAPPING_URL)
+    except Exception as exc:
+        raise LockgenError(f"{env_file}: conda-lock cannot read it: {exc}") from exc
+
+
+def read_virtual_packages(vp_file: Path) -> dict[str, dict[str, str]]:
+    """``{platform: {name: "version[ build]"}}`` from a conda-lock virtual-package spec."""
+    import yaml
+
+    if not vp_file.exists():
+        raise LockgenError(f"{vp_file} does not exist: run `lockgen render` first")
+    data = yaml.safe_load(vp_file.read_text()) or {}
+    out: dict[str, dict[str, str]] = {}
+    for platform, sub in (data.get("subdirs") or {}).items():
+        out[platform] = {k: str(v) for k, v in ((sub or {}).get("packages") or {}).items()}
+    return out
+
+
+def content_hashes(spec: LockSpecification, vp_file: Path) -> dict[str, str]:
+    """conda-lock's per-platform content hash of ``spec`` + the virtual-package spec file."""
+    _require_conda_lock()
+    from conda_lock.content_hash import compute_content_hashes
+    from conda_lock.virtual_package import virtual_package_repo_from_specification
+
+    repo = virtual_package_repo_from_specification(vp_file)
+    return compute_content_hashes(spec, repo)
+
+
+def build_lockfile(packages: Sequence[LockedDependency], spec: LockSpecification,
+                   hashes: Mapping[str, str], sources: Sequence[str],
+                   custom: Mapping[str, str]) -> Lockfile:
+    from conda_lock.lockfile.v1.models import LockMeta, TimeMeta
+    from conda_lock.lockfile.v2prelim.models import Lockfile
+
+    return Lockfile(
+        package=list(packages),
+        metadata=LockMeta(
+            content_hash=dict(hashes),
+            channels=list(spec.channels),
+            platforms=list(spec.platforms),
+            sources=list(sources),
+            time_metadata=TimeMeta.create(),
+            custom_metadata=dict(custom),
+        ),
+    )
+
+
+def lockfile_text(lock: Lockfile, name: str) -> str:
+    """The file conda-lock would write for ``lock`` under the file name ``name``."""
+    from conda_lock.lockfile import write_conda_lock_file
+
+    lock = lock.model_copy(deep=True)
+    with tempfile.TemporaryDirectory(prefix="lockgen-") as tmp:
+        path = Path(tmp) / name
+        write_conda_lock_file(lock, path, metadata_choices=None)
+        return path.read_text()
+
+
+def write_lockfile(lock: Lockfile, path: Path) -> Path:
+    """Write atomically: on any failure the previous file at ``path`` is left untouched."""
+    return atomic_write_text(path, lambda: lockfile_text(lock, path.name))
+
+
+def read_lockfile(path: Path) -> Lockfile:
+    _require_conda_lock()
+    from conda_lock.lockfile import parse_conda_lock_file
+
+    path = Path(path)
+    if not path.exists():
+        raise LockgenError(f"{path} does not exist")
+    try:
+        return parse_conda_lock_file(path)
+    except Exception as exc:
+        raise LockgenError(f"{path} is not a conda-lock lockfile: {exc}") from exc
+
+
+def custom(lock: Lockfile) -> dict[str, str]:
+    return dict(lock.metadata.custom_metadata or {})
+
+
+def recorded_virtual_packages(lock: Lockfile) -> dict[str, dict[str, str]]:
+    raw = custom(lock).get(META_VIRTUAL_PACKAGES)
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return {}
+
+
+def recorded_channel_overrides(lock: Lockfile) -> list[str]:
+    raw = custom(lock).get(META_CHANNEL_OVERRIDES)
+    try:
+        return list(json.loads(raw)) if raw else []
+    except ValueError:
+        return []

@@ -1,0 +1,391 @@
+"""``lockgen verify``: check a lockfile against its target.
+
+For a conda-lock lockfile (``envs/<target>.lock``):
+
+* ``target``      the target it was made for (``metadata.custom_metadata``, else the file name)
+                  exists, and the recorded ``__cuda`` is the target's CUDA;
+* ``platform``    every platform of the target is in the lock and has packages;
+* ``hash``        every package has a URL and well-formed hashes (md5 + sha256 for conda
+                  packages, sha256 for pip); with ``check_channels`` each hash is compared
+                  with what the channel's repodata publishes for that file;
+* ``torch``       ``pytorch`` on every platform is the CUDA build for the target's CUDA
+                  (never a ``cpu`` build; for the CPU target, never a CUDA build), and
+                  ``torchvision`` agrees;
+* ``cuda``        ``cuda-version`` / ``pytorch-cuda`` is the target's CUDA version;
+* ``cudnn``       the cuDNN named in the build string (legacy channel) or the ``cudnn``
+                  package (conda-forge, major version only: conda-forge ships its own cuDNN
+                  minor) matches the matrix;
+* ``stale``       the lock's content hash equals conda-lock's hash of the current
+                  ``envs/<target>.yml`` + ``envs/<target>.virtual-packages.yml``, and those
+                  files are what ``lockgen render`` writes from the matrix now.
+
+For a pip hash-lock (``envs/<target>.requirements.txt``): every requirement is pinned with
+``==`` and has ``--hash``, torch/torchvision are the target's versions, and the torch build
+is the target's (``+cu121`` from the wheel index, or PyPI's default build).
+
+``verify_file(path, matrix)`` → :class:`Report` (``ok``, ``findings``, ``format()``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lockgen import lockfile as lf
+from lockgen.errors import LockgenError
+from lockgen.matrix import Matrix, Target, default_envs_dir
+from lockgen.render.conda import rendered_is_current, target_paths
+from lockgen.versions import Version
+
+if TYPE_CHECKING:  # pragma: no cover
+    from conda_lock.lockfile.v2prelim.models import Lockfile
+
+ERROR, WARNING = "error", "warning"
+_MD5 = re.compile(r"^[0-9a-f]{32}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str
+    check: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.level.upper()} [{self.check}] {self.message}"
+
+
+@dataclass
+class Report:
+    path: str
+    target: str | None
+    findings: list[Finding] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.level == ERROR for f in self.findings)
+
+    def error(self, check: str, message: str) -> None:
+        self.findings.append(Finding(ERROR, check, message))
+
+    def warn(self, check: str, message: str) -> None:
+        self.findings.append(Finding(WARNING, check, message))
+
+    def format(self) -> str:
+        head = f"{self.path} (target {self.target or '?'}): "
+        head += "OK" if self.ok else "FAILED"
+        lines = [head, *(f"  {f}" for f in self.findings)]
+        if self.ok and self.checked:
+            lines.append(f"  checked: {', '.join(self.checked)}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "target": self.target, "ok": self.ok,
+                "findings": [f.__dict__ for f in self.findings], "checked": self.checked}
+
+
+# -- build strings ----------------------------------------------------------------------------
+
+_LEGACY_CUDA = re.compile(r"(?:^|_)cuda(\d+\.\d+)(?:_|$)")
+_NODOT_CUDA = re.compile(r"(?:^|_)cu(?:da)?(\d{2,3})(?:_|$)")
+_CPU = re.compile(r"(?:^|_)cpu(?:_|$)")
+_LEGACY_CUDNN = re.compile(r"(?:^|_)cudnn(\d+(?:\.\d+)*)(?:_|$)")
+
+
+def build_cuda(build: str) -> Version | str | None:
+    """The CUDA version a pytorch/torchvision build string names; ``"cpu"`` for a CPU build;
+    None when it says neither. ``py3.11_cuda12.1_cudnn8.9.2_0`` → 12.1,
+    ``cuda130_mkl_py311_h1234567_200`` → 13.0, ``py311_cu121`` → 12.1, ``cpu_mkl_…`` → cpu."""
+    if _CPU.search(build):
+        return "cpu"
+    m = _LEGACY_CUDA.search(build)
+    if m:
+        return Version.parse(m.group(1))
+    m = _NODOT_CUDA.search(build)
+    if m:
+        d = m.group(1)
+        return Version((int(d[:-1]), int(d[-1])), f"{int(d[:-1])}.{d[-1]}")
+    return None
+
+
+def build_cudnn(build: str) -> Version | None:
+    m = _LEGACY_CUDNN.search(build)
+    return Version.parse(m.group(1)) if m else None
+
+
+# -- conda lockfiles --------------------------------------------------------------------------
+
+
+def _resolve_target(matrix: Matrix, name: str | None, report: Report) -> Target | None:
+    if not name:
+        report.error("target", "the lockfile names no target (metadata.custom_metadata "
+                               f"'{lf.META_TARGET}') and its file name is not one")
+        return None
+    if name not in matrix.targets:
+        report.error("target", f"unknown target {name!r} (known: "
+                               f"{', '.join(matrix.targets)})")
+        return None
+    return matrix.targets[name]
+
+
+def _check_torch(report: Report, target: Target, platform: str, pkgs: dict) -> None:
+    torch = pkgs.get("pytorch")
+    if torch is None:
+        report.error("torch", f"{platform}: no pytorch package in the lock")
+        return
+    build = torch.build or ""
+    got = build_cuda(build)
+    desc = f"{platform}: pytorch {torch.version} build {build}"
+    if target.is_cpu:
+        if got != "cpu":
+            report.error("torch", f"{desc} is not a CPU build, but target {target.name} is "
+                                  "CPU-only")
+    elif got == "cpu":
+        report.error("torch", f"{desc} is the CPU build; target {target.name} needs the "
+                              f"CUDA {target.cuda} build (pin `pytorch * cuda*` and give the "
+                              f"solve __cuda={target.cuda})")
+    elif got is None:
+        report.error("torch", f"{desc}: the build string names no CUDA version")
+    elif got != target.cuda:
+        report.error("torch", f"{desc} is a CUDA {got} build, target {target.name} is CUDA "
+                              f"{target.cuda}")
+    if not Version.parse(torch.version).matches_prefix(target.torch):
+        report.error("torch", f"{platform}: pytorch {torch.version} is not torch "
+                              f"{target.torch}")
+    vision = pkgs.get("torchvision")
+    if vision is None:
+        report.error("torch", f"{platform}: no torchvision package in the lock")
+    else:
+        vgot = build_cuda(vision.build or "")
+        if target.is_cpu and vgot not in ("cpu", None):
+            report.error("torch", f"{platform}: torchvision build {vision.build} is a CUDA "
+                                  "build in a CPU target")
+        elif not target.is_cpu and vgot == "cpu":
+            report.error("torch", f"{platform}: torchvision build {vision.build} is the CPU "
+                                  "build")
+        elif isinstance(vgot, Version) and vgot != target.cuda:
+            report.error("torch", f"{platform}: torchvision build {vision.build} is for CUDA "
+                                  f"{vgot}, not {target.cuda}")
+        if not Version.parse(vision.version).matches_prefix(target.torchvision):
+            report.error("torch", f"{platform}: torchvision {vision.version} is not "
+                                  f"{target.torchvision}")
+    # cuDNN
+    if target.cudnn is not None:
+        cudnn = build_cudnn(build)
+        if cudnn is not None:
+            if not target.cudnn.matches_prefix(cudnn):
+                report.error("cudnn", f"{platform}: pytorch build {build} has cuDNN {cudnn}, "
+                                      f"the matrix says {target.cudnn}")
+        elif "cudnn" in pkgs:
+            v = Version.parse(pkgs["cudnn"].version.split("+")[0])
+            if v.major != target.cudnn.major:
+                report.error("cudnn", f"{platform}: cudnn {v} is not cuDNN "
+                                      f"{target.cudnn.major} (matrix: {target.cudnn})")
+            elif not v.matches_prefix(target.cudnn.minor):
+                report.warn("cudnn", f"{platform}: cudnn {v} differs from the pip build's "
+                                     f"{target.cudnn} (the channel ships its own cuDNN)")
+
+
+def _check_cuda_selector(report: Report, target: Target, platform: str, pkgs: dict) -> None:
+    if target.cuda is None:
+        return
+    meta = target.conda_channel.cuda_metapackage
+    names = [meta] + [n for n in ("cuda-version",) if n != meta]
+    found = False
+    for name in names:
+        pkg = pkgs.get(name)
+        if pkg is None:
+            continue
+        found = True
+        v = Version.parse(pkg.version.split("+")[0])
+        if not v.matches_prefix(target.cuda):
+            report.error("cuda", f"{platform}: {name} {pkg.version} is not CUDA {target.cuda}")
+    if not found:
+        report.error("cuda", f"{platform}: no {meta} package pins CUDA {target.cuda}")
+
+
+def _check_hashes(report: Report, lock: Lockfile) -> None:
+    for p in lock.package:
+        where = f"{p.platform}: {p.name} {p.version}"
+        if not p.url:
+            report.error("hash", f"{where} has no URL")
+        md5, sha = (p.hash.md5 or ""), (p.hash.sha256 or "")
+        if p.manager == "conda" and not _MD5.match(md5):
+            report.error("hash", f"{where}: md5 {md5!r} is missing or malformed")
+        if not _SHA256.match(sha):
+            report.error("hash", f"{where}: sha256 {sha!r} is missing or malformed")
+
+
+def check_channel_hashes(lock: Lockfile, report: Report) -> None:
+    """Compare each conda package's md5/sha256 with its channel's repodata (network or
+    ``file://``)."""
+    import rattler
+
+    groups: dict[tuple[str, str], list] = defaultdict(list)
+    for p in lock.package:
+        if p.manager != "conda" or not p.url:
+            continue
+        base, subdir, _ = p.url.rsplit("/", 2)
+        groups[(base, subdir)].append(p)
+
+    async def fetch():
+        gateway = rattler.Gateway()
+        out = {}
+        for (base, subdir), pkgs in groups.items():
+            res = await gateway.query([rattler.Channel(base)], [subdir],
+                                      sorted({p.name for p in pkgs}), recursive=False)
+            out[(base, subdir)] = {r.url: r for recs in res for r in recs}
+        return out
+
+    try:
+        published = asyncio.run(fetch())
+    except Exception as exc:
+        report.error("hash", f"cannot read the channels' repodata to compare hashes: {exc}")
+        return
+    for key, pkgs in groups.items():
+        index = published.get(key, {})
+        for p in pkgs:
+            rec = index.get(p.url)
+            where = f"{p.platform}: {p.name} {p.version} ({p.url.rsplit('/', 1)[-1]})"
+            if rec is None:
+                report.error("hash", f"{where} is not in its channel's repodata")
+                continue
+            md5 = rec.md5.hex() if rec.md5 else None
+            sha = rec.sha256.hex() if rec.sha256 else None
+            if md5 and p.hash.md5 != md5 or sha and p.hash.sha256 != sha:
+                report.error("hash", f"{where}: hash differs from the channel's "
+                                     f"(lock md5 {p.hash.md5}, channel {md5})")
+
+
+def _check_content_hash(report: Report, lock: Lockfile, target: Target,
+                        envs_dir: Path, matrix: Matrix) -> None:
+    paths = target_paths(envs_dir, target.name)
+    for problem in rendered_is_current(matrix, target, envs_dir):
+        report.error("stale", f"{problem}; re-render and re-lock")
+    if not paths.env.exists() or not paths.virtual_packages.exists():
+        return
+    try:
+        spec = lf.lock_spec(paths.env, lf.recorded_channel_overrides(lock))
+        now = lf.content_hashes(spec, paths.virtual_packages)
+    except LockgenError as exc:
+        report.error("stale", str(exc))
+        return
+    for platform in target.platforms:
+        have = lock.metadata.content_hash.get(platform)
+        if have is None:
+            continue  # reported by the platform check
+        if now.get(platform) != have:
+            report.error("stale", f"{platform}: content hash {have[:12]}… does not match "
+                                  f"{paths.env.name} + {paths.virtual_packages.name} now "
+                                  f"({now.get(platform, '?')[:12]}…): the inputs changed "
+                                  f"since this lock was made; run `lockgen lock "
+                                  f"{target.name}`")
+
+
+def verify_lock(lock: Lockfile, matrix: Matrix, envs_dir: Path | None = None,
+                target: Target | None = None, lock_name: str = "",
+                check_channels: bool = False) -> Report:
+    envs_dir = Path(envs_dir) if envs_dir else default_envs_dir()
+    meta = lf.custom(lock)
+    name = meta.get(lf.META_TARGET) or (lock_name.removesuffix(".lock") if lock_name
+                                        else None)
+    report = Report(lock_name or "<lock>", name)
+    if target is None:
+        target = _resolve_target(matrix, name, report)
+        if target is None:
+            return report
+    report.target = target.name
+    if lf.META_CUDA in meta:
+        want = target.cuda.raw if target.cuda else ""
+        if meta[lf.META_CUDA] != want:
+            report.error("target", f"the lock was solved for __cuda={meta[lf.META_CUDA] or 'none'}"
+                                   f", target {target.name} is {want or 'CPU'}")
+    else:
+        report.warn("target", "the lock does not record the __cuda it was solved for "
+                              "(not made by lockgen?)")
+    if meta.get(lf.META_CHANNEL_SUPPORT, "supplied") != "supplied":
+        report.warn("channel", f"rendered with --allow-unverified: the matrix does not "
+                               f"confirm that {target.conda_channel.name} supplies this build")
+
+    by_platform: dict[str, dict] = defaultdict(dict)
+    for p in lock.package:
+        if p.manager == "conda":
+            by_platform[p.platform][p.name] = p
+    for platform in target.platforms:
+        if platform not in lock.metadata.platforms or not by_platform.get(platform):
+            report.error("platform", f"{platform} is missing from the lock (target "
+                                     f"{target.name} needs {', '.join(target.platforms)})")
+            continue
+        pkgs = by_platform[platform]
+        _check_torch(report, target, platform, pkgs)
+        _check_cuda_selector(report, target, platform, pkgs)
+    _check_hashes(report, lock)
+    if check_channels:
+        check_channel_hashes(lock, report)
+    _check_content_hash(report, lock, target, envs_dir, matrix)
+    report.checked = ["target", "platforms", "hashes", "torch build", "CUDA",
+                      "cuDNN", "content hash"] + (["channel hashes"] if check_channels else [])
+    return report
+
+
+# -- pip hash-locks ---------------------------------------------------------------------------
+
+
+def verify_requirements(path: Path, matrix: Matrix) -> Report:
+    from lockgen.render.pip import parse_requirements, wheel_source
+
+    text = Path(path).read_text()
+    req = parse_requirements(text)
+    name = req.meta.get("target") or Path(path).name.removesuffix(".requirements.txt")
+    report = Report(str(path), name)
+    target = _resolve_target(matrix, name, report)
+    if target is None:
+        return report
+    if not req.entries:
+        report.error("hash", "no requirements in the file")
+    for e in req.entries:
+        if not e.pinned:
+            report.error("hash", f"{e.name}: not pinned with == ({e.raw})")
+        if not e.hashes or not all(_SHA256.match(h.removeprefix("sha256:"))
+                                   for h in e.hashes):
+            report.error("hash", f"{e.name}: missing or malformed --hash")
+    pkgs = {e.name.lower().replace("_", "-"): e for e in req.entries}
+    torch, vision = pkgs.get("torch"), pkgs.get("torchvision")
+    if torch is None or vision is None:
+        report.error("torch", "torch and torchvision must both be locked")
+        return report
+    if not Version.parse(torch.version).matches_prefix(target.torch):
+        report.error("torch", f"torch {torch.version} is not torch {target.torch}")
+    if not Version.parse(vision.version).matches_prefix(target.torchvision):
+        report.error("torch", f"torchvision {vision.version} is not {target.torchvision}")
+    index = req.meta.get("index-url", "")
+    expected_index, _why = wheel_source(target)
+    if index != expected_index:
+        report.error("torch", f"resolved from {index or '?'}, but target {target.name}'s "
+                              f"build comes from {expected_index}")
+    local = Version.parse(torch.version).local
+    if local is not None and local != target.tag:
+        report.error("torch", f"torch {torch.version} is the {local} build, target "
+                              f"{target.name} is {target.tag}")
+    report.checked = ["pins", "hashes", "torch build", "index"]
+    return report
+
+
+def verify_file(path: str | Path, matrix: Matrix, envs_dir: Path | None = None,
+                check_channels: bool = False) -> Report:
+    path = Path(path)
+    if path.name.endswith(".txt"):
+        if not path.exists():
+            raise LockgenError(f"{path} does not exist")
+        return verify_requirements(path, matrix)
+    lock = lf.read_lockfile(path)
+    envs_dir = Path(envs_dir) if envs_dir else path.resolve().parent
+    report = verify_lock(lock, matrix, envs_dir, lock_name=path.name,
+                         check_channels=check_channels)
+    report.path = str(path)
+    return report
