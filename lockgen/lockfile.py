@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,8 +47,15 @@ META_CHANNEL_SUPPORT = "lockgen.channel_support"  # supplied / unknown (render's
 
 
 def _require_conda_lock():
+    """Import conda-lock (quietly: its vendored conda warns about its own deprecations)."""
     try:
-        import conda_lock  # noqa: F401
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", PendingDeprecationWarning)
+            import conda_lock.content_hash  # noqa: F401
+            import conda_lock.lockfile  # noqa: F401
+            import conda_lock.src_parser  # noqa: F401
+            import conda_lock.virtual_package  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise LockgenError("this command needs conda-lock (pip install conda-lock==4.0.3)"
                            ) from exc
@@ -96,6 +104,7 @@ def content_hashes(spec: LockSpecification, vp_file: Path) -> dict[str, str]:
 def build_lockfile(packages: Sequence[LockedDependency], spec: LockSpecification,
                    hashes: Mapping[str, str], sources: Sequence[str],
                    custom: Mapping[str, str]) -> Lockfile:
+    _require_conda_lock()
     from conda_lock.lockfile.v1.models import LockMeta, TimeMeta
     from conda_lock.lockfile.v2prelim.models import Lockfile
 
@@ -114,6 +123,7 @@ def build_lockfile(packages: Sequence[LockedDependency], spec: LockSpecification
 
 def lockfile_text(lock: Lockfile, name: str) -> str:
     """The file conda-lock would write for ``lock`` under the file name ``name``."""
+    _require_conda_lock()
     from conda_lock.lockfile import write_conda_lock_file
 
     lock = lock.model_copy(deep=True)

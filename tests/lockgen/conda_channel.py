@@ -181,3 +181,17 @@ def build_channel(root: Path, platforms: tuple[str, ...] = ("linux-64",),
         (root / subdir).mkdir(exist_ok=True)
     asyncio.run(index_fs(root, write_zst=False, write_shards=False))
     return root
+
+
+def render_and_lock(matrix, envs: Path, channel: Path, cache: Path, names=None) -> dict:
+    """Render and lock targets (all by default) against the local channel; {name: result}."""
+    from lockgen.render.conda import render_target
+    from lockgen.solve import RattlerSolver, lock_target
+
+    out = {}
+    for name in names or matrix.targets:
+        target = matrix.target(name)
+        render_target(matrix, target, envs, allow_unverified=True)
+        out[name] = lock_target(matrix, target, envs, RattlerSolver(cache_dir=cache),
+                                channels=[channel.as_uri()], allow_unverified=True)
+    return out
