@@ -161,3 +161,24 @@ def test_atomic_write_failure_during_replace(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         atomic_write_text(path, "new\n")
     assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["x.lock"]
+
+
+def test_committed_specs_match_the_matrix(matrix):
+    """envs/<target>.yml and its virtual packages, where committed, are what render writes
+    now: a matrix or targets change must be re-rendered (and re-locked)."""
+    from lockgen.matrix import default_envs_dir
+    from lockgen.render.conda import rendered_is_current
+
+    envs = default_envs_dir()
+    committed = [t for t in matrix.targets.values() if (envs / f"{t.name}.yml").exists()]
+    for t in committed:
+        assert rendered_is_current(matrix, t, envs) == [], t.name
+
+
+def test_committed_pip_locks_verify(matrix):
+    from lockgen.matrix import default_envs_dir
+    from lockgen.verify import verify_file
+
+    for path in sorted(default_envs_dir().glob("*.requirements.txt")):
+        report = verify_file(path, matrix)
+        assert report.ok, report.format()
