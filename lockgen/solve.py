@@ -130,6 +130,7 @@ class RattlerSolver:
         from conda_lock.lockfile.v2prelim.models import LockedDependency
         from rattler import GenericVirtualPackage, MatchSpec, PackageName
         from rattler import Version as RVersion
+        from rattler.exceptions import SolverError as RattlerSolverError
         from rattler.package import BuildString
 
         vp = job.virtual_packages.get(platform, {})
@@ -149,6 +150,10 @@ class RattlerSolver:
         try:
             records = asyncio.run(run())
         except Exception as exc:
+            if not isinstance(exc, RattlerSolverError):  # repodata unreadable, etc.
+                raise SolveError(f"{job.target}: could not read the channels "
+                                 f"{', '.join(job.channels)} for {platform}: "
+                                 f"{str(exc).strip()}") from exc
             raise SolveError(
                 f"{job.target}: no solution for {platform} from {', '.join(job.channels)} "
                 f"with virtual packages {_describe_vp(vp)}:\n{str(exc).strip()}") from exc
