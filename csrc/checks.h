@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 
 namespace gpufit {
 
@@ -33,6 +34,21 @@ inline void check_linear_inputs(const char* op, const at::Tensor& x, const at::T
     TORCH_CHECK(bias->device() == x.device(), op, ": device mismatch, x is on ", x.device(),
                 " but bias is on ", bias->device());
   }
+}
+
+// t (..., F) viewed as rows (prod(...), F); unlike reshape({-1, F}) this works when F == 0.
+inline at::Tensor as_rows(const at::Tensor& t) {
+  const auto sizes = t.sizes();
+  const int64_t rows = c10::multiply_integers(sizes.begin(), sizes.end() - 1);
+  return t.reshape({rows, sizes.back()});
+}
+
+// For bf16/fp16 the bias goes into the GEMM (fp32 accumulator, one rounding), as PyTorch's own
+// linear does; adding it after the GEMM output was rounded to 8 or 11 bits would round twice
+// and flip the ReLU of near-zero pre-activations. fp32/fp64 have no such loss, and there the
+// epilogue adds the bias in the same pass as the ReLU.
+inline bool bias_in_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& bias) {
+  return bias.has_value() && bias->defined() && at::isReducedFloatingType(x.scalar_type());
 }
 
 }  // namespace gpufit

@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
@@ -80,9 +81,15 @@ at::Tensor fused_linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias) {
   check_linear_inputs(kOp, x, weight, bias);
   TORCH_CHECK(x.device().is_cpu(), kOp, ": the CPU kernel got a tensor on ", x.device());
-  const int64_t N = weight.size(0), K = weight.size(1);
-  at::Tensor out = at::mm(x.reshape({-1, K}), weight.t()).contiguous();
-  bias_relu_(out, bias);
+  const int64_t N = weight.size(0);
+  at::Tensor out;
+  if (bias_in_gemm(x, bias)) {
+    out = at::addmm(*bias, as_rows(x), weight.t()).contiguous();
+    bias_relu_(out, c10::nullopt);
+  } else {
+    out = at::mm(as_rows(x), weight.t()).contiguous();
+    bias_relu_(out, bias);
+  }
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;
   return out.view(out_shape);
@@ -93,15 +100,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_relu_backward_cpu(
     const at::Tensor& out, bool needs_input_grad) {
   TORCH_CHECK(x.device().is_cpu(), kOp, "_backward: the CPU kernel got a tensor on ",
               x.device());
-  const int64_t N = weight.size(0), K = weight.size(1);
+  const int64_t N = weight.size(0);
   TORCH_CHECK(grad_out.sizes() == out.sizes(), kOp, "_backward: grad_out shape ",
               grad_out.sizes(), " does not match the output shape ", out.sizes());
-  at::Tensor g = grad_out.reshape({-1, N}).contiguous();
-  at::Tensor y = out.reshape({-1, N}).contiguous();
+  at::Tensor g = as_rows(grad_out).contiguous();
+  at::Tensor y = as_rows(out).contiguous();
   at::Tensor grad_z = at::empty_like(y);
   at::Tensor grad_bias = at::empty({N}, y.options());
   relu_backward_bias_grad(g, y, grad_z, grad_bias);
-  at::Tensor x2d = x.reshape({-1, K});
+  at::Tensor x2d = as_rows(x);
   at::Tensor grad_weight = at::mm(grad_z.t(), x2d);
   at::Tensor grad_x = needs_input_grad ? at::mm(grad_z, weight).view(x.sizes())
                                        : at::empty({0}, x.options());

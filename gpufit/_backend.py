@@ -5,7 +5,8 @@
   reference  gpufit.reference registered as the kernels (pure PyTorch; slower, always works)
 
 GPUFIT_BACKEND=auto|compiled|jit|reference picks one explicitly (default auto: the first that
-works, in that order). Falling back to the reference warns once, naming the cause.
+works, in that order); GPUFIT_JIT=0 rules out a build on import. Falling back to the reference
+warns once, naming the cause.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def _load_compiled() -> Backend:
 
 
 def _load_jit() -> Backend:
+    if os.environ.get("GPUFIT_JIT", "1") == "0":
+        raise BackendUnavailable("JIT builds are disabled (GPUFIT_JIT=0)")
     if not _build.CSRC.is_dir():
         raise BackendUnavailable(f"no C++ sources at {_build.CSRC} (not a source checkout)")
     try:

@@ -7,6 +7,8 @@ they are the kernels of the fallback backend when no compiled library can be had
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -24,9 +26,9 @@ def fused_linear_relu_backward(
     out: torch.Tensor,
     needs_input_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n, k = weight.shape
-    grad_z = torch.where(out > 0, grad_out, torch.zeros_like(grad_out)).reshape(-1, n)
-    grad_weight = grad_z.t().mm(x.reshape(-1, k))
+    rows = math.prod(x.shape[:-1])
+    grad_z = torch.where(out > 0, grad_out, torch.zeros_like(grad_out)).reshape(rows, -1)
+    grad_weight = grad_z.t().mm(x.reshape(rows, -1))
     grad_bias = grad_z.sum(0, dtype=torch.promote_types(grad_z.dtype, torch.float32))
     grad_x = grad_z.mm(weight).reshape(x.shape) if needs_input_grad else x.new_empty(0)
     return grad_x, grad_weight, grad_bias.to(out.dtype)

@@ -9,6 +9,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
@@ -88,10 +89,12 @@ at::Tensor fused_linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight,
   check_linear_inputs(kOp, x, weight, bias);
   TORCH_CHECK(x.is_cuda(), kOp, ": the CUDA kernel got a tensor on ", x.device());
   c10::cuda::CUDAGuard guard(x.device());
-  const int64_t N = weight.size(0), K = weight.size(1);
-  at::Tensor out = at::mm(x.reshape({-1, K}), weight.t()).contiguous();
+  const int64_t N = weight.size(0);
+  const bool gemm_bias = bias_in_gemm(x, bias);
+  at::Tensor out = gemm_bias ? at::addmm(*bias, as_rows(x), weight.t()).contiguous()
+                             : at::mm(as_rows(x), weight.t()).contiguous();
   const int64_t M = out.size(0);
-  const bool has_bias = bias.has_value() && bias->defined();
+  const bool has_bias = !gemm_bias && bias.has_value() && bias->defined();
   at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   if (M > 0 && N > 0) {
     const dim3 block(kColumns, kRowLanes);
@@ -116,9 +119,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_relu_backward_cuda(
   TORCH_CHECK(grad_out.sizes() == out.sizes(), kOp, "_backward: grad_out shape ",
               grad_out.sizes(), " does not match the output shape ", out.sizes());
   c10::cuda::CUDAGuard guard(x.device());
-  const int64_t N = weight.size(0), K = weight.size(1);
-  at::Tensor g = grad_out.reshape({-1, N}).contiguous();
-  at::Tensor y = out.reshape({-1, N}).contiguous();
+  const int64_t N = weight.size(0);
+  at::Tensor g = as_rows(grad_out).contiguous();
+  at::Tensor y = as_rows(out).contiguous();
   const int64_t M = y.size(0);
   at::Tensor grad_z = at::empty_like(y);
   at::Tensor grad_bias = at::empty({N}, y.options());
@@ -142,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_relu_backward_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  at::Tensor grad_weight = at::mm(grad_z.t(), x.reshape({-1, K}));
+  at::Tensor grad_weight = at::mm(grad_z.t(), as_rows(x));
   at::Tensor grad_x = needs_input_grad ? at::mm(grad_z, weight).view(x.sizes())
                                        : at::empty({0}, x.options());
   return {grad_x, grad_weight, grad_bias};

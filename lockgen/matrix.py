@@ -1,0 +1,903 @@
+"""The compatibility matrix (facts) and the targets (choices), loaded and validated.
+
+``envs/matrix.toml`` holds what is true about PyTorch releases, their CUDA builds, driver
+floors, GPU architectures, channels and GPUs; ``envs/targets.toml`` names the environments the
+project generates. Both are read once, validated at the edge, and turned into frozen
+dataclasses; the rest of lockgen never sees raw TOML.
+
+Public API
+----------
+``load_matrix(path=None, targets=None) -> Matrix``
+    Reads the matrix (default: ``envs/matrix.toml`` of this repository, or
+    ``$LOCKGEN_ENVS/matrix.toml``) and the targets file beside it (or ``targets``). A bad file
+    raises :class:`MatrixError` naming the file, the entry and the problem.
+``Matrix``
+    ``releases`` (oldest first), ``release(torch)`` (accepts ``2.1.2`` and maps it onto the
+    ``2.1`` row), ``find_release``, ``cuda_toolkit(cuda)``, ``driver_floor(cuda, os)``,
+    ``arch_list(torch, cuda, platform, channel)``, ``gpu_capability(text)``,
+    ``channel(name)``, ``targets`` (by name, in file order), ``target(name)``.
+``Target`` — what render / lock / verify / flake need, all resolved:
+    ``name``, ``description``, ``torch``, ``torchvision``, ``python`` (Versions as written),
+    ``cuda`` (Version or None for cpu), ``cudnn`` (Version or None), ``tag`` (``cu121`` /
+    ``cpu``), ``is_cpu``, ``release``, ``build``, ``platforms`` (conda subdirs),
+    ``conda_channel`` (a Channel: ``name`` is ``conda-forge`` or ``pytorch``),
+    ``conda_channels`` (``("pytorch", "nvidia")`` / ``("conda-forge",)``), ``conda_specs``
+    (match specs, e.g. ``pytorch 2.5.* *cuda*``, ``pytorch-cuda 12.1.*``, ``cuda-version
+    13.0.*``), ``virtual_packages`` (``{platform: {"__cuda": "13.0", "__glibc": "2.28", ...}}``),
+    ``pip_index_url`` (``https://download.pytorch.org/whl/cu121``), ``pip_requirements``
+    (``("torch==2.14.1", "torchvision==0.29.1")``), ``driver_floor`` (a DriverFloor:
+    ``minimum`` = minor-version-compatibility floor, ``full`` = toolkit driver),
+    ``arch_list`` (an ArchList: ``archs`` as Capabilities, ``names`` like ``("7.5", ...,
+    "12.0+PTX")``, ``torch_cuda_arch_list`` like ``"7.5;8.0;...;12.0+PTX"``), ``verified``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from lockgen.errors import LockgenError
+from lockgen.versions import Capability, Version, cuda_tag, parse_cuda
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+SCHEMA = 1
+STATUSES = ("stable", "experimental")
+CHANNEL_KINDS = ("pip", "conda")
+PLATFORMS = ("linux-64", "linux-aarch64", "win-64", "osx-arm64", "osx-64")
+
+
+class MatrixError(LockgenError):
+    """A malformed or inconsistent matrix / targets file."""
+
+
+def default_envs_dir() -> Path:
+    """``$LOCKGEN_ENVS`` if set, else the ``envs/`` folder beside the lockgen package."""
+    env = os.environ.get("LOCKGEN_ENVS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "envs"
+
+
+# --------------------------------------------------------------------------------------------
+# The data
+
+
+@dataclass(frozen=True)
+class Build:
+    """One CUDA build of a release (``torch 2.1`` + CUDA 12.1 + cuDNN 8.9.2.26)."""
+
+    cuda: Version
+    cudnn: Version | None
+    status: str
+    source: tuple[str, ...]
+    verified: bool
+    note: str = ""
+    cudnn_release_md: Version | None = None
+
+    @property
+    def tag(self) -> str:
+        return cuda_tag(self.cuda)
+
+    def cudnn_matches(self, cudnn: Version) -> bool:
+        known = [c for c in (self.cudnn, self.cudnn_release_md) if c is not None]
+        return any(k.matches_prefix(cudnn) for k in known)
+
+
+@dataclass(frozen=True)
+class Release:
+    """A PyTorch minor release and everything shipped with it."""
+
+    torch: Version
+    torchvision: Version | None
+    released: str
+    python: tuple[Version, ...]
+    python_experimental: tuple[Version, ...]
+    pypi_default_cuda: Version
+    pypi_default_cudnn: Version
+    builds: tuple[Build, ...]
+    source: tuple[str, ...]
+    verified: bool
+    unverified: tuple[str, ...] = ()
+    note: str = ""
+
+    def build(self, cuda: Version) -> Build | None:
+        return next((b for b in self.builds if b.cuda == cuda), None)
+
+    def supports_python(self, python: Version) -> bool:
+        return python.minor in self.python
+
+    @property
+    def cuda_versions(self) -> tuple[Version, ...]:
+        return tuple(b.cuda for b in self.builds)
+
+
+@dataclass(frozen=True)
+class CudaMajor:
+    """Minor-version-compatibility driver floor of one CUDA major."""
+
+    major: int
+    linux_floor: Version
+    windows_floor: Version | None
+    source: tuple[str, ...]
+    verified: bool
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class CudaToolkit:
+    """The driver bundled with a CUDA toolkit (GA): the floor without minor-version compat."""
+
+    version: Version
+    linux: Version
+    windows: Version | None
+    source: tuple[str, ...]
+    verified: bool
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class DriverFloor:
+    """``minimum``: below it the build cannot run; ``full``: at or above it, no caveats."""
+
+    cuda: Version
+    minimum: Version
+    full: Version | None
+    verified: bool
+
+
+@dataclass(frozen=True)
+class ArchList:
+    """The GPU architectures compiled into the builds of some releases on some platforms."""
+
+    channel: str
+    cuda: tuple[Version, ...]
+    torch_min: Version
+    torch_max: Version
+    platforms: tuple[str, ...]
+    archs: tuple[Capability, ...]
+    source: tuple[str, ...]
+    verified: bool
+    note: str = ""
+
+    def covers(self, torch: Version, cuda: Version, platform: str) -> bool:
+        return (
+            cuda in self.cuda
+            and self.torch_min <= torch.minor <= self.torch_max
+            and platform in self.platforms
+        )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(str(a) for a in self.archs)
+
+    @property
+    def torch_cuda_arch_list(self) -> str:
+        """The ``TORCH_CUDA_ARCH_LIST`` spelling: ``7.5;8.0;12.0+PTX``."""
+        return ";".join(self.names)
+
+    def runs_on(self, device: Capability) -> bool:
+        from lockgen.versions import runs_on
+
+        return any(runs_on(code, device) for code in self.archs)
+
+
+@dataclass(frozen=True)
+class Channel:
+    """How to ask a package source for a build (pip index or conda channel)."""
+
+    name: str
+    kind: str
+    source: tuple[str, ...]
+    verified: bool
+    note: str = ""
+    index_url: str = ""
+    wheel_index: str = ""
+    channels: tuple[str, ...] = ()
+    torch_max: Version | None = None
+    cuda_metapackage: str = ""
+    cuda_metapackage_versions: tuple[Version, ...] = ()
+    cuda_build: str = ""
+    cpu_build: str = ""
+    cpu_metapackage: str = ""
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    aliases: tuple[str, ...]
+    capability: Capability
+    source: tuple[str, ...]
+    verified: bool
+
+    def matches(self, text: str) -> bool:
+        hay = f" {_normalise_gpu_name(text)} "
+        return any(f" {_normalise_gpu_name(n)} " in hay for n in (self.name, *self.aliases))
+
+
+def _normalise_gpu_name(text: str) -> str:
+    t = re.sub(r"[^a-z0-9]+", " ", text.lower())
+    t = re.sub(r"\b(nvidia|geforce|tesla)\b", " ", t)
+    return " ".join(t.split())
+
+
+def conda_version_spec(version: Version) -> str:
+    """``2.14.1`` → ``2.14.1``; a minor ``2.5`` → ``2.5.*``."""
+    return version.raw if len(version.raw.split(".")) >= 3 else f"{version.raw}.*"
+
+
+def pip_version_spec(version: Version) -> str:
+    """``2.14.1`` → ``==2.14.1``; a minor ``2.5`` → ``==2.5.*``."""
+    return "==" + conda_version_spec(version)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A named environment the project generates, resolved against the matrix."""
+
+    name: str
+    description: str
+    torch: Version
+    torchvision: Version
+    python: Version
+    cuda: Version | None
+    release: Release
+    build: Build | None
+    conda_channel: Channel
+    pip_channel: Channel
+    platforms: tuple[str, ...]
+    arch_list: ArchList | None
+    driver_floor: DriverFloor | None
+    base_virtual_packages: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.cuda is None
+
+    @property
+    def tag(self) -> str:
+        return cuda_tag(self.cuda)
+
+    @property
+    def cudnn(self) -> Version | None:
+        return self.build.cudnn if self.build else None
+
+    @property
+    def verified(self) -> bool:
+        parts = [self.release.verified, self.conda_channel.verified]
+        if self.build:
+            parts.append(self.build.verified)
+        if self.arch_list:
+            parts.append(self.arch_list.verified)
+        if self.driver_floor:
+            parts.append(self.driver_floor.verified)
+        return all(parts)
+
+    @property
+    def pip_index_url(self) -> str:
+        return self.pip_channel.wheel_index.format(tag=self.tag)
+
+    @property
+    def pip_requirements(self) -> tuple[str, ...]:
+        return (
+            f"torch{pip_version_spec(self.torch)}",
+            f"torchvision{pip_version_spec(self.torchvision)}",
+        )
+
+    @property
+    def conda_channels(self) -> tuple[str, ...]:
+        return self.conda_channel.channels
+
+    @property
+    def conda_specs(self) -> tuple[str, ...]:
+        """Match specs (rattler / conda-lock syntax) that pin the build, not just the version."""
+        ch = self.conda_channel
+        build = ch.cpu_build if self.is_cpu else ch.cuda_build
+        specs = [
+            f"python {conda_version_spec(self.python)}",
+            f"pytorch {conda_version_spec(self.torch)} {build}",
+            f"torchvision {conda_version_spec(self.torchvision)}",
+        ]
+        if self.cuda is not None:
+            specs.append(f"{ch.cuda_metapackage} {self.cuda.raw}.*")
+        elif ch.cpu_metapackage:
+            specs.append(ch.cpu_metapackage)
+        return tuple(specs)
+
+    @property
+    def virtual_packages(self) -> dict[str, dict[str, str]]:
+        """Per platform, the virtual packages a solve for this target assumes."""
+        out: dict[str, dict[str, str]] = {}
+        for platform in self.platforms:
+            vp = dict(self.base_virtual_packages.get(platform, {}))
+            if self.cuda is not None:
+                vp["__cuda"] = self.cuda.raw
+            out[platform] = vp
+        return out
+
+    def pip_install_command(self) -> str:
+        reqs = " ".join(f'"{r}"' if "*" in r else r for r in self.pip_requirements)
+        return f"pip install {reqs} --index-url {self.pip_index_url}"
+
+    def summary(self) -> str:
+        cuda = f"CUDA {self.cuda} + cuDNN {self.cudnn or '?'}" if self.cuda else "CPU"
+        return (
+            f"{self.name}: torch {self.torch} + torchvision {self.torchvision} + "
+            f"Python {self.python} + {cuda}"
+        )
+
+
+@dataclass(frozen=True)
+class Matrix:
+    path: Path
+    sources: Mapping[str, str]
+    releases: tuple[Release, ...]
+    cuda_majors: tuple[CudaMajor, ...]
+    cuda_toolkits: tuple[CudaToolkit, ...]
+    arch_lists: tuple[ArchList, ...]
+    channels: Mapping[str, Channel]
+    virtual_packages: Mapping[str, Mapping[str, str]]
+    gpus: tuple[Gpu, ...]
+    targets: Mapping[str, Target] = field(default_factory=dict)
+    targets_path: Path | None = None
+
+    # -- releases
+    def find_release(self, torch: Version | str) -> Release | None:
+        v = Version.parse(torch, "torch version")
+        return next((r for r in self.releases if r.torch == v.minor), None)
+
+    def release(self, torch: Version | str) -> Release:
+        r = self.find_release(torch)
+        if r is None:
+            known = ", ".join(r.torch.raw for r in self.releases)
+            raise LockgenError(f"torch {torch} is not in the matrix (known releases: {known})")
+        return r
+
+    @property
+    def cuda_versions(self) -> tuple[Version, ...]:
+        return tuple(sorted({b.cuda for r in self.releases for b in r.builds}))
+
+    # -- drivers
+    def cuda_toolkit(self, cuda: Version) -> CudaToolkit | None:
+        return next((t for t in self.cuda_toolkits if t.version == cuda.minor), None)
+
+    def cuda_major(self, major: int) -> CudaMajor | None:
+        return next((m for m in self.cuda_majors if m.major == major), None)
+
+    def driver_floor(self, cuda: Version, os_name: str = "linux") -> DriverFloor | None:
+        major = self.cuda_major(cuda.major)
+        if major is None:
+            return None
+        toolkit = self.cuda_toolkit(cuda)
+        if os_name == "windows":
+            if major.windows_floor is None:
+                return None
+            full = toolkit.windows if toolkit else None
+            minimum = major.windows_floor
+        else:
+            full = toolkit.linux if toolkit else None
+            minimum = major.linux_floor
+        verified = major.verified and (toolkit.verified if toolkit else False)
+        return DriverFloor(cuda, minimum, full, verified)
+
+    def max_cuda_for_driver(self, driver: Version) -> Version | None:
+        """The newest CUDA toolkit in the matrix whose toolkit driver ``driver`` satisfies."""
+        ok = [t.version for t in self.cuda_toolkits if driver >= t.linux]
+        return max(ok) if ok else None
+
+    # -- GPUs
+    def arch_list(
+        self, torch: Version, cuda: Version, platform: str = "linux-64", channel: str = "pip"
+    ) -> ArchList | None:
+        """The arch list of a build; falls back to another channel's list of the same build
+        (then marked unverified) when the asked channel has none."""
+        exact = [a for a in self.arch_lists if a.channel == channel and a.covers(torch, cuda,
+                                                                                   platform)]
+        if exact:
+            return exact[0]
+        other = [a for a in self.arch_lists if a.covers(torch, cuda, platform)]
+        if other:
+            a = other[0]
+            note = f"taken from the {a.channel} channel's build; {a.note}".rstrip("; ")
+            return ArchList(channel, a.cuda, a.torch_min, a.torch_max, a.platforms, a.archs,
+                            a.source, False, note)
+        return None
+
+    def find_gpu(self, text: str) -> Gpu | None:
+        return next((g for g in self.gpus if g.matches(text)), None)
+
+    def gpu_capability(self, text: str) -> tuple[Capability, str]:
+        """``sm_86`` / ``8.6`` / ``RTX 3090`` → (capability, label)."""
+        try:
+            cap = Capability.parse(text)
+            return cap, cap.sm
+        except LockgenError:
+            pass
+        gpu = self.find_gpu(text)
+        if gpu is None:
+            known = ", ".join(g.name for g in self.gpus)
+            raise LockgenError(
+                f"unknown GPU {text!r}: give its compute capability (e.g. sm_86 or 8.6) "
+                f"or one of: {known}"
+            )
+        return gpu.capability, f"{gpu.name} ({gpu.capability.sm})"
+
+    # -- channels and targets
+    def channel(self, name: str) -> Channel:
+        if name not in self.channels:
+            raise LockgenError(
+                f"unknown channel {name!r} (known: {', '.join(sorted(self.channels))})"
+            )
+        return self.channels[name]
+
+    def target(self, name: str) -> Target:
+        if name not in self.targets:
+            known = ", ".join(self.targets) or "none loaded"
+            raise LockgenError(f"unknown target {name!r} (known targets: {known})")
+        return self.targets[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+class _Entry:
+    """Reads one TOML table with type checks; every error names file, entry and problem."""
+
+    def __init__(self, file: Path, label: str, data: object):
+        self.file, self.label = file, label
+        if not isinstance(data, dict):
+            self.fail(f"expected a table, got {type(data).__name__}")
+        self.data: dict[str, Any] = dict(data)  # type: ignore[arg-type]
+        self.seen: set[str] = set()
+
+    def fail(self, problem: str) -> NoReturn:
+        raise MatrixError(f"{self.file}: {self.label}: {problem}")
+
+    def _get(self, key: str, required: bool) -> Any:
+        self.seen.add(key)
+        if key not in self.data:
+            if required:
+                self.fail(f"missing key {key!r}")
+            return None
+        return self.data[key]
+
+    def text(self, key: str, required: bool = True, default: str = "") -> str:
+        v = self._get(key, required)
+        if v is None:
+            return default
+        if not isinstance(v, str):
+            self.fail(f"{key!r} must be a string, got {v!r}")
+        return v
+
+    def flag(self, key: str) -> bool:
+        v = self._get(key, True)
+        if not isinstance(v, bool):
+            self.fail(f"{key!r} must be true or false, got {v!r}")
+        return v
+
+    def integer(self, key: str) -> int:
+        v = self._get(key, True)
+        if not isinstance(v, int) or isinstance(v, bool):
+            self.fail(f"{key!r} must be an integer, got {v!r}")
+        return v
+
+    def strs(self, key: str, required: bool = True) -> tuple[str, ...]:
+        v = self._get(key, required)
+        if v is None:
+            return ()
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            self.fail(f"{key!r} must be a string or a list of strings, got {v!r}")
+        return tuple(v)
+
+    def version(self, key: str, required: bool = True) -> Version | None:
+        v = self._get(key, required)
+        if v is None or v == "":
+            if required:
+                self.fail(f"{key!r} must not be empty")
+            return None
+        return self.as_version(v, key)
+
+    def versions(self, key: str, required: bool = True) -> tuple[Version, ...]:
+        return tuple(self.as_version(x, key) for x in self.strs(key, required))
+
+    def as_version(self, v: object, key: str) -> Version:
+        if not isinstance(v, str):
+            self.fail(f"{key!r} must be a version string like \"2.1\", got {v!r}")
+        try:
+            parsed = Version.parse(v)
+        except LockgenError:
+            self.fail(f"bad version {v!r} in {key!r}")
+        if parsed.local:
+            self.fail(f"bad version {v!r} in {key!r}: no local '+' part allowed here")
+        return parsed
+
+    def table(self, key: str, required: bool = True) -> dict[str, Any]:
+        v = self._get(key, required)
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            self.fail(f"{key!r} must be a table")
+        return v
+
+    def tables(self, key: str) -> list[Any]:
+        v = self._get(key, False)
+        if v is None:
+            return []
+        if not isinstance(v, list):
+            self.fail(f"{key!r} must be an array of tables ([[{key}]])")
+        return v
+
+    def provenance(self, sources: Mapping[str, str]) -> tuple[tuple[str, ...], bool, str]:
+        src = self.strs("source")
+        if not src:
+            self.fail("'source' must name at least one source")
+        for s in src:
+            if s not in sources:
+                self.fail(f"unknown source {s!r} (define it in [sources])")
+        return src, self.flag("verified"), self.text("note", required=False)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            self.fail(f"unknown key {unknown[0]!r}" + (
+                f" (and {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else ""))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise MatrixError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise MatrixError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _expected_torchvision(torch: Version) -> Version | None:
+    """The pairing every release of the matrix follows: 1.N → 0.(N+1), 2.N → 0.(N+15)."""
+    major, minor = torch.minor.padded(2)
+    if major == 1:
+        return Version((0, minor + 1), f"0.{minor + 1}")
+    if major == 2:
+        return Version((0, minor + 15), f"0.{minor + 15}")
+    return None
+
+
+def _check_top(top: _Entry, allowed: Iterable[str] = ("schema",)) -> None:
+    for key in allowed:
+        top.seen.add(key)
+    schema = top.data.get("schema")
+    if schema != SCHEMA:
+        top.fail(f"'schema' must be {SCHEMA}, got {schema!r}")
+    top.done()
+
+
+def _load_release(file: Path, raw: object, sources: Mapping[str, str]) -> Release:
+    label = "release"
+    if isinstance(raw, dict) and isinstance(raw.get("torch"), str):
+        label = f"release {raw['torch']}"
+    e = _Entry(file, label, raw)
+    torch = e.version("torch")
+    assert torch is not None
+    if len(torch.raw.split(".")) != 2:
+        e.fail(f"'torch' must be a minor release like \"2.1\", got {torch.raw!r}")
+    unverified = e.strs("unverified", required=False)
+    torchvision = e.version("torchvision", required="torchvision" not in unverified)
+    if torchvision is not None:
+        expected = _expected_torchvision(torch)
+        if expected is not None and torchvision.minor != expected:
+            e.fail(f"torchvision {torchvision} does not match torch {torch} "
+                   f"(expected {expected})")
+    released = e.text("released")
+    python = e.versions("python")
+    if not python:
+        e.fail("'python' must list at least one version")
+    python_exp = e.versions("python_experimental", required=False)
+    for p in python_exp:
+        if p not in python:
+            e.fail(f"python_experimental {p} is not in 'python'")
+    pd = _Entry(file, f"{label} pypi_default", e.table("pypi_default"))
+    pd_cuda, pd_cudnn = pd.version("cuda"), pd.version("cudnn")
+    pd.done()
+    builds: list[Build] = []
+    for i, b in enumerate(e.tables("build")):
+        blabel = f"{label} build #{i + 1}"
+        if isinstance(b, dict) and isinstance(b.get("cuda"), str):
+            blabel = f"{label} build {b['cuda']}"
+        be = _Entry(file, blabel, b)
+        cuda = be.version("cuda")
+        assert cuda is not None
+        status = be.text("status")
+        if status not in STATUSES:
+            be.fail(f"'status' must be one of {', '.join(STATUSES)}, got {status!r}")
+        src, verified, note = be.provenance(sources)
+        cudnn = be.version("cudnn", required=verified)
+        cudnn_md = be.version("cudnn_release_md", required=False)
+        be.done()
+        if any(x.cuda == cuda for x in builds):
+            be.fail(f"duplicate build for CUDA {cuda}")
+        builds.append(Build(cuda, cudnn, status, src, verified, note, cudnn_md))
+    if not builds:
+        e.fail("no CUDA builds ([[release.build]])")
+    default = next((b for b in builds if b.cuda == pd_cuda), None)
+    if default is None:
+        e.fail(f"pypi_default CUDA {pd_cuda} is not one of its builds "
+               f"({', '.join(b.cuda.raw for b in builds)})")
+    elif default.cudnn is not None and default.cudnn != pd_cudnn:
+        e.fail(f"pypi_default cuDNN {pd_cudnn} differs from build {pd_cuda}'s cuDNN "
+               f"{default.cudnn}")
+    src, verified, note = e.provenance(sources)
+    if unverified and verified:
+        e.fail("'verified' is true but 'unverified' lists fields")
+    e.done()
+    assert pd_cuda is not None and pd_cudnn is not None
+    return Release(torch, torchvision, released, python, python_exp, pd_cuda, pd_cudnn,
+                   tuple(builds), src, verified, unverified, note)
+
+
+def _load_matrix_data(file: Path, data: dict[str, Any]) -> Matrix:
+    top = _Entry(file, "top level", data)
+    src_table = top.table("sources")
+    sources: dict[str, str] = {}
+    for k, v in src_table.items():
+        if not isinstance(v, str) or not v:
+            top.fail(f"source {k!r} must be a non-empty string")
+        sources[k] = v
+
+    releases = [_load_release(file, r, sources) for r in top.tables("release")]
+    if not releases:
+        top.fail("no [[release]] entries")
+    seen: set[Version] = set()
+    for r in releases:
+        if r.torch in seen:
+            raise MatrixError(f"{file}: release {r.torch}: duplicate release")
+        seen.add(r.torch)
+    releases.sort(key=lambda r: r.torch)
+
+    majors: list[CudaMajor] = []
+    for raw in top.tables("cuda_major"):
+        label = f"cuda_major {raw.get('major', '?')}" if isinstance(raw, dict) else "cuda_major"
+        e = _Entry(file, label, raw)
+        major = e.integer("major")
+        linux = e.version("linux_floor")
+        windows = e.version("windows_floor", required=False)
+        src, verified, note = e.provenance(sources)
+        e.done()
+        if any(m.major == major for m in majors):
+            e.fail("duplicate entry")
+        assert linux is not None
+        majors.append(CudaMajor(major, linux, windows, src, verified, note))
+
+    toolkits: list[CudaToolkit] = []
+    for raw in top.tables("cuda"):
+        label = f"cuda {raw.get('version', '?')}" if isinstance(raw, dict) else "cuda"
+        e = _Entry(file, label, raw)
+        version = e.version("version")
+        linux = e.version("linux")
+        windows = e.version("windows", required=False)
+        src, verified, note = e.provenance(sources)
+        e.done()
+        assert version is not None and linux is not None
+        if any(t.version == version for t in toolkits):
+            e.fail("duplicate entry")
+        major = next((m for m in majors if m.major == version.major), None)
+        if major is None:
+            e.fail(f"no [[cuda_major]] entry for CUDA {version.major}")
+        elif linux < major.linux_floor:
+            e.fail(f"toolkit driver {linux} is below the CUDA {version.major} floor "
+                   f"{major.linux_floor}")
+        toolkits.append(CudaToolkit(version, linux, windows, src, verified, note))
+    toolkits.sort(key=lambda t: t.version)
+
+    for r in releases:
+        for b in r.builds:
+            if not any(t.version == b.cuda for t in toolkits):
+                raise MatrixError(f"{file}: release {r.torch} build {b.cuda}: no [[cuda]] "
+                                  f"entry gives the driver for CUDA {b.cuda}")
+
+    channels: dict[str, Channel] = {}
+    for name, raw in top.table("channel").items():
+        e = _Entry(file, f"channel.{name}", raw)
+        kind = e.text("kind")
+        if kind not in CHANNEL_KINDS:
+            e.fail(f"'kind' must be one of {', '.join(CHANNEL_KINDS)}, got {kind!r}")
+        src, verified, note = e.provenance(sources)
+        ch = Channel(
+            name, kind, src, verified, note,
+            index_url=e.text("index_url", required=kind == "pip"),
+            wheel_index=e.text("wheel_index", required=kind == "pip"),
+            channels=e.strs("channels", required=kind == "conda"),
+            torch_max=e.version("torch_max", required=False),
+            cuda_metapackage=e.text("cuda_metapackage", required=kind == "conda"),
+            cuda_metapackage_versions=e.versions("cuda_metapackage_versions", required=False),
+            cuda_build=e.text("cuda_build", required=kind == "conda"),
+            cpu_build=e.text("cpu_build", required=kind == "conda"),
+            cpu_metapackage=e.text("cpu_metapackage", required=False),
+        )
+        e.done()
+        if kind == "pip" and "{tag}" not in ch.wheel_index:
+            e.fail("'wheel_index' must contain {tag}")
+        channels[name] = ch
+    if "pip" not in channels:
+        top.fail("no [channel.pip] entry")
+
+    arch_lists: list[ArchList] = []
+    cuda_known = {b.cuda for r in releases for b in r.builds}
+    for i, raw in enumerate(top.tables("archs")):
+        e = _Entry(file, f"archs #{i + 1}", raw)
+        channel = e.text("channel")
+        if channel not in channels:
+            e.fail(f"unknown channel {channel!r}")
+        cudas = e.versions("cuda")
+        for c in cudas:
+            if c not in cuda_known:
+                e.fail(f"CUDA {c} is not a build of any release")
+        tmin, tmax = e.version("torch_min"), e.version("torch_max")
+        assert tmin is not None and tmax is not None
+        for t in (tmin, tmax):
+            if t not in seen:
+                e.fail(f"torch {t} is not a release of the matrix")
+        if tmin > tmax:
+            e.fail(f"torch_min {tmin} is after torch_max {tmax}")
+        platforms = e.strs("platforms")
+        for p in platforms:
+            if p not in PLATFORMS:
+                e.fail(f"unknown platform {p!r} (known: {', '.join(PLATFORMS)})")
+        archs_raw = e.strs("archs")
+        if not archs_raw:
+            e.fail("'archs' is empty")
+        try:
+            archs = tuple(Capability.parse_arch(a) for a in archs_raw)
+        except LockgenError as exc:
+            e.fail(str(exc))
+        if any(a.ptx for a in archs[:-1]):
+            e.fail("only the last arch may carry +PTX")
+        src, verified, note = e.provenance(sources)
+        e.done()
+        arch_lists.append(ArchList(channel, cudas, tmin, tmax, tuple(platforms), archs, src,
+                                   verified, note))
+
+    vps: dict[str, dict[str, str]] = {}
+    for platform, raw in top.table("virtual_packages", required=False).items():
+        e = _Entry(file, f"virtual_packages.{platform}", raw)
+        if platform not in PLATFORMS:
+            e.fail(f"unknown platform {platform!r}")
+        pkgs = {}
+        for k in list(e.data):
+            if k.startswith("__"):
+                pkgs[k] = e.text(k)
+        e.provenance(sources)
+        e.done()
+        vps[platform] = pkgs
+
+    gpus: list[Gpu] = []
+    for raw in top.tables("gpu"):
+        label = f"gpu {raw.get('name', '?')!r}" if isinstance(raw, dict) else "gpu"
+        e = _Entry(file, label, raw)
+        name = e.text("name")
+        aliases = e.strs("aliases", required=False)
+        try:
+            cap = Capability.parse(e.text("capability"))
+        except LockgenError as exc:
+            e.fail(str(exc))
+        src, verified, _ = e.provenance(sources)
+        e.done()
+        gpus.append(Gpu(name, aliases, cap, src, verified))
+
+    _check_top(top)
+    return Matrix(file, sources, tuple(releases), tuple(majors), tuple(toolkits),
+                  tuple(arch_lists), channels, vps, tuple(gpus))
+
+
+def _load_targets(file: Path, data: dict[str, Any], m: Matrix) -> dict[str, Target]:
+    top = _Entry(file, "top level", data)
+    table = top.table("target")
+    _check_top(top)
+    if not table:
+        raise MatrixError(f"{file}: top level: no [target.*] entries")
+    targets: dict[str, Target] = {}
+    for name, raw in table.items():
+        e = _Entry(file, f"target {name!r}", raw)
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+            e.fail("target names are lower-case letters, digits, '-' and '_'")
+        description = e.text("description", required=False)
+        torch = e.version("torch")
+        torchvision = e.version("torchvision")
+        python = e.version("python")
+        assert torch is not None and torchvision is not None and python is not None
+        try:
+            cuda = parse_cuda(e.text("cuda"))
+        except LockgenError as exc:
+            e.fail(str(exc))
+        release = m.find_release(torch)
+        if release is None:
+            e.fail(f"torch {torch} resolves to no release of the matrix")
+        if release.torchvision is None:
+            e.fail(f"torch {release.torch} has no verified torchvision in the matrix")
+        elif torchvision.minor != release.torchvision:
+            e.fail(f"torchvision {torchvision} does not match torch {torch} "
+                   f"(the matrix pairs it with {release.torchvision})")
+        if not release.supports_python(python):
+            e.fail(f"torch {release.torch} has no wheels for Python {python} "
+                   f"(supported: {', '.join(p.raw for p in release.python)})")
+        build = None
+        if cuda is not None:
+            build = release.build(cuda)
+            if build is None:
+                e.fail(f"torch {release.torch} has no CUDA {cuda} build "
+                       f"(builds: {', '.join(c.raw for c in release.cuda_versions)})")
+            assert build is not None
+            if not build.verified:
+                e.fail(f"the CUDA {cuda} build of torch {release.torch} is not verified")
+        cudnn = e.version("cudnn", required=False)
+        if cudnn is not None:
+            if build is None:
+                e.fail("a CPU target has no cuDNN")
+            elif not build.cudnn_matches(cudnn):
+                e.fail(f"cuDNN {cudnn} does not match the matrix (torch {release.torch} + "
+                       f"CUDA {cuda} ships cuDNN {build.cudnn})")
+        ch_name = e.text("conda_channel")
+        if ch_name not in m.channels or m.channels[ch_name].kind != "conda":
+            conda = ", ".join(n for n, c in m.channels.items() if c.kind == "conda")
+            e.fail(f"conda_channel {ch_name!r} is not a conda channel of the matrix "
+                   f"(known: {conda})")
+        channel = m.channels[ch_name]
+        if channel.torch_max is not None and release.torch > channel.torch_max:
+            e.fail(f"channel {ch_name!r} has no torch after {channel.torch_max}")
+        if (cuda is not None and channel.cuda_metapackage_versions
+                and cuda not in channel.cuda_metapackage_versions):
+            e.fail(f"channel {ch_name!r} has no {channel.cuda_metapackage} {cuda}")
+        platforms = e.strs("platforms")
+        if not platforms:
+            e.fail("'platforms' is empty")
+        for p in platforms:
+            if p not in PLATFORMS:
+                e.fail(f"unknown platform {p!r} (known: {', '.join(PLATFORMS)})")
+        e.done()
+        arch_list = floor = None
+        if cuda is not None:
+            # The target's conda channel's own list, else the pip wheels' list, else any.
+            arch_list = next((a for a in m.arch_lists if a.channel == ch_name
+                              and a.covers(release.torch, cuda, platforms[0])), None)
+            arch_list = arch_list or m.arch_list(release.torch, cuda, platforms[0], "pip")
+            if arch_list is None:
+                e.fail(f"no arch list in the matrix for torch {release.torch} + CUDA {cuda} "
+                       f"on {platforms[0]}")
+            floor = m.driver_floor(cuda)
+            if floor is None:
+                e.fail(f"no driver floor in the matrix for CUDA {cuda}")
+        targets[name] = Target(name, description, torch, torchvision, python, cuda, release,
+                               build, channel, m.channels["pip"], tuple(platforms), arch_list,
+                               floor, m.virtual_packages)
+    return targets
+
+
+def load_matrix(path: str | Path | None = None,
+                targets: str | Path | bool | None = None) -> Matrix:
+    """Load and validate the matrix and its targets.
+
+    ``targets``: a path; ``None`` for ``targets.toml`` beside the matrix when it exists;
+    ``False`` to load no targets.
+    """
+    file = Path(path) if path is not None else default_envs_dir() / "matrix.toml"
+    m = _load_matrix_data(file, _read_toml(file))
+    if targets is False:
+        return m
+    tfile = Path(targets) if isinstance(targets, (str, Path)) else file.with_name("targets.toml")
+    if targets is None and not tfile.exists():
+        return m
+    tdata = _read_toml(tfile)
+    return Matrix(m.path, m.sources, m.releases, m.cuda_majors, m.cuda_toolkits,
+                  m.arch_lists, m.channels, m.virtual_packages, m.gpus,
+                  _load_targets(tfile, tdata, m), tfile)

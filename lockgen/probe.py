@@ -1,0 +1,375 @@
+"""Probe this machine: NVIDIA driver, GPUs, the installed torch, nvcc, Python.
+
+The only part of lockgen's doctor flow that touches the machine, and every touch is
+injectable so tests can feed recorded outputs:
+
+* ``root``: the folder that stands for ``/`` when reading ``/sys`` and ``/proc``;
+* ``run``: a command runner ``run(argv, timeout) -> CommandResult`` used for ``nvidia-smi``,
+  ``nvcc`` and the torch probe; a missing binary gives ``CommandResult.not_found``, a hang
+  gives ``timed_out`` — never an exception;
+* ``torch_info``: optionally, a callable returning :class:`TorchInfo` directly.
+
+Public API
+----------
+``Prober(root="/", run=run_command, python_exe=sys.executable, python_version=None,
+platform=None, torch_info=None, timeout=10.0).probe() -> MachineReport``
+``parse_driver_file(text)``, ``parse_nvidia_smi_banner(text)``, ``parse_gpu_query(text)``,
+``parse_gpu_list(text)``, ``parse_nvcc(text)``, ``cudnn_from_int(n)`` — the parsers, pure.
+
+Driver lookup order (as uv does it): ``/sys/module/nvidia/version``, then
+``/proc/driver/nvidia/version``, then the ``nvidia-smi`` banner, which reads both the old
+``Driver Version: … CUDA Version: …`` and the R610+ ``KMD Version: … CUDA UMD Version: …``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform as _platform
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lockgen.errors import LockgenError
+from lockgen.versions import Capability, Version
+
+SYS_DRIVER = "sys/module/nvidia/version"
+PROC_DRIVER = "proc/driver/nvidia/version"
+NVIDIA_SMI = ("nvidia-smi",)
+NVIDIA_SMI_QUERY = ("nvidia-smi", "--query-gpu=index,name,compute_cap", "--format=csv,noheader")
+NVIDIA_SMI_LIST = ("nvidia-smi", "-L")
+NVCC = ("nvcc", "--version")
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """The outcome of one command. ``returncode`` is None when it could not run."""
+
+    returncode: int | None
+    stdout: str = ""
+    stderr: str = ""
+    not_found: bool = False
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+Runner = Callable[[Sequence[str], float], CommandResult]
+
+
+def run_command(argv: Sequence[str], timeout: float) -> CommandResult:
+    """Run a command with a timeout; a missing binary or a hang is a result, not a crash."""
+    if shutil.which(argv[0]) is None:
+        return CommandResult(None, not_found=True)
+    try:
+        p = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                           check=False)
+    except subprocess.TimeoutExpired:
+        return CommandResult(None, timed_out=True)
+    except OSError as exc:
+        return CommandResult(None, stderr=str(exc), not_found=True)
+    return CommandResult(p.returncode, p.stdout, p.stderr)
+
+
+@dataclass(frozen=True)
+class DriverInfo:
+    version: Version
+    source: str
+    cuda_umd: Version | None = None
+    kmd_banner: bool = False
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    capability: Capability | None
+    capability_source: str = ""
+
+
+@dataclass(frozen=True)
+class TorchInfo:
+    version: str
+    cuda: str | None
+    cudnn: str | None = None
+    arch_list: tuple[str, ...] = ()
+    cuda_available: bool = False
+    devices: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def is_cuda_build(self) -> bool:
+        return self.cuda is not None
+
+
+@dataclass(frozen=True)
+class NvccInfo:
+    version: Version
+
+
+@dataclass(frozen=True)
+class MachineReport:
+    platform: str
+    python: Version
+    driver: DriverInfo | None
+    gpus: tuple[GpuInfo, ...]
+    torch: TorchInfo | None
+    torch_error: str = ""
+    nvcc: NvccInfo | None = None
+    problems: tuple[str, ...] = field(default=())
+    nvidia_smi_found: bool = False
+
+
+# ------------------------------------------------------------------------------------------
+# Parsers (pure)
+
+_DRIVER_FILE_RE = re.compile(r"Kernel Module\b.*?\s(\d+\.\d+(?:\.\d+)?)\s")
+_BANNER_DRIVER_RE = re.compile(r"\b(Driver|KMD) Version:\s*(\d+\.\d+(?:\.\d+)?)")
+_BANNER_CUDA_RE = re.compile(r"\bCUDA (?:UMD )?Version:\s*(\d+\.\d+)")
+_GPU_LIST_RE = re.compile(r"^GPU (\d+):\s*(.+?)\s*(?:\(UUID:.*\))?$")
+_NVCC_RE = re.compile(r"release (\d+\.\d+)")
+
+
+def parse_driver_file(text: str) -> Version | None:
+    """``/sys/module/nvidia/version`` (just ``535.104.05``) or ``/proc/driver/nvidia/version``
+    (``NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 …``)."""
+    t = text.strip()
+    if re.fullmatch(r"\d+\.\d+(?:\.\d+)?", t):
+        return Version.parse(t)
+    m = _DRIVER_FILE_RE.search(t + " ")
+    return Version.parse(m.group(1)) if m else None
+
+
+def parse_nvidia_smi_banner(text: str) -> tuple[Version | None, Version | None, bool]:
+    """(driver, CUDA version the driver supports, whether the R610+ KMD banner was used)."""
+    d = _BANNER_DRIVER_RE.search(text)
+    c = _BANNER_CUDA_RE.search(text)
+    driver = Version.parse(d.group(2)) if d else None
+    return driver, (Version.parse(c.group(1)) if c else None), bool(d and d.group(1) == "KMD")
+
+
+def parse_gpu_query(text: str) -> list[GpuInfo]:
+    """``--query-gpu=index,name,compute_cap --format=csv,noheader`` lines."""
+    gpus = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 3 or not parts[0].isdigit():
+            continue
+        try:
+            cap = Capability.parse(parts[-1])
+        except LockgenError:
+            cap = None
+        gpus.append(GpuInfo(int(parts[0]), ", ".join(parts[1:-1]), cap,
+                            "nvidia-smi" if cap else ""))
+    return gpus
+
+
+def parse_gpu_list(text: str) -> list[GpuInfo]:
+    """``nvidia-smi -L`` lines: ``GPU 0: NVIDIA GeForce RTX 3090 (UUID: GPU-…)``."""
+    gpus = []
+    for line in text.splitlines():
+        m = _GPU_LIST_RE.match(line.strip())
+        if m:
+            gpus.append(GpuInfo(int(m.group(1)), m.group(2), None))
+    return gpus
+
+
+def parse_nvcc(text: str) -> Version | None:
+    m = _NVCC_RE.search(text)
+    return Version.parse(m.group(1)) if m else None
+
+
+def cudnn_from_int(n: int | None) -> str | None:
+    """``torch.backends.cudnn.version()`` → dotted: 92400 → 9.24.0, 8902 → 8.9.2."""
+    if not n:
+        return None
+    if n >= 90000:
+        return f"{n // 10000}.{n % 10000 // 100}.{n % 100}"
+    return f"{n // 1000}.{n % 1000 // 100}.{n % 100}"
+
+
+def conda_platform(system: str, machine: str) -> str:
+    system, machine = system.lower(), machine.lower()
+    arch = {"x86_64": "64", "amd64": "64", "aarch64": "aarch64", "arm64": "arm64"}.get(
+        machine, machine)
+    if system.startswith("linux"):
+        return f"linux-{arch}"
+    if system.startswith("win"):
+        return f"win-{arch}"
+    if system.startswith("darwin"):
+        return f"osx-{arch}"
+    return f"{system}-{arch}"
+
+
+# The torch probe runs in a child interpreter: importing torch can take seconds, crash, or
+# print warnings; the child's JSON on stdout is the only thing read back.
+TORCH_SCRIPT = r"""
+import json
+try:
+    import torch
+except Exception as exc:
+    print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+    raise SystemExit(0)
+info = {"version": str(torch.__version__), "cuda": torch.version.cuda}
+try:
+    info["cudnn"] = torch.backends.cudnn.version()
+except Exception:
+    info["cudnn"] = None
+archs = []
+try:
+    archs = list(torch.cuda.get_arch_list())
+    if not archs and torch.version.cuda:
+        archs = torch._C._cuda_getArchFlags().split()
+except Exception:
+    pass
+info["arch_list"] = archs
+devices = []
+try:
+    info["cuda_available"] = bool(torch.cuda.is_available())
+    for i in range(torch.cuda.device_count() if info["cuda_available"] else 0):
+        cap = torch.cuda.get_device_capability(i)
+        devices.append([torch.cuda.get_device_name(i), f"{cap[0]}.{cap[1]}"])
+except Exception:
+    info["cuda_available"] = False
+info["devices"] = devices
+print(json.dumps(info))
+"""
+
+
+def parse_torch_probe(text: str) -> tuple[TorchInfo | None, str]:
+    """The torch probe's JSON → (TorchInfo, "") or (None, why not)."""
+    last = next((ln for ln in reversed(text.strip().splitlines()) if ln.startswith("{")), "")
+    try:
+        data = json.loads(last)
+    except json.JSONDecodeError:
+        return None, "the torch probe printed no result"
+    if "error" in data:
+        return None, str(data["error"])
+    cudnn = data.get("cudnn")
+    return TorchInfo(
+        version=str(data.get("version", "")),
+        cuda=data.get("cuda"),
+        cudnn=cudnn_from_int(cudnn) if isinstance(cudnn, int) else cudnn,
+        arch_list=tuple(data.get("arch_list") or ()),
+        cuda_available=bool(data.get("cuda_available")),
+        devices=tuple((str(n), str(c)) for n, c in data.get("devices") or ()),
+    ), ""
+
+
+class Prober:
+    """Looks at a machine through injectable windows (see the module docstring)."""
+
+    def __init__(
+        self,
+        root: str | Path = "/",
+        run: Runner = run_command,
+        python_exe: str = sys.executable,
+        python_version: str | None = None,
+        platform: str | None = None,
+        torch_info: Callable[[], tuple[TorchInfo | None, str]] | None = None,
+        timeout: float = 10.0,
+        torch_timeout: float = 120.0,
+    ):
+        self.root = Path(root)
+        self.run = run
+        self.python_exe = python_exe
+        self.python_version = python_version or ".".join(map(str, sys.version_info[:3]))
+        self.platform = platform or conda_platform(sys.platform, _platform.machine())
+        self.torch_info = torch_info
+        self.timeout = timeout
+        self.torch_timeout = torch_timeout
+        self.problems: list[str] = []
+
+    def _read(self, rel: str) -> str | None:
+        try:
+            return (self.root / rel).read_text(errors="replace")
+        except OSError:
+            return None
+
+    def _run(self, argv: Sequence[str], timeout: float | None = None) -> CommandResult:
+        try:
+            res = self.run(argv, timeout or self.timeout)
+        except Exception as exc:  # a runner must not take the doctor down
+            self.problems.append(f"{argv[0]} failed: {exc}")
+            return CommandResult(None, stderr=str(exc))
+        if res.timed_out:
+            limit = timeout or self.timeout
+            self.problems.append(f"`{' '.join(argv[:2])}` timed out after {limit:g} s")
+        return res
+
+    def driver_and_gpus(self) -> tuple[DriverInfo | None, list[GpuInfo], bool]:
+        driver = None
+        for rel in (SYS_DRIVER, PROC_DRIVER):
+            text = self._read(rel)
+            if text is not None:
+                v = parse_driver_file(text)
+                if v is not None:
+                    driver = DriverInfo(v, "/" + rel)
+                    break
+                self.problems.append(f"/{rel} has no driver version in it")
+        banner = self._run(NVIDIA_SMI)
+        smi_found = not banner.not_found
+        if banner.ok:
+            v, umd, kmd = parse_nvidia_smi_banner(banner.stdout)
+            if driver is None and v is not None:
+                driver = DriverInfo(v, "nvidia-smi", umd, kmd)
+            elif driver is not None:
+                driver = DriverInfo(driver.version, driver.source, umd, kmd)
+            if v is None:
+                self.problems.append("nvidia-smi printed no driver version")
+        elif smi_found and not banner.timed_out:
+            msg = (banner.stdout + banner.stderr).strip().splitlines()
+            self.problems.append(f"nvidia-smi failed: {msg[0] if msg else banner.returncode}")
+        gpus: list[GpuInfo] = []
+        if banner.ok:
+            q = self._run(NVIDIA_SMI_QUERY)
+            gpus = parse_gpu_query(q.stdout) if q.ok else []
+            if not gpus:
+                lst = self._run(NVIDIA_SMI_LIST)
+                gpus = parse_gpu_list(lst.stdout) if lst.ok else []
+        return driver, gpus, smi_found
+
+    def torch(self) -> tuple[TorchInfo | None, str]:
+        if self.torch_info is not None:
+            return self.torch_info()
+        res = self._run([self.python_exe, "-c", TORCH_SCRIPT], self.torch_timeout)
+        if res.timed_out:
+            return None, "importing torch timed out"
+        if not res.ok:
+            tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+            return None, f"the torch probe failed: {tail}"
+        return parse_torch_probe(res.stdout)
+
+    def nvcc(self) -> NvccInfo | None:
+        res = self._run(NVCC)
+        v = parse_nvcc(res.stdout) if res.ok else None
+        return NvccInfo(v) if v else None
+
+    def probe(self) -> MachineReport:
+        self.problems = []
+        driver, gpus, smi_found = self.driver_and_gpus()
+        torch, torch_error = self.torch()
+        # GPUs that nvidia-smi could not name a capability for: ask torch, by index.
+        if torch is not None and torch.devices:
+            for i, g in enumerate(gpus):
+                if g.capability is None and i < len(torch.devices):
+                    gpus[i] = GpuInfo(g.index, g.name, Capability.parse(torch.devices[i][1]),
+                                      "torch")
+            if not gpus:
+                gpus = [GpuInfo(i, n, Capability.parse(c), "torch")
+                        for i, (n, c) in enumerate(torch.devices)]
+        return MachineReport(
+            platform=self.platform,
+            python=Version.parse(self.python_version, "Python version"),
+            driver=driver,
+            gpus=tuple(gpus),
+            torch=torch,
+            torch_error=torch_error,
+            nvcc=self.nvcc(),
+            problems=tuple(self.problems),
+            nvidia_smi_found=smi_found,
+        )
