@@ -242,13 +242,16 @@ class MNISTSource:
     train_size: int
     test_size: int
 
-    def describe(self) -> str:
+    def describe(self, train_size: int | None = None, test_size: int | None = None) -> str:
+        """One line on where the data came from and how much of it is used."""
+        train_size = self.train_size if train_size is None else train_size
+        test_size = self.test_size if test_size is None else test_size
         what = {
             "sample": "the MNIST sample shipped with gpufit (5,000 real digits)",
             "data-dir": "MNIST IDX files",
             "download": "MNIST (downloaded)",
         }[self.kind]
-        return f"{what} at {self.root}: {self.train_size} train / {self.test_size} test"
+        return f"{what} at {self.root}: {train_size} train / {test_size} test"
 
 
 def _first_line(err: BaseException) -> str:

@@ -61,6 +61,32 @@ def test_same_initial_weights():
     assert all(torch.equal(reference[k], fused[k]) for k in reference)
 
 
+def test_lean_adam_step_equals_torch_adam_step():
+    models, optimizers = [], []
+    for _ in range(2):
+        torch.manual_seed(1)
+        models.append(mnist.FusedMLP())
+        optimizers.append(mnist._adam(models[-1].parameters(), 1e-3))
+    lean = mnist.LeanAdamStep(optimizers[1])
+    assert lean.lean == hasattr(torch, "_fused_adam_")
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        x = torch.randn(64, 784, generator=generator)
+        y = torch.randint(0, 10, (64,), generator=generator)
+        for model in models:
+            model(x, y).backward()
+        optimizers[0].step()
+        lean()
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(p, q)
+    s0, s1 = optimizers[0].state_dict(), optimizers[1].state_dict()
+    assert s0["param_groups"] == s1["param_groups"]
+    for a, b in zip(s0["state"].values(), s1["state"].values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("n, batch", [(1000, 64), (1024, 64), (130, 7)])
 def test_resident_batches_follow_the_tutorial_dataloader(n, batch):
     from torch.utils.data import DataLoader
