@@ -346,3 +346,22 @@ def test_console_command_reports_corrupt_idx_without_traceback(cache_dir, tmp_pa
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert "corrupt or truncated" in proc.stderr
+
+
+# ---------------------------------------------------------------- benchmark
+
+
+def test_benchmark_runs_and_writes_json_and_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks import mnist as bench
+
+    argv = ["--rounds", "1", "--steps", "5", "--variants", "tutorial,eager,gpufit"]
+    assert bench.main([*argv, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "mnist_cpu.json").read_text())
+    assert set(report["variants"]) == {"tutorial", "eager", "gpufit"}
+    assert report["steps_per_epoch"] == 5 and report["train_samples"] == 60_000
+    assert set(report["ratios"]) == {
+        "tutorial_over_gpufit_end_to_end",
+        "eager_over_gpufit_per_step",
+    }
+    assert (tmp_path / "mnist_cpu.png").stat().st_size > 10_000
