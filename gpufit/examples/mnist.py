@@ -589,7 +589,6 @@ def _train(cfg: TrainConfig, dist: Distributed, device: torch.device) -> RunResu
         result.history = list(resume_state["history"])
 
     steps = trainer.steps_per_epoch()
-    local_batch = cfg.batch_size // dist.world_size
     for epoch in range(first_epoch, cfg.epochs):
         losses, sizes = [], []
         _sync(device)
@@ -624,7 +623,7 @@ def _train(cfg: TrainConfig, dist: Distributed, device: torch.device) -> RunResu
             "train_time_s": train_time,
             "eval_time_s": time.perf_counter() - eval_start,
             "steps_per_s": len(sizes) / train_time,
-            "samples_per_s": len(sizes) * local_batch * dist.world_size / train_time,
+            "samples_per_s": sum(sizes) * dist.world_size / train_time,
         }
         result.history.append(metrics)
         progress.epoch_done(metrics)
