@@ -356,6 +356,7 @@ def test_benchmark_runs_and_writes_json_and_png(tmp_path):
     from benchmarks import mnist as bench
 
     argv = ["--rounds", "1", "--steps", "5", "--variants", "tutorial,eager,gpufit"]
+    argv += ["--step-blocks", "2", "--block-steps", "3"]
     assert bench.main([*argv, "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "mnist_cpu.json").read_text())
     assert set(report["variants"]) == {"tutorial", "eager", "gpufit"}
@@ -363,5 +364,6 @@ def test_benchmark_runs_and_writes_json_and_png(tmp_path):
     assert set(report["ratios"]) == {
         "tutorial_over_gpufit_end_to_end",
         "eager_over_gpufit_per_step",
+        "eager_over_gpufit_per_epoch",
     }
     assert (tmp_path / "mnist_cpu.png").stat().st_size > 10_000
