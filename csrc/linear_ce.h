@@ -134,8 +134,8 @@ inline Flat flatten(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   Flat f;
   f.H = weight.size(1);
   f.V = weight.size(0);
-  f.x = x.reshape({-1, f.H}).contiguous();
-  f.N = f.x.size(0);
+  f.N = target.numel();  // not x.reshape({-1, H}): that is ambiguous when H == 0
+  f.x = x.reshape({f.N, f.H}).contiguous();
   f.weight = weight.contiguous();
   f.target = target.reshape({-1}).contiguous();
   f.bias = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();

@@ -232,15 +232,20 @@ def _fused_linear_cross_entropy_fake(
     torch._check(x.shape[-1] == weight.shape[1], lambda: "x and weight: in_features differ")
     loss = x.new_empty(target.shape if reduction == "none" else ())
     lse = x.new_empty(target.shape, dtype=_lse_dtype(x.dtype))
-    empty = x.new_empty(0)
-    if not reference.linear_ce_grads_in_forward(x.dtype, reduction, grad_mask):
-        return loss, lse, empty, empty, empty
+    in_forward = reference.linear_ce_grads_in_forward(x.dtype, reduction, grad_mask)
     return (
         loss,
         lse,
-        x.new_empty(x.shape) if grad_mask[0] else empty,
-        weight.new_empty(weight.shape) if grad_mask[1] else empty,
-        weight.new_empty(weight.shape[0]) if grad_mask[2] and bias is not None else empty,
+        *_linear_ce_grads_fake(x, weight, bias, grad_mask if in_forward else [False] * 3),
+    )
+
+
+def _linear_ce_grads_fake(x, weight, bias, grad_mask):
+    # separate empty tensors: outputs of an op must not alias each other
+    return (
+        x.new_empty(x.shape) if grad_mask[0] else x.new_empty(0),
+        weight.new_empty(weight.shape) if grad_mask[1] else x.new_empty(0),
+        weight.new_empty(weight.shape[0]) if grad_mask[2] and bias is not None else x.new_empty(0),
     )
 
 
@@ -249,12 +254,7 @@ def _fused_linear_cross_entropy_backward_fake(
     grad_loss, x, weight, target, bias, lse, ignore_index, reduction, label_smoothing, z_loss,
     chunk_size, grad_mask,
 ):  # fmt: skip
-    empty = x.new_empty(0)
-    return (
-        x.new_empty(x.shape) if grad_mask[0] else empty,
-        weight.new_empty(weight.shape) if grad_mask[1] else empty,
-        weight.new_empty(weight.shape[0]) if grad_mask[2] and bias is not None else empty,
-    )
+    return _linear_ce_grads_fake(x, weight, bias, grad_mask)
 
 
 def _fused_linear_cross_entropy_setup_context(ctx, inputs, output):
@@ -270,6 +270,16 @@ def _fused_linear_cross_entropy_setup_context(ctx, inputs, output):
         else [False, False, False]
     )
     ctx.save_for_backward(x, weight, target, bias, lse, grad_x, grad_w, grad_b)
+
+
+def _is_plain_eager(t: torch.Tensor) -> bool:
+    """True when t holds real data and nothing traces it (no compile, fake or proxy mode): only
+    then may a value decide which ops run."""
+    return (
+        type(t) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is None
+    )
 
 
 def _fused_linear_cross_entropy_backward(ctx, grad_loss, _grad_lse, _gx, _gw, _gb):
@@ -291,11 +301,14 @@ def _fused_linear_cross_entropy_backward(ctx, grad_loss, _grad_lse, _gx, _gw, _g
                 z_loss, chunk, missing,
             )
         )  # fmt: skip
+    # The saved gradients are those of the loss itself; scale them by grad_loss. Not in place:
+    # a graph kept with retain_graph=True must give the same gradients again. For the usual
+    # loss.backward() (grad_loss == 1, checked outside compile) they are returned as they are,
+    # so no second (V, H) buffer is needed.
+    unit = _is_plain_eager(grad_loss) and grad_loss.numel() == 1 and bool(grad_loss == 1)
     for i, saved in enumerate((grad_x, grad_w, grad_b)):
         if needs[i] and ctx.precomputed[i]:
-            # In place: a second (V, H) buffer here would double the peak of the whole op. The
-            # version counter makes a second backward through the same graph fail loudly.
-            result[i] = saved.mul_(grad_loss)
+            result[i] = saved if unit else saved * grad_loss
         elif not needs[i]:
             result[i] = None
     grad_x, grad_w, grad_b = result

@@ -54,7 +54,7 @@ def linear_ce_grads_in_forward(dtype: torch.dtype, reduction: str, grad_mask) ->
 def _linear_ce_logits(x, weight, target, bias):
     v, h = weight.shape
     acc = _acc_dtype(x.dtype)
-    logits = F.linear(x.reshape(-1, h), weight, bias).to(acc)
+    logits = F.linear(x.reshape(target.numel(), h), weight, bias).to(acc)
     return logits, target.reshape(-1)
 
 
@@ -67,10 +67,10 @@ def _linear_ce_grads(x, weight, bias, logits, target, lse, scale, ignore_index, 
     onehot = F.one_hot(torch.where(valid, target, 0), v).to(dz.dtype)
     dz = (dz - (1 - eps) * onehot) * torch.where(valid, scale, 0)[:, None]
     dz_in = dz.to(x.dtype)
-    empty = x.new_empty(0)
-    grad_x = dz_in.mm(weight).reshape(x.shape) if mask[0] else empty
-    grad_w = dz_in.t().mm(x.reshape(-1, h)) if mask[1] else empty
-    grad_b = dz.sum(0).to(x.dtype) if mask[2] and bias is not None else empty
+    # separate empty tensors: outputs of an op must not alias each other
+    grad_x = dz_in.mm(weight).reshape(x.shape) if mask[0] else x.new_empty(0)
+    grad_w = dz_in.t().mm(x.reshape(target.numel(), h)) if mask[1] else x.new_empty(0)
+    grad_b = dz.sum(0).to(x.dtype) if mask[2] and bias is not None else x.new_empty(0)
     return grad_x, grad_w, grad_b
 
 
@@ -110,7 +110,7 @@ def fused_linear_cross_entropy(
             label_smoothing, z_loss, grad_mask,
         )  # fmt: skip
     else:
-        grads = (x.new_empty(0),) * 3
+        grads = (x.new_empty(0), x.new_empty(0), x.new_empty(0))
     return (loss, lse.reshape(target.shape), *grads)
 
 
