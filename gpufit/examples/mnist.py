@@ -6,9 +6,10 @@ images normalised with mean 0.5 / std 0.5, test accuracy at the end.
   --impl torch    the tutorial loop as written: torchvision dataset with ToTensor + Normalize per
                   sample, a shuffling DataLoader, nn.Linear/nn.ReLU/nn.CrossEntropyLoss, plain
                   torch.optim.Adam.
-  --impl gpufit   the same model and the same batches, with gpufit's fused Linear+ReLU, the head's
-                  linear + cross-entropy in one call, the whole dataset converted once to tensors
-                  that stay on the device, and Adam's fused (or foreach) kernel.
+  --impl gpufit   the same model and the same batches on gpufit's ops (fused_linear_relu for the
+                  hidden layer, fused_linear_cross_entropy for the head and the loss), the whole
+                  dataset converted once to tensors that stay on the device, and Adam's fused
+                  (or foreach) kernel called without torch.optim's per-step Python overhead.
 
 Both see identical batches in identical order from identical initial weights: the model is built
 right after torch.manual_seed(seed), and the gpufit batches follow the permutation that the
@@ -40,6 +41,7 @@ from torch import nn
 
 from gpufit import data as mnist_data
 from gpufit.nn import FusedLinearReLU, fuse
+from gpufit.ops import fused_linear_cross_entropy
 
 IMPLS = ("torch", "gpufit")
 CHECKPOINT_FORMAT = "gpufit-mnist-checkpoint/1"
@@ -82,19 +84,13 @@ class MLP(nn.Module):
         return self.layers(self.flatten(x))
 
 
-def head_loss(hidden, weight, target, bias):
-    """Mean cross-entropy of the linear head: cross_entropy(linear(hidden, weight, bias), target).
-
-    Pure PyTorch: the fused Linear+CrossEntropy op is not in this branch yet."""
-    return F.cross_entropy(F.linear(hidden, weight, bias), target)
-
-
 class FusedMLP(MLP):
     """The same MLP on gpufit's ops: same parameters, initialisation and state_dict keys.
 
-    ``forward(x)`` returns the logits; ``forward(x, target)`` returns the mean cross-entropy,
-    the head's linear + cross-entropy computed in one call, so a training step needs no logits
-    and the whole step runs inside forward (which DistributedDataParallel requires).
+    ``forward(x)`` returns the logits; ``forward(x, target)`` returns the mean cross-entropy
+    through gpufit's fused_linear_cross_entropy (the head's linear and the loss in one op, no
+    logits kept for backward), so the whole training step runs inside forward, which
+    DistributedDataParallel requires.
     """
 
     def __init__(self):
@@ -109,7 +105,7 @@ class FusedMLP(MLP):
         head = self.layers[2]
         if target is None:
             return head(hidden)
-        return head_loss(hidden, head.weight, target, head.bias)
+        return fused_linear_cross_entropy(hidden, head.weight, target, head.bias)
 
 
 # ================================================================ the two implementations
