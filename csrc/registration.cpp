@@ -21,6 +21,18 @@ TORCH_LIBRARY(gpufit, m) {
   m.def(
       "fused_linear_relu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out, "
       "bool needs_input_grad) -> (Tensor, Tensor, Tensor)");
+  // Returns (loss, lse, grad_x, grad_weight, grad_bias); the gradients (of the loss itself, for
+  // grad_loss = 1) are filled in forward only where linear_ce.h's grads_in_forward() says so,
+  // else they are empty.
+  m.def(
+      "fused_linear_cross_entropy(Tensor x, Tensor weight, Tensor target, Tensor? bias, "
+      "int ignore_index, str reduction, float label_smoothing, float z_loss, int chunk_size, "
+      "bool[3] grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "fused_linear_cross_entropy_backward(Tensor grad_loss, Tensor x, Tensor weight, "
+      "Tensor target, Tensor? bias, Tensor lse, int ignore_index, str reduction, "
+      "float label_smoothing, float z_loss, int chunk_size, bool[3] grad_mask) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 // A plain extension module (no pybind11): importing gpufit._C loads the shared library, which

@@ -1,4 +1,4 @@
-"""The `gpufit` command line: `gpufit info`, ... (also `python -m gpufit ...`)."""
+"""The `gpufit` command line: `gpufit info`, `gpufit mnist`, ... (also `python -m gpufit ...`)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mnist(args: argparse.Namespace) -> int:
+    from gpufit.examples import mnist
+
+    return mnist.run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpufit",
@@ -27,6 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(run=_cmd_info)
+
+    from gpufit.examples import mnist
+
+    train = commands.add_parser(
+        "mnist",
+        help="train the MNIST tutorial MLP, as PyTorch writes it (--impl torch) or with gpufit",
+        description="Train the MNIST MLP (784-256-10, Adam, batch 64) as the PyTorch tutorial "
+        "writes it (--impl torch) or on gpufit's fused ops with device-resident data (--impl "
+        "gpufit). Works under torchrun for data parallel training.",
+    )
+    mnist.add_arguments(train)
+    train.set_defaults(run=_cmd_mnist)
     return parser
 
 

@@ -57,3 +57,53 @@ def fuse(model: nn.Module) -> nn.Module:
                 module._modules[first_name] = FusedLinearReLU.from_linear(first)
                 module._modules[second_name] = nn.Identity()
     return model
+
+
+class FusedLinearCrossEntropyLoss(nn.Module):
+    """The loss of a classification / language-model head, ``cross_entropy(head(x), target)``,
+    computed by ``gpufit.ops.fused_linear_cross_entropy`` without the (N, V) logits.
+
+    It owns no parameters: pass the head's ``weight`` (and ``bias``) in forward, e.g.
+    ``loss_fn(hidden, model.lm_head.weight, labels, model.lm_head.bias)``.
+    """
+
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        target: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return ops.fused_linear_cross_entropy(
+            x,
+            weight,
+            target,
+            bias,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+            f"chunk_size={self.chunk_size}"
+        )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from gpufit import _backend
+from gpufit import _backend, reference
 
 BACKEND = _backend.load()
 
@@ -110,4 +110,213 @@ torch.library.register_autograd(
     "gpufit::fused_linear_relu",
     _fused_linear_relu_backward,
     setup_context=_fused_linear_relu_setup_context,
+)
+
+
+# ---------------------------------------------------------------- fused_linear_cross_entropy
+
+_REDUCTIONS = ("mean", "sum", "none")
+_LINEAR_CE = "fused_linear_cross_entropy"
+
+
+def _check_linear_ce_inputs(x, weight, target, bias, ignore_index, reduction, label_smoothing,
+                            z_loss, chunk_size):  # fmt: skip
+    op = _LINEAR_CE
+    check_linear_inputs(op, x, weight, bias)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{op}: target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype != torch.int64:
+        raise TypeError(
+            f"{op}: target must hold int64 class indices, got dtype {target.dtype} "
+            "(class-probability targets are not supported)"
+        )
+    if target.shape != x.shape[:-1]:
+        raise ValueError(
+            f"{op}: target shape {tuple(target.shape)} must equal the leading dimensions of x "
+            f"{tuple(x.shape[:-1])} (one class index per row of x)"
+        )
+    if target.device != x.device:
+        raise ValueError(
+            f"{op}: device mismatch, x is on {x.device} but target is on {target.device}"
+        )
+    if weight.shape[0] < 1:
+        raise ValueError(f"{op}: weight must have at least one class (row), got {weight.shape}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not float(z_loss) >= 0.0:
+        raise ValueError(f"{op}: z_loss must be >= 0, got {z_loss}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    # A data-dependent check (on CUDA it waits for the GPU); under torch.compile it is left to
+    # the kernels, which refuse such a target too (CUDA: a device-side assert, like PyTorch's).
+    if not torch.compiler.is_compiling() and target.numel() > 0:
+        num_classes = weight.shape[0]
+        bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+        if bool(bad.any()):
+            value = int(target[bad].reshape(-1)[0])
+            raise ValueError(
+                f"{op}: target {value} is out of range for {num_classes} classes "
+                f"(valid: 0..{num_classes - 1}, or ignore_index={ignore_index})"
+            )
+
+
+def fused_linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``cross_entropy(x @ weight.T + bias, target)`` without materialising the logits.
+
+    x (..., H), weight (V, H), bias (V,) or None, target (...) int64 class indices. The result
+    equals ``torch.nn.functional.cross_entropy(F.linear(x, weight, bias).flatten(0, -2),
+    target.flatten(), ignore_index=..., reduction=..., label_smoothing=...)`` (reshaped to
+    ``target.shape`` for ``reduction="none"``), plus the z-loss below. Its dtype is x's.
+
+    - ``ignore_index``: rows with this target contribute neither loss nor gradient. With
+      ``reduction="mean"`` and every row ignored the loss is nan (0/0), as in PyTorch, and the
+      gradients are zero.
+    - ``z_loss``: adds ``z_loss * lse_i ** 2`` to the loss of every non-ignored row, where
+      ``lse_i = logsumexp(logits_i)`` (PaLM's auxiliary loss; same definition as Liger-Kernel).
+    - ``chunk_size``: rows per chunk for fp32/fp64 (peak extra memory about chunk_size x V
+      logits); for bf16/fp16 the vocabulary is blocked instead and it is the number of classes
+      per block (peak about N x chunk_size). None picks it from N, V and the dtype.
+    - ``return_lse``: also return the per-row log-sum-exp (shape ``target.shape``, float32 for
+      half inputs, else x's dtype). It is for monitoring: no gradient flows through it.
+
+    bf16/fp16 inputs accumulate in fp32 (softmax statistics, the loss, grad_weight inside one
+    GEMM per vocabulary block, grad_x across blocks).
+    """
+    _check_linear_ce_inputs(
+        x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size
+    )
+    grad_on = torch.is_grad_enabled()
+    grad_mask = [grad_on and t is not None and t.requires_grad for t in (x, weight, bias)]
+    loss, lse, *_ = torch.ops.gpufit.fused_linear_cross_entropy.default(
+        x,
+        weight,
+        target,
+        bias,
+        ignore_index,
+        reduction,
+        float(label_smoothing),
+        float(z_loss),
+        chunk_size or 0,
+        grad_mask,
+    )
+    return (loss, lse) if return_lse else loss
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("gpufit::fused_linear_cross_entropy")
+def _fused_linear_cross_entropy_fake(
+    x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size,
+    grad_mask,
+):  # fmt: skip
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "x and weight: in_features differ")
+    loss = x.new_empty(target.shape if reduction == "none" else ())
+    lse = x.new_empty(target.shape, dtype=_lse_dtype(x.dtype))
+    in_forward = reference.linear_ce_grads_in_forward(x.dtype, reduction, grad_mask)
+    return (
+        loss,
+        lse,
+        *_linear_ce_grads_fake(x, weight, bias, grad_mask if in_forward else [False] * 3),
+    )
+
+
+def _linear_ce_grads_fake(x, weight, bias, grad_mask):
+    # separate empty tensors: outputs of an op must not alias each other
+    return (
+        x.new_empty(x.shape) if grad_mask[0] else x.new_empty(0),
+        weight.new_empty(weight.shape) if grad_mask[1] else x.new_empty(0),
+        weight.new_empty(weight.shape[0]) if grad_mask[2] and bias is not None else x.new_empty(0),
+    )
+
+
+@torch.library.register_fake("gpufit::fused_linear_cross_entropy_backward")
+def _fused_linear_cross_entropy_backward_fake(
+    grad_loss, x, weight, target, bias, lse, ignore_index, reduction, label_smoothing, z_loss,
+    chunk_size, grad_mask,
+):  # fmt: skip
+    return _linear_ce_grads_fake(x, weight, bias, grad_mask)
+
+
+def _fused_linear_cross_entropy_setup_context(ctx, inputs, output):
+    x, weight, target, bias, ignore_index, reduction, smoothing, z_loss, chunk, grad_mask = inputs
+    loss, lse, grad_x, grad_w, grad_b = output
+    ctx.mark_non_differentiable(lse, grad_x, grad_w, grad_b)
+    ctx.set_materialize_grads(False)
+    ctx.options = (ignore_index, reduction, smoothing, z_loss, chunk)
+    ctx.has_bias = bias is not None
+    ctx.precomputed = (
+        list(grad_mask)
+        if reference.linear_ce_grads_in_forward(x.dtype, reduction, grad_mask)
+        else [False, False, False]
+    )
+    ctx.save_for_backward(x, weight, target, bias, lse, grad_x, grad_w, grad_b)
+
+
+def _is_plain_eager(t: torch.Tensor) -> bool:
+    """True when t holds real data and nothing traces it (no compile, fake or proxy mode): only
+    then may a value decide which ops run."""
+    return (
+        type(t) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is None
+    )
+
+
+def _fused_linear_cross_entropy_backward(ctx, grad_loss, _grad_lse, _gx, _gw, _gb):
+    x, weight, target, bias, lse, grad_x, grad_w, grad_b = ctx.saved_tensors
+    needs = [
+        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[1],
+        ctx.has_bias and ctx.needs_input_grad[3],
+    ]
+    result = [None, None, None]
+    if grad_loss is None or not any(needs):
+        return (None,) * 10
+    missing = [need and not done for need, done in zip(needs, ctx.precomputed, strict=True)]
+    if any(missing):
+        ignore_index, reduction, smoothing, z_loss, chunk = ctx.options
+        result = list(
+            torch.ops.gpufit.fused_linear_cross_entropy_backward.default(
+                grad_loss, x, weight, target, bias, lse, ignore_index, reduction, smoothing,
+                z_loss, chunk, missing,
+            )
+        )  # fmt: skip
+    # The saved gradients are those of the loss itself; scale them by grad_loss. Not in place:
+    # a graph kept with retain_graph=True must give the same gradients again. For the usual
+    # loss.backward() (grad_loss == 1, checked outside compile) they are returned as they are,
+    # so no second (V, H) buffer is needed.
+    unit = _is_plain_eager(grad_loss) and grad_loss.numel() == 1 and bool(grad_loss == 1)
+    for i, saved in enumerate((grad_x, grad_w, grad_b)):
+        if needs[i] and ctx.precomputed[i]:
+            result[i] = saved if unit else saved * grad_loss
+        elif not needs[i]:
+            result[i] = None
+    grad_x, grad_w, grad_b = result
+    return grad_x, grad_w, None, grad_b, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "gpufit::fused_linear_cross_entropy",
+    _fused_linear_cross_entropy_backward,
+    setup_context=_fused_linear_cross_entropy_setup_context,
 )

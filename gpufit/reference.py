@@ -32,3 +32,112 @@ def fused_linear_relu_backward(
     grad_bias = grad_z.sum(0, dtype=torch.promote_types(grad_z.dtype, torch.float32))
     grad_x = grad_z.mm(weight).reshape(x.shape) if needs_input_grad else x.new_empty(0)
     return grad_x, grad_weight, grad_bias.to(out.dtype)
+
+
+# ---------------------------------------------------------------- fused_linear_cross_entropy
+# The reference materialises the (N, V) logits: it defines the results, it does not save memory.
+# Its gradient formulas are written out (no autograd inside a kernel), and the tests check them
+# against autograd through torch.nn.functional.cross_entropy.
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def linear_ce_grads_in_forward(dtype: torch.dtype, reduction: str, grad_mask) -> bool:
+    """Whether the forward op also returns the gradients (mirrors csrc/linear_ce.h): only for a
+    scalar loss, only on the fp32/fp64 row-chunk path, only if some gradient is wanted."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    return not half and reduction != "none" and any(grad_mask)
+
+
+def _linear_ce_logits(x, weight, target, bias):
+    v, h = weight.shape
+    acc = _acc_dtype(x.dtype)
+    logits = F.linear(x.reshape(target.numel(), h), weight, bias).to(acc)
+    return logits, target.reshape(-1)
+
+
+def _linear_ce_grads(x, weight, bias, logits, target, lse, scale, ignore_index, eps, z_loss, mask):
+    """Gradients of sum_i scale_i * loss_i w.r.t. x, weight, bias from the full logits."""
+    v, h = weight.shape
+    valid = target != ignore_index
+    p = torch.exp(logits - lse[:, None])
+    dz = p * (1 + 2 * z_loss * lse)[:, None] - eps / v
+    onehot = F.one_hot(torch.where(valid, target, 0), v).to(dz.dtype)
+    dz = (dz - (1 - eps) * onehot) * torch.where(valid, scale, 0)[:, None]
+    dz_in = dz.to(x.dtype)
+    # separate empty tensors: outputs of an op must not alias each other
+    grad_x = dz_in.mm(weight).reshape(x.shape) if mask[0] else x.new_empty(0)
+    grad_w = dz_in.t().mm(x.reshape(target.numel(), h)) if mask[1] else x.new_empty(0)
+    grad_b = dz.sum(0).to(x.dtype) if mask[2] and bias is not None else x.new_empty(0)
+    return grad_x, grad_w, grad_b
+
+
+def fused_linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    chunk_size: int,
+    grad_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits, flat_target = _linear_ce_logits(x, weight, target, bias)
+    lse = torch.logsumexp(logits, dim=-1)
+    valid = flat_target != ignore_index
+    per_row = F.cross_entropy(
+        logits,
+        flat_target,
+        ignore_index=ignore_index,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )
+    per_row = per_row + torch.where(valid, z_loss * lse * lse, 0)
+    count = valid.sum().to(logits.dtype)
+    if reduction == "none":
+        loss = per_row.to(x.dtype).reshape(target.shape)
+    else:
+        total = per_row.sum()
+        loss = (total / count if reduction == "mean" else total).to(x.dtype)
+    if linear_ce_grads_in_forward(x.dtype, reduction, grad_mask):
+        scale = (1 / count if reduction == "mean" else torch.ones_like(count)).expand_as(lse)
+        grads = _linear_ce_grads(
+            x, weight, bias, logits, flat_target, lse, scale, ignore_index,
+            label_smoothing, z_loss, grad_mask,
+        )  # fmt: skip
+    else:
+        grads = (x.new_empty(0), x.new_empty(0), x.new_empty(0))
+    return (loss, lse.reshape(target.shape), *grads)
+
+
+def fused_linear_cross_entropy_backward(
+    grad_loss: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    chunk_size: int,
+    grad_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits, flat_target = _linear_ce_logits(x, weight, target, bias)
+    acc = logits.dtype
+    lse = lse.reshape(-1).to(acc)
+    if reduction == "none":
+        scale = grad_loss.reshape(-1).to(acc)
+    else:
+        scale = grad_loss.to(acc).expand_as(lse)
+        if reduction == "mean":
+            scale = scale / (flat_target != ignore_index).sum()
+    return _linear_ce_grads(
+        x, weight, bias, logits, flat_target, lse, scale, ignore_index,
+        label_smoothing, z_loss, grad_mask,
+    )  # fmt: skip

@@ -1,0 +1,130 @@
+"""gpufit.data: IDX files, the shipped MNIST sample, folder checks and their error messages."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from gpufit import data
+
+torchvision = pytest.importorskip("torchvision")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPUFIT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def write_mnist(root, n_train=20, n_test=10, seed=0):
+    """A tiny MNIST-shaped folder in torchvision's layout."""
+    rng = np.random.default_rng(seed)
+    raw = data.raw_folder(root)
+    for split, n in (("train", n_train), ("test", n_test)):
+        images_name, labels_name = data.RAW_FILES[split]
+        data.write_idx(raw / images_name, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        data.write_idx(raw / labels_name, rng.integers(0, 10, n, dtype=np.uint8))
+    return root
+
+
+def test_idx_round_trip_through_torchvision(tmp_path):
+    root = write_mnist(tmp_path / "m", n_train=7, n_test=3)
+    assert data.validate_root(root) == {"train": 7, "test": 3}
+    images = data.raw_folder(root) / "train-images-idx3-ubyte"
+    assert data.read_idx_header(images) == (7, 28, 28)
+    dataset = torchvision.datasets.MNIST(str(root), train=True)
+    assert dataset.data.shape == (7, 28, 28) and dataset.data.dtype == torch.uint8
+    assert images.read_bytes()[:4] == bytes([0, 0, 8, 3])
+
+
+def test_shipped_sample_is_real_stratified_mnist():
+    source = data.resolve_source()
+    assert source.kind == "sample"
+    assert (source.train_size, source.test_size) == (4000, 1000)
+    train, test = data.load_datasets(source)
+    assert torch.bincount(train.targets).tolist() == [400] * 10
+    assert torch.bincount(test.targets).tolist() == [100] * 10
+    # real digits: mostly black background, some ink, every image distinct
+    assert 0.7 < (train.data == 0).float().mean() < 0.9
+    assert len({bytes(img.numpy()) for img in test.data}) == 1000
+
+
+def test_sample_unpack_is_idempotent_and_repairs_a_damaged_copy():
+    root = data.prepare_sample()
+    target = data.raw_folder(root) / "t10k-labels-idx1-ubyte"
+    target.write_bytes(target.read_bytes()[:100])  # damaged cache
+    data.prepare_sample()
+    digest = hashlib.sha256(target.read_bytes()).hexdigest()
+    assert digest == data._sample_checksums()["t10k-labels-idx1-ubyte"]
+    assert not list(target.parent.glob(".*.tmp"))
+
+
+def test_to_tensors_matches_to_tensor_and_normalize_bit_for_bit():
+    source = data.resolve_source()
+    transformed, _ = data.load_datasets(source, transform=data.tutorial_transform())
+    plain, _ = data.load_datasets(source)
+    images, labels = data.to_tensors(plain)
+    expected = torch.stack([transformed[i][0].reshape(-1) for i in range(64)])
+    assert torch.equal(images[:64], expected)
+    assert labels.dtype == torch.int64 and labels[:64].tolist() == [
+        transformed[i][1] for i in range(64)
+    ]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing", "does not exist"),
+        ("empty", "missing train-images-idx3-ubyte"),
+        ("flat", "move them there"),
+        ("gzipped", "gunzip"),
+        ("truncated", "corrupt or truncated"),
+        ("bad-magic", "not an MNIST IDX file"),
+        ("label-range", "not a digit"),
+        ("count-mismatch", "10 images but 9 labels"),
+        ("wrong-shape", "expected (N, 28, 28)"),
+    ],
+)
+def test_bad_folders_get_errors_that_say_how_to_fix_them(tmp_path, damage, message):
+    root = tmp_path / "mnist"
+    if damage == "missing":
+        pass
+    elif damage == "empty":
+        root.mkdir()
+    elif damage == "flat":
+        write_mnist(root)
+        for f in data.raw_folder(root).iterdir():
+            f.rename(root / f.name)
+    else:
+        write_mnist(root)
+        raw = data.raw_folder(root)
+        images, labels = raw / "t10k-images-idx3-ubyte", raw / "t10k-labels-idx1-ubyte"
+        if damage == "gzipped":
+            images.with_name(images.name + ".gz").write_bytes(gzip.compress(images.read_bytes()))
+            images.unlink()
+        elif damage == "truncated":
+            images.write_bytes(images.read_bytes()[:-5])
+        elif damage == "bad-magic":
+            images.write_bytes(b"\x12\x34" + images.read_bytes()[2:])
+        elif damage == "label-range":
+            data.write_idx(labels, np.full(10, 12, dtype=np.uint8))
+        elif damage == "count-mismatch":
+            data.write_idx(labels, np.zeros(9, dtype=np.uint8))
+        elif damage == "wrong-shape":
+            data.write_idx(images, np.zeros((10, 32, 32), dtype=np.uint8))
+    with pytest.raises(data.MNISTDataError) as caught:
+        data.resolve_source(root)
+    assert message in str(caught.value)
+
+
+def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
+    # A closed local port fails at once and deterministically, with or without network.
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    with pytest.raises(data.MNISTDataError) as caught:
+        data.resolve_source(tmp_path / "dl", download=True)
+    text = str(caught.value)
+    assert "could not download MNIST" in text
+    assert "leave out --download" in text and "--data-dir" in text

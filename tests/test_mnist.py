@@ -1,0 +1,369 @@
+"""`gpufit mnist`: the tutorial loop (--impl torch) and the gpufit trainer agree; resume, atomic
+checkpoints, torchrun DDP and bad input. All on the MNIST sample that ships with gpufit, on CPU.
+
+Tolerances (fp32): the two implementations compute the same math in a different order (the
+fused kernels add the bias after the GEMM, Adam's fused kernel vs its per-parameter loop), so
+per-step losses may differ by rounding that training then carries along. Over the first 200
+steps we require |loss_torch - loss_gpufit| <= 1e-5 + 1e-4 * |loss_torch| at every step; we
+measure at most 6e-7 on this machine. Resume is exact (bit-equal). DDP over 2 processes vs 1
+differs by the order of the gradient reduction: epoch losses within rtol 1e-4, weights within
+atol 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpufit.examples import mnist
+
+pytest.importorskip("torchvision")
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS_COMPARED = 200
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("GPUFIT_CACHE_DIR")
+    os.environ["GPUFIT_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("GPUFIT_CACHE_DIR", None)
+    else:
+        os.environ["GPUFIT_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def side_by_side(cache_dir):
+    """Both implementations, 4 epochs (252 steps) of the reference workload on the sample."""
+    runs = {}
+    for impl in mnist.IMPLS:
+        cfg = mnist.TrainConfig(impl=impl, epochs=4, seed=0, device="cpu", threads=1, quiet=True)
+        runs[impl] = mnist.train(cfg)
+    return runs
+
+
+def test_same_initial_weights():
+    torch.manual_seed(3)
+    reference = mnist.MLP().state_dict()
+    torch.manual_seed(3)
+    fused = mnist.FusedMLP().state_dict()
+    assert reference.keys() == fused.keys()
+    assert all(torch.equal(reference[k], fused[k]) for k in reference)
+
+
+def test_lean_adam_step_equals_torch_adam_step():
+    models, optimizers = [], []
+    for _ in range(2):
+        torch.manual_seed(1)
+        models.append(mnist.FusedMLP())
+        optimizers.append(mnist._adam(models[-1].parameters(), 1e-3))
+    lean = mnist.LeanAdamStep(optimizers[1])
+    assert lean.lean == hasattr(torch, "_fused_adam_")
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        x = torch.randn(64, 784, generator=generator)
+        y = torch.randint(0, 10, (64,), generator=generator)
+        for model in models:
+            model(x, y).backward()
+        optimizers[0].step()
+        lean()
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(p, q)
+    s0, s1 = optimizers[0].state_dict(), optimizers[1].state_dict()
+    assert s0["param_groups"] == s1["param_groups"]
+    for a, b in zip(s0["state"].values(), s1["state"].values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("n, batch", [(1000, 64), (1024, 64), (130, 7)])
+def test_resident_batches_follow_the_tutorial_dataloader(n, batch):
+    from torch.utils.data import DataLoader
+
+    generator = torch.Generator().manual_seed(5)
+    loader = DataLoader(range(n), batch_size=batch, shuffle=True, generator=generator)
+    images = torch.arange(n, dtype=torch.float32)[:, None]
+    labels = torch.arange(n)
+    mine = mnist.ResidentBatches(
+        images, labels, batch, torch.Generator().manual_seed(5), 5, mnist.Distributed()
+    )
+    for epoch in range(3):
+        theirs = [b.tolist() for b in loader]
+        ours = [y.tolist() for _, y in mine.epoch(epoch)]
+        assert ours == theirs
+        assert len(mine) == len(loader)
+    assert torch.equal(generator.get_state(), mine.generator.get_state())
+
+
+@pytest.mark.parametrize("n, world, batch", [(100, 2, 8), (101, 2, 8), (7, 4, 2)])
+def test_resident_batches_follow_the_distributed_sampler(n, world, batch):
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    labels = torch.arange(n)
+    for rank in range(world):
+        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, seed=9)
+        loader = DataLoader(range(n), batch_size=batch, sampler=sampler)
+        dist = mnist.Distributed(rank=rank, world_size=world, active=True)
+        mine = mnist.ResidentBatches(labels[:, None].float(), labels, batch, None, 9, dist)
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            assert [y.tolist() for _, y in mine.epoch(epoch)] == [b.tolist() for b in loader]
+
+
+def test_loss_trajectories_agree_over_200_steps(side_by_side):
+    torch_losses = torch.tensor(side_by_side["torch"].step_losses[:STEPS_COMPARED])
+    gpufit_losses = torch.tensor(side_by_side["gpufit"].step_losses[:STEPS_COMPARED])
+    assert len(torch_losses) == len(gpufit_losses) == STEPS_COMPARED
+    torch.testing.assert_close(gpufit_losses, torch_losses, rtol=1e-4, atol=1e-5)
+    assert torch_losses[-20:].mean() < 0.6 * torch_losses[:20].mean()  # it does learn
+
+
+def test_final_accuracy_agrees(side_by_side):
+    a = side_by_side["torch"].history[-1]["test_accuracy"]
+    b = side_by_side["gpufit"].history[-1]["test_accuracy"]
+    assert abs(a - b) <= 0.005
+
+
+@pytest.mark.parametrize("impl", mnist.IMPLS)
+def test_two_epochs_on_the_sample_learn(side_by_side, impl):
+    # Measured at epoch 2 on the 4,000/1,000-digit sample: 86.6-88.2 % over seeds 0-5.
+    assert side_by_side[impl].history[1]["test_accuracy"] >= 0.85
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the issue's goal of >= 90 % after 2 epochs is not reached on the 5,000-digit sample "
+    "with the reference workload (batch 64, Adam 1e-3, Normalize(0.5, 0.5)): 2 epochs are 126 "
+    "steps; measured 86.6-88.2 % over seeds 0-5. It takes about 5 epochs (90.0-91.2 %).",
+)
+@pytest.mark.parametrize("impl", mnist.IMPLS)
+def test_two_epochs_on_the_sample_reach_90_percent(side_by_side, impl):
+    assert side_by_side[impl].history[1]["test_accuracy"] >= 0.90
+
+
+def test_reference_workload_on_the_sample_reaches_90_percent(cache_dir):
+    # The full reference run (10 epochs); the gpufit trainer only, as it matches the tutorial
+    # loop step for step (above) and is ten times faster.
+    cfg = mnist.TrainConfig(impl="gpufit", epochs=10, seed=0, device="cpu", threads=1, quiet=True)
+    assert mnist.train(cfg).history[-1]["test_accuracy"] >= 0.90
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+
+def run_cli(*args) -> int:
+    return mnist.main(["--device", "cpu", "--threads", "1", "--quiet", *map(str, args)])
+
+
+@pytest.mark.parametrize("impl", mnist.IMPLS)
+def test_resume_equals_uninterrupted(cache_dir, tmp_path, impl):
+    common = ["--impl", impl, "--limit-train", 640, "--limit-test", 200, "--seed", 4]
+    assert run_cli(*common, "--epochs", 3, "--out", tmp_path / "straight") == 0
+    assert run_cli(*common, "--epochs", 1, "--out", tmp_path / "split") == 0
+    assert run_cli(*common, "--epochs", 3, "--resume", tmp_path / "split" / "checkpoint.pt") == 0
+
+    def load(folder):
+        metrics = json.loads((tmp_path / folder / "metrics.json").read_text())
+        state = torch.load(tmp_path / folder / "checkpoint.pt", weights_only=True)
+        return metrics, state
+
+    (m1, s1), (m2, s2) = load("straight"), load("split")
+    keys = ("epoch", "steps", "train_loss", "test_loss", "test_accuracy")
+    assert [[e[k] for k in keys] for e in m1["epochs"]] == [
+        [e[k] for k in keys] for e in m2["epochs"]
+    ]
+    assert s2["epoch"] == 3
+    for k, v in s1["model"].items():
+        assert torch.equal(v, s2["model"][k]), k
+    for p, q in zip(
+        s1["optimizer"]["state"].values(), s2["optimizer"]["state"].values(), strict=True
+    ):
+        assert all(torch.equal(p[k], q[k]) for k in p)
+    assert torch.equal(s1["rng"]["shuffle"], s2["rng"]["shuffle"])
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    good = {"epoch": 1, "w": torch.arange(1000.0)}
+    mnist.save_checkpoint(path, good)
+    real_save = torch.save
+
+    def crash_midway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        mnist.save_checkpoint(path, {"epoch": 2, "w": torch.zeros(1000)})
+    monkeypatch.setattr(torch, "save", real_save)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["epoch"] == 1 and torch.equal(loaded["w"], good["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+KILLED_WRITER = """
+import os, signal, sys, torch
+from gpufit.examples import mnist
+path = sys.argv[1]
+mnist.save_checkpoint(path, {"epoch": 1})
+def killed_midway(obj, f, *a, **k):
+    f.write(b"half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = killed_midway
+mnist.save_checkpoint(path, {"epoch": 2})
+"""
+
+
+def test_checkpoint_killed_mid_write_never_replaces_a_good_one(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path)], env=env, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert len(list(tmp_path.glob(".checkpoint.pt.*.tmp"))) == 1  # the killed write's leftover
+    mnist.save_checkpoint(path, {"epoch": 3})  # the next good write sweeps it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+# ---------------------------------------------------------------- torchrun DDP
+
+
+def torchrun(nproc: int, out: Path, *args) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path]),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "gpufit.examples.mnist", "--device", "cpu", "--threads", "1", "--quiet",
+        "--out", str(out), *map(str, args),
+    ]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_ddp_two_processes_agree_with_one(cache_dir, tmp_path):
+    """Global batch 64 either way: 2 ranks x 32 samples sum to the same batch as 1 x 64, because
+    DistributedSampler deals a shared permutation out round-robin."""
+    args = ["--impl", "gpufit", "--epochs", 2, "--limit-train", 1280, "--limit-test", 500]
+    runs = {}
+    for nproc in (1, 2):
+        proc = torchrun(nproc, tmp_path / f"np{nproc}", *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("test accuracy") == 1  # rank 0 alone reports
+        metrics = json.loads((tmp_path / f"np{nproc}" / "metrics.json").read_text())
+        state = torch.load(tmp_path / f"np{nproc}" / "checkpoint.pt", weights_only=True)
+        runs[nproc] = metrics, state
+    (m1, s1), (m2, s2) = runs[1], runs[2]
+    assert m2["summary"]["world_size"] == 2
+    for e1, e2 in zip(m1["epochs"], m2["epochs"], strict=True):
+        assert e1["steps"] == e2["steps"] == 20
+        assert e2["train_loss"] == pytest.approx(e1["train_loss"], rel=1e-4)
+        assert abs(e1["test_accuracy"] - e2["test_accuracy"]) <= 0.004
+    for k, v in s1["model"].items():
+        torch.testing.assert_close(s2["model"][k], v, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "0"], "must be at least 1"),
+        (["--batch-size", "many"], "is not a whole number"),
+        (["--lr", "-1"], "must be a positive number"),
+        (["--impl", "jax"], "invalid choice"),
+        (["--device", "tpu"], "invalid choice"),
+    ],
+)
+def test_bad_flags_exit_with_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        mnist.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_data_dir_is_a_one_line_error(tmp_path, capsys):
+    assert run_cli("--data-dir", tmp_path / "nowhere") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("gpufit mnist: error: data folder") and "--download" in err
+
+
+def test_failed_download_exits_nonzero(tmp_path, monkeypatch, capsys):
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    assert run_cli("--download", "--data-dir", tmp_path / "dl") == 1
+    assert "could not download MNIST" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_a_gpu_is_a_usage_error(cache_dir, capsys):
+    assert mnist.main(["--device", "cuda", "--quiet"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_resume_from_another_run_is_refused(cache_dir, tmp_path, capsys):
+    common = ["--limit-train", 128, "--limit-test", 64, "--epochs", 1]
+    assert run_cli("--impl", "gpufit", *common, "--out", tmp_path) == 0
+    checkpoint = tmp_path / "checkpoint.pt"
+    assert run_cli("--impl", "torch", *common[:-1], 2, "--resume", checkpoint) == 2
+    assert "different run (impl: checkpoint gpufit vs now torch)" in capsys.readouterr().err
+    assert run_cli("--impl", "gpufit", *common, "--resume", checkpoint) == 2
+    assert "already trained 1 epochs" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert run_cli("--resume", tmp_path / "junk.pt") == 2
+
+
+def test_console_command_reports_corrupt_idx_without_traceback(cache_dir, tmp_path):
+    from gpufit import data
+
+    root = data.prepare_sample(tmp_path / "copy")
+    images = data.raw_folder(root) / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpufit", "mnist", "--data-dir", str(root), "--device", "cpu"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "corrupt or truncated" in proc.stderr
+
+
+# ---------------------------------------------------------------- benchmark
+
+
+def test_benchmark_runs_and_writes_json_and_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks import mnist as bench
+
+    argv = ["--rounds", "1", "--steps", "5", "--variants", "tutorial,eager,gpufit"]
+    argv += ["--step-blocks", "2", "--block-steps", "3"]
+    assert bench.main([*argv, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "mnist_cpu.json").read_text())
+    assert set(report["variants"]) == {"tutorial", "eager", "gpufit"}
+    assert report["steps_per_epoch"] == 5 and report["train_samples"] == 60_000
+    assert set(report["ratios"]) == {
+        "tutorial_over_gpufit_end_to_end",
+        "eager_over_gpufit_per_step",
+        "eager_over_gpufit_per_epoch",
+    }
+    assert (tmp_path / "mnist_cpu.png").stat().st_size > 10_000
