@@ -224,12 +224,18 @@ def _rules(m: Matrix, req: Request) -> tuple[list[Conflict], Release | None, Bui
 
     if req.torchvision is not None and release is not None:
         if release.torchvision is None:
-            add(WARNING, "torchvision",
-                f"no torchvision release is known to pair with torch {release.torch}")
+            add(
+                WARNING,
+                "torchvision",
+                f"no torchvision release is known to pair with torch {release.torch}",
+            )
         elif req.torchvision.minor != release.torchvision:
-            add(ERROR, "torchvision",
+            add(
+                ERROR,
+                "torchvision",
                 f"torch {release.torch} pairs with torchvision {release.torchvision}, "
-                f"not {req.torchvision}")
+                f"not {req.torchvision}",
+            )
 
     # -- CUDA build
     shipping = [r for r in m.releases if req.cuda is not None and r.build(req.cuda)]
@@ -243,68 +249,105 @@ def _rules(m: Matrix, req: Request) -> tuple[list[Conflict], Release | None, Bui
             build = release.build(req.cuda)
             if build is None:
                 others = (
-                    f"; CUDA {req.cuda} builds exist for torch "
-                    f"{_span([r.torch for r in shipping])}"
+                    f"; CUDA {req.cuda} builds exist for torch {_span([r.torch for r in shipping])}"
                     if shipping
                     else ""
                 )
-                add(ERROR, "cuda",
+                add(
+                    ERROR,
+                    "cuda",
                     f"torch {release.torch} has no CUDA {req.cuda} build (its builds: "
-                    f"{', '.join(c.raw for c in release.cuda_versions)}){others}")
+                    f"{', '.join(c.raw for c in release.cuda_versions)}){others}",
+                )
             elif not build.verified:
-                add(WARNING, "cuda",
+                add(
+                    WARNING,
+                    "cuda",
                     f"the CUDA {req.cuda} build of torch {release.torch} is unverified "
-                    f"({build.note or 'lead only'})")
+                    f"({build.note or 'lead only'})",
+                )
             elif build.status == "experimental" and req.cuda != release.pypi_default_cuda:
-                add(NOTE, "cuda",
+                add(
+                    NOTE,
+                    "cuda",
                     f"RELEASE.md labels the CUDA {req.cuda} build of torch {release.torch} "
-                    "experimental")
+                    "experimental",
+                )
         elif not shipping:
-            add(ERROR, "cuda",
+            add(
+                ERROR,
+                "cuda",
                 f"no PyTorch release from {first} to {last} ships a CUDA {req.cuda} build "
-                f"(builds exist for CUDA {', '.join(c.raw for c in m.cuda_versions)})")
+                f"(builds exist for CUDA {', '.join(c.raw for c in m.cuda_versions)})",
+            )
 
     # -- cuDNN
     if req.cudnn is not None and not req.cpu:
         if build is not None:
             if build.cudnn is None:
-                add(WARNING, "cudnn",
+                add(
+                    WARNING,
+                    "cudnn",
                     f"the cuDNN of torch {release.torch if release else '?'} + CUDA "
-                    f"{build.cuda} is unknown")
+                    f"{build.cuda} is unknown",
+                )
             elif not build.cudnn_matches(req.cudnn):
-                add(ERROR, "cudnn",
+                add(
+                    ERROR,
+                    "cudnn",
                     f"torch {release.torch if release else '?'} + CUDA {build.cuda} ships "
-                    f"cuDNN {build.cudnn}, not {req.cudnn}")
+                    f"cuDNN {build.cudnn}, not {req.cudnn}",
+                )
             elif build.cudnn_release_md and build.cudnn_release_md.matches_prefix(req.cudnn):
-                add(NOTE, "cudnn",
-                    f"cuDNN {req.cudnn} is what RELEASE.md says; the wheels ship {build.cudnn}")
+                add(
+                    NOTE,
+                    "cudnn",
+                    f"cuDNN {req.cudnn} is what RELEASE.md says; the wheels ship {build.cudnn}",
+                )
         else:
-            with_it = [(r, b) for r in m.releases for b in r.builds
-                       if b.cudnn is not None and b.cudnn_matches(req.cudnn)]
+            with_it = [
+                (r, b)
+                for r in m.releases
+                for b in r.builds
+                if b.cudnn is not None and b.cudnn_matches(req.cudnn)
+            ]
             if not with_it:
                 add(ERROR, "cudnn", f"no build in the matrix ships cuDNN {req.cudnn}")
             else:
                 cudas = sorted({b.cuda for _, b in with_it})
                 torches = [r.torch for r, _ in with_it]
                 fits = (req.cuda is None or req.cuda in cudas) and (
-                    release is None or any(r is release for r, _ in with_it))
+                    release is None or any(r is release for r, _ in with_it)
+                )
                 if not fits or req.torch is not None and release is None:
-                    add(ERROR, "cudnn",
+                    add(
+                        ERROR,
+                        "cudnn",
                         f"cuDNN {req.cudnn} ships only with CUDA "
                         f"{', '.join(c.raw for c in cudas)} builds of torch {_span(torches)}"
-                        + (f", never with CUDA {req.cuda}" if req.cuda and req.cuda not in cudas
-                           else ""))
+                        + (
+                            f", never with CUDA {req.cuda}"
+                            if req.cuda and req.cuda not in cudas
+                            else ""
+                        ),
+                    )
 
     # -- Python
     if req.python is not None and release is not None:
         supported = ", ".join(p.raw for p in release.python)
         if not release.supports_python(req.python):
-            add(ERROR, "python",
+            add(
+                ERROR,
+                "python",
                 f"torch {release.torch} has no wheels for Python {req.python} "
-                f"(it supports {supported})")
+                f"(it supports {supported})",
+            )
         elif req.python.minor in release.python_experimental:
-            add(WARNING, "python",
-                f"Python {req.python.minor} is experimental for torch {release.torch}")
+            add(
+                WARNING,
+                "python",
+                f"Python {req.python.minor} is experimental for torch {release.torch}",
+            )
 
     # -- driver
     if req.driver is not None and req.cuda is not None and not req.cpu:
@@ -317,63 +360,86 @@ def _rules(m: Matrix, req: Request) -> tuple[list[Conflict], Release | None, Bui
             if status == "too-old":
                 best = m.max_cuda_for_driver(req.driver)
                 can = f"; this driver fully supports CUDA up to {best}" if best else ""
-                add(ERROR, "driver",
+                add(
+                    ERROR,
+                    "driver",
                     f"driver {req.driver} is below {floor.minimum}, the minimum for any "
                     f"CUDA {req.cuda.major}.x build (minor version compatibility floor); "
                     f"CUDA {req.cuda} needs driver >= {full} (>= {floor.minimum} through "
-                    f"minor version compatibility){can}")
+                    f"minor version compatibility){can}",
+                )
             elif status == "minor-version-compat":
-                add(WARNING, "driver",
+                add(
+                    WARNING,
+                    "driver",
                     f"driver {req.driver} is older than CUDA {req.cuda}'s toolkit driver "
                     f"{full}: it works through minor version compatibility, but PTX JIT "
-                    "and the newest CUDA features may fail")
+                    "and the newest CUDA features may fail",
+                )
             if not floor.verified:
                 add(NOTE, "driver", f"the driver floor of CUDA {req.cuda} is unverified")
     elif req.driver is not None and req.cuda is None and not req.cpu:
         best = m.max_cuda_for_driver(req.driver)
-        mvc = max((mj.major for mj in m.cuda_majors if req.driver >= mj.linux_floor),
-                  default=None)
+        mvc = max((mj.major for mj in m.cuda_majors if req.driver >= mj.linux_floor), default=None)
         oldest, lowest = m.cuda_toolkits[0], min(m.cuda_majors, key=lambda mj: mj.major)
         if best is not None:
             newer = [t for t in m.cuda_toolkits if t.version > best and t.version.major == mvc]
-            extra = (f"; newer CUDA {mvc}.x builds through minor version compatibility"
-                     if newer else "")
-            add(NOTE, "driver", f"driver {req.driver} runs CUDA builds up to {best} fully"
-                + extra)
+            extra = (
+                f"; newer CUDA {mvc}.x builds through minor version compatibility" if newer else ""
+            )
+            add(NOTE, "driver", f"driver {req.driver} runs CUDA builds up to {best} fully" + extra)
         elif mvc is not None:
-            add(NOTE, "driver",
+            add(
+                NOTE,
+                "driver",
                 f"driver {req.driver} runs no CUDA version of the matrix fully (CUDA "
                 f"{oldest.version} needs {oldest.linux}); CUDA {mvc}.x builds only through "
-                "minor version compatibility")
+                "minor version compatibility",
+            )
         else:
-            add(WARNING, "driver",
+            add(
+                WARNING,
+                "driver",
                 f"driver {req.driver} is too old for every CUDA build of the matrix (CUDA "
-                f"{lowest.major}.x needs >= {lowest.linux_floor}): CPU builds only")
+                f"{lowest.major}.x needs >= {lowest.linux_floor}): CPU builds only",
+            )
 
     # -- GPU architecture
     if req.gpu is not None and build is not None and release is not None:
         archs = m.arch_list(release.torch, build.cuda, req.platform)
         label = req.gpu_label or req.gpu.sm
         if archs is None:
-            add(WARNING, "gpu",
+            add(
+                WARNING,
+                "gpu",
                 f"the matrix has no arch list for torch {release.torch} + CUDA {build.cuda} "
-                f"on {req.platform}")
+                f"on {req.platform}",
+            )
         else:
             listed = ";".join(archs.names)
             native = any(runs_on(replace(a, ptx=False), req.gpu) for a in archs.archs)
             if not archs.runs_on(req.gpu):
-                add(ERROR, "gpu",
+                add(
+                    ERROR,
+                    "gpu",
                     f"GPU {label} is not in the arch list of torch {release.torch} + CUDA "
-                    f"{build.cuda} ({listed}): torch will refuse to run on it")
+                    f"{build.cuda} ({listed}): torch will refuse to run on it",
+                )
             elif not native:
-                add(WARNING, "gpu",
+                add(
+                    WARNING,
+                    "gpu",
                     f"GPU {label} runs torch {release.torch} + CUDA {build.cuda} only through "
                     f"PTX JIT ({listed}): slow first start, needs a driver >= the toolkit "
-                    "driver")
+                    "driver",
+                )
             if not archs.verified:
-                add(NOTE, "gpu",
+                add(
+                    NOTE,
+                    "gpu",
                     f"the arch list of torch {release.torch} + CUDA {build.cuda} is "
-                    f"unverified ({archs.note or 'lead only'})")
+                    f"unverified ({archs.note or 'lead only'})",
+                )
     return out, release, build
 
 
@@ -401,15 +467,23 @@ def _candidates(m: Matrix, req: Request) -> list[tuple[Combination, tuple]]:
             if req.python is not None and release.supports_python(req.python):
                 python = req.python.minor
             elif req.python is not None:
-                python = min(release.python, key=lambda p: (abs(p.padded(2)[1]
-                                                                - req.python.padded(2)[1]), p))
+                python = min(
+                    release.python, key=lambda p: (abs(p.padded(2)[1] - req.python.padded(2)[1]), p)
+                )
             else:
                 python = max(p for p in release.python if p not in release.python_experimental)
             cand = Request(
-                torch=release.torch, cuda=build.cuda if build else None, cpu=build is None,
-                cudnn=build.cudnn if build else None, python=python,
-                torchvision=release.torchvision, driver=req.driver, gpu=req.gpu,
-                gpu_label=req.gpu_label, platform=req.platform)
+                torch=release.torch,
+                cuda=build.cuda if build else None,
+                cpu=build is None,
+                cudnn=build.cudnn if build else None,
+                python=python,
+                torchvision=release.torchvision,
+                driver=req.driver,
+                gpu=req.gpu,
+                gpu_label=req.gpu_label,
+                platform=req.platform,
+            )
             conflicts, _, _ = _rules(m, cand)
             if any(c.severity == ERROR for c in conflicts):
                 continue
@@ -422,15 +496,29 @@ def _candidates(m: Matrix, req: Request) -> list[tuple[Combination, tuple]]:
                 keeps.append(f"cuDNN {req.cudnn}")
             if req.python is not None and python == req.python.minor:
                 keeps.append(f"Python {python}")
-            if (req.torchvision is not None and release.torchvision is not None
-                    and req.torchvision.minor == release.torchvision):
+            if (
+                req.torchvision is not None
+                and release.torchvision is not None
+                and req.torchvision.minor == release.torchvision
+            ):
                 keeps.append(f"torchvision {release.torchvision}")
-            target = next((t.name for t in m.targets.values()
-                           if t.release is release and t.cuda == (build.cuda if build else None)),
-                          None)
-            combo = Combination(release.torch, release.torchvision,
-                                build.cuda if build else None, build.cudnn if build else None,
-                                python, target, tuple(keeps))
+            target = next(
+                (
+                    t.name
+                    for t in m.targets.values()
+                    if t.release is release and t.cuda == (build.cuda if build else None)
+                ),
+                None,
+            )
+            combo = Combination(
+                release.torch,
+                release.torchvision,
+                build.cuda if build else None,
+                build.cudnn if build else None,
+                python,
+                target,
+                tuple(keeps),
+            )
             n_warn = sum(c.severity == WARNING for c in conflicts)
             dt = _distance(torches, wanted_torch, release.torch)
             dc = _distance(cudas, req.cuda, build.cuda) if build else 0.0
@@ -456,8 +544,7 @@ def suggest(m: Matrix, req: Request, limit: int = 3) -> tuple[Combination, ...]:
     if req.cuda is not None:
         best(lambda c: c.cuda is not None, lambda c: (c[1][3], c[1][0], c[1][2]))
     if req.cudnn is not None:
-        best(lambda c: any(k.startswith("cuDNN") for k in c.keeps),
-             lambda c: (c[1][2], c[1][0]))
+        best(lambda c: any(k.startswith("cuDNN") for k in c.keeps), lambda c: (c[1][2], c[1][0]))
     if req.python is not None:
         best(lambda c: c.python == req.python.minor, lambda c: (c[1][0], c[1][2], c[1][3]))
     seen, out = set(), []
@@ -484,8 +571,10 @@ def format_check(result: CheckResult) -> str:
     for c in result.conflicts:
         lines.append(f"  {c.severity:<7} {c.field:<11} {c.message}")
     if result.build is not None and result.ok and result.release is not None:
-        lines.append(f"  ships   cuDNN {result.build.cudnn or '?'} with torch "
-                     f"{result.release.torch} + CUDA {result.build.cuda}")
+        lines.append(
+            f"  ships   cuDNN {result.build.cudnn or '?'} with torch "
+            f"{result.release.torch} + CUDA {result.build.cuda}"
+        )
     if result.suggestions:
         lines.append("nearest valid combinations:")
         for s in result.suggestions:

@@ -85,26 +85,30 @@ def _run_matrix(args: argparse.Namespace, out: TextIO) -> int:
                 continue
             floor = m.driver_floor(b.cuda)
             archs = m.arch_list(r.torch, b.cuda)
-            rows.append({
-                "torch": r.torch.raw,
-                "torchvision": r.torchvision.raw if r.torchvision else None,
-                "python": [p.raw for p in r.python],
-                "released": r.released,
-                "cuda": b.cuda.raw,
-                "cudnn": b.cudnn.raw if b.cudnn else None,
-                "status": b.status,
-                "pypi_default": b.cuda == r.pypi_default_cuda,
-                "driver_linux": floor.full.raw if floor and floor.full else None,
-                "driver_linux_min": floor.minimum.raw if floor else None,
-                "archs": list(archs.names) if archs else None,
-                "verified": r.verified and b.verified,
-                "unverified": list(r.unverified) + ([] if b.verified else ["build"])
-                + ([] if archs is None or archs.verified else ["archs"]),
-                "source": sorted(set(r.source + b.source)),
-            })
+            rows.append(
+                {
+                    "torch": r.torch.raw,
+                    "torchvision": r.torchvision.raw if r.torchvision else None,
+                    "python": [p.raw for p in r.python],
+                    "released": r.released,
+                    "cuda": b.cuda.raw,
+                    "cudnn": b.cudnn.raw if b.cudnn else None,
+                    "status": b.status,
+                    "pypi_default": b.cuda == r.pypi_default_cuda,
+                    "driver_linux": floor.full.raw if floor and floor.full else None,
+                    "driver_linux_min": floor.minimum.raw if floor else None,
+                    "archs": list(archs.names) if archs else None,
+                    "verified": r.verified and b.verified,
+                    "unverified": list(r.unverified)
+                    + ([] if b.verified else ["build"])
+                    + ([] if archs is None or archs.verified else ["archs"]),
+                    "source": sorted(set(r.source + b.source)),
+                }
+            )
     if not rows:
-        raise LockgenError(f"no build of the matrix matches --torch {args.torch} "
-                           f"--cuda {args.cuda}")
+        raise LockgenError(
+            f"no build of the matrix matches --torch {args.torch} --cuda {args.cuda}"
+        )
     if args.format == "json":
         json.dump(rows, out, indent=2)
         out.write("\n")
@@ -121,16 +125,27 @@ def _run_matrix(args: argparse.Namespace, out: TextIO) -> int:
         if row["unverified"]:
             flags.append("unverified: " + ",".join(row["unverified"]))
         archs = row["archs"]
-        table.append((row["torch"], row["torchvision"] or "?", f"{py[0]}-{py[-1]}", row["cuda"],
-                      row["cudnn"] or "?", row["driver_linux"] or "?",
-                      row["driver_linux_min"] or "?",
-                      f"{archs[0]}..{archs[-1]}" if archs else "?", " ".join(flags)))
+        table.append(
+            (
+                row["torch"],
+                row["torchvision"] or "?",
+                f"{py[0]}-{py[-1]}",
+                row["cuda"],
+                row["cudnn"] or "?",
+                row["driver_linux"] or "?",
+                row["driver_linux_min"] or "?",
+                f"{archs[0]}..{archs[-1]}" if archs else "?",
+                " ".join(flags),
+            )
+        )
     widths = [max(len(str(x[i])) for x in [head, *table]) for i in range(len(head))]
     for line in [head, *table]:
         cells = (str(c).ljust(w) for c, w in zip(line, widths, strict=True))
         out.write("  ".join(cells).rstrip() + "\n")
-    out.write("driver>= toolkit driver (Linux); mvc>= minor-version-compatibility floor; "
-              "pypi = the build plain `pip install torch` gets\n")
+    out.write(
+        "driver>= toolkit driver (Linux); mvc>= minor-version-compatibility floor; "
+        "pypi = the build plain `pip install torch` gets\n"
+    )
     return EXIT_OK
 
 
@@ -158,8 +173,9 @@ def _target_json(t) -> dict:
         "virtual_packages": t.virtual_packages,
         "pip_index_url": t.pip_index_url,
         "pip_requirements": list(t.pip_requirements),
-        "driver_linux": (t.driver_floor.full.raw if t.driver_floor and t.driver_floor.full
-                         else None),
+        "driver_linux": (
+            t.driver_floor.full.raw if t.driver_floor and t.driver_floor.full else None
+        ),
         "driver_linux_min": t.driver_floor.minimum.raw if t.driver_floor else None,
         "arch_list": list(t.arch_list.names) if t.arch_list else [],
         "verified": t.verified,
@@ -199,13 +215,24 @@ def _run_check(args: argparse.Namespace, out: TextIO) -> int:
     from lockgen.check import Request, check, format_check
 
     m = _matrix(args)
-    if not any((args.torch, args.cuda, args.cudnn, args.python, args.torchvision, args.driver,
-                args.gpu)):
-        raise LockgenError("nothing to check: give at least one of --torch, --cuda, --cudnn, "
-                           "--python, --torchvision, --driver, --gpu")
-    req = Request.from_strings(m, torch=args.torch, cuda=args.cuda, cudnn=args.cudnn,
-                               python=args.python, torchvision=args.torchvision,
-                               driver=args.driver, gpu=args.gpu, platform=args.platform)
+    if not any(
+        (args.torch, args.cuda, args.cudnn, args.python, args.torchvision, args.driver, args.gpu)
+    ):
+        raise LockgenError(
+            "nothing to check: give at least one of --torch, --cuda, --cudnn, "
+            "--python, --torchvision, --driver, --gpu"
+        )
+    req = Request.from_strings(
+        m,
+        torch=args.torch,
+        cuda=args.cuda,
+        cudnn=args.cudnn,
+        python=args.python,
+        torchvision=args.torchvision,
+        driver=args.driver,
+        gpu=args.gpu,
+        platform=args.platform,
+    )
     result = check(m, req)
     if args.format == "json":
         json.dump(result.to_json(), out, indent=2)
@@ -220,8 +247,11 @@ def _run_check(args: argparse.Namespace, out: TextIO) -> int:
 
 def _configure_doctor(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
-    p.add_argument("--python-exe", default=sys.executable,
-                   help="the interpreter whose torch to inspect (default: this one)")
+    p.add_argument(
+        "--python-exe",
+        default=sys.executable,
+        help="the interpreter whose torch to inspect (default: this one)",
+    )
 
 
 def _run_doctor(args: argparse.Namespace, out: TextIO) -> int:
@@ -244,10 +274,16 @@ def _run_doctor(args: argparse.Namespace, out: TextIO) -> int:
 
 def _configure_flake(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nix-config", help="Nix facts file (default: nix.toml beside the matrix)")
-    p.add_argument("--output", "-o", help="where to write (default: flake.nix at the repository "
-                                          "root; '-' for stdout)")
-    p.add_argument("--check", action="store_true",
-                   help="write nothing; exit 1 when the flake differs from the matrix")
+    p.add_argument(
+        "--output",
+        "-o",
+        help="where to write (default: flake.nix at the repository root; '-' for stdout)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 when the flake differs from the matrix",
+    )
 
 
 def _run_flake(args: argparse.Namespace, out: TextIO) -> int:
@@ -284,19 +320,20 @@ def _envs_dir(args: argparse.Namespace, m):
 
 def _selected_targets(args: argparse.Namespace, m) -> list:
     if args.all == bool(args.target):
-        raise LockgenError("name one target or pass --all "
-                           f"(targets: {', '.join(m.targets)})")
+        raise LockgenError(f"name one target or pass --all (targets: {', '.join(m.targets)})")
     return list(m.targets.values()) if args.all else [m.target(args.target)]
 
 
 def _configure_target_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", nargs="?", help="a target of envs/targets.toml")
     p.add_argument("--all", action="store_true", help="every target")
-    p.add_argument("--envs", help="folder of the spec and lock files (default: beside the "
-                                  "matrix)")
-    p.add_argument("--allow-unverified", action="store_true",
-                   help="also targets whose conda channel the matrix does not confirm "
-                        "(never one it says cannot supply the build)")
+    p.add_argument("--envs", help="folder of the spec and lock files (default: beside the matrix)")
+    p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="also targets whose conda channel the matrix does not confirm "
+        "(never one it says cannot supply the build)",
+    )
 
 
 def _configure_render(p: argparse.ArgumentParser) -> None:
@@ -322,14 +359,26 @@ def _run_render(args: argparse.Namespace, out: TextIO) -> int:
 
 def _configure_lock(p: argparse.ArgumentParser) -> None:
     _configure_target_selection(p)
-    p.add_argument("--flavor", choices=("conda", "pip"), default="conda",
-                   help="conda: envs/<target>.lock (conda-lock format); pip: "
-                        "envs/<target>.requirements.txt with --hash lines")
-    p.add_argument("--engine", choices=("rattler", "conda-lock"), default="rattler",
-                   help="rattler (embedded, default) or the real conda-lock (needs "
-                        "conda/mamba/micromamba)")
-    p.add_argument("--channel", action="append", default=[], metavar="URL",
-                   help="solve against these channels instead of the target's (repeatable)")
+    p.add_argument(
+        "--flavor",
+        choices=("conda", "pip"),
+        default="conda",
+        help="conda: envs/<target>.lock (conda-lock format); pip: "
+        "envs/<target>.requirements.txt with --hash lines",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("rattler", "conda-lock"),
+        default="rattler",
+        help="rattler (embedded, default) or the real conda-lock (needs conda/mamba/micromamba)",
+    )
+    p.add_argument(
+        "--channel",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="solve against these channels instead of the target's (repeatable)",
+    )
     p.add_argument("--conda", help="conda/mamba/micromamba executable for --engine conda-lock")
     p.add_argument("--index-url", help="pip flavor: resolve from this index instead")
     p.add_argument("--cache-dir", help="rattler's repodata cache folder")
@@ -347,14 +396,16 @@ def _run_lock(args: argparse.Namespace, out: TextIO) -> int:
                 from lockgen.render.pip import PipResolver, lock_pip
                 from lockgen.verify import verify_file
 
-                path = lock_pip(t, envs, getattr(args, "pip_resolver", None) or PipResolver(),
-                                args.index_url)
+                path = lock_pip(
+                    t, envs, getattr(args, "pip_resolver", None) or PipResolver(), args.index_url
+                )
                 report = verify_file(path, m)
             else:
                 from lockgen.solve import lock_target, make_solver
 
                 solver = getattr(args, "solver", None) or make_solver(
-                    args.engine, Path(args.cache_dir) if args.cache_dir else None, args.conda)
+                    args.engine, Path(args.cache_dir) if args.cache_dir else None, args.conda
+                )
                 result = lock_target(m, t, envs, solver, args.channel, args.allow_unverified)
                 path, report = result.path, result.report
             out.write(f"wrote {path}\n{report.format()}\n")
@@ -369,11 +420,15 @@ def _run_lock(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _configure_verify(p: argparse.ArgumentParser) -> None:
-    p.add_argument("lockfile", nargs="+", help="envs/<target>.lock or "
-                                               "envs/<target>.requirements.txt")
+    p.add_argument(
+        "lockfile", nargs="+", help="envs/<target>.lock or envs/<target>.requirements.txt"
+    )
     p.add_argument("--envs", help="folder of envs/<target>.yml (default: the lockfile's)")
-    p.add_argument("--check-channels", action="store_true",
-                   help="also compare every hash with the channel's repodata (network)")
+    p.add_argument(
+        "--check-channels",
+        action="store_true",
+        help="also compare every hash with the channel's repodata (network)",
+    )
     p.add_argument("--json", action="store_true")
 
 
@@ -383,8 +438,10 @@ def _run_verify(args: argparse.Namespace, out: TextIO) -> int:
     from lockgen.verify import verify_file
 
     m = _matrix(args)
-    reports = [verify_file(f, m, Path(args.envs) if args.envs else None, args.check_channels)
-               for f in args.lockfile]
+    reports = [
+        verify_file(f, m, Path(args.envs) if args.envs else None, args.check_channels)
+        for f in args.lockfile
+    ]
     if args.json:
         json.dump([r.to_json() for r in reports], out, indent=2)
         out.write("\n")
@@ -397,8 +454,11 @@ def _configure_install(p: argparse.ArgumentParser) -> None:
     p.add_argument("lockfile", help="envs/<target>.lock")
     p.add_argument("--prefix", required=True, help="the environment folder to create")
     p.add_argument("--platform", help="install the packages of this platform (default: host)")
-    p.add_argument("--no-driver-check", action="store_true",
-                   help="skip checking the NVIDIA driver against the lock's CUDA")
+    p.add_argument(
+        "--no-driver-check",
+        action="store_true",
+        help="skip checking the NVIDIA driver against the lock's CUDA",
+    )
     p.add_argument("--cache-dir", help="package cache folder (default: rattler's)")
 
 
@@ -408,10 +468,15 @@ def _run_install(args: argparse.Namespace, out: TextIO) -> int:
     from lockgen.install import install_lockfile
 
     m = _matrix(args)
-    res = install_lockfile(Path(args.lockfile), Path(args.prefix), m, platform=args.platform,
-                           prober=getattr(args, "prober", None),
-                           driver_check=not args.no_driver_check,
-                           cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    res = install_lockfile(
+        Path(args.lockfile),
+        Path(args.prefix),
+        m,
+        platform=args.platform,
+        prober=getattr(args, "prober", None),
+        driver_check=not args.no_driver_check,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+    )
     out.write(f"driver: {res.driver.message}\n")
     for w in res.warnings:
         out.write(f"warning: {w}\n")
@@ -423,20 +488,36 @@ def _run_install(args: argparse.Namespace, out: TextIO) -> int:
 
 COMMANDS: tuple[Command, ...] = (
     Command("matrix", "show the compatibility matrix", _configure_matrix, _run_matrix),
-    Command("targets", "list the environments the project generates", _configure_targets,
-            _run_targets),
-    Command("check", "check a torch/CUDA/cuDNN/Python/driver/GPU combination",
-            _configure_check, _run_check),
+    Command(
+        "targets", "list the environments the project generates", _configure_targets, _run_targets
+    ),
+    Command(
+        "check",
+        "check a torch/CUDA/cuDNN/Python/driver/GPU combination",
+        _configure_check,
+        _run_check,
+    ),
     Command("doctor", "inspect this machine: verdict and fix", _configure_doctor, _run_doctor),
-    Command("flake", "write flake.nix: a Nix dev shell per target", _configure_flake,
-            _run_flake),
-    Command("render", "write envs/<target>.yml and its virtual packages (conda-lock input)",
-            _configure_render, _run_render),
-    Command("lock", "solve a target into envs/<target>.lock (or a pip hash-lock)",
-            _configure_lock, _run_lock),
+    Command("flake", "write flake.nix: a Nix dev shell per target", _configure_flake, _run_flake),
+    Command(
+        "render",
+        "write envs/<target>.yml and its virtual packages (conda-lock input)",
+        _configure_render,
+        _run_render,
+    ),
+    Command(
+        "lock",
+        "solve a target into envs/<target>.lock (or a pip hash-lock)",
+        _configure_lock,
+        _run_lock,
+    ),
     Command("verify", "check a lockfile against its target", _configure_verify, _run_verify),
-    Command("install", "install a lockfile into a prefix without conda",
-            _configure_install, _run_install),
+    Command(
+        "install",
+        "install a lockfile into a prefix without conda",
+        _configure_install,
+        _run_install,
+    ),
 )
 
 
@@ -447,11 +528,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lockgen", description=DESCRIPTION,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="lockgen",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--matrix", help="matrix file (default: envs/matrix.toml)")
-    parser.add_argument("--targets", help="targets file (default: targets.toml beside the "
-                                          "matrix)")
+    parser.add_argument("--targets", help="targets file (default: targets.toml beside the matrix)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for cmd in COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
@@ -460,8 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
-         err: TextIO | None = None, **inject) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    **inject,
+) -> int:
     """Run lockgen; returns the exit code. ``inject`` sets extra attributes on the parsed
     arguments (tests pass ``prober=Prober(...)`` to ``doctor``)."""
     out = out or sys.stdout

@@ -87,23 +87,39 @@ class Diagnosis:
             "machine": {
                 "platform": r.platform,
                 "python": r.python.raw,
-                "driver": None if r.driver is None else {
+                "driver": None
+                if r.driver is None
+                else {
                     "version": r.driver.version.raw,
                     "source": r.driver.source,
                     "cuda_umd": r.driver.cuda_umd.raw if r.driver.cuda_umd else None,
                 },
-                "gpus": [{"index": g.index, "name": g.name,
-                          "capability": f"{g.capability.major}.{g.capability.minor}"
-                          if g.capability else None} for g in r.gpus],
-                "torch": None if t is None else {
-                    "version": t.version, "cuda": t.cuda, "cudnn": t.cudnn,
-                    "arch_list": list(t.arch_list), "cuda_available": t.cuda_available,
+                "gpus": [
+                    {
+                        "index": g.index,
+                        "name": g.name,
+                        "capability": f"{g.capability.major}.{g.capability.minor}"
+                        if g.capability
+                        else None,
+                    }
+                    for g in r.gpus
+                ],
+                "torch": None
+                if t is None
+                else {
+                    "version": t.version,
+                    "cuda": t.cuda,
+                    "cudnn": t.cudnn,
+                    "arch_list": list(t.arch_list),
+                    "cuda_available": t.cuda_available,
                 },
                 "torch_error": r.torch_error,
                 "nvcc": {"version": r.nvcc.version.raw} if r.nvcc else None,
             },
-            "findings": [{"severity": f.severity, "code": f.code, "message": f.message}
-                         for f in self.findings],
+            "findings": [
+                {"severity": f.severity, "code": f.code, "message": f.message}
+                for f in self.findings
+            ],
             "fix": {
                 "target": self.fix.target,
                 "driver_min": self.fix.driver_min.raw if self.fix.driver_min else None,
@@ -137,12 +153,17 @@ def recommend(m: Matrix, report: MachineReport) -> tuple[Target | None, Version 
     caps = [g.capability for g in report.gpus if g.capability is not None]
     if report.driver is None or not report.gpus:
         return cpu, None
-    fitting = [t for t in targets if not t.is_cpu and t.arch_list is not None
-               and all(t.arch_list.runs_on(c) for c in caps)]
+    fitting = [
+        t
+        for t in targets
+        if not t.is_cpu and t.arch_list is not None and all(t.arch_list.runs_on(c) for c in caps)
+    ]
     if not fitting:
         return cpu, None
+
     def key(t: Target) -> tuple:
         return (t.cuda, t.release.torch)
+
     by_status: dict[str, list[Target]] = {"ok": [], "minor-version-compat": [], "too-old": []}
     for t in fitting:
         assert t.driver_floor is not None
@@ -169,24 +190,36 @@ def diagnose(m: Matrix, report: MachineReport) -> Diagnosis:
 
     # -- driver and GPUs
     if drv is None:
-        add("note", "no-driver",
+        add(
+            "note",
+            "no-driver",
             "no NVIDIA GPU driver found (looked at /sys/module/nvidia/version, "
-            "/proc/driver/nvidia/version and nvidia-smi): this machine runs PyTorch on CPU")
+            "/proc/driver/nvidia/version and nvidia-smi): this machine runs PyTorch on CPU",
+        )
     else:
         umd = f", supports CUDA up to {drv.cuda_umd}" if drv.cuda_umd else ""
         add("ok", "driver", f"NVIDIA driver {drv.version} (from {drv.source}{umd})")
         if drv.kmd_banner:
-            add("note", "nvidia-smi-kmd",
+            add(
+                "note",
+                "nvidia-smi-kmd",
                 "nvidia-smi prints the R610+ banner ('KMD Version'); tools that parse "
-                "'Driver Version' (torch.utils.collect_env) will not find the driver")
+                "'Driver Version' (torch.utils.collect_env) will not find the driver",
+            )
         for g in report.gpus:
-            cap = f"compute capability {g.capability.major}.{g.capability.minor}" \
-                if g.capability else "compute capability unknown"
+            cap = (
+                f"compute capability {g.capability.major}.{g.capability.minor}"
+                if g.capability
+                else "compute capability unknown"
+            )
             add("ok" if g.capability else "warning", "gpu", f"GPU {g.index}: {g.name}, {cap}")
         if not report.gpus:
-            add("warning", "no-gpus",
+            add(
+                "warning",
+                "no-gpus",
                 "the driver is loaded but no GPU could be listed (nvidia-smi missing or "
-                "failing, and torch sees none)")
+                "failing, and torch sees none)",
+            )
     for p in report.problems:
         add("note", "probe", p)
 
@@ -207,12 +240,18 @@ def diagnose(m: Matrix, report: MachineReport) -> Diagnosis:
             add("note", "torch-unknown", f"torch {t.version} is not in the matrix")
 
         if drv is None and t.is_cuda_build:
-            add("warning", "torch-cuda-no-driver",
+            add(
+                "warning",
+                "torch-cuda-no-driver",
                 f"torch is a CUDA {t.cuda} build but there is no NVIDIA driver: it runs on "
-                "CPU only, and the cpu target is much smaller")
+                "CPU only, and the cpu target is much smaller",
+            )
         elif drv is not None and report.gpus and not t.is_cuda_build:
-            add("warning", "torch-cpu-on-gpu",
-                "torch is a CPU build on a machine with an NVIDIA GPU: the GPU is unused")
+            add(
+                "warning",
+                "torch-cpu-on-gpu",
+                "torch is a CPU build on a machine with an NVIDIA GPU: the GPU is unused",
+            )
 
         driver_ok = True
         if drv is not None and torch_cuda is not None:
@@ -223,15 +262,21 @@ def diagnose(m: Matrix, report: MachineReport) -> Diagnosis:
                 status = driver_status(floor, drv.version)
                 if status == "too-old":
                     driver_ok = False
-                    add("error", "driver-too-old",
+                    add(
+                        "error",
+                        "driver-too-old",
                         f"driver {drv.version} is too old for torch's CUDA {torch_cuda}: it "
                         f"needs >= {floor.full or floor.minimum} (>= {floor.minimum} through "
-                        "minor version compatibility)")
+                        "minor version compatibility)",
+                    )
                 elif status == "minor-version-compat":
-                    add("warning", "driver-minor-compat",
+                    add(
+                        "warning",
+                        "driver-minor-compat",
                         f"driver {drv.version} is older than CUDA {torch_cuda}'s toolkit "
                         f"driver {floor.full}: works through minor version compatibility, "
-                        "PTX JIT may fail")
+                        "PTX JIT may fail",
+                    )
 
         arch_ok = True
         if torch_cuda is not None and report.gpus:
@@ -244,45 +289,77 @@ def diagnose(m: Matrix, report: MachineReport) -> Diagnosis:
                     continue
                 if not any(runs_on(a, g.capability) for a in code_archs):
                     arch_ok = False
-                    add("error", "gpu-arch",
+                    add(
+                        "error",
+                        "gpu-arch",
                         f"GPU {g.index} ({g.name}, {g.capability.sm}) is not in torch's arch "
                         f"list ({' '.join(t.arch_list) or 'from the matrix'}): torch cannot "
-                        "run on it")
-                elif not any(runs_on(Capability(a.major, a.minor, a.specific), g.capability)
-                             for a in code_archs):
-                    add("warning", "gpu-ptx",
-                        f"GPU {g.index} ({g.capability.sm}) runs torch only through PTX JIT")
-        if (drv is not None and report.gpus and t.is_cuda_build and driver_ok and arch_ok
-                and not t.cuda_available):
-            add("warning", "cuda-unavailable",
+                        "run on it",
+                    )
+                elif not any(
+                    runs_on(Capability(a.major, a.minor, a.specific), g.capability)
+                    for a in code_archs
+                ):
+                    add(
+                        "warning",
+                        "gpu-ptx",
+                        f"GPU {g.index} ({g.capability.sm}) runs torch only through PTX JIT",
+                    )
+        if (
+            drv is not None
+            and report.gpus
+            and t.is_cuda_build
+            and driver_ok
+            and arch_ok
+            and not t.cuda_available
+        ):
+            add(
+                "warning",
+                "cuda-unavailable",
                 "torch.cuda.is_available() is False although driver and GPU fit: check "
-                "CUDA_VISIBLE_DEVICES, container GPU access and /dev/nvidia*")
+                "CUDA_VISIBLE_DEVICES, container GPU access and /dev/nvidia*",
+            )
 
         if release is not None and torch_cuda is not None and t.cudnn:
             b = release.build(torch_cuda)
             loaded = Version.parse(t.cudnn, "cuDNN version")
             if b is not None and b.cudnn is not None and not b.cudnn_matches(loaded):
-                add("warning", "cudnn-mismatch",
+                add(
+                    "warning",
+                    "cudnn-mismatch",
                     f"torch loads cuDNN {t.cudnn}, but torch {release.torch} + CUDA "
-                    f"{torch_cuda} ships {b.cudnn}: another cuDNN on the library path wins")
+                    f"{torch_cuda} ships {b.cudnn}: another cuDNN on the library path wins",
+                )
         if release is not None and not release.supports_python(report.python):
-            add("warning", "python-unsupported",
+            add(
+                "warning",
+                "python-unsupported",
                 f"Python {report.python.minor} is not supported by torch {release.torch} "
-                f"({', '.join(p.raw for p in release.python)})")
+                f"({', '.join(p.raw for p in release.python)})",
+            )
 
     if report.nvcc is not None:
         add("ok", "nvcc", f"nvcc {report.nvcc.version}")
         if torch_cuda is not None and report.nvcc.version.major != torch_cuda.major:
-            add("warning", "nvcc-mismatch",
+            add(
+                "warning",
+                "nvcc-mismatch",
                 f"nvcc is CUDA {report.nvcc.version} but torch is built with CUDA "
-                f"{torch_cuda}: C++/CUDA extensions will not build against it")
+                f"{torch_cuda}: C++/CUDA extensions will not build against it",
+            )
 
-    return Diagnosis(report, tuple(findings), _fix(m, report, findings, target, driver_needed),
-                     target)
+    return Diagnosis(
+        report, tuple(findings), _fix(m, report, findings, target, driver_needed), target
+    )
 
 
-def _fix(m: Matrix, report: MachineReport, findings: list[Finding], target: Target | None,
-         driver_needed: Version | None) -> Fix:
+def _fix(
+    m: Matrix,
+    report: MachineReport,
+    findings: list[Finding],
+    target: Target | None,
+    driver_needed: Version | None,
+) -> Fix:
     codes = {f.code for f in findings if f.severity in ("error", "warning")}
     cmd = target.pip_install_command() if target else None
     name = target.name if target else None
@@ -292,8 +369,12 @@ def _fix(m: Matrix, report: MachineReport, findings: list[Finding], target: Targ
         floor = m.driver_floor(parse_cuda(t.cuda))  # type: ignore[arg-type]
         need = floor.full or floor.minimum if floor else None
         alt = f", or install target {name} which this driver runs" if name else ""
-        return Fix(name, need, cmd,
-                   f"upgrade the NVIDIA driver to >= {need} for torch's CUDA {t.cuda}{alt}")
+        return Fix(
+            name,
+            need,
+            cmd,
+            f"upgrade the NVIDIA driver to >= {need} for torch's CUDA {t.cuda}{alt}",
+        )
     if codes & {"torch-missing", "torch-cpu-on-gpu", "gpu-arch", "torch-cuda-no-driver"}:
         if target is None:
             return Fix(message="no target of envs/targets.toml fits this machine")
@@ -302,21 +383,36 @@ def _fix(m: Matrix, report: MachineReport, findings: list[Finding], target: Targ
             "torch-cpu-on-gpu": "it uses your GPU",
             "torch-cuda-no-driver": "no GPU here: the CPU build is all you need",
         }
-        reason = next((why[c] for c in ("gpu-arch", "torch-cpu-on-gpu", "torch-cuda-no-driver")
-                       if c in codes), "")
-        extra = (f"; with a driver >= {driver_needed} a CUDA target would fit"
-                 if driver_needed else "")
-        return Fix(name, driver_needed, cmd,
-                   f"install target {name}" + (f" ({reason})" if reason else "") + extra)
+        reason = next(
+            (
+                why[c]
+                for c in ("gpu-arch", "torch-cpu-on-gpu", "torch-cuda-no-driver")
+                if c in codes
+            ),
+            "",
+        )
+        extra = (
+            f"; with a driver >= {driver_needed} a CUDA target would fit" if driver_needed else ""
+        )
+        return Fix(
+            name,
+            driver_needed,
+            cmd,
+            f"install target {name}" + (f" ({reason})" if reason else "") + extra,
+        )
     if "driver-minor-compat" in codes and t is not None and t.cuda and drv is not None:
         floor = m.driver_floor(parse_cuda(t.cuda))  # type: ignore[arg-type]
         need = floor.full if floor else None
-        return Fix(None, need, None,
-                   f"optional: a driver >= {need} removes the minor-version-compatibility "
-                   "caveats")
+        return Fix(
+            None,
+            need,
+            None,
+            f"optional: a driver >= {need} removes the minor-version-compatibility caveats",
+        )
     if drv is None and t is not None and not t.cuda:
-        return Fix(message="nothing to do: no GPU here, and torch is the CPU build "
-                           "(the cpu target)")
+        return Fix(
+            message="nothing to do: no GPU here, and torch is the CPU build (the cpu target)"
+        )
     return Fix()
 
 

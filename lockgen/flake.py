@@ -40,8 +40,14 @@ def stale(path: Path, text: str) -> str | None:
     current = path.read_text()
     if current == text:
         return None
-    diff = difflib.unified_diff(current.splitlines(), text.splitlines(), f"{path} (committed)",
-                                f"{path} (from the matrix)", lineterm="", n=1)
+    diff = difflib.unified_diff(
+        current.splitlines(),
+        text.splitlines(),
+        f"{path} (committed)",
+        f"{path} (from the matrix)",
+        lineterm="",
+        n=1,
+    )
     lines = list(diff)
     more = f"\n... ({len(lines) - 40} more diff lines)" if len(lines) > 40 else ""
     return "\n".join(lines[:40]) + more

@@ -52,24 +52,37 @@ def check_driver(matrix: Matrix, lock_cuda: str, prober: Prober) -> DriverVerdic
     need = Version.parse(lock_cuda)
     driver, _gpus, _smi = prober.driver_and_gpus()
     floor = matrix.driver_floor(need)
-    floor_txt = (f"driver >= {floor.full} (or >= {floor.minimum} with minor version "
-                 f"compatibility)" if floor and floor.full else
-                 f"driver >= {floor.minimum}" if floor else "a newer driver")
+    floor_txt = (
+        f"driver >= {floor.full} (or >= {floor.minimum} with minor version compatibility)"
+        if floor and floor.full
+        else f"driver >= {floor.minimum}"
+        if floor
+        else "a newer driver"
+    )
     if driver is None:
-        return DriverVerdict(False, f"no NVIDIA driver found, but this lock was solved for "
-                                    f"__cuda={need} and needs {floor_txt}")
+        return DriverVerdict(
+            False,
+            f"no NVIDIA driver found, but this lock was solved for "
+            f"__cuda={need} and needs {floor_txt}",
+        )
     supports = driver.cuda_umd or matrix.max_cuda_for_driver(driver.version)
     if supports is not None and supports >= need:
-        return DriverVerdict(True, f"driver {driver.version} supports CUDA {supports} >= "
-                                   f"{need}")
+        return DriverVerdict(True, f"driver {driver.version} supports CUDA {supports} >= {need}")
     if floor is not None and driver.version >= floor.minimum:
-        return DriverVerdict(True, f"driver {driver.version} runs CUDA {need} through minor "
-                                   f"version compatibility", [
-            f"driver {driver.version} is older than CUDA {need}'s toolkit driver "
-            f"{floor.full or '?'}: PTX JIT and some features need a newer driver"])
-    return DriverVerdict(False, f"driver {driver.version} supports CUDA "
-                                f"{supports or '?'} only; this lock was solved for "
-                                f"__cuda={need} and needs {floor_txt}")
+        return DriverVerdict(
+            True,
+            f"driver {driver.version} runs CUDA {need} through minor version compatibility",
+            [
+                f"driver {driver.version} is older than CUDA {need}'s toolkit driver "
+                f"{floor.full or '?'}: PTX JIT and some features need a newer driver"
+            ],
+        )
+    return DriverVerdict(
+        False,
+        f"driver {driver.version} supports CUDA "
+        f"{supports or '?'} only; this lock was solved for "
+        f"__cuda={need} and needs {floor_txt}",
+    )
 
 
 _BUILD_NUMBER = re.compile(r"_(\d+)$")
@@ -87,8 +100,12 @@ def to_repodata_records(packages: Sequence[LockedDependency]):
         m = _BUILD_NUMBER.search(build)
         depends = [f"{n} {v}".strip() for n, v in p.dependencies.items()]
         record = PackageRecord(
-            name=p.name, version=p.version, build=BuildString(build),
-            build_number=int(m.group(1)) if m else 0, subdir=subdir, depends=depends,
+            name=p.name,
+            version=p.version,
+            build=BuildString(build),
+            build_number=int(m.group(1)) if m else 0,
+            subdir=subdir,
+            depends=depends,
             md5=bytes.fromhex(p.hash.md5) if p.hash.md5 else None,
             sha256=bytes.fromhex(p.hash.sha256) if p.hash.sha256 else None,
         )
@@ -114,15 +131,23 @@ def host_platform() -> str:
     return conda_platform(sys.platform, _platform.machine())
 
 
-def install_lockfile(lock_path: Path, prefix: Path, matrix: Matrix, *,
-                     platform: str | None = None, prober: Prober | None = None,
-                     driver_check: bool = True, cache_dir: Path | None = None
-                     ) -> InstallResult:
+def install_lockfile(
+    lock_path: Path,
+    prefix: Path,
+    matrix: Matrix,
+    *,
+    platform: str | None = None,
+    prober: Prober | None = None,
+    driver_check: bool = True,
+    cache_dir: Path | None = None,
+) -> InstallResult:
     lock = lf.read_lockfile(Path(lock_path))
     platform = platform or host_platform()
     if platform not in lock.metadata.platforms:
-        raise LockgenError(f"{lock_path} has no packages for this platform ({platform}); it "
-                           f"covers {', '.join(lock.metadata.platforms)}")
+        raise LockgenError(
+            f"{lock_path} has no packages for this platform ({platform}); it "
+            f"covers {', '.join(lock.metadata.platforms)}"
+        )
     meta = lf.custom(lock)
     warnings: list[str] = []
     if driver_check:
@@ -130,33 +155,46 @@ def install_lockfile(lock_path: Path, prefix: Path, matrix: Matrix, *,
 
         verdict = check_driver(matrix, meta.get(lf.META_CUDA, ""), prober or Prober())
         if not verdict.ok:
-            raise InstallRefused(f"{verdict.message}. Install a newer driver, pick a lock "
-                                 f"for an older CUDA, or pass --no-driver-check to install "
-                                 f"anyway (e.g. when building an image).")
+            raise InstallRefused(
+                f"{verdict.message}. Install a newer driver, pick a lock "
+                f"for an older CUDA, or pass --no-driver-check to install "
+                f"anyway (e.g. when building an image)."
+            )
         warnings += verdict.warnings
     else:
         verdict = DriverVerdict(True, "driver check skipped (--no-driver-check)")
     if lf.META_CUDA not in meta:
-        warnings.append("the lock does not record the CUDA it was solved for (not made "
-                        "by lockgen?): the driver was not checked against it")
+        warnings.append(
+            "the lock does not record the CUDA it was solved for (not made "
+            "by lockgen?): the driver was not checked against it"
+        )
     conda_pkgs = [p for p in lock.package if p.platform == platform and p.manager == "conda"]
     pip_pkgs = [p for p in lock.package if p.platform == platform and p.manager == "pip"]
     if pip_pkgs:
-        raise LockgenError(f"{lock_path} has pip packages ({', '.join(p.name for p in pip_pkgs)}"
-                           "); the embedded installer handles conda packages only: use "
-                           "`conda-lock install`")
+        raise LockgenError(
+            f"{lock_path} has pip packages ({', '.join(p.name for p in pip_pkgs)}"
+            "); the embedded installer handles conda packages only: use "
+            "`conda-lock install`"
+        )
     missing = [p.name for p in conda_pkgs if not (p.hash.md5 and p.hash.sha256)]
     if missing:
-        raise LockgenError(f"{lock_path}: no md5+sha256 for {', '.join(missing)}; refusing "
-                           "to install unverifiable packages")
+        raise LockgenError(
+            f"{lock_path}: no md5+sha256 for {', '.join(missing)}; refusing "
+            "to install unverifiable packages"
+        )
     import rattler
 
     records = to_repodata_records(conda_pkgs)
     prefix = Path(prefix).resolve()
 
     async def run():
-        await rattler.install(records, target_prefix=prefix, cache_dir=cache_dir,
-                              show_progress=False, execute_link_scripts=False)
+        await rattler.install(
+            records,
+            target_prefix=prefix,
+            cache_dir=cache_dir,
+            show_progress=False,
+            execute_link_scripts=False,
+        )
 
     try:
         asyncio.run(run())

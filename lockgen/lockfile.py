@@ -57,8 +57,7 @@ def _require_conda_lock():
             import conda_lock.src_parser  # noqa: F401
             import conda_lock.virtual_package  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise LockgenError("this command needs conda-lock (pip install conda-lock==4.0.3)"
-                           ) from exc
+        raise LockgenError("this command needs conda-lock (pip install conda-lock==4.0.3)") from exc
 
 
 def lock_spec(env_file: Path, channel_overrides: Sequence[str] = ()) -> LockSpecification:
@@ -68,12 +67,16 @@ def lock_spec(env_file: Path, channel_overrides: Sequence[str] = ()) -> LockSpec
     from conda_lock.src_parser import make_lock_spec
 
     if not env_file.exists():
-        raise LockgenError(f"{env_file} does not exist: run `lockgen render "
-                           f"{env_file.name.removesuffix('.yml')}` first")
+        raise LockgenError(
+            f"{env_file} does not exist: run `lockgen render "
+            f"{env_file.name.removesuffix('.yml')}` first"
+        )
     try:
-        return make_lock_spec(src_files=[env_file],
-                              channel_overrides=list(channel_overrides) or None,
-                              mapping_url=DEFAULT_MAPPING_URL)
+        return make_lock_spec(
+            src_files=[env_file],
+            channel_overrides=list(channel_overrides) or None,
+            mapping_url=DEFAULT_MAPPING_URL,
+        )
     except Exception as exc:
         raise LockgenError(f"{env_file}: conda-lock cannot read it: {exc}") from exc
 
@@ -101,9 +104,13 @@ def content_hashes(spec: LockSpecification, vp_file: Path) -> dict[str, str]:
     return compute_content_hashes(spec, repo)
 
 
-def build_lockfile(packages: Sequence[LockedDependency], spec: LockSpecification,
-                   hashes: Mapping[str, str], sources: Sequence[str],
-                   custom: Mapping[str, str]) -> Lockfile:
+def build_lockfile(
+    packages: Sequence[LockedDependency],
+    spec: LockSpecification,
+    hashes: Mapping[str, str],
+    sources: Sequence[str],
+    custom: Mapping[str, str],
+) -> Lockfile:
     _require_conda_lock()
     from conda_lock.lockfile.v1.models import LockMeta, TimeMeta
     from conda_lock.lockfile.v2prelim.models import Lockfile

@@ -399,16 +399,26 @@ class Matrix:
     ) -> ArchList | None:
         """The arch list of a build; falls back to another channel's list of the same build
         (then marked unverified) when the asked channel has none."""
-        exact = [a for a in self.arch_lists if a.channel == channel and a.covers(torch, cuda,
-                                                                                   platform)]
+        exact = [
+            a for a in self.arch_lists if a.channel == channel and a.covers(torch, cuda, platform)
+        ]
         if exact:
             return exact[0]
         other = [a for a in self.arch_lists if a.covers(torch, cuda, platform)]
         if other:
             a = other[0]
             note = f"taken from the {a.channel} channel's build; {a.note}".rstrip("; ")
-            return ArchList(channel, a.cuda, a.torch_min, a.torch_max, a.platforms, a.archs,
-                            a.source, False, note)
+            return ArchList(
+                channel,
+                a.cuda,
+                a.torch_min,
+                a.torch_max,
+                a.platforms,
+                a.archs,
+                a.source,
+                False,
+                note,
+            )
         return None
 
     def find_gpu(self, text: str) -> Gpu | None:
@@ -513,7 +523,7 @@ class _Entry:
 
     def as_version(self, v: object, key: str) -> Version:
         if not isinstance(v, str):
-            self.fail(f"{key!r} must be a version string like \"2.1\", got {v!r}")
+            self.fail(f'{key!r} must be a version string like "2.1", got {v!r}')
         try:
             parsed = Version.parse(v)
         except LockgenError:
@@ -550,8 +560,10 @@ class _Entry:
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.seen)
         if unknown:
-            self.fail(f"unknown key {unknown[0]!r}" + (
-                f" (and {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else ""))
+            self.fail(
+                f"unknown key {unknown[0]!r}"
+                + (f" (and {', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else "")
+            )
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -597,8 +609,7 @@ def _load_release(file: Path, raw: object, sources: Mapping[str, str]) -> Releas
     if torchvision is not None:
         expected = _expected_torchvision(torch)
         if expected is not None and torchvision.minor != expected:
-            e.fail(f"torchvision {torchvision} does not match torch {torch} "
-                   f"(expected {expected})")
+            e.fail(f"torchvision {torchvision} does not match torch {torch} (expected {expected})")
     released = e.text("released")
     python = e.versions("python")
     if not python:
@@ -632,18 +643,33 @@ def _load_release(file: Path, raw: object, sources: Mapping[str, str]) -> Releas
         e.fail("no CUDA builds ([[release.build]])")
     default = next((b for b in builds if b.cuda == pd_cuda), None)
     if default is None:
-        e.fail(f"pypi_default CUDA {pd_cuda} is not one of its builds "
-               f"({', '.join(b.cuda.raw for b in builds)})")
+        e.fail(
+            f"pypi_default CUDA {pd_cuda} is not one of its builds "
+            f"({', '.join(b.cuda.raw for b in builds)})"
+        )
     elif default.cudnn is not None and default.cudnn != pd_cudnn:
-        e.fail(f"pypi_default cuDNN {pd_cudnn} differs from build {pd_cuda}'s cuDNN "
-               f"{default.cudnn}")
+        e.fail(
+            f"pypi_default cuDNN {pd_cudnn} differs from build {pd_cuda}'s cuDNN {default.cudnn}"
+        )
     src, verified, note = e.provenance(sources)
     if unverified and verified:
         e.fail("'verified' is true but 'unverified' lists fields")
     e.done()
     assert pd_cuda is not None and pd_cudnn is not None
-    return Release(torch, torchvision, released, python, python_exp, pd_cuda, pd_cudnn,
-                   tuple(builds), src, verified, unverified, note)
+    return Release(
+        torch,
+        torchvision,
+        released,
+        python,
+        python_exp,
+        pd_cuda,
+        pd_cudnn,
+        tuple(builds),
+        src,
+        verified,
+        unverified,
+        note,
+    )
 
 
 def _load_matrix_data(file: Path, data: dict[str, Any]) -> Matrix:
@@ -695,16 +721,20 @@ def _load_matrix_data(file: Path, data: dict[str, Any]) -> Matrix:
         if major is None:
             e.fail(f"no [[cuda_major]] entry for CUDA {version.major}")
         elif linux < major.linux_floor:
-            e.fail(f"toolkit driver {linux} is below the CUDA {version.major} floor "
-                   f"{major.linux_floor}")
+            e.fail(
+                f"toolkit driver {linux} is below the CUDA {version.major} floor "
+                f"{major.linux_floor}"
+            )
         toolkits.append(CudaToolkit(version, linux, windows, src, verified, note))
     toolkits.sort(key=lambda t: t.version)
 
     for r in releases:
         for b in r.builds:
             if not any(t.version == b.cuda for t in toolkits):
-                raise MatrixError(f"{file}: release {r.torch} build {b.cuda}: no [[cuda]] "
-                                  f"entry gives the driver for CUDA {b.cuda}")
+                raise MatrixError(
+                    f"{file}: release {r.torch} build {b.cuda}: no [[cuda]] "
+                    f"entry gives the driver for CUDA {b.cuda}"
+                )
 
     channels: dict[str, Channel] = {}
     for name, raw in top.table("channel").items():
@@ -714,7 +744,11 @@ def _load_matrix_data(file: Path, data: dict[str, Any]) -> Matrix:
             e.fail(f"'kind' must be one of {', '.join(CHANNEL_KINDS)}, got {kind!r}")
         src, verified, note = e.provenance(sources)
         ch = Channel(
-            name, kind, src, verified, note,
+            name,
+            kind,
+            src,
+            verified,
+            note,
             index_url=e.text("index_url", required=kind == "pip"),
             wheel_index=e.text("wheel_index", required=kind == "pip"),
             channels=e.strs("channels", required=kind == "conda"),
@@ -765,8 +799,9 @@ def _load_matrix_data(file: Path, data: dict[str, Any]) -> Matrix:
             e.fail("only the last arch may carry +PTX")
         src, verified, note = e.provenance(sources)
         e.done()
-        arch_lists.append(ArchList(channel, cudas, tmin, tmax, tuple(platforms), archs, src,
-                                   verified, note))
+        arch_lists.append(
+            ArchList(channel, cudas, tmin, tmax, tuple(platforms), archs, src, verified, note)
+        )
 
     vps: dict[str, dict[str, str]] = {}
     for platform, raw in top.table("virtual_packages", required=False).items():
@@ -796,8 +831,17 @@ def _load_matrix_data(file: Path, data: dict[str, Any]) -> Matrix:
         gpus.append(Gpu(name, aliases, cap, src, verified))
 
     _check_top(top)
-    return Matrix(file, sources, tuple(releases), tuple(majors), tuple(toolkits),
-                  tuple(arch_lists), channels, vps, tuple(gpus))
+    return Matrix(
+        file,
+        sources,
+        tuple(releases),
+        tuple(majors),
+        tuple(toolkits),
+        tuple(arch_lists),
+        channels,
+        vps,
+        tuple(gpus),
+    )
 
 
 def _load_targets(file: Path, data: dict[str, Any], m: Matrix) -> dict[str, Target]:
@@ -826,17 +870,23 @@ def _load_targets(file: Path, data: dict[str, Any], m: Matrix) -> dict[str, Targ
         if release.torchvision is None:
             e.fail(f"torch {release.torch} has no verified torchvision in the matrix")
         elif torchvision.minor != release.torchvision:
-            e.fail(f"torchvision {torchvision} does not match torch {torch} "
-                   f"(the matrix pairs it with {release.torchvision})")
+            e.fail(
+                f"torchvision {torchvision} does not match torch {torch} "
+                f"(the matrix pairs it with {release.torchvision})"
+            )
         if not release.supports_python(python):
-            e.fail(f"torch {release.torch} has no wheels for Python {python} "
-                   f"(supported: {', '.join(p.raw for p in release.python)})")
+            e.fail(
+                f"torch {release.torch} has no wheels for Python {python} "
+                f"(supported: {', '.join(p.raw for p in release.python)})"
+            )
         build = None
         if cuda is not None:
             build = release.build(cuda)
             if build is None:
-                e.fail(f"torch {release.torch} has no CUDA {cuda} build "
-                       f"(builds: {', '.join(c.raw for c in release.cuda_versions)})")
+                e.fail(
+                    f"torch {release.torch} has no CUDA {cuda} build "
+                    f"(builds: {', '.join(c.raw for c in release.cuda_versions)})"
+                )
             assert build is not None
             if not build.verified:
                 e.fail(f"the CUDA {cuda} build of torch {release.torch} is not verified")
@@ -845,18 +895,24 @@ def _load_targets(file: Path, data: dict[str, Any], m: Matrix) -> dict[str, Targ
             if build is None:
                 e.fail("a CPU target has no cuDNN")
             elif not build.cudnn_matches(cudnn):
-                e.fail(f"cuDNN {cudnn} does not match the matrix (torch {release.torch} + "
-                       f"CUDA {cuda} ships cuDNN {build.cudnn})")
+                e.fail(
+                    f"cuDNN {cudnn} does not match the matrix (torch {release.torch} + "
+                    f"CUDA {cuda} ships cuDNN {build.cudnn})"
+                )
         ch_name = e.text("conda_channel")
         if ch_name not in m.channels or m.channels[ch_name].kind != "conda":
             conda = ", ".join(n for n, c in m.channels.items() if c.kind == "conda")
-            e.fail(f"conda_channel {ch_name!r} is not a conda channel of the matrix "
-                   f"(known: {conda})")
+            e.fail(
+                f"conda_channel {ch_name!r} is not a conda channel of the matrix (known: {conda})"
+            )
         channel = m.channels[ch_name]
         if channel.torch_max is not None and release.torch > channel.torch_max:
             e.fail(f"channel {ch_name!r} has no torch after {channel.torch_max}")
-        if (cuda is not None and channel.cuda_metapackage_versions
-                and cuda not in channel.cuda_metapackage_versions):
+        if (
+            cuda is not None
+            and channel.cuda_metapackage_versions
+            and cuda not in channel.cuda_metapackage_versions
+        ):
             e.fail(f"channel {ch_name!r} has no {channel.cuda_metapackage} {cuda}")
         platforms = e.strs("platforms")
         if not platforms:
@@ -868,23 +924,43 @@ def _load_targets(file: Path, data: dict[str, Any], m: Matrix) -> dict[str, Targ
         arch_list = floor = None
         if cuda is not None:
             # The target's conda channel's own list, else the pip wheels' list, else any.
-            arch_list = next((a for a in m.arch_lists if a.channel == ch_name
-                              and a.covers(release.torch, cuda, platforms[0])), None)
+            arch_list = next(
+                (
+                    a
+                    for a in m.arch_lists
+                    if a.channel == ch_name and a.covers(release.torch, cuda, platforms[0])
+                ),
+                None,
+            )
             arch_list = arch_list or m.arch_list(release.torch, cuda, platforms[0], "pip")
             if arch_list is None:
-                e.fail(f"no arch list in the matrix for torch {release.torch} + CUDA {cuda} "
-                       f"on {platforms[0]}")
+                e.fail(
+                    f"no arch list in the matrix for torch {release.torch} + CUDA {cuda} "
+                    f"on {platforms[0]}"
+                )
             floor = m.driver_floor(cuda)
             if floor is None:
                 e.fail(f"no driver floor in the matrix for CUDA {cuda}")
-        targets[name] = Target(name, description, torch, torchvision, python, cuda, release,
-                               build, channel, m.channels["pip"], tuple(platforms), arch_list,
-                               floor, m.virtual_packages)
+        targets[name] = Target(
+            name,
+            description,
+            torch,
+            torchvision,
+            python,
+            cuda,
+            release,
+            build,
+            channel,
+            m.channels["pip"],
+            tuple(platforms),
+            arch_list,
+            floor,
+            m.virtual_packages,
+        )
     return targets
 
 
-def load_matrix(path: str | Path | None = None,
-                targets: str | Path | bool | None = None) -> Matrix:
+def load_matrix(path: str | Path | None = None, targets: str | Path | bool | None = None) -> Matrix:
     """Load and validate the matrix and its targets.
 
     ``targets``: a path; ``None`` for ``targets.toml`` beside the matrix when it exists;
@@ -898,6 +974,16 @@ def load_matrix(path: str | Path | None = None,
     if targets is None and not tfile.exists():
         return m
     tdata = _read_toml(tfile)
-    return Matrix(m.path, m.sources, m.releases, m.cuda_majors, m.cuda_toolkits,
-                  m.arch_lists, m.channels, m.virtual_packages, m.gpus,
-                  _load_targets(tfile, tdata, m), tfile)
+    return Matrix(
+        m.path,
+        m.sources,
+        m.releases,
+        m.cuda_majors,
+        m.cuda_toolkits,
+        m.arch_lists,
+        m.channels,
+        m.virtual_packages,
+        m.gpus,
+        _load_targets(tfile, tdata, m),
+        tfile,
+    )

@@ -67,8 +67,7 @@ def run_command(argv: Sequence[str], timeout: float) -> CommandResult:
     if shutil.which(argv[0]) is None:
         return CommandResult(None, not_found=True)
     try:
-        p = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                           check=False)
+        p = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return CommandResult(None, timed_out=True)
     except OSError as exc:
@@ -163,8 +162,9 @@ def parse_gpu_query(text: str) -> list[GpuInfo]:
             cap = Capability.parse(parts[-1])
         except LockgenError:
             cap = None
-        gpus.append(GpuInfo(int(parts[0]), ", ".join(parts[1:-1]), cap,
-                            "nvidia-smi" if cap else ""))
+        gpus.append(
+            GpuInfo(int(parts[0]), ", ".join(parts[1:-1]), cap, "nvidia-smi" if cap else "")
+        )
     return gpus
 
 
@@ -195,7 +195,8 @@ def cudnn_from_int(n: int | None) -> str | None:
 def conda_platform(system: str, machine: str) -> str:
     system, machine = system.lower(), machine.lower()
     arch = {"x86_64": "64", "amd64": "64", "aarch64": "aarch64", "arm64": "arm64"}.get(
-        machine, machine)
+        machine, machine
+    )
     if system.startswith("linux"):
         return f"linux-{arch}"
     if system.startswith("win"):
@@ -357,11 +358,14 @@ class Prober:
         if torch is not None and torch.devices:
             for i, g in enumerate(gpus):
                 if g.capability is None and i < len(torch.devices):
-                    gpus[i] = GpuInfo(g.index, g.name, Capability.parse(torch.devices[i][1]),
-                                      "torch")
+                    gpus[i] = GpuInfo(
+                        g.index, g.name, Capability.parse(torch.devices[i][1]), "torch"
+                    )
             if not gpus:
-                gpus = [GpuInfo(i, n, Capability.parse(c), "torch")
-                        for i, (n, c) in enumerate(torch.devices)]
+                gpus = [
+                    GpuInfo(i, n, Capability.parse(c), "torch")
+                    for i, (n, c) in enumerate(torch.devices)
+                ]
         return MachineReport(
             platform=self.platform,
             python=Version.parse(self.python_version, "Python version"),

@@ -120,8 +120,9 @@ class RattlerSolver:
         try:
             import rattler  # noqa: F401
         except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise LockgenError("the rattler engine needs py-rattler (pip install "
-                               "py-rattler==0.28.0)") from exc
+            raise LockgenError(
+                "the rattler engine needs py-rattler (pip install py-rattler==0.28.0)"
+            ) from exc
         return {p: self._solve_platform(job, p) for p in job.platforms}
 
     def _solve_platform(self, job: SolveJob, platform: str) -> list[LockedDependency]:
@@ -137,36 +138,56 @@ class RattlerSolver:
         virtual = []
         for name, text in vp.items():
             version, _, build = str(text).partition(" ")
-            virtual.append(GenericVirtualPackage(PackageName(name), RVersion(version),
-                                                 BuildString(build or "0")))
+            virtual.append(
+                GenericVirtualPackage(
+                    PackageName(name), RVersion(version), BuildString(build or "0")
+                )
+            )
         specs = [MatchSpec(s, strict=False) for s in job.match_specs(platform)]
         gateway = rattler.Gateway(cache_dir=self.cache_dir) if self.cache_dir else None
 
         async def run():
-            return await rattler.solve(sources=job.channels, specs=specs, gateway=gateway,
-                                       platforms=[platform, "noarch"],
-                                       virtual_packages=virtual)
+            return await rattler.solve(
+                sources=job.channels,
+                specs=specs,
+                gateway=gateway,
+                platforms=[platform, "noarch"],
+                virtual_packages=virtual,
+            )
 
         try:
             records = asyncio.run(run())
         except Exception as exc:
             if not isinstance(exc, RattlerSolverError):  # repodata unreadable, etc.
-                raise SolveError(f"{job.target}: could not read the channels "
-                                 f"{', '.join(job.channels)} for {platform}: "
-                                 f"{str(exc).strip()}") from exc
+                raise SolveError(
+                    f"{job.target}: could not read the channels "
+                    f"{', '.join(job.channels)} for {platform}: "
+                    f"{str(exc).strip()}"
+                ) from exc
             raise SolveError(
                 f"{job.target}: no solution for {platform} from {', '.join(job.channels)} "
-                f"with virtual packages {_describe_vp(vp)}:\n{str(exc).strip()}") from exc
+                f"with virtual packages {_describe_vp(vp)}:\n{str(exc).strip()}"
+            ) from exc
         out = []
         for r in records:
             if r.name.normalized.startswith("__"):
                 continue
-            out.append(LockedDependency(
-                name=r.name.normalized, version=str(r.version), manager="conda",
-                platform=platform, dependencies=_split_depends(r.depends), url=r.url,
-                hash=HashModel(md5=r.md5.hex() if r.md5 else None,
-                               sha256=r.sha256.hex() if r.sha256 else None),
-                build=str(r.build), categories={"main"}))
+            out.append(
+                LockedDependency(
+                    name=r.name.normalized,
+                    version=str(r.version),
+                    manager="conda",
+                    platform=platform,
+                    dependencies=_split_depends(r.depends),
+                    url=r.url,
+                    hash=HashModel(
+                        md5=r.md5.hex() if r.md5 else None,
+                        sha256=r.sha256.hex() if r.sha256 else None,
+                    ),
+                    build=str(r.build),
+                    categories={"main"},
+                )
+            )
         return out
 
 
@@ -191,28 +212,40 @@ class CondaLockSolver:
 
     conda: str | None = None
     run: Runner = _run
-    conda_lock: Sequence[str] = field(default_factory=lambda: [sys.executable, "-m",
-                                                               "conda_lock"])
+    conda_lock: Sequence[str] = field(default_factory=lambda: [sys.executable, "-m", "conda_lock"])
     name: str = "conda-lock"
 
     def solve(self, job: SolveJob) -> dict[str, list[LockedDependency]]:
         conda = self.conda or find_conda_executable()
         if not conda:
-            raise LockgenError("the conda-lock engine needs conda, mamba or micromamba on PATH "
-                               "(or --conda PATH); the default rattler engine needs none")
+            raise LockgenError(
+                "the conda-lock engine needs conda, mamba or micromamba on PATH "
+                "(or --conda PATH); the default rattler engine needs none"
+            )
         with tempfile.TemporaryDirectory(prefix="lockgen-conda-lock-") as tmp:
             out = Path(tmp) / "conda-lock.yml"
-            argv = [*self.conda_lock, "lock", "--conda", conda,
-                    "-f", str(job.env_file),
-                    "--virtual-package-spec", str(job.virtual_packages_file),
-                    "--lockfile", str(out), "--kind", "lock"]
+            argv = [
+                *self.conda_lock,
+                "lock",
+                "--conda",
+                conda,
+                "-f",
+                str(job.env_file),
+                "--virtual-package-spec",
+                str(job.virtual_packages_file),
+                "--lockfile",
+                str(out),
+                "--kind",
+                "lock",
+            ]
             for c in job.channel_overrides:
                 argv += ["--channel", c]
             res = self.run(argv, os.environ)
             if res.returncode != 0 or not out.exists():
                 msg = (res.stderr or res.stdout or "").strip()[-4000:]
-                raise SolveError(f"{job.target}: conda-lock lock failed "
-                                 f"(exit {res.returncode}):\n{msg}")
+                raise SolveError(
+                    f"{job.target}: conda-lock lock failed (exit {res.returncode}):\n{msg}"
+                )
             lock = lf.read_lockfile(out)
         result: dict[str, list[LockedDependency]] = {p: [] for p in job.platforms}
         for pkg in lock.package:
@@ -220,8 +253,7 @@ class CondaLockSolver:
         return result
 
 
-def make_solver(engine: str, cache_dir: Path | None = None,
-                conda: str | None = None) -> Solver:
+def make_solver(engine: str, cache_dir: Path | None = None, conda: str | None = None) -> Solver:
     if engine == "rattler":
         return RattlerSolver(cache_dir=cache_dir)
     if engine == "conda-lock":
@@ -236,24 +268,33 @@ class LockResult:
     report: object  # lockgen.verify.Report
 
 
-def prepare_job(matrix: Matrix, target: Target, envs_dir: Path,
-                channels: Sequence[str] = ()) -> SolveJob:
+def prepare_job(
+    matrix: Matrix, target: Target, envs_dir: Path, channels: Sequence[str] = ()
+) -> SolveJob:
     paths = target_paths(envs_dir, target.name)
     stale = rendered_is_current(matrix, target, envs_dir)
     if stale:
-        raise LockgenError(f"target {target.name}: " + "; ".join(stale)
-                           + f" (run `lockgen render {target.name}`)")
+        raise LockgenError(
+            f"target {target.name}: " + "; ".join(stale) + f" (run `lockgen render {target.name}`)"
+        )
     spec = lf.lock_spec(paths.env, channels)
     vp = lf.read_virtual_packages(paths.virtual_packages)
     missing = [p for p in spec.platforms if p not in vp]
     if missing:
-        raise LockgenError(f"{paths.virtual_packages.name} has no virtual packages for "
-                           f"{', '.join(missing)}")
+        raise LockgenError(
+            f"{paths.virtual_packages.name} has no virtual packages for {', '.join(missing)}"
+        )
     return SolveJob(target.name, spec, paths.env, paths.virtual_packages, vp, tuple(channels))
 
 
-def lock_target(matrix: Matrix, target: Target, envs_dir: Path, solver: Solver | None = None,
-                channels: Sequence[str] = (), allow_unverified: bool = False) -> LockResult:
+def lock_target(
+    matrix: Matrix,
+    target: Target,
+    envs_dir: Path,
+    solver: Solver | None = None,
+    channels: Sequence[str] = (),
+    allow_unverified: bool = False,
+) -> LockResult:
     """Solve, build, verify, then write ``envs/<target>.lock``; see the module docstring."""
     from lockgen.verify import verify_lock
 
@@ -277,10 +318,13 @@ def lock_target(matrix: Matrix, target: Target, envs_dir: Path, solver: Solver |
     with tempfile.TemporaryDirectory(prefix="lockgen-") as tmp:
         probe = Path(tmp) / path.name
         probe.write_text(lf.lockfile_text(lock, path.name))
-        report = verify_lock(lf.read_lockfile(probe), matrix, envs_dir, target=target,
-                             lock_name=path.name)
+        report = verify_lock(
+            lf.read_lockfile(probe), matrix, envs_dir, target=target, lock_name=path.name
+        )
     if not report.ok:
-        raise SolveError(f"target {target.name}: the solve gave a lock that fails "
-                         f"verification, not written:\n{report.format()}")
+        raise SolveError(
+            f"target {target.name}: the solve gave a lock that fails "
+            f"verification, not written:\n{report.format()}"
+        )
     lf.write_lockfile(lock, path)
     return LockResult(path, lock, report)

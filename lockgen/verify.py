@@ -85,8 +85,13 @@ class Report:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {"path": self.path, "target": self.target, "ok": self.ok,
-                "findings": [f.__dict__ for f in self.findings], "checked": self.checked}
+        return {
+            "path": self.path,
+            "target": self.target,
+            "ok": self.ok,
+            "findings": [f.__dict__ for f in self.findings],
+            "checked": self.checked,
+        }
 
 
 # -- build strings ----------------------------------------------------------------------------
@@ -123,12 +128,14 @@ def build_cudnn(build: str) -> Version | None:
 
 def _resolve_target(matrix: Matrix, name: str | None, report: Report) -> Target | None:
     if not name:
-        report.error("target", "the lockfile names no target (metadata.custom_metadata "
-                               f"'{lf.META_TARGET}') and its file name is not one")
+        report.error(
+            "target",
+            "the lockfile names no target (metadata.custom_metadata "
+            f"'{lf.META_TARGET}') and its file name is not one",
+        )
         return None
     if name not in matrix.targets:
-        report.error("target", f"unknown target {name!r} (known: "
-                               f"{', '.join(matrix.targets)})")
+        report.error("target", f"unknown target {name!r} (known: {', '.join(matrix.targets)})")
         return None
     return matrix.targets[name]
 
@@ -143,52 +150,70 @@ def _check_torch(report: Report, target: Target, platform: str, pkgs: dict) -> N
     desc = f"{platform}: pytorch {torch.version} build {build}"
     if target.is_cpu:
         if got != "cpu":
-            report.error("torch", f"{desc} is not a CPU build, but target {target.name} is "
-                                  "CPU-only")
+            report.error(
+                "torch", f"{desc} is not a CPU build, but target {target.name} is CPU-only"
+            )
     elif got == "cpu":
-        report.error("torch", f"{desc} is the CPU build; target {target.name} needs the "
-                              f"CUDA {target.cuda} build (pin `pytorch * cuda*` and give the "
-                              f"solve __cuda={target.cuda})")
+        report.error(
+            "torch",
+            f"{desc} is the CPU build; target {target.name} needs the "
+            f"CUDA {target.cuda} build (pin `pytorch * cuda*` and give the "
+            f"solve __cuda={target.cuda})",
+        )
     elif got is None:
         report.error("torch", f"{desc}: the build string names no CUDA version")
     elif got != target.cuda:
-        report.error("torch", f"{desc} is a CUDA {got} build, target {target.name} is CUDA "
-                              f"{target.cuda}")
+        report.error(
+            "torch", f"{desc} is a CUDA {got} build, target {target.name} is CUDA {target.cuda}"
+        )
     if not Version.parse(torch.version).matches_prefix(target.torch):
-        report.error("torch", f"{platform}: pytorch {torch.version} is not torch "
-                              f"{target.torch}")
+        report.error("torch", f"{platform}: pytorch {torch.version} is not torch {target.torch}")
     vision = pkgs.get("torchvision")
     if vision is None:
         report.error("torch", f"{platform}: no torchvision package in the lock")
     else:
         vgot = build_cuda(vision.build or "")
         if target.is_cpu and vgot not in ("cpu", None):
-            report.error("torch", f"{platform}: torchvision build {vision.build} is a CUDA "
-                                  "build in a CPU target")
+            report.error(
+                "torch",
+                f"{platform}: torchvision build {vision.build} is a CUDA build in a CPU target",
+            )
         elif not target.is_cpu and vgot == "cpu":
-            report.error("torch", f"{platform}: torchvision build {vision.build} is the CPU "
-                                  "build")
+            report.error("torch", f"{platform}: torchvision build {vision.build} is the CPU build")
         elif isinstance(vgot, Version) and vgot != target.cuda:
-            report.error("torch", f"{platform}: torchvision build {vision.build} is for CUDA "
-                                  f"{vgot}, not {target.cuda}")
+            report.error(
+                "torch",
+                f"{platform}: torchvision build {vision.build} is for CUDA "
+                f"{vgot}, not {target.cuda}",
+            )
         if not Version.parse(vision.version).matches_prefix(target.torchvision):
-            report.error("torch", f"{platform}: torchvision {vision.version} is not "
-                                  f"{target.torchvision}")
+            report.error(
+                "torch", f"{platform}: torchvision {vision.version} is not {target.torchvision}"
+            )
     # cuDNN
     if target.cudnn is not None:
         cudnn = build_cudnn(build)
         if cudnn is not None:
             if not target.cudnn.matches_prefix(cudnn):
-                report.error("cudnn", f"{platform}: pytorch build {build} has cuDNN {cudnn}, "
-                                      f"the matrix says {target.cudnn}")
+                report.error(
+                    "cudnn",
+                    f"{platform}: pytorch build {build} has cuDNN {cudnn}, "
+                    f"the matrix says {target.cudnn}",
+                )
         elif "cudnn" in pkgs:
             v = Version.parse(pkgs["cudnn"].version.split("+")[0])
             if v.major != target.cudnn.major:
-                report.error("cudnn", f"{platform}: cudnn {v} is not cuDNN "
-                                      f"{target.cudnn.major} (matrix: {target.cudnn})")
+                report.error(
+                    "cudnn",
+                    f"{platform}: cudnn {v} is not cuDNN "
+                    f"{target.cudnn.major} (matrix: {target.cudnn})",
+                )
             elif not v.matches_prefix(target.cudnn.minor):
-                report.warn("cudnn", f"{platform}: cudnn {v} differs from the pip build's "
-                                     f"{target.cudnn} (the channel ships its own cuDNN)")
+                report.warn(
+                    "cudnn",
+                    f"{platform}: cudnn {v} differs from the pip build's "
+                    f"{target.cudnn} (the channel ships its own cuDNN)",
+                )
 
 
 def _check_cuda_selector(report: Report, target: Target, platform: str, pkgs: dict) -> None:
@@ -237,8 +262,9 @@ def check_channel_hashes(lock: Lockfile, report: Report) -> None:
         gateway = rattler.Gateway()
         out = {}
         for (base, subdir), pkgs in groups.items():
-            res = await gateway.query([rattler.Channel(base)], [subdir],
-                                      sorted({p.name for p in pkgs}), recursive=False)
+            res = await gateway.query(
+                [rattler.Channel(base)], [subdir], sorted({p.name for p in pkgs}), recursive=False
+            )
             out[(base, subdir)] = {r.url: r for recs in res for r in recs}
         return out
 
@@ -258,12 +284,16 @@ def check_channel_hashes(lock: Lockfile, report: Report) -> None:
             md5 = rec.md5.hex() if rec.md5 else None
             sha = rec.sha256.hex() if rec.sha256 else None
             if md5 and p.hash.md5 != md5 or sha and p.hash.sha256 != sha:
-                report.error("hash", f"{where}: hash differs from the channel's "
-                                     f"(lock md5 {p.hash.md5}, channel {md5})")
+                report.error(
+                    "hash",
+                    f"{where}: hash differs from the channel's "
+                    f"(lock md5 {p.hash.md5}, channel {md5})",
+                )
 
 
-def _check_content_hash(report: Report, lock: Lockfile, target: Target,
-                        envs_dir: Path, matrix: Matrix) -> None:
+def _check_content_hash(
+    report: Report, lock: Lockfile, target: Target, envs_dir: Path, matrix: Matrix
+) -> None:
     paths = target_paths(envs_dir, target.name)
     for problem in rendered_is_current(matrix, target, envs_dir):
         report.error("stale", f"{problem}; re-render and re-lock")
@@ -280,20 +310,27 @@ def _check_content_hash(report: Report, lock: Lockfile, target: Target,
         if have is None:
             continue  # reported by the platform check
         if now.get(platform) != have:
-            report.error("stale", f"{platform}: content hash {have[:12]}… does not match "
-                                  f"{paths.env.name} + {paths.virtual_packages.name} now "
-                                  f"({now.get(platform, '?')[:12]}…): the inputs changed "
-                                  f"since this lock was made; run `lockgen lock "
-                                  f"{target.name}`")
+            report.error(
+                "stale",
+                f"{platform}: content hash {have[:12]}… does not match "
+                f"{paths.env.name} + {paths.virtual_packages.name} now "
+                f"({now.get(platform, '?')[:12]}…): the inputs changed "
+                f"since this lock was made; run `lockgen lock "
+                f"{target.name}`",
+            )
 
 
-def verify_lock(lock: Lockfile, matrix: Matrix, envs_dir: Path | None = None,
-                target: Target | None = None, lock_name: str = "",
-                check_channels: bool = False) -> Report:
+def verify_lock(
+    lock: Lockfile,
+    matrix: Matrix,
+    envs_dir: Path | None = None,
+    target: Target | None = None,
+    lock_name: str = "",
+    check_channels: bool = False,
+) -> Report:
     envs_dir = Path(envs_dir) if envs_dir else default_envs_dir()
     meta = lf.custom(lock)
-    name = meta.get(lf.META_TARGET) or (lock_name.removesuffix(".lock") if lock_name
-                                        else None)
+    name = meta.get(lf.META_TARGET) or (lock_name.removesuffix(".lock") if lock_name else None)
     report = Report(lock_name or "<lock>", name)
     if target is None:
         target = _resolve_target(matrix, name, report)
@@ -303,14 +340,21 @@ def verify_lock(lock: Lockfile, matrix: Matrix, envs_dir: Path | None = None,
     if lf.META_CUDA in meta:
         want = target.cuda.raw if target.cuda else ""
         if meta[lf.META_CUDA] != want:
-            report.error("target", f"the lock was solved for __cuda={meta[lf.META_CUDA] or 'none'}"
-                                   f", target {target.name} is {want or 'CPU'}")
+            report.error(
+                "target",
+                f"the lock was solved for __cuda={meta[lf.META_CUDA] or 'none'}"
+                f", target {target.name} is {want or 'CPU'}",
+            )
     else:
-        report.warn("target", "the lock does not record the __cuda it was solved for "
-                              "(not made by lockgen?)")
+        report.warn(
+            "target", "the lock does not record the __cuda it was solved for (not made by lockgen?)"
+        )
     if meta.get(lf.META_CHANNEL_SUPPORT, "supplied") != "supplied":
-        report.warn("channel", f"rendered with --allow-unverified: the matrix does not "
-                               f"confirm that {target.conda_channel.name} supplies this build")
+        report.warn(
+            "channel",
+            f"rendered with --allow-unverified: the matrix does not "
+            f"confirm that {target.conda_channel.name} supplies this build",
+        )
 
     by_platform: dict[str, dict] = defaultdict(dict)
     for p in lock.package:
@@ -318,8 +362,11 @@ def verify_lock(lock: Lockfile, matrix: Matrix, envs_dir: Path | None = None,
             by_platform[p.platform][p.name] = p
     for platform in target.platforms:
         if platform not in lock.metadata.platforms or not by_platform.get(platform):
-            report.error("platform", f"{platform} is missing from the lock (target "
-                                     f"{target.name} needs {', '.join(target.platforms)})")
+            report.error(
+                "platform",
+                f"{platform} is missing from the lock (target "
+                f"{target.name} needs {', '.join(target.platforms)})",
+            )
             continue
         pkgs = by_platform[platform]
         _check_torch(report, target, platform, pkgs)
@@ -328,8 +375,15 @@ def verify_lock(lock: Lockfile, matrix: Matrix, envs_dir: Path | None = None,
     if check_channels:
         check_channel_hashes(lock, report)
     _check_content_hash(report, lock, target, envs_dir, matrix)
-    report.checked = ["target", "platforms", "hashes", "torch build", "CUDA",
-                      "cuDNN", "content hash"] + (["channel hashes"] if check_channels else [])
+    report.checked = [
+        "target",
+        "platforms",
+        "hashes",
+        "torch build",
+        "CUDA",
+        "cuDNN",
+        "content hash",
+    ] + (["channel hashes"] if check_channels else [])
     return report
 
 
@@ -351,8 +405,7 @@ def verify_requirements(path: Path, matrix: Matrix) -> Report:
     for e in req.entries:
         if not e.pinned:
             report.error("hash", f"{e.name}: not pinned with == ({e.raw})")
-        if not e.hashes or not all(_SHA256.match(h.removeprefix("sha256:"))
-                                   for h in e.hashes):
+        if not e.hashes or not all(_SHA256.match(h.removeprefix("sha256:")) for h in e.hashes):
             report.error("hash", f"{e.name}: missing or malformed --hash")
     pkgs = {e.name.lower().replace("_", "-"): e for e in req.entries}
     torch, vision = pkgs.get("torch"), pkgs.get("torchvision")
@@ -366,18 +419,24 @@ def verify_requirements(path: Path, matrix: Matrix) -> Report:
     index = req.meta.get("index-url", "")
     expected_index, _why = wheel_source(target)
     if index != expected_index:
-        report.error("torch", f"resolved from {index or '?'}, but target {target.name}'s "
-                              f"build comes from {expected_index}")
+        report.error(
+            "torch",
+            f"resolved from {index or '?'}, but target {target.name}'s "
+            f"build comes from {expected_index}",
+        )
     local = Version.parse(torch.version).local
     if local is not None and local != target.tag:
-        report.error("torch", f"torch {torch.version} is the {local} build, target "
-                              f"{target.name} is {target.tag}")
+        report.error(
+            "torch",
+            f"torch {torch.version} is the {local} build, target {target.name} is {target.tag}",
+        )
     report.checked = ["pins", "hashes", "torch build", "index"]
     return report
 
 
-def verify_file(path: str | Path, matrix: Matrix, envs_dir: Path | None = None,
-                check_channels: bool = False) -> Report:
+def verify_file(
+    path: str | Path, matrix: Matrix, envs_dir: Path | None = None, check_channels: bool = False
+) -> Report:
     path = Path(path)
     if path.name.endswith(".txt"):
         if not path.exists():
@@ -385,7 +444,6 @@ def verify_file(path: str | Path, matrix: Matrix, envs_dir: Path | None = None,
         return verify_requirements(path, matrix)
     lock = lf.read_lockfile(path)
     envs_dir = Path(envs_dir) if envs_dir else path.resolve().parent
-    report = verify_lock(lock, matrix, envs_dir, lock_name=path.name,
-                         check_channels=check_channels)
+    report = verify_lock(lock, matrix, envs_dir, lock_name=path.name, check_channels=check_channels)
     report.path = str(path)
     return report

@@ -66,8 +66,12 @@ class TargetPaths:
 
 def target_paths(envs_dir: Path, name: str) -> TargetPaths:
     envs_dir = Path(envs_dir)
-    return TargetPaths(envs_dir / f"{name}.yml", envs_dir / f"{name}.virtual-packages.yml",
-                       envs_dir / f"{name}.lock", envs_dir / f"{name}.requirements.txt")
+    return TargetPaths(
+        envs_dir / f"{name}.yml",
+        envs_dir / f"{name}.virtual-packages.yml",
+        envs_dir / f"{name}.lock",
+        envs_dir / f"{name}.requirements.txt",
+    )
 
 
 def channel_support(matrix: Matrix, target: Target) -> Support:
@@ -82,27 +86,46 @@ def channel_support(matrix: Matrix, target: Target) -> Support:
     for platform in target.platforms:
         if any(a.covers(target.torch, target.cuda, platform) for a in facts):
             continue
-        same_release = sorted({c.raw for a in facts for c in a.cuda
-                               if a.torch_min <= target.torch.minor <= a.torch_max
-                               and platform in a.platforms})
+        same_release = sorted(
+            {
+                c.raw
+                for a in facts
+                for c in a.cuda
+                if a.torch_min <= target.torch.minor <= a.torch_max and platform in a.platforms
+            }
+        )
         if same_release:
             unavailable.append(
                 f"{ch.name} builds torch {target.torch.minor} for CUDA "
-                f"{', '.join(same_release)} on {platform}, not CUDA {target.cuda}")
+                f"{', '.join(same_release)} on {platform}, not CUDA {target.cuda}"
+            )
         else:
-            known = sorted({f"{a.torch_min}" if a.torch_min == a.torch_max
-                            else f"{a.torch_min}-{a.torch_max}" for a in facts})
-            cover = (f"its {ch.name} facts cover torch {', '.join(known)} only" if known
-                     else f"it has no [[archs]] facts for {ch.name}")
-            missing.append(f"the matrix records no {ch.name} build of torch "
-                           f"{target.torch.minor} for CUDA {target.cuda} on {platform} "
-                           f"({cover})")
+            known = sorted(
+                {
+                    f"{a.torch_min}"
+                    if a.torch_min == a.torch_max
+                    else f"{a.torch_min}-{a.torch_max}"
+                    for a in facts
+                }
+            )
+            cover = (
+                f"its {ch.name} facts cover torch {', '.join(known)} only"
+                if known
+                else f"it has no [[archs]] facts for {ch.name}"
+            )
+            missing.append(
+                f"the matrix records no {ch.name} build of torch "
+                f"{target.torch.minor} for CUDA {target.cuda} on {platform} "
+                f"({cover})"
+            )
     if unavailable:
         return Support(UNAVAILABLE, "; ".join(unavailable + missing))
     if missing:
         return Support(UNKNOWN, "; ".join(missing))
-    return Support(SUPPLIED, f"the matrix records {ch.name} builds of torch "
-                             f"{target.torch.minor} for CUDA {target.cuda}")
+    return Support(
+        SUPPLIED,
+        f"the matrix records {ch.name} builds of torch {target.torch.minor} for CUDA {target.cuda}",
+    )
 
 
 _BARE_VERSION = re.compile(r"^\d+(\.\d+)*$")
@@ -175,34 +198,43 @@ def check_supported(matrix: Matrix, target: Target, allow_unverified: bool = Fal
         raise RenderRefused(
             f"target {target.name}: channel {target.conda_channel.name} cannot supply the "
             f"CUDA {target.cuda} build of torch {target.torch}: {support.reason}. Choose a "
-            f"CUDA version or channel the matrix lists for this release (envs/targets.toml).")
+            f"CUDA version or channel the matrix lists for this release (envs/targets.toml)."
+        )
     if support.status == UNKNOWN and not allow_unverified:
         raise RenderRefused(
             f"target {target.name}: not known whether channel {target.conda_channel.name} "
             f"supplies the CUDA {target.cuda} build of torch {target.torch}: "
             f"{support.reason}. Add the channel's facts to envs/matrix.toml, or pass "
             f"--allow-unverified to render it anyway (the lock then fails loudly if the "
-            f"build does not exist).")
+            f"build does not exist)."
+        )
     return support
 
 
-def render_target(matrix: Matrix, target: Target, envs_dir: Path,
-                  allow_unverified: bool = False) -> list[Path]:
+def render_target(
+    matrix: Matrix, target: Target, envs_dir: Path, allow_unverified: bool = False
+) -> list[Path]:
     check_supported(matrix, target, allow_unverified)
     paths = target_paths(envs_dir, target.name)
-    return [atomic_write_text(paths.env, env_yml_text(matrix, target)),
-            atomic_write_text(paths.virtual_packages, virtual_packages_text(target))]
+    return [
+        atomic_write_text(paths.env, env_yml_text(matrix, target)),
+        atomic_write_text(paths.virtual_packages, virtual_packages_text(target)),
+    ]
 
 
 def rendered_is_current(matrix: Matrix, target: Target, envs_dir: Path) -> list[str]:
     """Problems if the committed spec files differ from what ``render`` would write now."""
     paths = target_paths(envs_dir, target.name)
     problems = []
-    for path, text in ((paths.env, env_yml_text(matrix, target)),
-                       (paths.virtual_packages, virtual_packages_text(target))):
+    for path, text in (
+        (paths.env, env_yml_text(matrix, target)),
+        (paths.virtual_packages, virtual_packages_text(target)),
+    ):
         if not path.exists():
             problems.append(f"{path.name} is missing: run `lockgen render {target.name}`")
         elif path.read_text() != text:
-            problems.append(f"{path.name} differs from what `lockgen render {target.name}` "
-                            f"writes from the matrix now")
+            problems.append(
+                f"{path.name} differs from what `lockgen render {target.name}` "
+                f"writes from the matrix now"
+            )
     return problems

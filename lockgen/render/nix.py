@@ -111,8 +111,10 @@ def load_nix_config(path: str | Path | None = None, matrix: Matrix | None = None
     systems: dict[str, str] = {}
     for platform, system in systems_raw.items():
         if system not in NIX_SYSTEMS:
-            raise MatrixError(f"{file}: flake.systems: {platform!r} maps to {system!r}; Nix "
-                              f"systems with CUDA are {', '.join(NIX_SYSTEMS)}")
+            raise MatrixError(
+                f"{file}: flake.systems: {platform!r} maps to {system!r}; Nix "
+                f"systems with CUDA are {', '.join(NIX_SYSTEMS)}"
+            )
         systems[platform] = system
     if not systems:
         fl.fail("'systems' is empty")
@@ -128,8 +130,10 @@ def load_nix_config(path: str | Path | None = None, matrix: Matrix | None = None
             e.fail(f"input name {name!r} is not a valid Nix flake input name")
         url = e.text("url")
         if not _URL_RE.match(url):
-            e.fail(f"url {url!r} must be a literal flake reference such as "
-                   f"'github:NixOS/nixpkgs/nixos-25.11'")
+            e.fail(
+                f"url {url!r} must be a literal flake reference such as "
+                f"'github:NixOS/nixpkgs/nixos-25.11'"
+            )
         cuda, python = e.versions("cuda", required=False), e.versions("python")
         removed = e.versions("removed_cuda", required=False)
         for v in (*cuda, *removed):
@@ -148,8 +152,10 @@ def load_nix_config(path: str | Path | None = None, matrix: Matrix | None = None
     if not inputs:
         top.fail("no [[nixpkgs]] inputs")
     if inputs[0].input != "nixpkgs":
-        raise MatrixError(f"{file}: the first [[nixpkgs]] input must be named 'nixpkgs' (nix "
-                          f"develop takes bash and the registry fallback from it)")
+        raise MatrixError(
+            f"{file}: the first [[nixpkgs]] input must be named 'nixpkgs' (nix "
+            f"develop takes bash and the registry fallback from it)"
+        )
 
     c = _Entry(file, "cuda", top.table("cuda"))
     cuda_packages = c.strs("packages")
@@ -180,8 +186,9 @@ def load_nix_config(path: str | Path | None = None, matrix: Matrix | None = None
     for key in ("schema", "sources", "flake", "nixpkgs", "cuda", "cache"):
         top.seen.add(key)
     top.done()
-    return NixConfig(file, description, default, systems, tuple(inputs), cuda_packages,
-                     licenses, tuple(caches))
+    return NixConfig(
+        file, description, default, systems, tuple(inputs), cuda_packages, licenses, tuple(caches)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,29 +224,37 @@ def plan_shells(matrix: Matrix, config: NixConfig) -> tuple[Shell, ...]:
         raise LockgenError("no targets loaded: a flake needs envs/targets.toml")
     shells = []
     for t in matrix.targets.values():
-        systems = tuple(dict.fromkeys(config.systems[p] for p in t.platforms
-                                      if p in config.systems))
+        systems = tuple(
+            dict.fromkeys(config.systems[p] for p in t.platforms if p in config.systems)
+        )
         if not systems:
             raise LockgenError(
                 f"target {t.name}: none of its platforms ({', '.join(t.platforms)}) is a Nix "
-                f"system in {config.path} [flake.systems] ({', '.join(config.systems)})")
+                f"system in {config.path} [flake.systems] ({', '.join(config.systems)})"
+            )
         found = next((i for i in config.inputs if i.has(t.cuda, t.python)), None)
         if found is None:
             want = f"cudaPackages_{'_'.join(map(str, t.cuda.minor.padded(2)))}" if t.cuda else ""
             have = "; ".join(
                 f"{i.input} ({i.url}): CUDA {', '.join(v.raw for v in i.cuda) or 'none'}, "
-                f"Python {', '.join(v.raw for v in i.python)}" for i in config.inputs)
+                f"Python {', '.join(v.raw for v in i.python)}"
+                for i in config.inputs
+            )
             removed = [i.input for i in config.inputs if t.cuda and t.cuda.minor in i.removed_cuda]
             why = f" ({', '.join(removed)} removed it)" if removed else ""
-            what = f"CUDA {t.cuda} ({want}) with Python {t.python}" if t.cuda else \
-                f"Python {t.python}"
+            what = (
+                f"CUDA {t.cuda} ({want}) with Python {t.python}" if t.cuda else f"Python {t.python}"
+            )
             raise LockgenError(
                 f"target {t.name}: no pinned nixpkgs input has {what}{why}. Inputs: {have}. "
-                f"Add a [[nixpkgs]] input that has it to {config.path}, or change the target")
+                f"Add a [[nixpkgs]] input that has it to {config.path}, or change the target"
+            )
         shells.append(Shell(t, found, systems))
     if config.default not in matrix.targets:
-        raise LockgenError(f"{config.path}: flake.default {config.default!r} is not a target "
-                           f"(targets: {', '.join(matrix.targets)})")
+        raise LockgenError(
+            f"{config.path}: flake.default {config.default!r} is not a target "
+            f"(targets: {', '.join(matrix.targets)})"
+        )
     return tuple(shells)
 
 
@@ -419,8 +434,11 @@ def render_flake(matrix: Matrix, config: NixConfig) -> str:
         on = [sh.name for sh in shells if system in sh.systems]
         defaults[system] = config.default if config.default in on else on[0]
     env_dir = Path(matrix.path).parent.name
-    files = [f"{env_dir}/{Path(p).name}" for p in (matrix.path, matrix.targets_path, config.path)
-             if p is not None]
+    files = [
+        f"{env_dir}/{Path(p).name}"
+        for p in (matrix.path, matrix.targets_path, config.path)
+        if p is not None
+    ]
 
     out: list[str] = []
     w = out.append
@@ -429,8 +447,11 @@ def render_flake(matrix: Matrix, config: NixConfig) -> str:
     w("# this file is stale). flake.lock is written only by a networked Nix\n")
     w("# (.github/workflows/flake.yml), never by hand.\n")
     w("#\n")
-    w("#   nix develop .#<target>   a shell for one target: "
-      + ", ".join(sh.name for sh in shells) + "\n")
+    w(
+        "#   nix develop .#<target>   a shell for one target: "
+        + ", ".join(sh.name for sh in shells)
+        + "\n"
+    )
     w(f"#   nix develop              the default shell ({config.default})\n")
     w("#   GPUFIT_INSTALL=1 nix develop .#<target>\n")
     w("#                            also install torch from envs/<target>.requirements.txt\n")
@@ -464,8 +485,7 @@ def render_flake(matrix: Matrix, config: NixConfig) -> str:
     w(f"      cudaPieces = {_list(config.cuda_packages, '      ')};\n\n")
     w("      # Unfree packages are accepted only under NVIDIA's CUDA licences.\n")
     w(f"      cudaLicenses = {_list(config.unfree_licenses, '      ')};\n")
-    w("      licenseOk = l: (l.free or false) || builtins.elem (l.shortName or \"\") "
-      "cudaLicenses;\n")
+    w('      licenseOk = l: (l.free or false) || builtins.elem (l.shortName or "") cudaLicenses;\n')
     w("      allowUnfreePredicate =\n")
     w("        p:\n")
     w("        let\n")
@@ -486,20 +506,20 @@ def render_flake(matrix: Matrix, config: NixConfig) -> str:
     w("          cuda = if t.cudaPackages == null then null else pkgs.${t.cudaPackages};\n")
     w("          stdenv = if cuda == null then pkgs.stdenv else cuda.backendStdenv;\n")
     w("          cudaHome = pkgs.symlinkJoin {\n")
-    w("            name = \"cuda-home-${t.env.GPUFIT_CUDA_VERSION}\";\n")
+    w('            name = "cuda-home-${t.env.GPUFIT_CUDA_VERSION}";\n')
     w("            paths = builtins.concatMap (n: cuda.${n}.all or [ cuda.${n} ]) cudaPieces;\n")
     w("          };\n")
     w("        in\n")
     w("        (pkgs.mkShell.override { inherit stdenv; }) (\n")
     w("          {\n")
-    w("            name = \"gpufit-${name}\";\n")
+    w('            name = "gpufit-${name}";\n')
     w("            packages = [\n")
     w("              pkgs.${t.python}\n")
     w("              pkgs.ninja\n")
     w("            ]\n")
     w("            ++ (if cuda == null then [ ] else [ cudaHome ]);\n")
-    w("            GPUFIT_CC_DIR = \"${stdenv.cc}/bin\";\n")
-    w("            GPUFIT_RUNTIME_LIBS = \"${pkgs.stdenv.cc.cc.lib}/lib:${pkgs.zlib}/lib\";\n")
+    w('            GPUFIT_CC_DIR = "${stdenv.cc}/bin";\n')
+    w('            GPUFIT_RUNTIME_LIBS = "${pkgs.stdenv.cc.cc.lib}/lib:${pkgs.zlib}/lib";\n')
     w("            inherit shellHook;\n")
     w("          }\n")
     w("          // t.env\n")
@@ -508,8 +528,8 @@ def render_flake(matrix: Matrix, config: NixConfig) -> str:
     w("              { }\n")
     w("            else\n")
     w("              {\n")
-    w("                CUDA_HOME = \"${cudaHome}\";\n")
-    w("                CUDA_PATH = \"${cudaHome}\";\n")
+    w('                CUDA_HOME = "${cudaHome}";\n')
+    w('                CUDA_PATH = "${cudaHome}";\n')
     w("              }\n")
     w("          )\n")
     w("        );\n\n")
@@ -517,8 +537,10 @@ def render_flake(matrix: Matrix, config: NixConfig) -> str:
     w("        system:\n")
     w("        builtins.mapAttrs (name: t: mkShell system name t) (\n")
     w("          builtins.removeAttrs targets (\n")
-    w("            builtins.filter (n: !(builtins.elem system targets.${n}.systems)) "
-      "(builtins.attrNames targets)\n")
+    w(
+        "            builtins.filter (n: !(builtins.elem system targets.${n}.systems)) "
+        "(builtins.attrNames targets)\n"
+    )
     w("          )\n")
     w("        );\n")
     w("    in\n")

@@ -42,10 +42,14 @@ def _run(argv: Sequence[str]) -> subprocess.CompletedProcess:
 def wheel_source(target: Target) -> tuple[str, str]:
     """(index URL, why) for the target's torch wheels."""
     pypi = target.pip_channel.index_url
-    if (not target.is_cpu and target.cuda == target.release.pypi_default_cuda
-            and set(target.platforms) <= {"linux-64"}):
-        return pypi, (f"PyPI's torch {target.release.torch} for linux x86_64 is the CUDA "
-                      f"{target.cuda} build")
+    if (
+        not target.is_cpu
+        and target.cuda == target.release.pypi_default_cuda
+        and set(target.platforms) <= {"linux-64"}
+    ):
+        return pypi, (
+            f"PyPI's torch {target.release.torch} for linux x86_64 is the CUDA {target.cuda} build"
+        )
     return target.pip_index_url, f"the PyTorch wheel index folder for {target.tag}"
 
 
@@ -57,8 +61,11 @@ def platform_tags(platform: str, glibc: str = "2.28") -> list[str]:
         arch = "x86_64" if platform == "linux-64" else "aarch64"
         low = 5 if arch == "x86_64" else 17
         tags = [f"manylinux_2_{m}_{arch}" for m in range(gmin, low - 1, -1)]
-        legacy = ["manylinux2014"] if arch == "aarch64" else [
-            "manylinux2014", "manylinux2010", "manylinux1"]
+        legacy = (
+            ["manylinux2014"]
+            if arch == "aarch64"
+            else ["manylinux2014", "manylinux2010", "manylinux1"]
+        )
         return tags + [f"{t}_{arch}" for t in legacy] + [f"linux_{arch}"]
     if platform == "win-64":
         return ["win_amd64"]
@@ -80,32 +87,56 @@ class PipResolver:
     run: Runner = _run
     python: str = sys.executable
 
-    def resolve(self, requirements: Sequence[str], index_url: str, python: Version,
-                tags: Sequence[str]) -> list[Wheel]:
+    def resolve(
+        self, requirements: Sequence[str], index_url: str, python: Version, tags: Sequence[str]
+    ) -> list[Wheel]:
         with tempfile.TemporaryDirectory(prefix="lockgen-pip-") as tmp:
             report = Path(tmp) / "report.json"
             py = python.padded(2)
-            argv = [self.python, "-m", "pip", "--isolated", "install", "--dry-run",
-                    "--ignore-installed", "--quiet", "--report", str(report),
-                    "--index-url", index_url, "--only-binary=:all:",
-                    "--python-version", f"{py[0]}.{py[1]}", "--implementation", "cp",
-                    "--abi", f"cp{py[0]}{py[1]}", "--abi", "abi3", "--abi", "none"]
+            argv = [
+                self.python,
+                "-m",
+                "pip",
+                "--isolated",
+                "install",
+                "--dry-run",
+                "--ignore-installed",
+                "--quiet",
+                "--report",
+                str(report),
+                "--index-url",
+                index_url,
+                "--only-binary=:all:",
+                "--python-version",
+                f"{py[0]}.{py[1]}",
+                "--implementation",
+                "cp",
+                "--abi",
+                f"cp{py[0]}{py[1]}",
+                "--abi",
+                "abi3",
+                "--abi",
+                "none",
+            ]
             for t in tags:
                 argv += ["--platform", t]
             argv += list(requirements)
             res = self.run(argv)
             if res.returncode != 0 or not report.exists():
                 msg = (res.stderr or res.stdout or "").strip()[-3000:]
-                raise LockgenError(f"pip could not resolve {' '.join(requirements)} from "
-                                   f"{index_url}:\n{msg}")
+                raise LockgenError(
+                    f"pip could not resolve {' '.join(requirements)} from {index_url}:\n{msg}"
+                )
             data = json.loads(report.read_text())
         wheels = []
         for item in data.get("install", []):
             meta, info = item.get("metadata", {}), item.get("download_info", {})
             sha = ((info.get("archive_info") or {}).get("hashes") or {}).get("sha256")
             if not sha:
-                raise LockgenError(f"{meta.get('name')} {meta.get('version')}: the index "
-                                   f"published no sha256 for {info.get('url')}")
+                raise LockgenError(
+                    f"{meta.get('name')} {meta.get('version')}: the index "
+                    f"published no sha256 for {info.get('url')}"
+                )
             wheels.append(Wheel(meta["name"], meta["version"], sha, info.get("url", "")))
         if not wheels:
             raise LockgenError(f"pip resolved nothing for {' '.join(requirements)}")
@@ -123,8 +154,9 @@ _MARKERS = {
 }
 
 
-def requirements_text(target: Target, index_url: str, why: str,
-                      per_platform: dict[str, list[Wheel]]) -> str:
+def requirements_text(
+    target: Target, index_url: str, why: str, per_platform: dict[str, list[Wheel]]
+) -> str:
     """Pins with hashes; a package whose version differs between platforms gets markers."""
     versions: dict[str, dict[str, Wheel]] = {}
     for platform, wheels in per_platform.items():
@@ -153,13 +185,19 @@ def requirements_text(target: Target, index_url: str, why: str,
             if len(plats) < len(platforms):
                 marker = " ; " + " or ".join(f"({_MARKERS[p]})" for p in plats)
             lines.append(f"{name}=={version}{marker} \\")
-            lines += [f"    --hash=sha256:{h}" + (" \\" if i < len(hashes) - 1 else "")
-                      for i, h in enumerate(hashes)]
+            lines += [
+                f"    --hash=sha256:{h}" + (" \\" if i < len(hashes) - 1 else "")
+                for i, h in enumerate(hashes)
+            ]
     return "\n".join(lines) + "\n"
 
 
-def lock_pip(target: Target, envs_dir: Path, resolver: PipResolver | None = None,
-             index_url: str | None = None) -> Path:
+def lock_pip(
+    target: Target,
+    envs_dir: Path,
+    resolver: PipResolver | None = None,
+    index_url: str | None = None,
+) -> Path:
     """Resolve and write ``envs/<target>.requirements.txt`` (atomically), then verify it."""
     resolver = resolver or PipResolver()
     url, why = wheel_source(target)
@@ -169,8 +207,9 @@ def lock_pip(target: Target, envs_dir: Path, resolver: PipResolver | None = None
     per_platform = {}
     for platform in target.platforms:
         glibc = target.virtual_packages.get(platform, {}).get("__glibc", "2.28")
-        per_platform[platform] = resolver.resolve(reqs, url, target.python,
-                                                  platform_tags(platform, glibc))
+        per_platform[platform] = resolver.resolve(
+            reqs, url, target.python, platform_tags(platform, glibc)
+        )
     text = requirements_text(target, url, why, per_platform)
     parsed = parse_requirements(text)
     torch = next((e for e in parsed.entries if _canon(e.name) == "torch"), None)
@@ -178,8 +217,10 @@ def lock_pip(target: Target, envs_dir: Path, resolver: PipResolver | None = None
         raise LockgenError(f"{target.name}: pip resolved no torch")
     local = Version.parse(torch.version).local
     if local is not None and local != target.tag:
-        raise LockgenError(f"{target.name}: {url} gave torch {torch.version}, not the "
-                           f"{target.tag} build; not written")
+        raise LockgenError(
+            f"{target.name}: {url} gave torch {torch.version}, not the "
+            f"{target.tag} build; not written"
+        )
     path = Path(envs_dir) / f"{target.name}.requirements.txt"
     return atomic_write_text(path, text)
 

@@ -58,24 +58,58 @@ def _legacy() -> list[Pkg]:
         nxt = f"{major}.{int(minor) + 1}"
         tag = f"cu{major}{minor}"
         pkgs += [
-            Pkg("cuda-version", cuda, "h0_3", depends=(),
-                constrains=(f"__cuda >={major}", f"cudatoolkit {cuda}|{cuda}.*"), noarch=True),
+            Pkg(
+                "cuda-version",
+                cuda,
+                "h0_3",
+                depends=(),
+                constrains=(f"__cuda >={major}", f"cudatoolkit {cuda}|{cuda}.*"),
+                noarch=True,
+            ),
             Pkg("cuda-cudart", cudart, "0", depends=(f"cuda-version >={cuda},<{nxt}",)),
-            Pkg("pytorch-cuda", cuda, "h7e8d1f5_6", noarch=True,
-                depends=(f"cuda-cudart >={cuda},<{nxt}",)),
-            Pkg("pytorch", "2.5.1", f"py3.11_cuda{cuda}_cudnn9.1.0_0", 0,
-                depends=(PY, "pytorch-mutex 1.0 cuda", f"pytorch-cuda >={cuda},<{nxt}",
-                         "__glibc >=2.17"),
-                constrains=("cpuonly <0",)),
-            Pkg("torchvision", "0.20.1", f"py311_{tag}", 0,
-                depends=(PY, "pytorch 2.5.1", "pytorch-mutex 1.0 cuda",
-                         f"pytorch-cuda {cuda}.*")),
+            Pkg(
+                "pytorch-cuda",
+                cuda,
+                "h7e8d1f5_6",
+                noarch=True,
+                depends=(f"cuda-cudart >={cuda},<{nxt}",),
+            ),
+            Pkg(
+                "pytorch",
+                "2.5.1",
+                f"py3.11_cuda{cuda}_cudnn9.1.0_0",
+                0,
+                depends=(
+                    PY,
+                    "pytorch-mutex 1.0 cuda",
+                    f"pytorch-cuda >={cuda},<{nxt}",
+                    "__glibc >=2.17",
+                ),
+                constrains=("cpuonly <0",),
+            ),
+            Pkg(
+                "torchvision",
+                "0.20.1",
+                f"py311_{tag}",
+                0,
+                depends=(PY, "pytorch 2.5.1", "pytorch-mutex 1.0 cuda", f"pytorch-cuda {cuda}.*"),
+            ),
         ]
     pkgs += [
-        Pkg("pytorch", "2.5.1", "py3.11_cpu_0", 0,
-            depends=(PY, "pytorch-mutex 1.0 cpu", "__glibc >=2.17")),
-        Pkg("torchvision", "0.20.1", "py311_cpu", 0,
-            depends=(PY, "pytorch 2.5.1", "pytorch-mutex 1.0 cpu")),
+        Pkg(
+            "pytorch",
+            "2.5.1",
+            "py3.11_cpu_0",
+            0,
+            depends=(PY, "pytorch-mutex 1.0 cpu", "__glibc >=2.17"),
+        ),
+        Pkg(
+            "torchvision",
+            "0.20.1",
+            "py311_cpu",
+            0,
+            depends=(PY, "pytorch 2.5.1", "pytorch-mutex 1.0 cpu"),
+        ),
     ]
     return pkgs
 
@@ -84,26 +118,54 @@ def _conda_forge() -> list[Pkg]:
     pkgs: list[Pkg] = []
     for cuda in ("12.6", "12.8", "12.9", "13.0"):
         major = cuda.split(".")[0]
-        pkgs.append(Pkg("cuda-version", cuda, "h0_3", constrains=(
-            f"__cuda >={major}", f"cudatoolkit {cuda}|{cuda}.*"), noarch=True))
-    for torch, vision, cudas in (("2.14.1", "0.29.1", ("12.6", "13.0")),
-                                 ("2.8.0", "0.23.0", ("12.8", "12.9"))):
+        pkgs.append(
+            Pkg(
+                "cuda-version",
+                cuda,
+                "h0_3",
+                constrains=(f"__cuda >={major}", f"cudatoolkit {cuda}|{cuda}.*"),
+                noarch=True,
+            )
+        )
+    for torch, vision, cudas in (
+        ("2.14.1", "0.29.1", ("12.6", "13.0")),
+        ("2.8.0", "0.23.0", ("12.8", "12.9")),
+    ):
         for cuda in cudas:
             major = int(cuda.split(".")[0])
             nodot = cuda.replace(".", "")
             pkgs += [
-                Pkg("pytorch", torch, f"cuda{nodot}_mkl_py311_h1234567_200", 200,
-                    depends=(PY, "__cuda", f"cuda-version >={cuda},<{major + 1}",
-                             "__glibc >=2.17")),
-                Pkg("torchvision", vision, f"cuda{nodot}_py311_h89abcde_0", 0,
-                    depends=(PY, f"pytorch {torch} cuda*", "__cuda",
-                             f"cuda-version >={cuda},<{major + 1}")),
+                Pkg(
+                    "pytorch",
+                    torch,
+                    f"cuda{nodot}_mkl_py311_h1234567_200",
+                    200,
+                    depends=(PY, "__cuda", f"cuda-version >={cuda},<{major + 1}", "__glibc >=2.17"),
+                ),
+                Pkg(
+                    "torchvision",
+                    vision,
+                    f"cuda{nodot}_py311_h89abcde_0",
+                    0,
+                    depends=(
+                        PY,
+                        f"pytorch {torch} cuda*",
+                        "__cuda",
+                        f"cuda-version >={cuda},<{major + 1}",
+                    ),
+                ),
             ]
         pkgs += [
-            Pkg("pytorch", torch, "cpu_mkl_py311_h1234567_100", 100,
-                depends=(PY, "__glibc >=2.17")),
-            Pkg("torchvision", vision, "cpu_py311_h89abcde_0", 0,
-                depends=(PY, f"pytorch {torch} cpu*")),
+            Pkg(
+                "pytorch", torch, "cpu_mkl_py311_h1234567_100", 100, depends=(PY, "__glibc >=2.17")
+            ),
+            Pkg(
+                "torchvision",
+                vision,
+                "cpu_py311_h89abcde_0",
+                0,
+                depends=(PY, f"pytorch {torch} cpu*"),
+            ),
         ]
     return pkgs
 
@@ -150,13 +212,21 @@ def write_package(folder: Path, pkg: Pkg, subdir: str) -> Path:
     }
     if not pkg.noarch:
         index["platform"], index["arch"] = {
-            "linux-64": ("linux", "x86_64"), "linux-aarch64": ("linux", "aarch64"),
+            "linux-64": ("linux", "x86_64"),
+            "linux-aarch64": ("linux", "aarch64"),
             "win-64": ("win", "x86_64"),
         }[subdir]
-    paths = {"paths_version": 1, "paths": [{
-        "_path": payload_path, "path_type": "hardlink",
-        "sha256": hashlib.sha256(payload).hexdigest(), "size_in_bytes": len(payload),
-    }]}
+    paths = {
+        "paths_version": 1,
+        "paths": [
+            {
+                "_path": payload_path,
+                "path_type": "hardlink",
+                "sha256": hashlib.sha256(payload).hexdigest(),
+                "size_in_bytes": len(payload),
+            }
+        ],
+    }
     out = folder / pkg.filename
     with tarfile.open(out, "w:bz2") as tar:
         _tar_add(tar, "info/index.json", json.dumps(index, indent=2).encode())
@@ -166,8 +236,9 @@ def write_package(folder: Path, pkg: Pkg, subdir: str) -> Path:
     return out
 
 
-def build_channel(root: Path, platforms: tuple[str, ...] = ("linux-64",),
-                  packages: list[Pkg] | None = None) -> Path:
+def build_channel(
+    root: Path, platforms: tuple[str, ...] = ("linux-64",), packages: list[Pkg] | None = None
+) -> Path:
     """Write and index the channel under ``root``; returns ``root``."""
     from rattler.index import index_fs
 
@@ -192,6 +263,12 @@ def render_and_lock(matrix, envs: Path, channel: Path, cache: Path, names=None) 
     for name in names or matrix.targets:
         target = matrix.target(name)
         render_target(matrix, target, envs, allow_unverified=True)
-        out[name] = lock_target(matrix, target, envs, RattlerSolver(cache_dir=cache),
-                                channels=[channel.as_uri()], allow_unverified=True)
+        out[name] = lock_target(
+            matrix,
+            target,
+            envs,
+            RattlerSolver(cache_dir=cache),
+            channels=[channel.as_uri()],
+            allow_unverified=True,
+        )
     return out

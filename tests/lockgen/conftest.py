@@ -17,4 +17,5 @@ def matrix():
 def machine(tmp_path):
     def make(**kw):
         return fake_machine(tmp_path, **kw)
+
     return make

@@ -39,22 +39,39 @@ class FakeRunner:
         return CommandResult(0, fixture_text(answer))
 
 
-def fake_machine(tmp_path: Path, *, sys_driver=None, proc_driver=None, smi=None, query=None,
-                 gpu_list=None, torch=None, nvcc=None, python="3.11.9") -> tuple[Prober,
-                                                                                  FakeRunner]:
+def fake_machine(
+    tmp_path: Path,
+    *,
+    sys_driver=None,
+    proc_driver=None,
+    smi=None,
+    query=None,
+    gpu_list=None,
+    torch=None,
+    nvcc=None,
+    python="3.11.9",
+) -> tuple[Prober, FakeRunner]:
     """A Prober over a fake root and recorded command outputs (file names in fixtures/)."""
     root = tmp_path / "root"
     root.mkdir()
-    for rel, name in (("sys/module/nvidia/version", sys_driver),
-                      ("proc/driver/nvidia/version", proc_driver)):
+    for rel, name in (
+        ("sys/module/nvidia/version", sys_driver),
+        ("proc/driver/nvidia/version", proc_driver),
+    ):
         if name:
             (root / rel).parent.mkdir(parents=True)
             (root / rel).write_text(fixture_text(name))
     answers: dict = {}
-    for cmd, name in ((NVIDIA_SMI, smi), (NVIDIA_SMI_QUERY, query),
-                      (NVIDIA_SMI_LIST, gpu_list), (NVCC, nvcc), ("torch", torch)):
+    for cmd, name in (
+        (NVIDIA_SMI, smi),
+        (NVIDIA_SMI_QUERY, query),
+        (NVIDIA_SMI_LIST, gpu_list),
+        (NVCC, nvcc),
+        ("torch", torch),
+    ):
         if name is not None:
             answers[cmd] = name
     runner = FakeRunner(answers)
-    return Prober(root=root, run=runner, python_exe=PYTHON, python_version=python,
-                  platform="linux-64"), runner
+    return Prober(
+        root=root, run=runner, python_exe=PYTHON, python_version=python, platform="linux-64"
+    ), runner

@@ -16,9 +16,11 @@ from lockgen.versions import Version
 
 class StubProber:
     def __init__(self, driver=None, cuda_umd=None):
-        self.driver = (DriverInfo(Version.parse(driver), "test",
-                                  Version.parse(cuda_umd) if cuda_umd else None)
-                       if driver else None)
+        self.driver = (
+            DriverInfo(Version.parse(driver), "test", Version.parse(cuda_umd) if cuda_umd else None)
+            if driver
+            else None
+        )
 
     def driver_and_gpus(self):
         return self.driver, [], self.driver is not None
@@ -28,46 +30,73 @@ class StubProber:
 def locks(matrix, tmp_path_factory):
     channel = build_channel(tmp_path_factory.mktemp("channel"))
     envs = tmp_path_factory.mktemp("envs")
-    res = render_and_lock(matrix, envs, channel, tmp_path_factory.mktemp("cache"),
-                          names=["cu121", "cu130", "cpu"])
+    res = render_and_lock(
+        matrix, envs, channel, tmp_path_factory.mktemp("cache"), names=["cu121", "cu130", "cpu"]
+    )
     return {k: v.path for k, v in res.items()}
 
 
 def test_install_puts_the_locked_packages_in_the_prefix(matrix, locks, tmp_path):
     prefix = tmp_path / "env"
-    res = install_lockfile(locks["cu121"], prefix, matrix, platform="linux-64",
-                           prober=StubProber("550.54.14", "12.4"),
-                           cache_dir=tmp_path / "pkgs")
+    res = install_lockfile(
+        locks["cu121"],
+        prefix,
+        matrix,
+        platform="linux-64",
+        prober=StubProber("550.54.14", "12.4"),
+        cache_dir=tmp_path / "pkgs",
+    )
     assert res.driver.ok and res.packages > 5
-    meta = {json.loads(p.read_text())["name"]: json.loads(p.read_text())
-            for p in (prefix / "conda-meta").glob("*.json")}
+    meta = {
+        json.loads(p.read_text())["name"]: json.loads(p.read_text())
+        for p in (prefix / "conda-meta").glob("*.json")
+    }
     assert meta["pytorch"]["build"] == "py3.11_cuda12.1_cudnn9.1.0_0"
-    assert (prefix / "share/lockgen-test/pytorch-2.5.1-py3.11_cuda12.1_cudnn9.1.0_0.txt"
-            ).read_text() == "pytorch 2.5.1 py3.11_cuda12.1_cudnn9.1.0_0\n"
+    assert (
+        prefix / "share/lockgen-test/pytorch-2.5.1-py3.11_cuda12.1_cudnn9.1.0_0.txt"
+    ).read_text() == "pytorch 2.5.1 py3.11_cuda12.1_cudnn9.1.0_0\n"
 
 
 def test_install_refuses_without_a_driver(matrix, locks, tmp_path):
     with pytest.raises(InstallRefused, match=r"no NVIDIA driver.*__cuda=13.0"):
-        install_lockfile(locks["cu130"], tmp_path / "env", matrix, platform="linux-64",
-                         prober=StubProber())
+        install_lockfile(
+            locks["cu130"], tmp_path / "env", matrix, platform="linux-64", prober=StubProber()
+        )
     assert not (tmp_path / "env").exists()
 
 
 def test_install_refuses_a_driver_too_old(matrix, locks, tmp_path):
     with pytest.raises(InstallRefused, match=r"driver 535.104.05 supports CUDA 12.2"):
-        install_lockfile(locks["cu130"], tmp_path / "env", matrix, platform="linux-64",
-                         prober=StubProber("535.104.05", "12.2"))
+        install_lockfile(
+            locks["cu130"],
+            tmp_path / "env",
+            matrix,
+            platform="linux-64",
+            prober=StubProber("535.104.05", "12.2"),
+        )
 
 
 def test_no_driver_check_installs_anyway(matrix, locks, tmp_path):
-    res = install_lockfile(locks["cu130"], tmp_path / "env", matrix, platform="linux-64",
-                           driver_check=False, cache_dir=tmp_path / "pkgs")
+    res = install_lockfile(
+        locks["cu130"],
+        tmp_path / "env",
+        matrix,
+        platform="linux-64",
+        driver_check=False,
+        cache_dir=tmp_path / "pkgs",
+    )
     assert (tmp_path / "env" / "conda-meta").is_dir() and "skipped" in res.driver.message
 
 
 def test_cpu_lock_needs_no_driver(matrix, locks, tmp_path):
-    res = install_lockfile(locks["cpu"], tmp_path / "env", matrix, platform="linux-64",
-                           prober=StubProber(), cache_dir=tmp_path / "pkgs")
+    res = install_lockfile(
+        locks["cpu"],
+        tmp_path / "env",
+        matrix,
+        platform="linux-64",
+        prober=StubProber(),
+        cache_dir=tmp_path / "pkgs",
+    )
     assert res.driver.ok
 
 
@@ -82,17 +111,41 @@ def test_driver_rules(matrix):
 
 def test_install_wrong_platform(matrix, locks, tmp_path):
     with pytest.raises(Exception, match="win-64"):
-        install_lockfile(locks["cpu"], tmp_path / "env", matrix, platform="win-64",
-                         driver_check=False)
+        install_lockfile(
+            locks["cpu"], tmp_path / "env", matrix, platform="win-64", driver_check=False
+        )
 
 
 def test_cli_install(matrix, locks, tmp_path):
     out, err = io.StringIO(), io.StringIO()
-    rc = main(["install", str(locks["cu121"]), "--prefix", str(tmp_path / "env"),
-               "--platform", "linux-64", "--cache-dir", str(tmp_path / "pkgs")],
-              out=out, err=err, prober=StubProber("550.54.14", "12.4"))
+    rc = main(
+        [
+            "install",
+            str(locks["cu121"]),
+            "--prefix",
+            str(tmp_path / "env"),
+            "--platform",
+            "linux-64",
+            "--cache-dir",
+            str(tmp_path / "pkgs"),
+        ],
+        out=out,
+        err=err,
+        prober=StubProber("550.54.14", "12.4"),
+    )
     assert rc == 0, err.getvalue()
     assert "installed" in out.getvalue()
-    rc = main(["install", str(locks["cu121"]), "--prefix", str(tmp_path / "env2"),
-               "--platform", "linux-64"], out=out, err=err, prober=StubProber())
+    rc = main(
+        [
+            "install",
+            str(locks["cu121"]),
+            "--prefix",
+            str(tmp_path / "env2"),
+            "--platform",
+            "linux-64",
+        ],
+        out=out,
+        err=err,
+        prober=StubProber(),
+    )
     assert rc == 2 and "--no-driver-check" in err.getvalue()

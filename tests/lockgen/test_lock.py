@@ -62,8 +62,10 @@ def test_lock_records_what_it_was_solved_for(locked):
     meta = lf.custom(lf.read_lockfile(results["cu121"].path))
     assert meta[lf.META_TARGET] == "cu121"
     assert meta[lf.META_CUDA] == "12.1"
-    assert lf.recorded_virtual_packages(lf.read_lockfile(results["cu121"].path))[
-        "linux-64"]["__cuda"] == "12.1"
+    assert (
+        lf.recorded_virtual_packages(lf.read_lockfile(results["cu121"].path))["linux-64"]["__cuda"]
+        == "12.1"
+    )
     assert lf.custom(lf.read_lockfile(results["cpu"].path))[lf.META_CUDA] == ""
 
 
@@ -77,10 +79,12 @@ def test_content_hash_is_conda_locks(locked, channel):
 
     envs, results = locked
     paths = target_paths(envs, "cu130")
-    spec = make_lock_spec(src_files=[paths.env], channel_overrides=[channel.as_uri()],
-                          mapping_url=DEFAULT_MAPPING_URL)
-    want = compute_content_hashes(spec, virtual_package_repo_from_specification(
-        paths.virtual_packages))
+    spec = make_lock_spec(
+        src_files=[paths.env], channel_overrides=[channel.as_uri()], mapping_url=DEFAULT_MAPPING_URL
+    )
+    want = compute_content_hashes(
+        spec, virtual_package_repo_from_specification(paths.virtual_packages)
+    )
     assert lf.read_lockfile(results["cu130"].path).metadata.content_hash == want
 
 
@@ -96,8 +100,15 @@ def _job(matrix, envs, channel, name, edit=None, vp=None):
     return SolveJob(name, spec, env, paths.virtual_packages, vps, (channel.as_uri(),))
 
 
-CONDA_LOCK_DEFAULT_VP = {"linux-64": {"__unix": "0", "__linux": "5.10", "__glibc": "2.28",
-                                      "__archspec": "1 x86_64", "__cuda": "11.4"}}
+CONDA_LOCK_DEFAULT_VP = {
+    "linux-64": {
+        "__unix": "0",
+        "__linux": "5.10",
+        "__glibc": "2.28",
+        "__archspec": "1 x86_64",
+        "__cuda": "11.4",
+    }
+}
 
 
 def test_the_cpu_trap_is_real_without_the_build_pin(matrix, locked, channel, cache):
@@ -107,17 +118,26 @@ def test_the_cpu_trap_is_real_without_the_build_pin(matrix, locked, channel, cac
     names no cuda-version. With the pin each is an error that names __cuda."""
     envs, _ = locked
     solver = RattlerSolver(cache_dir=cache)
-    no_gpu = {"linux-64": {k: v for k, v in CONDA_LOCK_DEFAULT_VP["linux-64"].items()
-                           if k != "__cuda"}}
+    no_gpu = {
+        "linux-64": {k: v for k, v in CONDA_LOCK_DEFAULT_VP["linux-64"].items() if k != "__cuda"}
+    }
     unpin = lambda s: s.replace("pytorch ==2.14.1 cuda*", "pytorch ==2.14.1")  # noqa: E731
-    pkgs = {p.name: p for p in solver.solve(
-        _job(matrix, envs, channel, "cu130", edit=unpin, vp=no_gpu))["linux-64"]}
+    pkgs = {
+        p.name: p
+        for p in solver.solve(_job(matrix, envs, channel, "cu130", edit=unpin, vp=no_gpu))[
+            "linux-64"
+        ]
+    }
     assert pkgs["pytorch"].build.startswith("cpu_")
     assert pkgs["cuda-version"].version == "13.0"
 
     no_selector = lambda s: unpin(s).replace("cuda-version 13.0.*", "ninja")  # noqa: E731
-    pkgs = {p.name: p for p in solver.solve(_job(
-        matrix, envs, channel, "cu130", edit=no_selector, vp=CONDA_LOCK_DEFAULT_VP))["linux-64"]}
+    pkgs = {
+        p.name: p
+        for p in solver.solve(
+            _job(matrix, envs, channel, "cu130", edit=no_selector, vp=CONDA_LOCK_DEFAULT_VP)
+        )["linux-64"]
+    }
     assert pkgs["pytorch"].build.startswith("cpu_")
 
     for vp in (no_gpu, CONDA_LOCK_DEFAULT_VP):
@@ -125,13 +145,17 @@ def test_the_cpu_trap_is_real_without_the_build_pin(matrix, locked, channel, cac
             solver.solve(_job(matrix, envs, channel, "cu130", vp=vp))
 
 
-def test_the_legacy_channel_trap_picks_cpu_even_with_cuda_present(matrix, locked, channel,
-                                                                   cache):
+def test_the_legacy_channel_trap_picks_cpu_even_with_cuda_present(matrix, locked, channel, cache):
     """pytorch+nvidia style: equal build numbers; without the build pin the CPU pytorch is
     chosen next to pytorch-cuda 12.1 although __cuda=12.1 is there."""
     envs, _ = locked
-    job = _job(matrix, envs, channel, "cu121",
-               edit=lambda s: s.replace("pytorch 2.5.* *cuda*", "pytorch 2.5.*"))
+    job = _job(
+        matrix,
+        envs,
+        channel,
+        "cu121",
+        edit=lambda s: s.replace("pytorch 2.5.* *cuda*", "pytorch 2.5.*"),
+    )
     pkgs = {p.name: p for p in RattlerSolver(cache_dir=cache).solve(job)["linux-64"]}
     assert pkgs["pytorch"].build == "py3.11_cpu_0"
     assert pkgs["pytorch-cuda"].version == "12.1"
@@ -156,15 +180,19 @@ def test_failed_solve_leaves_the_previous_lock(matrix, locked, channel, cache, t
     before = path.read_bytes()
     empty = build_channel(tmp_path / "empty-channel", packages=[])
     with pytest.raises(SolveError, match="no solution"):
-        lock_target(matrix, target, tmp_path, RattlerSolver(cache_dir=cache),
-                    channels=[empty.as_uri()])
+        lock_target(
+            matrix, target, tmp_path, RattlerSolver(cache_dir=cache), channels=[empty.as_uri()]
+        )
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "cu121.lock", "cu121.virtual-packages.yml", "cu121.yml", "empty-channel"]
+        "cu121.lock",
+        "cu121.virtual-packages.yml",
+        "cu121.yml",
+        "empty-channel",
+    ]
 
 
-def test_interrupted_write_leaves_the_previous_lock(matrix, channel, cache, tmp_path,
-                                                    monkeypatch):
+def test_interrupted_write_leaves_the_previous_lock(matrix, channel, cache, tmp_path, monkeypatch):
     target = matrix.target("cu121")
     render_target(matrix, target, tmp_path)
     path = target_paths(tmp_path, "cu121").lock
@@ -181,8 +209,9 @@ def test_interrupted_write_leaves_the_previous_lock(matrix, channel, cache, tmp_
 
     monkeypatch.setattr(lf, "lockfile_text", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        lock_target(matrix, target, tmp_path, RattlerSolver(cache_dir=cache),
-                    channels=[channel.as_uri()])
+        lock_target(
+            matrix, target, tmp_path, RattlerSolver(cache_dir=cache), channels=[channel.as_uri()]
+        )
     assert path.read_text() == "previous\n"
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
@@ -195,15 +224,25 @@ def test_a_lock_that_fails_verification_is_not_written(matrix, channel, cache, t
     class CpuSolver(RattlerSolver):
         def solve(self, job):
             out = super().solve(job)
-            job2 = _job(matrix, tmp_path, channel, "cu130",
-                        edit=lambda s: s.replace("cuda*", "cpu*").replace(
-                            "cuda-version 13.0.*", "numpy"))
+            job2 = _job(
+                matrix,
+                tmp_path,
+                channel,
+                "cu130",
+                edit=lambda s: s.replace("cuda*", "cpu*").replace("cuda-version 13.0.*", "numpy"),
+            )
             out["linux-64"] = super().solve(job2)["linux-64"]
             return out
 
     with pytest.raises(SolveError, match="CPU build"):
-        lock_target(matrix, target, tmp_path, CpuSolver(cache_dir=cache),
-                    channels=[channel.as_uri()], allow_unverified=True)
+        lock_target(
+            matrix,
+            target,
+            tmp_path,
+            CpuSolver(cache_dir=cache),
+            channels=[channel.as_uri()],
+            allow_unverified=True,
+        )
     assert not target_paths(tmp_path, "cu130").lock.exists()
 
 
@@ -219,10 +258,24 @@ def test_lock_refuses_stale_specs(matrix, channel, tmp_path):
 def test_conda_lock_render_reads_the_lock(locked, tmp_path):
     envs, results = locked
     lock = results["cu121"].path
-    res = subprocess.run([sys.executable, "-m", "conda_lock", "render", "-k", "explicit",
-                          "-p", "linux-64", "--filename-template",
-                          str(tmp_path / "out-{platform}.lock"), str(lock)],
-                         capture_output=True, text=True, cwd=tmp_path)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "conda_lock",
+            "render",
+            "-k",
+            "explicit",
+            "-p",
+            "linux-64",
+            "--filename-template",
+            str(tmp_path / "out-{platform}.lock"),
+            str(lock),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     text = (tmp_path / "out-linux-64.lock").read_text()
     assert "@EXPLICIT" in text
@@ -253,8 +306,9 @@ def test_conda_lock_engine_runs_conda_lock(matrix, locked, channel, tmp_path):
     assert any(p.name == "pytorch" for p in pkgs["linux-64"])
 
     def failing(argv, env):
-        return subprocess.CompletedProcess(argv, 1, "", "Could not solve: nothing provides "
-                                                        "__cuda >=12")
+        return subprocess.CompletedProcess(
+            argv, 1, "", "Could not solve: nothing provides __cuda >=12"
+        )
 
     with pytest.raises(SolveError, match="__cuda >=12"):
         CondaLockSolver(conda="/opt/micromamba", run=failing).solve(job)
@@ -272,11 +326,23 @@ def test_conda_lock_engine_needs_an_executable(matrix, locked, channel, monkeypa
 def test_cli_lock_with_local_channel(matrix, channel, cache, tmp_path):
     out = io.StringIO()
     assert main(["render", "cu124", "--envs", str(tmp_path)], out=out) == 0
-    rc = main(["lock", "cu124", "--envs", str(tmp_path), "--channel", channel.as_uri(),
-               "--cache-dir", str(cache)], out=out)
+    rc = main(
+        [
+            "lock",
+            "cu124",
+            "--envs",
+            str(tmp_path),
+            "--channel",
+            channel.as_uri(),
+            "--cache-dir",
+            str(cache),
+        ],
+        out=out,
+    )
     assert rc == 0, out.getvalue()
     assert "cu124.lock (target cu124): OK" in out.getvalue()
     err = io.StringIO()
-    rc = main(["lock", "cu130", "--envs", str(tmp_path), "--channel", channel.as_uri()],
-              out=out, err=err)
+    rc = main(
+        ["lock", "cu130", "--envs", str(tmp_path), "--channel", channel.as_uri()], out=out, err=err
+    )
     assert rc == 2 and "--allow-unverified" in err.getvalue()

@@ -25,11 +25,19 @@ from lockgen.verify import verify_file
 
 
 def _report(items):
-    return {"version": "1", "install": [
-        {"metadata": {"name": n, "version": v},
-         "download_info": {"url": f"https://example.invalid/{n}-{v}.whl",
-                           "archive_info": {"hashes": {"sha256": h}}}}
-        for n, v, h in items]}
+    return {
+        "version": "1",
+        "install": [
+            {
+                "metadata": {"name": n, "version": v},
+                "download_info": {
+                    "url": f"https://example.invalid/{n}-{v}.whl",
+                    "archive_info": {"hashes": {"sha256": h}},
+                },
+            }
+            for n, v, h in items
+        ],
+    }
 
 
 def fake_pip(items, seen=None):
@@ -38,6 +46,7 @@ def fake_pip(items, seen=None):
             seen.append(list(argv))
         Path(argv[argv.index("--report") + 1]).write_text(json.dumps(_report(items)))
         return subprocess.CompletedProcess(argv, 0, "", "")
+
     return run
 
 
@@ -60,8 +69,12 @@ def test_platform_tags():
 
 def test_pip_lock_writes_pins_and_hashes(matrix, tmp_path):
     seen = []
-    items = [("torch", "2.5.1+cu121", H["a"]), ("torchvision", "0.20.1+cu121", H["b"]),
-             ("numpy", "2.1.3", H["c"]), ("typing_extensions", "4.12.2", H["d"])]
+    items = [
+        ("torch", "2.5.1+cu121", H["a"]),
+        ("torchvision", "0.20.1+cu121", H["b"]),
+        ("numpy", "2.1.3", H["c"]),
+        ("typing_extensions", "4.12.2", H["d"]),
+    ]
     path = lock_pip(matrix.target("cu121"), tmp_path, PipResolver(run=fake_pip(items, seen)))
     text = path.read_text()
     assert path.name == "cu121.requirements.txt"
@@ -92,8 +105,10 @@ def test_pip_lock_needs_hashes(matrix, tmp_path):
 
 def test_pip_resolve_failure_is_explained(matrix, tmp_path):
     def run(argv):
-        return subprocess.CompletedProcess(argv, 1, "", "ERROR: No matching distribution "
-                                                        "found for torch==2.14.1")
+        return subprocess.CompletedProcess(
+            argv, 1, "", "ERROR: No matching distribution found for torch==2.14.1"
+        )
+
     with pytest.raises(LockgenError, match="No matching distribution"):
         lock_pip(matrix.target("cu130"), tmp_path, PipResolver(run=run))
 
@@ -106,8 +121,9 @@ def test_verify_requirements_findings(matrix, tmp_path):
     report = verify_file(path, matrix)
     assert not report.ok and any("torchvision" in f.message for f in report.findings)
     # a cu130 lock resolved from the cpu folder of the wheel index
-    path.write_text(path.read_text().replace("https://pypi.org/simple",
-                                             "https://download.pytorch.org/whl/cpu"))
+    path.write_text(
+        path.read_text().replace("https://pypi.org/simple", "https://download.pytorch.org/whl/cpu")
+    )
     assert any("resolved from" in f.message for f in verify_file(path, matrix).findings)
 
 
@@ -116,15 +132,25 @@ def _wheel(folder: Path, name: str, version: str, requires=()) -> Path:
     dist = f"{name}-{version}.dist-info"
     files = {
         f"{name}/__init__.py": b"",
-        f"{dist}/METADATA": ("Metadata-Version: 2.1\nName: " + name + "\nVersion: " + version
-                             + "\n" + "".join(f"Requires-Dist: {r}\n" for r in requires)
-                             ).encode(),
+        f"{dist}/METADATA": (
+            "Metadata-Version: 2.1\nName: "
+            + name
+            + "\nVersion: "
+            + version
+            + "\n"
+            + "".join(f"Requires-Dist: {r}\n" for r in requires)
+        ).encode(),
         f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-                         b"Tag: py3-none-any\n",
+        b"Tag: py3-none-any\n",
     }
-    record = "".join(
-        f"{k},sha256={base64.urlsafe_b64encode(hashlib.sha256(v).digest()).rstrip(b'=').decode()}"
-        f",{len(v)}\n" for k, v in files.items()) + f"{dist}/RECORD,,\n"
+    record = (
+        "".join(
+            f"{k},sha256={base64.urlsafe_b64encode(hashlib.sha256(v).digest()).rstrip(b'=').decode()}"
+            f",{len(v)}\n"
+            for k, v in files.items()
+        )
+        + f"{dist}/RECORD,,\n"
+    )
     files[f"{dist}/RECORD"] = record.encode()
     path = folder / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as z:
@@ -138,9 +164,11 @@ def test_real_pip_against_a_local_index(matrix, tmp_path):
     index = tmp_path / "simple"
     wheels = tmp_path / "files"
     wheels.mkdir()
-    made = [_wheel(wheels, "torch", "2.5.1+cu121", ["numpy"]),
-            _wheel(wheels, "torchvision", "0.20.1+cu121", ["torch==2.5.1+cu121"]),
-            _wheel(wheels, "numpy", "2.1.3")]
+    made = [
+        _wheel(wheels, "torch", "2.5.1+cu121", ["numpy"]),
+        _wheel(wheels, "torchvision", "0.20.1+cu121", ["torch==2.5.1+cu121"]),
+        _wheel(wheels, "numpy", "2.1.3"),
+    ]
     digests = {}
     for whl in made:
         project = whl.name.split("-")[0]
@@ -148,7 +176,8 @@ def test_real_pip_against_a_local_index(matrix, tmp_path):
         (index / project).mkdir(parents=True)
         (index / project / "index.html").write_text(
             f'<html><body><a href="{whl.as_uri()}#sha256={digests[project]}">{whl.name}</a>'
-            "</body></html>")
+            "</body></html>"
+        )
     out = io.StringIO()
     path = lock_pip(matrix.target("cu121"), tmp_path, PipResolver(), index.as_uri())
     text = path.read_text()

@@ -28,12 +28,16 @@ def test_tutorial_combination_is_rejected_with_the_right_reasons(matrix):
     # suggestions are real combinations that themselves pass the check
     assert r.suggestions
     for s in r.suggestions:
-        again = run(matrix, torch=s.torch.raw, cuda=s.cuda.raw, cudnn=s.cudnn.raw,
-                    python=s.python.raw)
+        again = run(
+            matrix, torch=s.torch.raw, cuda=s.cuda.raw, cudnn=s.cudnn.raw, python=s.python.raw
+        )
         assert again.ok, format_check(again)
     best = r.suggestions[0]
     assert (best.torch, best.cuda, best.cudnn) == (
-        Version.parse("2.1"), Version.parse("12.1"), Version.parse("8.9.2.26"))
+        Version.parse("2.1"),
+        Version.parse("12.1"),
+        Version.parse("8.9.2.26"),
+    )
     assert best.python == Version.parse("3.8")
     assert any(s.torch == Version.parse("1.13") for s in r.suggestions)
 
@@ -45,16 +49,31 @@ def test_real_combination_is_accepted(matrix):
     assert not r.suggestions
 
 
-@pytest.mark.parametrize("kw", [
-    dict(torch="2.1.2", cuda="12.1", cudnn="8.9.2", python="3.11", driver="535.104.05",
-         gpu="RTX 3090"),
-    dict(torch="2.14.1", cuda="13.0", cudnn="9.24.0", python="3.12", driver="580.95.05",
-         gpu="H100"),
-    dict(torch="2.8.0", cuda="12.8", python="3.13", gpu="sm_70", driver="570.26"),
-    dict(torch="1.13.1", cuda="11.7", python="3.10", driver="470.82", gpu="T4"),
-    dict(torch="2.5.1", cuda="cpu", python="3.12"),
-    dict(torch="2.11", cuda="13.0", cudnn="9.17.1.4"),  # the RELEASE.md cuDNN, noted
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(
+            torch="2.1.2",
+            cuda="12.1",
+            cudnn="8.9.2",
+            python="3.11",
+            driver="535.104.05",
+            gpu="RTX 3090",
+        ),
+        dict(
+            torch="2.14.1",
+            cuda="13.0",
+            cudnn="9.24.0",
+            python="3.12",
+            driver="580.95.05",
+            gpu="H100",
+        ),
+        dict(torch="2.8.0", cuda="12.8", python="3.13", gpu="sm_70", driver="570.26"),
+        dict(torch="1.13.1", cuda="11.7", python="3.10", driver="470.82", gpu="T4"),
+        dict(torch="2.5.1", cuda="cpu", python="3.12"),
+        dict(torch="2.11", cuda="13.0", cudnn="9.17.1.4"),  # the RELEASE.md cuDNN, noted
+    ],
+)
 def test_more_real_combinations_pass(matrix, kw):
     r = run(matrix, **kw)
     assert r.ok, format_check(r)
@@ -136,8 +155,9 @@ def test_local_version_label_gives_the_build(matrix):
     assert run(matrix, torch="2.14.1+cpu", gpu="V100").request.cpu
 
 
-@pytest.mark.parametrize("kw", [dict(torch="2.1.x"), dict(cuda="twelve"), dict(gpu="Voodoo 5"),
-                                dict(driver="R535")])
+@pytest.mark.parametrize(
+    "kw", [dict(torch="2.1.x"), dict(cuda="twelve"), dict(gpu="Voodoo 5"), dict(driver="R535")]
+)
 def test_malformed_input_raises_clear_errors(matrix, kw):
     with pytest.raises(LockgenError):
         Request.from_strings(matrix, **kw)
@@ -154,8 +174,15 @@ def test_json_shape(matrix):
     data = run(matrix, torch="2.8", cuda="12.8", driver="525").to_json()
     assert data["ok"] is False and data["verdict"] == "incompatible"
     assert data["conflicts"][0]["field"] == "driver"
-    assert set(data["suggestions"][0]) == {"torch", "torchvision", "cuda", "cudnn", "python",
-                                           "target", "keeps"}
+    assert set(data["suggestions"][0]) == {
+        "torch",
+        "torchvision",
+        "cuda",
+        "cudnn",
+        "python",
+        "target",
+        "keeps",
+    }
 
 
 def test_driver_alone_says_what_it_runs(matrix):

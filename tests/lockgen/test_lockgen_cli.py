@@ -39,8 +39,9 @@ def test_no_command_prints_help():
 
 
 def test_check_tutorial_combination_fails():
-    rc, out, err = cli("check", "--torch", "1.10.1", "--cuda", "11.1", "--cudnn", "8.9.2",
-                       "--python", "3.8")
+    rc, out, err = cli(
+        "check", "--torch", "1.10.1", "--cuda", "11.1", "--cudnn", "8.9.2", "--python", "3.8"
+    )
     assert rc == 1 and err == ""
     assert out.startswith("incompatible:")
     assert "nearest valid combinations:" in out
@@ -48,29 +49,44 @@ def test_check_tutorial_combination_fails():
 
 
 def test_check_real_combination_passes():
-    rc, out, _ = cli("check", "--torch", "2.1.2", "--cuda", "cu121", "--python", "3.11",
-                     "--driver", "535", "--gpu", "RTX 3090")
+    rc, out, _ = cli(
+        "check",
+        "--torch",
+        "2.1.2",
+        "--cuda",
+        "cu121",
+        "--python",
+        "3.11",
+        "--driver",
+        "535",
+        "--gpu",
+        "RTX 3090",
+    )
     assert rc == 0 and out.startswith("compatible:")
 
 
 def test_check_json():
-    rc, out, _ = cli("check", "--torch", "2.14.1", "--cuda", "13.0", "--gpu", "sm_70",
-                     "--format", "json")
+    rc, out, _ = cli(
+        "check", "--torch", "2.14.1", "--cuda", "13.0", "--gpu", "sm_70", "--format", "json"
+    )
     data = json.loads(out)
     assert rc == 1 and data["ok"] is False
     assert [c["field"] for c in data["conflicts"] if c["severity"] == "error"] == ["gpu"]
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["check", "--torch", "2.1.x"], "bad torch version '2.1.x'"),
-    (["check", "--cuda", "twelve"], "bad CUDA version 'twelve'"),
-    (["check", "--gpu", "Voodoo"], "unknown GPU 'Voodoo'"),
-    (["check"], "nothing to check"),
-    (["targets", "cu999"], "unknown target 'cu999'"),
-    (["matrix", "--torch", "3.1"], "torch 3.1 is not in the matrix"),
-    (["matrix", "--torch", "2.8", "--cuda", "11.8"], "no build of the matrix matches"),
-    (["--matrix", "/nonexistent/matrix.toml", "matrix"], "file not found"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["check", "--torch", "2.1.x"], "bad torch version '2.1.x'"),
+        (["check", "--cuda", "twelve"], "bad CUDA version 'twelve'"),
+        (["check", "--gpu", "Voodoo"], "unknown GPU 'Voodoo'"),
+        (["check"], "nothing to check"),
+        (["targets", "cu999"], "unknown target 'cu999'"),
+        (["matrix", "--torch", "3.1"], "torch 3.1 is not in the matrix"),
+        (["matrix", "--torch", "2.8", "--cuda", "11.8"], "no build of the matrix matches"),
+        (["--matrix", "/nonexistent/matrix.toml", "matrix"], "file not found"),
+    ],
+)
 def test_bad_input_is_a_clear_error(argv, needle):
     rc, out, err = cli(*argv)
     assert rc == 2
@@ -112,9 +128,13 @@ def test_targets_json_exposes_what_render_needs():
 
 
 def test_doctor_with_injected_machine(tmp_path):
-    prober, _ = fake_machine(tmp_path, proc_driver="proc-driver-535.txt",
-                             smi="nvidia-smi-535-old-banner.txt", query="query-rtx3090.txt",
-                             torch="torch-2.14.1-cu130-nogpu.json")
+    prober, _ = fake_machine(
+        tmp_path,
+        proc_driver="proc-driver-535.txt",
+        smi="nvidia-smi-535-old-banner.txt",
+        query="query-rtx3090.txt",
+        torch="torch-2.14.1-cu130-nogpu.json",
+    )
     rc, out, _ = cli("doctor", prober=prober)
     assert rc == 1
     lines = out.splitlines()
@@ -133,8 +153,13 @@ def test_doctor_json_with_injected_machine(tmp_path):
 
 
 def run_module(*argv):
-    return subprocess.run([sys.executable, "-m", "lockgen", *argv], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "lockgen", *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_python_m_lockgen_check():
@@ -146,5 +171,7 @@ def test_python_m_lockgen_check():
 def test_python_m_lockgen_bad_input():
     p = run_module("targets", "nope")
     assert p.returncode == 2
-    assert p.stderr.strip() == ("lockgen: error: unknown target 'nope' (known targets: cpu, "
-                                "cu118, cu121, cu124, cu126, cu128, cu130)")
+    assert p.stderr.strip() == (
+        "lockgen: error: unknown target 'nope' (known targets: cpu, "
+        "cu118, cu121, cu124, cu126, cu128, cu130)"
+    )

@@ -69,8 +69,12 @@ def test_no_driver_cuda_torch_recommends_cpu(matrix, machine):
 
 
 def test_old_banner_nvidia_smi(matrix, machine):
-    prober, _ = machine(smi="nvidia-smi-535-old-banner.txt", query="query-rtx3090.txt",
-                        torch="torch-2.1.2-cu121-rtx3090.json", python="3.11.4")
+    prober, _ = machine(
+        smi="nvidia-smi-535-old-banner.txt",
+        query="query-rtx3090.txt",
+        torch="torch-2.1.2-cu121-rtx3090.json",
+        python="3.11.4",
+    )
     d = doctor(matrix, prober)
     r = d.report
     assert r.driver.version == V("535.104.05") and r.driver.source == "nvidia-smi"
@@ -81,8 +85,12 @@ def test_old_banner_nvidia_smi(matrix, machine):
 
 
 def test_r610_kmd_banner(matrix, machine):
-    prober, _ = machine(smi="nvidia-smi-610-kmd-banner.txt", query="query-rtx5090.txt",
-                        torch="torch-2.14.1-cu130-rtx5090.json", nvcc="nvcc-13.0.txt")
+    prober, _ = machine(
+        smi="nvidia-smi-610-kmd-banner.txt",
+        query="query-rtx5090.txt",
+        torch="torch-2.14.1-cu130-rtx5090.json",
+        nvcc="nvcc-13.0.txt",
+    )
     d = doctor(matrix, prober)
     assert d.report.driver.version == V("610.43.02")
     assert d.report.driver.cuda_umd == V("13.3") and d.report.driver.kmd_banner
@@ -91,8 +99,12 @@ def test_r610_kmd_banner(matrix, machine):
 
 
 def test_driver_too_old_for_installed_torch(matrix, machine):
-    prober, _ = machine(proc_driver="proc-driver-535.txt", smi="nvidia-smi-535-old-banner.txt",
-                        query="query-rtx3090.txt", torch="torch-2.14.1-cu130-nogpu.json")
+    prober, _ = machine(
+        proc_driver="proc-driver-535.txt",
+        smi="nvidia-smi-535-old-banner.txt",
+        query="query-rtx3090.txt",
+        torch="torch-2.14.1-cu130-nogpu.json",
+    )
     d = doctor(matrix, prober)
     assert d.report.driver.source == "/" + PROC_DRIVER  # /proc wins over nvidia-smi
     assert d.verdict == BROKEN
@@ -106,9 +118,13 @@ def test_driver_too_old_for_installed_torch(matrix, machine):
 
 
 def test_cpu_torch_on_gpu_machine(matrix, machine):
-    prober, _ = machine(sys_driver="sys-driver-550.txt", smi="nvidia-smi-535-old-banner.txt",
-                        query="query-unsupported.txt", gpu_list="list-a100.txt",
-                        torch="torch-2.14.1-cpu.json")
+    prober, _ = machine(
+        sys_driver="sys-driver-550.txt",
+        smi="nvidia-smi-535-old-banner.txt",
+        query="query-unsupported.txt",
+        gpu_list="list-a100.txt",
+        torch="torch-2.14.1-cpu.json",
+    )
     d = doctor(matrix, prober)
     assert d.report.driver.version == V("550.54.14")  # /sys first
     assert d.report.gpus[0].name.startswith("NVIDIA A100")
@@ -120,8 +136,12 @@ def test_cpu_torch_on_gpu_machine(matrix, machine):
 
 
 def test_gpu_arch_not_in_torch_arch_list(matrix, machine):
-    prober, _ = machine(sys_driver="sys-driver-580.txt", smi="nvidia-smi-580-h100.txt",
-                        query="query-v100.txt", torch="torch-2.14.1-cu130-v100.json")
+    prober, _ = machine(
+        sys_driver="sys-driver-580.txt",
+        smi="nvidia-smi-580-h100.txt",
+        query="query-v100.txt",
+        torch="torch-2.14.1-cu130-v100.json",
+    )
     d = doctor(matrix, prober)
     assert d.verdict == BROKEN
     assert "gpu-arch" in codes(d, "error")
@@ -130,9 +150,13 @@ def test_gpu_arch_not_in_torch_arch_list(matrix, machine):
 
 
 def test_healthy_machine(matrix, machine):
-    prober, _ = machine(sys_driver="sys-driver-580.txt", smi="nvidia-smi-580-h100.txt",
-                        query="query-2xh100.txt", torch="torch-2.14.1-cu130-h100.json",
-                        nvcc="nvcc-13.0.txt")
+    prober, _ = machine(
+        sys_driver="sys-driver-580.txt",
+        smi="nvidia-smi-580-h100.txt",
+        query="query-2xh100.txt",
+        torch="torch-2.14.1-cu130-h100.json",
+        nvcc="nvcc-13.0.txt",
+    )
     d = doctor(matrix, prober)
     assert d.verdict == WORKS, format_diagnosis(d)
     assert codes(d, "warning") == codes(d, "error") == set()
@@ -141,9 +165,13 @@ def test_healthy_machine(matrix, machine):
 
 
 def test_healthy_gpu_but_torch_cannot_see_it(matrix, machine):
-    prober, _ = machine(sys_driver="sys-driver-580.txt", smi="nvidia-smi-580-h100.txt",
-                        query="query-2xh100.txt", torch="torch-2.14.1-cu130-nogpu.json",
-                        nvcc="nvcc-12.1.txt")
+    prober, _ = machine(
+        sys_driver="sys-driver-580.txt",
+        smi="nvidia-smi-580-h100.txt",
+        query="query-2xh100.txt",
+        torch="torch-2.14.1-cu130-nogpu.json",
+        nvcc="nvcc-12.1.txt",
+    )
     d = doctor(matrix, prober)
     assert d.verdict == WARNINGS
     assert {"cuda-unavailable", "nvcc-mismatch"} <= codes(d, "warning")
@@ -165,9 +193,12 @@ def test_hanging_and_failing_nvidia_smi_do_not_crash(matrix, machine):
 
 
 def test_failing_nvidia_smi_is_reported(matrix, tmp_path):
-    prober, _ = fake_machine(tmp_path, proc_driver="proc-driver-535.txt",
-                             smi=(FAIL, 9, "nvidia-smi-failed.txt"),
-                             torch="torch-2.14.1-cpu.json")
+    prober, _ = fake_machine(
+        tmp_path,
+        proc_driver="proc-driver-535.txt",
+        smi=(FAIL, 9, "nvidia-smi-failed.txt"),
+        torch="torch-2.14.1-cpu.json",
+    )
     d = doctor(matrix, prober)
     assert d.report.driver.version == V("535.104.05")
     assert "no-gpus" in codes(d, "warning")
@@ -178,24 +209,44 @@ def test_runner_exception_is_contained(matrix, tmp_path):
     def broken_runner(argv, timeout):
         raise RuntimeError("boom")
 
-    prober = Prober(root=tmp_path, run=broken_runner, python_exe="x", python_version="3.11.0",
-                    platform="linux-64")
+    prober = Prober(
+        root=tmp_path,
+        run=broken_runner,
+        python_exe="x",
+        python_version="3.11.0",
+        platform="linux-64",
+    )
     d = doctor(matrix, prober)
     assert d.verdict == BROKEN  # no torch could be probed
     assert any("boom" in f.message for f in d.findings)
 
 
 def test_json_keys_are_stable(matrix, machine):
-    prober, _ = machine(smi="nvidia-smi-610-kmd-banner.txt", query="query-rtx5090.txt",
-                        torch="torch-2.14.1-cu130-rtx5090.json", nvcc="nvcc-13.0.txt")
+    prober, _ = machine(
+        smi="nvidia-smi-610-kmd-banner.txt",
+        query="query-rtx5090.txt",
+        torch="torch-2.14.1-cu130-rtx5090.json",
+        nvcc="nvcc-13.0.txt",
+    )
     data = json.loads(json.dumps(doctor(matrix, prober).to_json()))
     assert set(data) == {"schema", "verdict", "machine", "findings", "fix"}
-    assert set(data["machine"]) == {"platform", "python", "driver", "gpus", "torch",
-                                    "torch_error", "nvcc"}
-    assert data["machine"]["driver"] == {"version": "610.43.02", "source": "nvidia-smi",
-                                         "cuda_umd": "13.3"}
-    assert data["machine"]["gpus"] == [{"index": 0, "name": "NVIDIA GeForce RTX 5090",
-                                        "capability": "12.0"}]
+    assert set(data["machine"]) == {
+        "platform",
+        "python",
+        "driver",
+        "gpus",
+        "torch",
+        "torch_error",
+        "nvcc",
+    }
+    assert data["machine"]["driver"] == {
+        "version": "610.43.02",
+        "source": "nvidia-smi",
+        "cuda_umd": "13.3",
+    }
+    assert data["machine"]["gpus"] == [
+        {"index": 0, "name": "NVIDIA GeForce RTX 5090", "capability": "12.0"}
+    ]
     assert set(data["fix"]) == {"target", "driver_min", "command", "message"}
     assert data["verdict"] == "works"
 

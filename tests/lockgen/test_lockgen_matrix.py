@@ -45,18 +45,21 @@ def test_release_agrees_with_facts(matrix, torch):
     assert {b.cuda.raw for b in r.builds} == builds
 
 
-@pytest.mark.parametrize("torch,cuda,cudnn,status", [
-    ("1.13", "11.6", "8.3.2.44", "stable"),
-    ("2.0", "11.8", "8.7.0.84", "experimental"),
-    ("2.1", "11.8", "8.7.0.84", "stable"),
-    ("2.6", "12.6", "9.5.1.17", "experimental"),
-    ("2.7", "12.8", "9.7.1.26", "experimental"),
-    ("2.9", "13.0", "9.13.0.50", "experimental"),
-    ("2.10", "13.0", "9.15.1.9", "experimental"),
-    ("2.11", "12.8", "9.17.1.4", "stable"),
-    ("2.12", "13.2", "9.20.0.48", "experimental"),
-    ("2.14", "13.2", "9.24.0.43", "stable"),
-])
+@pytest.mark.parametrize(
+    "torch,cuda,cudnn,status",
+    [
+        ("1.13", "11.6", "8.3.2.44", "stable"),
+        ("2.0", "11.8", "8.7.0.84", "experimental"),
+        ("2.1", "11.8", "8.7.0.84", "stable"),
+        ("2.6", "12.6", "9.5.1.17", "experimental"),
+        ("2.7", "12.8", "9.7.1.26", "experimental"),
+        ("2.9", "13.0", "9.13.0.50", "experimental"),
+        ("2.10", "13.0", "9.15.1.9", "experimental"),
+        ("2.11", "12.8", "9.17.1.4", "stable"),
+        ("2.12", "13.2", "9.20.0.48", "experimental"),
+        ("2.14", "13.2", "9.24.0.43", "stable"),
+    ],
+)
 def test_build_cudnn_agrees_with_facts(matrix, torch, cuda, cudnn, status):
     b = matrix.release(torch).build(V(cuda))
     assert b.cudnn == V(cudnn) and b.status == status
@@ -74,13 +77,16 @@ def test_unverified_facts_are_marked(matrix):
     assert b.cudnn == V("9.19.0.56") and b.cudnn_release_md == V("9.17.1.4")
 
 
-@pytest.mark.parametrize("cuda,full,minimum", [
-    ("11.8", "520.61.05", "450.80.02"),
-    ("12.1", "530.30.02", "525.60.13"),
-    ("12.4", "550.54.14", "525.60.13"),
-    ("12.8", "570.26", "525.60.13"),
-    ("13.0", "580.65.06", "580"),
-])
+@pytest.mark.parametrize(
+    "cuda,full,minimum",
+    [
+        ("11.8", "520.61.05", "450.80.02"),
+        ("12.1", "530.30.02", "525.60.13"),
+        ("12.4", "550.54.14", "525.60.13"),
+        ("12.8", "570.26", "525.60.13"),
+        ("13.0", "580.65.06", "580"),
+    ],
+)
 def test_driver_floors_agree_with_facts(matrix, cuda, full, minimum):
     f = matrix.driver_floor(V(cuda))
     assert f.full == V(full) and f.minimum == V(minimum)
@@ -104,11 +110,21 @@ def test_arch_lists(matrix):
     assert matrix.arch_list(V("2.5"), V("12.1"), channel="pytorch").verified
 
 
-@pytest.mark.parametrize("text,cap", [
-    ("V100", "7.0"), ("T4", "7.5"), ("NVIDIA A100-SXM4-80GB", "8.0"),
-    ("NVIDIA GeForce RTX 3090", "8.6"), ("RTX 4090", "8.9"), ("NVIDIA H100 80GB HBM3", "9.0"),
-    ("H200", "9.0"), ("B200", "10.0"), ("RTX 5090", "12.0"), ("sm_86", "8.6"),
-])
+@pytest.mark.parametrize(
+    "text,cap",
+    [
+        ("V100", "7.0"),
+        ("T4", "7.5"),
+        ("NVIDIA A100-SXM4-80GB", "8.0"),
+        ("NVIDIA GeForce RTX 3090", "8.6"),
+        ("RTX 4090", "8.9"),
+        ("NVIDIA H100 80GB HBM3", "9.0"),
+        ("H200", "9.0"),
+        ("B200", "10.0"),
+        ("RTX 5090", "12.0"),
+        ("sm_86", "8.6"),
+    ],
+)
 def test_gpu_names(matrix, text, cap):
     assert matrix.gpu_capability(text)[0] == Capability.parse(cap)
 

@@ -36,85 +36,132 @@ def test_unbroken_copy_loads(tmp_path):
 MATRIX_CASES = {
     "unknown key": (
         lambda s: replace_once(s, REL_21, REL_21 + 'colour = "red"\n'),
-        "release 2.1: unknown key 'colour'"),
+        "release 2.1: unknown key 'colour'",
+    ),
     "bad version": (
         lambda s: replace_once(s, 'cudnn = "8.9.2.26"\nstatus', 'cudnn = "8.9.x"\nstatus'),
-        "release 2.1 build 12.1: bad version '8.9.x' in 'cudnn'"),
+        "release 2.1 build 12.1: bad version '8.9.x' in 'cudnn'",
+    ),
     "torchvision mismatch": (
         lambda s: replace_once(s, REL_21, 'torch = "2.1"\ntorchvision = "0.15"\n'),
-        "release 2.1: torchvision 0.15 does not match torch 2.1 (expected 0.16)"),
+        "release 2.1: torchvision 0.15 does not match torch 2.1 (expected 0.16)",
+    ),
     "version not a string": (
         lambda s: replace_once(s, REL_21, 'torch = 2.1\ntorchvision = "0.16"\n'),
-        "must be a version string"),
+        "must be a version string",
+    ),
     "patch release row": (
         lambda s: replace_once(s, REL_21, 'torch = "2.1.2"\ntorchvision = "0.16"\n'),
-        "'torch' must be a minor release"),
+        "'torch' must be a minor release",
+    ),
     "missing key": (
-        lambda s: replace_once(s, 'cuda = "11.6"\ncudnn = "8.3.2.44"\nstatus = "stable"\n',
-                               'cuda = "11.6"\ncudnn = "8.3.2.44"\n'),
-        "release 1.13 build 11.6: missing key 'status'"),
+        lambda s: replace_once(
+            s,
+            'cuda = "11.6"\ncudnn = "8.3.2.44"\nstatus = "stable"\n',
+            'cuda = "11.6"\ncudnn = "8.3.2.44"\n',
+        ),
+        "release 1.13 build 11.6: missing key 'status'",
+    ),
     "bad status": (
-        lambda s: replace_once(s, 'cudnn = "8.3.2.44"\nstatus = "stable"',
-                               'cudnn = "8.3.2.44"\nstatus = "beta"'),
-        "'status' must be one of stable, experimental"),
+        lambda s: replace_once(
+            s, 'cudnn = "8.3.2.44"\nstatus = "stable"', 'cudnn = "8.3.2.44"\nstatus = "beta"'
+        ),
+        "'status' must be one of stable, experimental",
+    ),
     "unknown source": (
-        lambda s: replace_once(s, 'cudnn = "8.3.2.44"\nstatus = "stable"\nsource = "release-md"',
-                               'cudnn = "8.3.2.44"\nstatus = "stable"\nsource = "blog"'),
-        "unknown source 'blog'"),
+        lambda s: replace_once(
+            s,
+            'cudnn = "8.3.2.44"\nstatus = "stable"\nsource = "release-md"',
+            'cudnn = "8.3.2.44"\nstatus = "stable"\nsource = "blog"',
+        ),
+        "unknown source 'blog'",
+    ),
     "verified not a bool": (
-        lambda s: replace_once(s, 'source = "release-md"\nverified = true',
-                               'source = "release-md"\nverified = "yes"'),
-        "'verified' must be true or false"),
+        lambda s: replace_once(
+            s, 'source = "release-md"\nverified = true', 'source = "release-md"\nverified = "yes"'
+        ),
+        "'verified' must be true or false",
+    ),
     "duplicate release": (
-        lambda s: s + '\n[[release]]\n' + REL_21
-        + 'released = "x"\npython = ["3.11"]\npypi_default = { cuda = "12.1", cudnn = "1" }\n'
-        'source = "pypi"\nverified = true\n[[release.build]]\ncuda = "12.1"\ncudnn = "1"\n'
-        'status = "stable"\nsource = "pypi"\nverified = true\n',
-        "release 2.1: duplicate release"),
+        lambda s: (
+            s
+            + "\n[[release]]\n"
+            + REL_21
+            + 'released = "x"\npython = ["3.11"]\npypi_default = { cuda = "12.1", cudnn = "1" }\n'
+            'source = "pypi"\nverified = true\n[[release.build]]\ncuda = "12.1"\ncudnn = "1"\n'
+            'status = "stable"\nsource = "pypi"\nverified = true\n'
+        ),
+        "release 2.1: duplicate release",
+    ),
     "pypi default not a build": (
-        lambda s: replace_once(s, 'pypi_default = { cuda = "12.1", cudnn = "8.9.2.26" }',
-                               'pypi_default = { cuda = "12.4", cudnn = "8.9.2.26" }'),
-        "release 2.1: pypi_default CUDA 12.4 is not one of its builds (11.8, 12.1)"),
+        lambda s: replace_once(
+            s,
+            'pypi_default = { cuda = "12.1", cudnn = "8.9.2.26" }',
+            'pypi_default = { cuda = "12.4", cudnn = "8.9.2.26" }',
+        ),
+        "release 2.1: pypi_default CUDA 12.4 is not one of its builds (11.8, 12.1)",
+    ),
     "pypi default cudnn disagrees": (
-        lambda s: replace_once(s, 'pypi_default = { cuda = "12.1", cudnn = "8.9.2.26" }',
-                               'pypi_default = { cuda = "12.1", cudnn = "8.9.7" }'),
-        "pypi_default cuDNN 8.9.7 differs from build 12.1's cuDNN 8.9.2.26"),
+        lambda s: replace_once(
+            s,
+            'pypi_default = { cuda = "12.1", cudnn = "8.9.2.26" }',
+            'pypi_default = { cuda = "12.1", cudnn = "8.9.7" }',
+        ),
+        "pypi_default cuDNN 8.9.7 differs from build 12.1's cuDNN 8.9.2.26",
+    ),
     "build without driver entry": (
         lambda s: replace_once(s, '[[cuda]]\nversion = "11.6"', '[[cuda]]\nversion = "11.5"'),
-        "release 1.13 build 11.6: no [[cuda]] entry gives the driver for CUDA 11.6"),
+        "release 1.13 build 11.6: no [[cuda]] entry gives the driver for CUDA 11.6",
+    ),
     "toolkit driver below floor": (
-        lambda s: replace_once(s, 'version = "12.1"\nlinux = "530.30.02"',
-                               'version = "12.1"\nlinux = "520.1"'),
-        "cuda 12.1: toolkit driver 520.1 is below the CUDA 12 floor 525.60.13"),
+        lambda s: replace_once(
+            s, 'version = "12.1"\nlinux = "530.30.02"', 'version = "12.1"\nlinux = "520.1"'
+        ),
+        "cuda 12.1: toolkit driver 520.1 is below the CUDA 12 floor 525.60.13",
+    ),
     "bad arch": (
         lambda s: replace_once(s, 'archs = ["8.0", "9.0"]', 'archs = ["8.0", "sm_xx"]'),
-        "archs #10: bad compute capability 'sm_xx'"),
+        "archs #10: bad compute capability 'sm_xx'",
+    ),
     "ptx not last": (
         lambda s: replace_once(s, 'archs = ["8.0", "9.0"]', 'archs = ["8.0+PTX", "9.0"]'),
-        "only the last arch may carry +PTX"),
+        "only the last arch may carry +PTX",
+    ),
     "arch list for a missing release": (
-        lambda s: replace_once(s, 'torch_min = "2.12"\ntorch_max = "2.15"\nplatforms = '
-                               '["linux-aarch64"]\narchs = ["8.0", "9.0"]',
-                               'torch_min = "2.12"\ntorch_max = "2.99"\nplatforms = '
-                               '["linux-aarch64"]\narchs = ["8.0", "9.0"]'),
-        "archs #10: torch 2.99 is not a release of the matrix"),
+        lambda s: replace_once(
+            s,
+            'torch_min = "2.12"\ntorch_max = "2.15"\nplatforms = '
+            '["linux-aarch64"]\narchs = ["8.0", "9.0"]',
+            'torch_min = "2.12"\ntorch_max = "2.99"\nplatforms = '
+            '["linux-aarch64"]\narchs = ["8.0", "9.0"]',
+        ),
+        "archs #10: torch 2.99 is not a release of the matrix",
+    ),
     "unknown platform": (
-        lambda s: replace_once(s, 'platforms = ["linux-aarch64"]\narchs = ["8.0", "9.0"]',
-                               'platforms = ["amiga"]\narchs = ["8.0", "9.0"]'),
-        "unknown platform 'amiga'"),
+        lambda s: replace_once(
+            s,
+            'platforms = ["linux-aarch64"]\narchs = ["8.0", "9.0"]',
+            'platforms = ["amiga"]\narchs = ["8.0", "9.0"]',
+        ),
+        "unknown platform 'amiga'",
+    ),
     "wrong schema": (
         lambda s: replace_once(s, "schema = 1", "schema = 7"),
-        "top level: 'schema' must be 1, got 7"),
+        "top level: 'schema' must be 1, got 7",
+    ),
     "unknown top-level table": (
         lambda s: replace_once(s, "schema = 1", "schema = 1\nextra = 3"),
-        "top level: unknown key 'extra'"),
-    "not toml": (
-        lambda s: s + "\n[[release]\n",
-        "not valid TOML"),
+        "top level: unknown key 'extra'",
+    ),
+    "not toml": (lambda s: s + "\n[[release]\n", "not valid TOML"),
     "bad gpu capability": (
-        lambda s: replace_once(s, 'name = "B200"\naliases = []\ncapability = "10.0"',
-                               'name = "B200"\naliases = []\ncapability = "ten"'),
-        "gpu 'B200': bad compute capability 'ten'"),
+        lambda s: replace_once(
+            s,
+            'name = "B200"\naliases = []\ncapability = "10.0"',
+            'name = "B200"\naliases = []\ncapability = "ten"',
+        ),
+        "gpu 'B200': bad compute capability 'ten'",
+    ),
 }
 
 
@@ -128,50 +175,69 @@ def test_bad_matrix(tmp_path, case):
     assert message in str(err.value)
 
 
-CU121 = ('[target.cu121]\n'
-         'description = "CUDA 12.1 on the last release of the legacy pytorch channel"\n')
+CU121 = (
+    '[target.cu121]\ndescription = "CUDA 12.1 on the last release of the legacy pytorch channel"\n'
+)
 
 TARGET_CASES = {
     "resolves to no release": (
         lambda s: replace_once(s, CU121 + 'torch = "2.5"', CU121 + 'torch = "2.99"'),
-        "target 'cu121': torch 2.99 resolves to no release of the matrix"),
+        "target 'cu121': torch 2.99 resolves to no release of the matrix",
+    ),
     "no such build": (
         lambda s: replace_once(s, 'cuda = "12.1"', 'cuda = "12.6"'),
-        "target 'cu121': torch 2.5 has no CUDA 12.6 build (builds: 11.8, 12.1, 12.4)"),
+        "target 'cu121': torch 2.5 has no CUDA 12.6 build (builds: 11.8, 12.1, 12.4)",
+    ),
     "torchvision mismatch": (
-        lambda s: replace_once(s, CU121 + 'torch = "2.5"\ntorchvision = "0.20"',
-                               CU121 + 'torch = "2.5"\ntorchvision = "0.19"'),
-        "target 'cu121': torchvision 0.19 does not match torch 2.5"),
+        lambda s: replace_once(
+            s,
+            CU121 + 'torch = "2.5"\ntorchvision = "0.20"',
+            CU121 + 'torch = "2.5"\ntorchvision = "0.19"',
+        ),
+        "target 'cu121': torchvision 0.19 does not match torch 2.5",
+    ),
     "python unsupported": (
-        lambda s: replace_once(s, 'cuda = "12.1"', 'cuda = "12.1"\npython = "3.7"')
-        .replace(CU121 + 'torch = "2.5"\ntorchvision = "0.20"\npython = "3.11"\n',
-                 CU121 + 'torch = "2.5"\ntorchvision = "0.20"\n'),
-        "target 'cu121': torch 2.5 has no wheels for Python 3.7"),
+        lambda s: replace_once(s, 'cuda = "12.1"', 'cuda = "12.1"\npython = "3.7"').replace(
+            CU121 + 'torch = "2.5"\ntorchvision = "0.20"\npython = "3.11"\n',
+            CU121 + 'torch = "2.5"\ntorchvision = "0.20"\n',
+        ),
+        "target 'cu121': torch 2.5 has no wheels for Python 3.7",
+    ),
     "cudnn mismatch": (
         lambda s: replace_once(s, 'cudnn = "9.24.0.43"', 'cudnn = "9.1.0.70"'),
-        "target 'cu130': cuDNN 9.1.0.70 does not match the matrix"),
+        "target 'cu130': cuDNN 9.1.0.70 does not match the matrix",
+    ),
     "legacy channel after 2.5": (
-        lambda s: replace_once(s, 'cuda = "12.6"\nconda_channel = "conda-forge"',
-                               'cuda = "12.6"\nconda_channel = "pytorch"'),
-        "target 'cu126': channel 'pytorch' has no torch after 2.5"),
+        lambda s: replace_once(
+            s,
+            'cuda = "12.6"\nconda_channel = "conda-forge"',
+            'cuda = "12.6"\nconda_channel = "pytorch"',
+        ),
+        "target 'cu126': channel 'pytorch' has no torch after 2.5",
+    ),
     "unknown channel": (
-        lambda s: replace_once(s, 'cuda = "12.1"\nconda_channel = "pytorch"',
-                               'cuda = "12.1"\nconda_channel = "pip"'),
-        "target 'cu121': conda_channel 'pip' is not a conda channel"),
+        lambda s: replace_once(
+            s, 'cuda = "12.1"\nconda_channel = "pytorch"', 'cuda = "12.1"\nconda_channel = "pip"'
+        ),
+        "target 'cu121': conda_channel 'pip' is not a conda channel",
+    ),
     "unknown key": (
         lambda s: replace_once(s, 'cuda = "12.1"', 'cuda = "12.1"\ncdua = "12.1"'),
-        "target 'cu121': unknown key 'cdua'"),
+        "target 'cu121': unknown key 'cdua'",
+    ),
     "bad cuda": (
         lambda s: replace_once(s, 'cuda = "12.1"', 'cuda = "twelve"'),
-        "target 'cu121': bad CUDA version 'twelve'"),
+        "target 'cu121': bad CUDA version 'twelve'",
+    ),
     "release without torchvision": (
-        lambda s: replace_once(s, 'torch = "2.14.1"\ntorchvision = "0.29.1"\npython = "3.11"\n'
-                               'cuda = "12.6"', 'torch = "2.15"\ntorchvision = "0.29.1"\n'
-                               'python = "3.11"\ncuda = "12.6"'),
-        "target 'cu126': torch 2.15 has no verified torchvision"),
-    "no targets": (
-        lambda s: "schema = 1\n",
-        "top level: missing key 'target'"),
+        lambda s: replace_once(
+            s,
+            'torch = "2.14.1"\ntorchvision = "0.29.1"\npython = "3.11"\ncuda = "12.6"',
+            'torch = "2.15"\ntorchvision = "0.29.1"\npython = "3.11"\ncuda = "12.6"',
+        ),
+        "target 'cu126': torch 2.15 has no verified torchvision",
+    ),
+    "no targets": (lambda s: "schema = 1\n", "top level: missing key 'target'"),
 }
 
 

@@ -15,8 +15,10 @@ def test_versions_compare_numerically_not_as_strings():
     assert Version.parse("525") < Version.parse("525.60.13")
 
 
-@given(st.lists(st.integers(0, 999), min_size=1, max_size=4),
-       st.lists(st.integers(0, 999), min_size=1, max_size=4))
+@given(
+    st.lists(st.integers(0, 999), min_size=1, max_size=4),
+    st.lists(st.integers(0, 999), min_size=1, max_size=4),
+)
 def test_version_order_is_numeric_tuple_order(a, b):
     va, vb = Version.parse(".".join(map(str, a))), Version.parse(".".join(map(str, b)))
     n = max(len(a), len(b))
@@ -40,9 +42,16 @@ def test_malformed_versions_are_clear_errors(bad):
         Version.parse(bad)
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("12.1", "12.1"), ("cu121", "12.1"), ("cu118", "11.8"), ("cu130", "13.0"), ("CU126", "12.6"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("12.1", "12.1"),
+        ("cu121", "12.1"),
+        ("cu118", "11.8"),
+        ("cu130", "13.0"),
+        ("CU126", "12.6"),
+    ],
+)
 def test_parse_cuda(text, expected):
     assert parse_cuda(text) == Version.parse(expected)
 
@@ -56,10 +65,18 @@ def test_parse_cuda_cpu_and_errors():
             parse_cuda(bad)
 
 
-@pytest.mark.parametrize("text,major,minor,specific", [
-    ("sm_86", 8, 6, ""), ("8.6", 8, 6, ""), ("sm_90a", 9, 0, "a"), ("sm_120", 12, 0, ""),
-    ("12.0", 12, 0, ""), ("86", 8, 6, ""), ("compute_100", 10, 0, ""),
-])
+@pytest.mark.parametrize(
+    "text,major,minor,specific",
+    [
+        ("sm_86", 8, 6, ""),
+        ("8.6", 8, 6, ""),
+        ("sm_90a", 9, 0, "a"),
+        ("sm_120", 12, 0, ""),
+        ("12.0", 12, 0, ""),
+        ("86", 8, 6, ""),
+        ("compute_100", 10, 0, ""),
+    ],
+)
 def test_parse_capability(text, major, minor, specific):
     c = Capability.parse(text)
     assert (c.major, c.minor, c.specific) == (major, minor, specific)
@@ -76,20 +93,23 @@ def cap(t):
     return Capability.parse_arch(t)
 
 
-@pytest.mark.parametrize("code,device,expected", [
-    ("8.6", "8.9", True),      # same major, higher minor
-    ("8.6", "8.0", False),     # lower minor
-    ("8.0", "9.0", False),     # other major, no PTX
-    ("7.5", "7.0", False),     # a Volta cannot run Turing code
-    ("8.6", "8.7", False),     # Jetson Orin runs only its own code
-    ("8.7", "8.9", False),     # and its code runs only on it
-    ("8.7", "8.7", True),
-    ("9.0a", "9.0", True),     # arch-specific code: exactly that capability
-    ("9.0a", "9.1", False),
-    ("12.0+PTX", "12.1", True),
-    ("9.0+PTX", "10.0", True),  # PTX lets newer archs JIT
-    ("9.0+PTX", "8.6", False),
-    ("10.1", "11.0", True),    # sm_101 is sm_110
-])
+@pytest.mark.parametrize(
+    "code,device,expected",
+    [
+        ("8.6", "8.9", True),  # same major, higher minor
+        ("8.6", "8.0", False),  # lower minor
+        ("8.0", "9.0", False),  # other major, no PTX
+        ("7.5", "7.0", False),  # a Volta cannot run Turing code
+        ("8.6", "8.7", False),  # Jetson Orin runs only its own code
+        ("8.7", "8.9", False),  # and its code runs only on it
+        ("8.7", "8.7", True),
+        ("9.0a", "9.0", True),  # arch-specific code: exactly that capability
+        ("9.0a", "9.1", False),
+        ("12.0+PTX", "12.1", True),
+        ("9.0+PTX", "10.0", True),  # PTX lets newer archs JIT
+        ("9.0+PTX", "8.6", False),
+        ("10.1", "11.0", True),  # sm_101 is sm_110
+    ],
+)
 def test_runs_on_follows_torch_rule(code, device, expected):
     assert runs_on(cap(code), Capability.parse(device)) is expected

@@ -91,9 +91,16 @@ def test_channel_support_from_the_matrix_facts(matrix):
 
 
 def _with_cf_facts(matrix, torch_minor, cudas):
-    facts = ArchList("conda-forge", tuple(Version.parse(c) for c in cudas),
-                     Version.parse(torch_minor), Version.parse(torch_minor), ("linux-64",),
-                     (Capability.parse("8.0"),), ("cf-feedstock",), True)
+    facts = ArchList(
+        "conda-forge",
+        tuple(Version.parse(c) for c in cudas),
+        Version.parse(torch_minor),
+        Version.parse(torch_minor),
+        ("linux-64",),
+        (Capability.parse("8.0"),),
+        ("cf-feedstock",),
+        True,
+    )
     return dataclasses.replace(matrix, arch_lists=(*matrix.arch_lists, facts))
 
 
@@ -124,8 +131,7 @@ def test_cli_render_all_reports_refusals(matrix, tmp_path):
     assert "refused cu130" in text and "wrote" in text
     assert (tmp_path / "cu121.yml").exists() and not (tmp_path / "cu130.yml").exists()
     out = io.StringIO()
-    assert main(["render", "--all", "--allow-unverified", "--envs", str(tmp_path)],
-                out=out) == 0
+    assert main(["render", "--all", "--allow-unverified", "--envs", str(tmp_path)], out=out) == 0
     assert len(list(tmp_path.glob("*.yml"))) == 2 * len(matrix.targets)
 
 

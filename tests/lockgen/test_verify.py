@@ -24,8 +24,9 @@ def channel(tmp_path_factory):
 @pytest.fixture(scope="module")
 def locked(matrix, channel, tmp_path_factory):
     envs = tmp_path_factory.mktemp("envs")
-    render_and_lock(matrix, envs, channel, tmp_path_factory.mktemp("cache"),
-                    names=["cu121", "cu130", "cpu"])
+    render_and_lock(
+        matrix, envs, channel, tmp_path_factory.mktemp("cache"), names=["cu121", "cu130", "cpu"]
+    )
     return envs
 
 
@@ -69,14 +70,15 @@ def test_tampered_hash_fails(matrix, envs):
     def tamper(data):
         pkg = next(p for p in data["package"] if p["name"] == "pytorch")
         pkg["hash"]["sha256"] = "0" * 64
+
     _edit_lock(path, tamper)
     report = verify_file(path, matrix, check_channels=True)
     assert not report.ok
-    assert any("pytorch" in m and "differs from the channel" in m
-               for m in _errors(report, "hash"))
+    assert any("pytorch" in m and "differs from the channel" in m for m in _errors(report, "hash"))
 
     def malformed(data):
         data["package"][0]["hash"]["md5"] = "not-a-hash"
+
     _edit_lock(path, malformed)
     report = verify_file(path, matrix)
     assert any("md5" in m for m in _errors(report, "hash"))
@@ -88,8 +90,10 @@ def test_cpu_torch_in_a_cuda_lock_fails(matrix, envs):
     def to_cpu(data):
         pkg = next(p for p in data["package"] if p["name"] == "pytorch")
         pkg["build"] = "cpu_mkl_py311_h1234567_100"
-        pkg["url"] = pkg["url"].replace("cuda130_mkl_py311_h1234567_200",
-                                        "cpu_mkl_py311_h1234567_100")
+        pkg["url"] = pkg["url"].replace(
+            "cuda130_mkl_py311_h1234567_200", "cpu_mkl_py311_h1234567_100"
+        )
+
     _edit_lock(path, to_cpu)
     report = verify_file(path, matrix)
     assert not report.ok
@@ -105,6 +109,7 @@ def test_wrong_cuda_version_fails(matrix, envs):
                 p["build"] = "py3.11_cuda12.4_cudnn9.1.0_0"
             if p["name"] == "pytorch-cuda":
                 p["version"] = "12.4"
+
     _edit_lock(path, to_124)
     report = verify_file(path, matrix)
     assert any("CUDA 12.4 build" in m for m in _errors(report, "torch"))
@@ -117,6 +122,7 @@ def test_wrong_cudnn_fails(matrix, envs):
     def cudnn8(data):
         pkg = next(p for p in data["package"] if p["name"] == "pytorch")
         pkg["build"] = "py3.11_cuda12.1_cudnn8.9.2_0"
+
     _edit_lock(path, cudnn8)
     assert any("cuDNN 8.9.2" in m for m in _errors(verify_file(path, matrix), "cudnn"))
 
@@ -128,6 +134,7 @@ def test_missing_platform_fails(matrix, envs):
         data["metadata"]["platforms"] = ["win-64"]
         data["package"] = [dict(p, platform="win-64") for p in data["package"]]
         data["metadata"]["content_hash"] = {"win-64": "0" * 64}
+
     _edit_lock(path, drop)
     report = verify_file(path, matrix)
     assert any("linux-64 is missing" in m for m in _errors(report, "platform"))
@@ -157,14 +164,14 @@ def test_lock_for_another_cuda_is_caught(matrix, envs):
 
     def relabel(data):
         data["metadata"]["custom_metadata"][lf.META_CUDA] = "11.8"
+
     _edit_lock(path, relabel)
     assert any("__cuda=11.8" in m for m in _errors(verify_file(path, matrix), "target"))
 
 
 def test_unknown_target(matrix, envs):
     path = envs / "cu121.lock"
-    _edit_lock(path, lambda d: d["metadata"]["custom_metadata"].update(
-        {lf.META_TARGET: "cu999"}))
+    _edit_lock(path, lambda d: d["metadata"]["custom_metadata"].update({lf.META_TARGET: "cu999"}))
     assert any("unknown target" in m for m in _errors(verify_file(path, matrix), "target"))
 
 
