@@ -153,9 +153,10 @@ def _check_linear_ce_inputs(x, weight, target, bias, ignore_index, reduction, la
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
-    # A data-dependent check (on CUDA it waits for the GPU); under torch.compile it is left to
-    # the kernels, which refuse such a target too (CUDA: a device-side assert, like PyTorch's).
-    if not torch.compiler.is_compiling() and target.numel() > 0:
+    # A data-dependent check, done on CPU only: on CUDA it would wait for the GPU every step, so
+    # there (and under torch.compile) the kernels refuse such a target themselves (CUDA: a
+    # device-side assert, as PyTorch's own cross_entropy does).
+    if target.device.type == "cpu" and not torch.compiler.is_compiling() and target.numel() > 0:
         num_classes = weight.shape[0]
         bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
         if bool(bad.any()):
@@ -272,6 +273,9 @@ def _fused_linear_cross_entropy_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, target, bias, lse, grad_x, grad_w, grad_b)
 
 
+_UNIT_CHECK_MIN_NUMEL = 1 << 22  # weights of 4M+ elements: 16 MiB+ of fp32 gradient to copy
+
+
 def _is_plain_eager(t: torch.Tensor) -> bool:
     """True when t holds real data and nothing traces it (no compile, fake or proxy mode): only
     then may a value decide which ops run."""
@@ -305,7 +309,13 @@ def _fused_linear_cross_entropy_backward(ctx, grad_loss, _grad_lse, _gx, _gw, _g
     # a graph kept with retain_graph=True must give the same gradients again. For the usual
     # loss.backward() (grad_loss == 1, checked outside compile) they are returned as they are,
     # so no second (V, H) buffer is needed.
-    unit = _is_plain_eager(grad_loss) and grad_loss.numel() == 1 and bool(grad_loss == 1)
+    # Reading grad_loss on a GPU waits for it, which pays only when the copy it saves is big.
+    unit = (
+        _is_plain_eager(grad_loss)
+        and grad_loss.numel() == 1
+        and (grad_loss.device.type == "cpu" or weight.numel() >= _UNIT_CHECK_MIN_NUMEL)
+        and bool(grad_loss == 1)
+    )
     for i, saved in enumerate((grad_x, grad_w, grad_b)):
         if needs[i] and ctx.precomputed[i]:
             result[i] = saved if unit else saved * grad_loss
