@@ -100,6 +100,9 @@ class PipResolver:
                 "--isolated",
                 "install",
                 "--dry-run",
+                # Older pips (< 24) allow --platform only with --target; nothing is written there.
+                "--target",
+                str(Path(tmp) / "target"),
                 "--ignore-installed",
                 "--quiet",
                 "--report",

@@ -256,7 +256,12 @@ class NixEnv:
         for i in inputs:
             self.overrides += ["--override-input", i.input, f"path:{self.stub(i.url)}"]
         self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("NIX_", "GPUFIT_"))},
+            # A caller's activated venv would leak into the shells under test.
+            **{
+                k: v
+                for k, v in os.environ.items()
+                if not k.startswith(("NIX_", "GPUFIT_")) and k != "VIRTUAL_ENV"
+            },
             "NIX_CONFIG": "\n".join(
                 [
                     "experimental-features = nix-command flakes",
