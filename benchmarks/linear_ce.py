@@ -21,8 +21,6 @@ Writes linear_ce_<device>_<dtype>.json and .png and prints each variant's ratios
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import gpufit
+from benchmarks import report as report_out
 
 SIZES = {
     False: [(4096, 1024, 32000), (4096, 1024, 128256)],
@@ -196,21 +195,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"eager)  loss {losses[name]:.5f}",
                 flush=True,
             )
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"linear_ce_{args.device}_{dtype_name}"
     report = {
         "benchmark": "linear_ce",
-        "gpufit": gpufit.info().as_dict(),
-        "machine": platform.platform(),
         "threads": args.threads,
         "rounds": args.rounds,
         "rows": rows,
     }
-    tmp = stem.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(stem.with_suffix(".json"))
-    plot(rows, stem.with_suffix(".png"))
-    print(f"wrote {stem}.json and {stem}.png")
+    stem = args.out / f"linear_ce_{args.device}_{dtype_name}"
+    report_out.write(stem, report, lambda p: plot(rows, p))
     return 0
 
 

@@ -10,8 +10,6 @@ linear_relu_<device>.json and .png and prints eager/gpufit ratios (> 1 means gpu
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import gpufit
+from benchmarks import report as report_out
 
 # (name, batch, in_features, out_features)
 SHAPES = {
@@ -140,20 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"  eager/gpufit {row['speedup']:.2f}x",
                 flush=True,
             )
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"linear_relu_{args.device}"
-    report = {
-        "benchmark": "linear_relu",
-        "gpufit": gpufit.info().as_dict(),
-        "machine": platform.platform(),
-        "threads": args.threads,
-        "rows": rows,
-    }
-    tmp = stem.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(stem.with_suffix(".json"))
-    plot(rows, stem.with_suffix(".png"))
-    print(f"wrote {stem}.json and {stem}.png")
+    report = {"benchmark": "linear_relu", "threads": args.threads, "rows": rows}
+    report_out.write(args.out / f"linear_relu_{args.device}", report, lambda p: plot(rows, p))
     return 0
 
 

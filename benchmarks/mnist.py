@@ -22,8 +22,6 @@ per-step ratios use those. Goals: (a)/(d) >= 3 (end to end) and (b)/(d) >= 1.25 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
@@ -33,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import gpufit
+from benchmarks import report as report_out
 from gpufit import data as mnist_data
 from gpufit.examples import mnist
 
@@ -270,9 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         "variants": rows,
         "ratios": ratios,
         "goals": {k: {"goal": v, "met": ratios.get(k, 0) >= v} for k, v in goals.items()},
-        "gpufit": gpufit.info().as_dict(),
         "torch": torch.__version__,
-        "machine": platform.platform(),
     }
     for v in variants:
         interleaved = rows[v].get("interleaved_step_ms")
@@ -284,13 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         goal = goals.get(k)
         verdict = "" if goal is None else f"  (goal >= {goal}: {'met' if v >= goal else 'NOT met'})"
         print(f"{k}: {v:.2f}x{verdict}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"mnist_{args.device}"
-    tmp = stem.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(stem.with_suffix(".json"))
-    plot(report, stem.with_suffix(".png"))
-    print(f"wrote {stem}.json and {stem}.png")
+    report_out.write(args.out / f"mnist_{args.device}", report, lambda p: plot(report, p))
     return 0
 
 
