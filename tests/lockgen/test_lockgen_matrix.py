@@ -165,7 +165,7 @@ def test_every_target_resolves(matrix, name):
 
 def test_target_conda_routes(matrix):
     cu121 = matrix.target("cu121")
-    assert cu121.conda_channels == ("pytorch", "nvidia")
+    assert cu121.conda_channels == ("pytorch", "nvidia", "defaults")
     assert "pytorch-cuda 12.1.*" in cu121.conda_specs
     assert "pytorch 2.5.* *cuda*" in cu121.conda_specs
     cu130 = matrix.target("cu130")

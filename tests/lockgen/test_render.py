@@ -38,7 +38,7 @@ def test_env_yml_pins_the_cuda_build_and_the_cuda_version(matrix):
     assert "python 3.11.*" in deps
     assert {"numpy", "ninja", "pip"} <= set(deps)
     cu121 = yaml.safe_load(env_yml_text(matrix, matrix.target("cu121")))
-    assert cu121["channels"] == ["pytorch", "nvidia"]
+    assert cu121["channels"] == ["pytorch", "nvidia", "defaults"]
     assert "pytorch 2.5.* *cuda*" in cu121["dependencies"]
     assert "pytorch-cuda 12.1.*" in cu121["dependencies"]
     cpu = env_specs(matrix.target("cpu"))
@@ -80,7 +80,7 @@ def test_conda_lock_reads_the_rendered_env_file(matrix, tmp_path):
     spec = lock_spec(target_paths(tmp_path, "cu121").env)
     deps = {d.name: d for d in spec.dependencies["linux-64"]}
     assert deps["pytorch"].build == "*cuda*" and deps["pytorch"].version == "2.5.*"
-    assert [c.url for c in spec.channels] == ["pytorch", "nvidia"]
+    assert [c.url for c in spec.channels] == ["pytorch", "nvidia", "defaults"]
 
 
 def test_channel_support_from_the_matrix_facts(matrix):
