@@ -21,7 +21,8 @@ Public API
     ``cuda`` (Version or None for cpu), ``cudnn`` (Version or None), ``tag`` (``cu121`` /
     ``cpu``), ``is_cpu``, ``release``, ``build``, ``platforms`` (conda subdirs),
     ``conda_channel`` (a Channel: ``name`` is ``conda-forge`` or ``pytorch``),
-    ``conda_channels`` (``("pytorch", "nvidia", "defaults")`` / ``("conda-forge",)``), ``conda_specs``
+    ``conda_channels`` (``("pytorch", "nvidia", "defaults")`` / ``("conda-forge",)``),
+    ``conda_specs``
     (match specs, e.g. ``pytorch 2.5.* *cuda*``, ``pytorch-cuda 12.1.*``, ``cuda-version
     13.0.*``), ``virtual_packages`` (``{platform: {"__cuda": "13.0", "__glibc": "2.28", ...}}``),
     ``pip_index_url`` (``https://download.pytorch.org/whl/cu121``), ``pip_requirements``

@@ -51,6 +51,9 @@ class SolveError(LockgenError):
     """No environment satisfies the target's specs under its virtual packages."""
 
 
+DEFAULTS_CHANNELS = ["https://repo.anaconda.com/pkgs/main", "https://repo.anaconda.com/pkgs/r"]
+
+
 @dataclass(frozen=True)
 class SolveJob:
     target: str
@@ -66,7 +69,13 @@ class SolveJob:
 
     @property
     def channels(self) -> list[str]:
-        return [c.url for c in self.spec.channels]
+        """Channel URLs or names for rattler; conda's ``defaults`` is not a channel name that
+        rattler knows (it would look for conda.anaconda.org/defaults), so it is expanded the
+        way conda expands it on Linux."""
+        out: list[str] = []
+        for c in self.spec.channels:
+            out += DEFAULTS_CHANNELS if c.url == "defaults" else [c.url]
+        return out
 
     def match_specs(self, platform: str) -> list[str]:
         """conda match specs (conda-lock's parsed form) of the conda dependencies."""

@@ -346,3 +346,13 @@ def test_cli_lock_with_local_channel(matrix, channel, cache, tmp_path):
         ["lock", "cu130", "--envs", str(tmp_path), "--channel", channel.as_uri()], out=out, err=err
     )
     assert rc == 2 and "--allow-unverified" in err.getvalue()
+
+
+def test_defaults_channel_is_expanded_for_rattler(matrix):
+    """conda's `defaults` (needed by the legacy pytorch channel) is not a rattler channel name."""
+    from lockgen import solve
+    from lockgen.matrix import default_envs_dir
+
+    job = solve.prepare_job(matrix, matrix.target("cu121"), default_envs_dir())
+    assert "defaults" not in job.channels
+    assert job.channels == ["pytorch", "nvidia", *solve.DEFAULTS_CHANNELS]
