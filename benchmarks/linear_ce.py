@@ -51,6 +51,9 @@ def _variants(device: str) -> dict:
         ),  # fmt: skip
         "gpufit": lambda x, w, t, b: gpufit.ops.fused_linear_cross_entropy(x, w, t, b),
     }
+    if not hasattr(F, "linear_cross_entropy"):  # torch < 2.13 has no native fused version
+        print(f"torch {torch.__version__} has no F.linear_cross_entropy: skipping torch-chunked")
+        del variants["torch-chunked"]
     if device == "cuda":
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
