@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import gpufit
 from benchmarks import report as report_out
+from benchmarks.memory import peak_cpu_bytes
 
 SIZES = {
     False: [(4096, 1024, 32000), (4096, 1024, 128256)],
@@ -95,22 +96,7 @@ def peak_bytes(fn, x, w, t, b, device) -> int:
         for p in (x, w, b):
             p.grad = None
         return peak
-    from torch.profiler._memory_profiler import Action
-
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU],
-        profile_memory=True,
-        record_shapes=True,
-        with_stack=True,
-    ) as prof:
-        fn(x, w, t, b).backward()
-    live = peak = 0
-    for _, action, _, size in prof._memory_profile().timeline:
-        if action == Action.CREATE:
-            live += size
-        elif action == Action.DESTROY:
-            live -= size
-        peak = max(peak, live)
+    peak = peak_cpu_bytes(lambda: fn(x, w, t, b).backward())
     for p in (x, w, b):
         p.grad = None
     return peak

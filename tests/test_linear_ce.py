@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gpufit
+from benchmarks.memory import peak_cpu_bytes
 from gpufit import ops, reference
 
 # (atol, rtol) per dtype, for loss and gradients. fp64 is exact math in another order. fp32:
@@ -375,28 +376,6 @@ def test_direct_op_call_is_guarded_in_cpp(change, pattern):
 
 
 # ---------------------------------------------------------------- memory
-
-
-def peak_cpu_bytes(fn, *args) -> int:
-    """Peak of the bytes allocated through torch's CPU allocator while fn(*args) runs, from the
-    profiler's allocation records (allocations, not time; tensors alive before fn count 0)."""
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU],
-        profile_memory=True,
-        record_shapes=True,
-        with_stack=True,
-    ) as prof:
-        fn(*args)
-    from torch.profiler._memory_profiler import Action
-
-    live = peak = 0
-    for _, action, _, size in prof._memory_profile().timeline:
-        if action == Action.CREATE:
-            live += size
-        elif action == Action.DESTROY:
-            live -= size
-        peak = max(peak, live)
-    return peak
 
 
 def fused_step(x, w, t, b, chunk_size=None):
