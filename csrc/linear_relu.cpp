@@ -34,11 +34,19 @@ void bias_relu_(at::Tensor& out, const c10::optional<at::Tensor>& bias) {
                      [&](int64_t begin, int64_t end) {
                        for (int64_t i = begin; i < end; ++i) {
                          scalar_t* row = o + i * N;
-                         for (int64_t j = 0; j < N; ++j) {
-                           acc_t v = static_cast<acc_t>(row[j]);
-                           if (bp) v += static_cast<acc_t>(bp[j]);
-                           // `v < 0 ? 0 : v` keeps NaN as NaN, like torch.relu.
-                           row[j] = static_cast<scalar_t>(v < acc_t(0) ? acc_t(0) : v);
+                         // Branch-free loops (bias or not decided outside) so they vectorise.
+                         // `v < 0 ? 0 : v` keeps NaN as NaN, like torch.relu.
+                         if (bp) {
+                           for (int64_t j = 0; j < N; ++j) {
+                             const acc_t v =
+                                 static_cast<acc_t>(row[j]) + static_cast<acc_t>(bp[j]);
+                             row[j] = static_cast<scalar_t>(v < acc_t(0) ? acc_t(0) : v);
+                           }
+                         } else {
+                           for (int64_t j = 0; j < N; ++j) {
+                             const acc_t v = static_cast<acc_t>(row[j]);
+                             row[j] = static_cast<scalar_t>(v < acc_t(0) ? acc_t(0) : v);
+                           }
                          }
                        }
                      });
@@ -47,11 +55,12 @@ void bias_relu_(at::Tensor& out, const c10::optional<at::Tensor>& bias) {
 
 // grad_z = grad_out * (out > 0) and grad_bias = sum over rows of grad_z, in one pass.
 // Columns are split into fixed blocks so the reduction order, and so the result, does not
-// depend on the number of threads.
+// depend on the number of threads; within a block the rows are walked in order and the inner
+// loop runs along contiguous columns, which the compiler vectorises.
 void relu_backward_bias_grad(const at::Tensor& grad_out, const at::Tensor& out,
                              at::Tensor& grad_z, at::Tensor& grad_bias) {
   const int64_t M = out.size(0), N = out.size(1);
-  constexpr int64_t kColumnBlock = 16;
+  constexpr int64_t kColumnBlock = 256;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), kOp, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
@@ -61,17 +70,20 @@ void relu_backward_bias_grad(const at::Tensor& grad_out, const at::Tensor& out,
     const int64_t blocks = (N + kColumnBlock - 1) / kColumnBlock;
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t j0 = blk * kColumnBlock, j1 = std::min(N, j0 + kColumnBlock);
+        const int64_t j0 = blk * kColumnBlock, width = std::min(N - j0, kColumnBlock);
         acc_t acc[kColumnBlock] = {};
         for (int64_t i = 0; i < M; ++i) {
-          const int64_t base = i * N;
-          for (int64_t j = j0; j < j1; ++j) {
-            const scalar_t v = y[base + j] > scalar_t(0) ? g[base + j] : scalar_t(0);
-            gz[base + j] = v;
-            acc[j - j0] += static_cast<acc_t>(v);
+          const scalar_t* gi = g + i * N + j0;
+          const scalar_t* yi = y + i * N + j0;
+          scalar_t* gzi = gz + i * N + j0;
+          for (int64_t j = 0; j < width; ++j) {
+            const scalar_t gv = gi[j];  // loaded unconditionally: a select, not a branch
+            const scalar_t v = yi[j] > scalar_t(0) ? gv : scalar_t(0);
+            gzi[j] = v;
+            acc[j] += static_cast<acc_t>(v);
           }
         }
-        for (int64_t j = j0; j < j1; ++j) gb[j] = static_cast<scalar_t>(acc[j - j0]);
+        for (int64_t j = 0; j < width; ++j) gb[j0 + j] = static_cast<scalar_t>(acc[j]);
       }
     });
   });

@@ -108,6 +108,21 @@ def test_matches_torch_cpu(dtype, reduction, ignore_index, label_smoothing, z_lo
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("ignore_index,label_smoothing,z_loss", OPTIONS)
+def test_matches_torch_cpu_vocabulary_blocks(dtype, reduction, ignore_index, label_smoothing,
+                                             z_loss):  # fmt: skip
+    # With no chunk_size, a vocabulary this much larger than H leaves PyTorch's chunk rule less
+    # than 64 rows, so the CPU takes vocabulary blocks (64 classes here; V = 1000 ends on a short
+    # block) and still computes the gradients in forward.
+    x, w, t, b = make_inputs((130,), 4, 1000, dtype, ignore=ignore_index)
+    assert_matches_torch(
+        x, w, t, b, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, z_loss=z_loss,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "lead,h,v",
     [((1,), 5, 7), ((1,), 3, 1), ((2, 5), 6, 9), ((), 4, 5), ((0,), 4, 5), ((3,), 0, 4)],
@@ -402,6 +417,26 @@ def test_peak_memory_does_not_grow_with_n_times_v():
     grew_fused = peaks[1024][0] - peaks[256][0]
     grew_eager = peaks[1024][1] - peaks[256][1]
     assert grew_fused < 0.05 * grew_eager, peaks
+
+
+@pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch < 2.13")
+@pytest.mark.parametrize(
+    "n,h,v",
+    [(256, 16, 20000), (512, 64, 3000)],
+    ids=["vocabulary blocks", "row chunks"],
+)
+def test_peak_memory_not_above_torch_chunked(n, h, v):
+    # gpufit's default split on CPU never takes more scratch than PyTorch's own chunked
+    # linear_cross_entropy; both produce the same gradients, so the peaks compare directly.
+    def torch_chunked_step(x, w, t, b, chunk_size=None):
+        options = torch.nn.LinearCrossEntropyOptions()
+        F.linear_cross_entropy(x, w, t, linear_bias=b, options=options).backward()
+
+    x, w, t, b = make_inputs((n,), h, v, torch.float32)
+    x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    ours = peak_cpu_bytes(fused_step, x, w, t, b)
+    theirs = peak_cpu_bytes(torch_chunked_step, x, w, t, b)
+    assert ours <= theirs, (ours, theirs)
 
 
 # ---------------------------------------------------------------- CUDA
