@@ -146,7 +146,10 @@ def test_two_epochs_on_the_sample_learn(side_by_side, impl):
     strict=True,
     reason="the issue's goal of >= 90 % after 2 epochs is not reached on the 5,000-digit sample "
     "with the reference workload (batch 64, Adam 1e-3, Normalize(0.5, 0.5)): 2 epochs are 126 "
-    "steps; measured 86.6-88.2 % over seeds 0-5. It takes about 5 epochs (90.0-91.2 %).",
+    "steps; measured 86.6-88.2 % over seeds 0-5. Four other random stratified splits of the "
+    "same digits average 87.8-90.3 % (4,000/1,000) and 88.0-90.5 % (4,500/500), so "
+    "90 % hinges on which digits are tested, and no split was picked to pass. It takes about 5 "
+    "epochs (90.0-91.2 %).",
 )
 @pytest.mark.parametrize("impl", mnist.IMPLS)
 def test_two_epochs_on_the_sample_reach_90_percent(side_by_side, impl):
