@@ -1,6 +1,7 @@
 """gpufit's operators: thin wrappers over torch.ops.gpufit.*, with their fake kernels (for
-torch.compile and meta tensors) and autograd formulas. The kernels come from the backend that
-gpufit._backend picked (compiled, JIT or pure-PyTorch reference).
+torch.compile and meta tensors). The kernels come from the backend that gpufit._backend picked
+(compiled, JIT or pure-PyTorch reference); the compiled ones bring their autograd along, the
+reference backend gets the Python autograd formulas here.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ import torch
 from gpufit import _backend, reference
 
 BACKEND = _backend.load()
+# The compiled backends bring their autograd (csrc/autograd.cpp: far cheaper per call than
+# Python's). The reference backend's ops are registered from Python, and so is their autograd
+# below.
+_PYTHON_KERNELS = BACKEND.kind == "reference"
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -106,11 +111,12 @@ def _fused_linear_relu_backward(ctx, grad_out):
     )
 
 
-torch.library.register_autograd(
-    "gpufit::fused_linear_relu",
-    _fused_linear_relu_backward,
-    setup_context=_fused_linear_relu_setup_context,
-)
+if _PYTHON_KERNELS:
+    torch.library.register_autograd(
+        "gpufit::fused_linear_relu",
+        _fused_linear_relu_backward,
+        setup_context=_fused_linear_relu_setup_context,
+    )
 
 
 # ---------------------------------------------------------------- fused_linear_cross_entropy
@@ -273,7 +279,8 @@ def _fused_linear_cross_entropy_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, target, bias, lse, grad_x, grad_w, grad_b)
 
 
-_UNIT_CHECK_MIN_NUMEL = 1 << 22  # weights of 4M+ elements: 16 MiB+ of fp32 gradient to copy
+# weights of 4M+ elements: 16 MiB+ of fp32 gradient to copy (csrc/autograd.cpp: the same rule)
+_UNIT_CHECK_MIN_NUMEL = 1 << 22
 
 
 def _is_plain_eager(t: torch.Tensor) -> bool:
@@ -325,8 +332,9 @@ def _fused_linear_cross_entropy_backward(ctx, grad_loss, _grad_lse, _gx, _gw, _g
     return grad_x, grad_w, None, grad_b, None, None, None, None, None, None
 
 
-torch.library.register_autograd(
-    "gpufit::fused_linear_cross_entropy",
-    _fused_linear_cross_entropy_backward,
-    setup_context=_fused_linear_cross_entropy_setup_context,
-)
+if _PYTHON_KERNELS:
+    torch.library.register_autograd(
+        "gpufit::fused_linear_cross_entropy",
+        _fused_linear_cross_entropy_backward,
+        setup_context=_fused_linear_cross_entropy_setup_context,
+    )
