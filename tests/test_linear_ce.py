@@ -265,6 +265,23 @@ def test_autograd_is_the_cpp_function():
     assert "FusedLinearCrossEntropyFunction" in loss.grad_fn.name()
 
 
+@pytest.mark.skipif(ops.BACKEND.kind == "reference", reason="the reference checks in Python")
+def test_forward_runs_no_tensor_op_but_the_kernel():
+    """The wrapper's checks look at metadata only: the CPU kernel refuses bad targets itself."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    seen = []
+    x, w, t, b = make_inputs((9,), 5, 13, torch.float32, ignore=-100)
+    with Record():
+        ops.fused_linear_cross_entropy(x.requires_grad_(), w, t, b)
+    assert seen == ["gpufit.fused_linear_cross_entropy.default"]
+
+
 def test_no_grad_forward_matches():
     x, w, t, b = make_inputs((9,), 5, 13, torch.float64)
     x.requires_grad_()
