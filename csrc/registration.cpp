@@ -1,7 +1,8 @@
 // The one place where gpufit's operator schemas are declared.
 //
 // Kernels register themselves per backend (CPU in the .cpp files, CUDA in the .cu files) with
-// TORCH_LIBRARY_IMPL; fake kernels and autograd are registered from Python (gpufit/ops.py).
+// TORCH_LIBRARY_IMPL, and so does the autograd of both devices (autograd.cpp, Autograd key);
+// the fake kernels are registered from Python (gpufit/ops.py).
 // gpufit/_schema.py holds the same schema strings for the pure-PyTorch fallback, and a test
 // checks that both agree.
 #include <Python.h>

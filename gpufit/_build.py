@@ -169,8 +169,8 @@ def apply(plan: BuildPlan) -> None:
 
 
 def sources(with_cuda: bool) -> list[Path]:
-    # CPU kernels and registration in csrc/, CUDA kernels in csrc/cuda/ (an op's .cpp and .cu
-    # share a stem, and setuptools names objects by stem within a folder).
+    # CPU kernels, autograd and registration in csrc/, CUDA kernels in csrc/cuda/ (an op's .cpp
+    # and .cu share a stem, and setuptools names objects by stem within a folder).
     found = sorted(CSRC.glob("*.cpp"))
     if with_cuda:
         found += sorted((CSRC / "cuda").glob("*.cu"))

@@ -1,6 +1,7 @@
 """gpufit's operators: thin wrappers over torch.ops.gpufit.*, with their fake kernels (for
-torch.compile and meta tensors) and autograd formulas. The kernels come from the backend that
-gpufit._backend picked (compiled, JIT or pure-PyTorch reference).
+torch.compile and meta tensors). The kernels come from the backend that gpufit._backend picked
+(compiled, JIT or pure-PyTorch reference); the compiled ones bring their autograd along, the
+reference backend gets the Python autograd formulas here.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ import torch
 from gpufit import _backend, reference
 
 BACKEND = _backend.load()
+# The compiled backends bring their autograd (csrc/autograd.cpp: far cheaper per call than
+# Python's) and check targets in their CPU kernel. The reference backend's ops are registered
+# from Python, and so is their autograd below.
+_PYTHON_KERNELS = BACKEND.kind == "reference"
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -23,10 +28,40 @@ def _check_tensor(op: str, name: str, t: object) -> None:
         )
 
 
+def _linear_inputs_fit(x: object, weight: object, bias: object) -> bool:
+    """The usual case in one cheap pass: True when check_linear_inputs has nothing to say (False
+    only sends the inputs through the full checks)."""
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return False
+    x_shape, w_shape, dtype, device = x.shape, weight.shape, x.dtype, x.device
+    return (
+        dtype in _FLOAT_DTYPES
+        and weight.dtype == dtype
+        and len(x_shape) >= 1
+        and len(w_shape) == 2
+        and x_shape[-1] == w_shape[1]
+        and weight.device == device
+        and (
+            bias is None
+            or (
+                isinstance(bias, torch.Tensor)
+                and bias.dtype == dtype
+                and bias.shape == (w_shape[0],)
+                and bias.device == device
+            )
+        )
+    )
+
+
 def check_linear_inputs(
     op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> None:
     """Raise a clear error unless x (..., K), weight (N, K), bias (N,) fit together."""
+    if not _linear_inputs_fit(x, weight, bias):
+        _explain_linear_inputs(op, x, weight, bias)
+
+
+def _explain_linear_inputs(op, x, weight, bias) -> None:
     _check_tensor(op, "x", x)
     _check_tensor(op, "weight", weight)
     if x.dim() < 1:
@@ -106,11 +141,12 @@ def _fused_linear_relu_backward(ctx, grad_out):
     )
 
 
-torch.library.register_autograd(
-    "gpufit::fused_linear_relu",
-    _fused_linear_relu_backward,
-    setup_context=_fused_linear_relu_setup_context,
-)
+if _PYTHON_KERNELS:
+    torch.library.register_autograd(
+        "gpufit::fused_linear_relu",
+        _fused_linear_relu_backward,
+        setup_context=_fused_linear_relu_setup_context,
+    )
 
 
 # ---------------------------------------------------------------- fused_linear_cross_entropy
@@ -121,6 +157,37 @@ _LINEAR_CE = "fused_linear_cross_entropy"
 
 def _check_linear_ce_inputs(x, weight, target, bias, ignore_index, reduction, label_smoothing,
                             z_loss, chunk_size):  # fmt: skip
+    args = (x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size)
+    if not _linear_ce_inputs_fit(*args):
+        _explain_linear_ce_inputs(*args)
+    # A data-dependent check, done on CPU only: on CUDA it would wait for the GPU every step, so
+    # there (and under torch.compile) the kernels refuse such a target themselves (CUDA: a
+    # device-side assert, as PyTorch's own cross_entropy does). The compiled CPU kernel checks
+    # each target as it reads it (see _linear_ce_op), so only the reference needs it here.
+    if _PYTHON_KERNELS and target.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_target_range(target, weight.shape[0], ignore_index)
+
+
+def _linear_ce_inputs_fit(x, weight, target, bias, ignore_index, reduction, label_smoothing,
+                          z_loss, chunk_size) -> bool:  # fmt: skip
+    """As _linear_inputs_fit, for all of fused_linear_cross_entropy's arguments."""
+    return (
+        _linear_inputs_fit(x, weight, bias)
+        and isinstance(target, torch.Tensor)
+        and target.dtype == torch.int64
+        and target.shape == x.shape[:-1]
+        and target.device == x.device
+        and weight.shape[0] >= 1
+        and type(ignore_index) is int
+        and reduction in _REDUCTIONS
+        and 0.0 <= float(label_smoothing) <= 1.0
+        and float(z_loss) >= 0.0
+        and (chunk_size is None or (type(chunk_size) is int and chunk_size >= 1))
+    )
+
+
+def _explain_linear_ce_inputs(x, weight, target, bias, ignore_index, reduction, label_smoothing,
+                              z_loss, chunk_size):  # fmt: skip
     op = _LINEAR_CE
     check_linear_inputs(op, x, weight, bias)
     if not isinstance(target, torch.Tensor):
@@ -153,18 +220,31 @@ def _check_linear_ce_inputs(x, weight, target, bias, ignore_index, reduction, la
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
-    # A data-dependent check, done on CPU only: on CUDA it would wait for the GPU every step, so
-    # there (and under torch.compile) the kernels refuse such a target themselves (CUDA: a
-    # device-side assert, as PyTorch's own cross_entropy does).
-    if target.device.type == "cpu" and not torch.compiler.is_compiling() and target.numel() > 0:
-        num_classes = weight.shape[0]
-        bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-        if bool(bad.any()):
-            value = int(target[bad].reshape(-1)[0])
-            raise ValueError(
-                f"{op}: target {value} is out of range for {num_classes} classes "
-                f"(valid: 0..{num_classes - 1}, or ignore_index={ignore_index})"
-            )
+
+
+def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    if target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad].reshape(-1)[0])
+        raise ValueError(
+            f"{_LINEAR_CE}: target {value} is out of range for {num_classes} classes "
+            f"(valid: 0..{num_classes - 1}, or ignore_index={ignore_index})"
+        )
+
+
+_TARGET_RANGE_ERROR = "is out of range for"  # how the CPU kernel's refusal of a target reads
+
+
+def _linear_ce_op(*args):
+    try:
+        return torch.ops.gpufit.fused_linear_cross_entropy.default(*args)
+    except RuntimeError as err:
+        # Raised as ValueError, like every other bad argument the wrapper refuses.
+        if _TARGET_RANGE_ERROR in str(err):
+            raise ValueError(str(err)) from None
+        raise
 
 
 def fused_linear_cross_entropy(
@@ -206,7 +286,7 @@ def fused_linear_cross_entropy(
     )
     grad_on = torch.is_grad_enabled()
     grad_mask = [grad_on and t is not None and t.requires_grad for t in (x, weight, bias)]
-    loss, lse, *_ = torch.ops.gpufit.fused_linear_cross_entropy.default(
+    loss, lse, *_ = _linear_ce_op(
         x,
         weight,
         target,
@@ -273,7 +353,8 @@ def _fused_linear_cross_entropy_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, target, bias, lse, grad_x, grad_w, grad_b)
 
 
-_UNIT_CHECK_MIN_NUMEL = 1 << 22  # weights of 4M+ elements: 16 MiB+ of fp32 gradient to copy
+# weights of 4M+ elements: 16 MiB+ of fp32 gradient to copy (csrc/autograd.cpp: the same rule)
+_UNIT_CHECK_MIN_NUMEL = 1 << 22
 
 
 def _is_plain_eager(t: torch.Tensor) -> bool:
@@ -325,8 +406,9 @@ def _fused_linear_cross_entropy_backward(ctx, grad_loss, _grad_lse, _gx, _gw, _g
     return grad_x, grad_w, None, grad_b, None, None, None, None, None, None
 
 
-torch.library.register_autograd(
-    "gpufit::fused_linear_cross_entropy",
-    _fused_linear_cross_entropy_backward,
-    setup_context=_fused_linear_cross_entropy_setup_context,
-)
+if _PYTHON_KERNELS:
+    torch.library.register_autograd(
+        "gpufit::fused_linear_cross_entropy",
+        _fused_linear_cross_entropy_backward,
+        setup_context=_fused_linear_cross_entropy_setup_context,
+    )

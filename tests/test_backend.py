@@ -43,8 +43,16 @@ CHECK_OPS = textwrap.dedent(
     reference.fused_linear_relu(x2, w, b).sum().backward()
     torch.testing.assert_close(out, reference.fused_linear_relu(x, w, b))
     torch.testing.assert_close(x.grad, x2.grad)
+    t = torch.tensor([0, 3, 1, 2, 0, 1])
+    h = x.detach().clone().requires_grad_()
+    loss = gpufit.ops.fused_linear_cross_entropy(h, w, t, b)
+    (2 * loss).backward()
+    h2 = h.detach().clone().requires_grad_()
+    (2 * torch.nn.functional.cross_entropy(h2 @ w.T + b, t)).backward()
+    torch.testing.assert_close(h.grad, h2.grad)
     print(json.dumps({"info": gpufit.info().as_dict(),
-                      "warnings": [str(w.message) for w in caught]}))
+                      "warnings": [str(w.message) for w in caught],
+                      "grad_fns": [out.grad_fn.name(), loss.grad_fn.name()]}))
     """
 )
 
@@ -93,6 +101,17 @@ def test_reference_backend_on_request():
     data = run_child(CHECK_OPS, GPUFIT_BACKEND="reference")
     assert data["info"]["backend"] == "pure PyTorch (reference)"
     assert data["warnings"] == []  # asked for explicitly: nothing to warn about
+    # its ops are Python-registered, so is their autograd (not csrc/autograd.cpp's)
+    assert not any("CppNode" in name for name in data["grad_fns"]), data["grad_fns"]
+
+
+def test_compiled_backend_has_cpp_autograd():
+    if ops.BACKEND.kind == "reference":
+        pytest.skip("no compiled backend in this environment")
+    data = run_child(CHECK_OPS)
+    assert data["info"]["backend"] == ops.BACKEND.label
+    assert "FusedLinearReluFunction" in data["grad_fns"][0]
+    assert "FusedLinearCrossEntropyFunction" in data["grad_fns"][1]
 
 
 def test_falls_back_to_reference_with_one_warning_naming_the_cause():
@@ -125,3 +144,4 @@ def test_jit_fallback_builds_and_runs(tmp_path):
     )
     assert data["info"]["backend"] == "JIT-compiled CPU"
     assert data["warnings"] == []
+    assert all("CppNode<gpufit::" in name for name in data["grad_fns"]), data["grad_fns"]

@@ -73,6 +73,13 @@ def test_force_cpu_wins(tmp_path, clean_env):
     assert {p.suffix for p in _build.sources(plan.with_cuda)} == {".cpp"}
 
 
+@pytest.mark.parametrize("with_cuda", [False, True])
+def test_sources_hold_registration_and_autograd(with_cuda):
+    # setup.py and the JIT build both compile this list: autograd lives in its own source
+    names = {p.name for p in _build.sources(with_cuda)}
+    assert {"registration.cpp", "autograd.cpp", "linear_relu.cpp", "linear_ce.cpp"} <= names
+
+
 @pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch")
 def test_arch_list_defaults_to_torch_archs_this_nvcc_knows(tmp_path, clean_env):
     clean_env.setenv("CUDA_HOME", str(fake_toolkit(tmp_path / "tk", torch.version.cuda)))

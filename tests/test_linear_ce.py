@@ -2,6 +2,7 @@
 logits: loss, log-sum-exp and every gradient, each option, odd shapes, registration
 (opcheck, torch.compile), the module, bad input, and peak memory."""
 
+import itertools
 import subprocess
 import sys
 
@@ -202,6 +203,98 @@ def test_only_requested_gradients(reduction, dtype):
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(xr.grad.double(), xd.grad, atol=atol, rtol=rtol)
     assert w.grad is None and b.grad is None
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_any_subset_of_inputs_gets_its_gradients(reduction, dtype):
+    """Gradients only for what requires grad, right whether forward precomputed them (fp64,
+    scalar loss) or backward computes them; bias is autograd input 3 only when given."""
+    atol, rtol = TOLERANCES[dtype]
+    for bias in (True, False):
+        x, w, t, b = make_inputs((9,), 5, 13, dtype, bias=bias, ignore=-100)
+        inputs = [a for a in (x, w, b) if a is not None]
+        for wanted in itertools.product([True, False], repeat=len(inputs)):
+            pairs = zip(inputs, wanted, strict=True)
+            leaves = [a.detach().clone().requires_grad_(on) for a, on in pairs]
+            if len(leaves) == 2:
+                leaves.append(None)
+            loss = ops.fused_linear_cross_entropy(*leaves[:2], t, leaves[2], reduction=reduction)
+            up = [a.detach().double().clone().requires_grad_() for a in inputs]
+            want = torch_loss(*up[:2], t, up[2] if bias else None, reduction=reduction)
+            if not any(wanted):
+                assert not loss.requires_grad
+                continue
+            loss.sum().backward()
+            want.sum().backward()
+            for leaf, ref, on in zip(leaves, up, wanted, strict=False):
+                if on:
+                    torch.testing.assert_close(leaf.grad.double(), ref.grad, atol=atol, rtol=rtol)
+                else:
+                    assert leaf.grad is None, (bias, wanted)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_upstream_gradient_scales_the_gradients(reduction, dtype):
+    """(2 * loss).backward() doubles every gradient, also those forward precomputed for
+    grad_loss = 1 (fp32, scalar loss)."""
+    x, w, t, b = make_inputs((9,), 5, 13, dtype, ignore=-100)
+    grads = {}
+    for scale in (1.0, 2.0, 0.0):
+        leaves = [a.clone().requires_grad_() for a in (x, w, b)]
+        loss = ops.fused_linear_cross_entropy(
+            leaves[0], leaves[1], t, leaves[2], reduction=reduction
+        )
+        (scale * loss).sum().backward()
+        grads[scale] = [a.grad for a in leaves]
+    for one, two, zero in zip(grads[1.0], grads[2.0], grads[0.0], strict=True):
+        torch.testing.assert_close(two, 2 * one, atol=0, rtol=0)
+        assert torch.equal(zero, torch.zeros_like(zero))
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_retain_graph_gives_the_same_gradients_twice(dtype, scale):
+    """Backward may run twice on a kept graph: the precomputed gradients are never scaled in
+    place, and for grad_loss == 1 they are handed out as they are, without a copy."""
+    x, w, t, b = make_inputs((9,), 5, 13, dtype)
+    x, w, b = (a.requires_grad_() for a in (x, w, b))
+    loss = scale * ops.fused_linear_cross_entropy(x, w, t, b)
+    first = torch.autograd.grad(loss, (x, w, b), retain_graph=True)
+    second = torch.autograd.grad(loss, (x, w, b))
+    for a, c in zip(first, second, strict=True):
+        assert torch.equal(a, c)
+    precomputed = ops.BACKEND.kind != "reference" and dtype == torch.float32
+    if precomputed and scale == 1.0:
+        assert all(a.data_ptr() == c.data_ptr() for a, c in zip(first, second, strict=True))
+
+
+@pytest.mark.skipif(ops.BACKEND.kind == "reference", reason="the reference has Python autograd")
+def test_autograd_is_the_cpp_function():
+    """The compiled backends run backward through csrc/autograd.cpp, not a Python formula."""
+    name = "gpufit::fused_linear_cross_entropy"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Autograd")
+    x, w, t, b = make_inputs((3,), 4, 5, torch.float32)
+    loss = ops.fused_linear_cross_entropy(x.requires_grad_(), w, t, b)
+    assert "FusedLinearCrossEntropyFunction" in loss.grad_fn.name()
+
+
+@pytest.mark.skipif(ops.BACKEND.kind == "reference", reason="the reference checks in Python")
+def test_forward_runs_no_tensor_op_but_the_kernel():
+    """The wrapper's checks look at metadata only: the CPU kernel refuses bad targets itself."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    seen = []
+    x, w, t, b = make_inputs((9,), 5, 13, torch.float32, ignore=-100)
+    with Record():
+        ops.fused_linear_cross_entropy(x.requires_grad_(), w, t, b)
+    assert seen == ["gpufit.fused_linear_cross_entropy.default"]
 
 
 def test_no_grad_forward_matches():

@@ -114,6 +114,47 @@ def test_only_requested_gradients_are_computed():
     torch.testing.assert_close(out, ref)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_any_subset_of_inputs_gets_its_gradients(bias):
+    """Only the inputs that require grad get one, each right; bias is autograd input 2 only
+    when it is given."""
+    x, w, b = make_inputs((7,), 5, 6, torch.float64, bias=bias)
+    grad_out = torch.randn(7, 6, dtype=torch.float64)
+    inputs = [t for t in (x, w, b) if t is not None]
+    for wanted in itertools.product([True, False], repeat=len(inputs)):
+        if not any(wanted):
+            continue
+        pairs = zip(inputs, wanted, strict=True)
+        leaves = [t.detach().clone().requires_grad_(on) for t, on in pairs]
+        ops.fused_linear_relu(*leaves, *([None] if b is None else [])).backward(grad_out)
+        ref = [t.detach().clone().requires_grad_() for t in inputs]
+        reference.fused_linear_relu(*ref, *([None] if b is None else [])).backward(grad_out)
+        for t, r, want in zip(leaves, ref, wanted, strict=True):
+            if want:
+                torch.testing.assert_close(t.grad, r.grad, atol=1e-12, rtol=1e-12)
+            else:
+                assert t.grad is None, wanted
+
+
+def test_retain_graph_gives_the_same_gradients_twice():
+    x, w, b = (t.requires_grad_() for t in make_inputs((6,), 5, 4, torch.float64))
+    out = ops.fused_linear_relu(x, w, b)
+    grad_out = torch.randn_like(out)
+    first = torch.autograd.grad(out, (x, w, b), grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, (x, w, b), grad_out)
+    for a, c in zip(first, second, strict=True):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.skipif(ops.BACKEND.kind == "reference", reason="the reference has Python autograd")
+def test_autograd_is_the_cpp_function():
+    """The compiled backends run backward through csrc/autograd.cpp, not a Python formula."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("gpufit::fused_linear_relu", "Autograd")
+    x, w, b = make_inputs((3,), 4, 2, torch.float32)
+    out = ops.fused_linear_relu(x.requires_grad_(), w, b)
+    assert "FusedLinearReluFunction" in out.grad_fn.name()
+
+
 def test_nan_propagates_like_torch_relu():
     x = torch.tensor([[float("nan"), 1.0], [1.0, -2.0]])
     w = torch.eye(2)
