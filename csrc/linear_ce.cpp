@@ -17,7 +17,8 @@ namespace {
 using linear_ce::kOp;
 
 inline void check_target(int64_t t, int64_t ignore_index, int64_t V) {
-  TORCH_CHECK(t == ignore_index || (t >= 0 && t < V), kOp, ": target ", t,
+  // A ValueError in Python, like every other bad argument the wrapper refuses.
+  TORCH_CHECK_VALUE(t == ignore_index || (t >= 0 && t < V), kOp, ": target ", t,
               " is out of range for ", V, " classes (and is not ignore_index=", ignore_index, ")");
 }
 

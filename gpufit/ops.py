@@ -163,7 +163,7 @@ def _check_linear_ce_inputs(x, weight, target, bias, ignore_index, reduction, la
     # A data-dependent check, done on CPU only: on CUDA it would wait for the GPU every step, so
     # there (and under torch.compile) the kernels refuse such a target themselves (CUDA: a
     # device-side assert, as PyTorch's own cross_entropy does). The compiled CPU kernel checks
-    # each target as it reads it (see _linear_ce_op), so only the reference needs it here.
+    # every target before any GEMM (a ValueError), so only the reference needs it here.
     if _PYTHON_KERNELS and target.device.type == "cpu" and not torch.compiler.is_compiling():
         _check_target_range(target, weight.shape[0], ignore_index)
 
@@ -234,19 +234,6 @@ def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: in
         )
 
 
-_TARGET_RANGE_ERROR = "is out of range for"  # how the CPU kernel's refusal of a target reads
-
-
-def _linear_ce_op(*args):
-    try:
-        return torch.ops.gpufit.fused_linear_cross_entropy.default(*args)
-    except RuntimeError as err:
-        # Raised as ValueError, like every other bad argument the wrapper refuses.
-        if _TARGET_RANGE_ERROR in str(err):
-            raise ValueError(str(err)) from None
-        raise
-
-
 def fused_linear_cross_entropy(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -274,7 +261,9 @@ def fused_linear_cross_entropy(
       ``lse_i = logsumexp(logits_i)`` (PaLM's auxiliary loss; same definition as Liger-Kernel).
     - ``chunk_size``: rows per chunk for fp32/fp64 (peak extra memory about chunk_size x V
       logits); for bf16/fp16 the vocabulary is blocked instead and it is the number of classes
-      per block (peak about N x chunk_size). None picks it from N, V and the dtype.
+      per block (peak about N x chunk_size). None picks it from N, V, H and the dtype; on CPU,
+      fp32/fp64 then never take more scratch than PyTorch's own chunked
+      ``F.linear_cross_entropy`` (vocabulary blocks where its rule gives under 64 rows).
     - ``return_lse``: also return the per-row log-sum-exp (shape ``target.shape``, float32 for
       half inputs, else x's dtype). It is for monitoring: no gradient flows through it.
 
@@ -286,7 +275,7 @@ def fused_linear_cross_entropy(
     )
     grad_on = torch.is_grad_enabled()
     grad_mask = [grad_on and t is not None and t.requires_grad for t in (x, weight, bias)]
-    loss, lse, *_ = _linear_ce_op(
+    loss, lse, *_ = torch.ops.gpufit.fused_linear_cross_entropy.default(
         x,
         weight,
         target,
