@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build gpufit with CUDA on a GPU machine, run the CUDA tests and the op benchmarks.
+# Build gpufit with CUDA on a GPU machine, run the CUDA tests, the op benchmarks and the MNIST
+# benchmark (the per-op scripts/gpu_check_*.sh).
 #
 #   scripts/gpu_check.sh [OUT_DIR]      (default out/gpu_check; about 3-5 minutes on one GPU)
 #
