@@ -26,9 +26,11 @@ def fused_linear_relu_backward(
     out: torch.Tensor,
     needs_input_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # explicit sizes, not -1: a reshape of zero rows cannot infer its width
     rows = math.prod(x.shape[:-1])
-    grad_z = torch.where(out > 0, grad_out, torch.zeros_like(grad_out)).reshape(rows, -1)
-    grad_weight = grad_z.t().mm(x.reshape(rows, -1))
+    grad_z = torch.where(out > 0, grad_out, torch.zeros_like(grad_out))
+    grad_z = grad_z.reshape(rows, grad_out.shape[-1])
+    grad_weight = grad_z.t().mm(x.reshape(rows, x.shape[-1]))
     grad_bias = grad_z.sum(0, dtype=torch.promote_types(grad_z.dtype, torch.float32))
     grad_x = grad_z.mm(weight).reshape(x.shape) if needs_input_grad else x.new_empty(0)
     return grad_x, grad_weight, grad_bias.to(out.dtype)

@@ -58,7 +58,9 @@ CHECK_OPS = textwrap.dedent(
 
 
 def run_child(code: str, **env: str) -> dict:
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    # the child picks its backend as a user's process would, whatever this run was told
+    inherited = {k: v for k, v in os.environ.items() if k != "GPUFIT_BACKEND"}
+    full_env = {**inherited, "PYTHONPATH": str(ROOT), **env}
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=600
     )

@@ -317,6 +317,7 @@ def test_bad_input_is_refused_clearly(make, error, pattern):
         ops.fused_linear_relu(x, w, b)
 
 
+@pytest.mark.compiled
 @pytest.mark.parametrize(
     "args,pattern",
     [
