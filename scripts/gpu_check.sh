@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build gpufit with CUDA on a GPU machine, run the CUDA tests, the op benchmarks and the MNIST
-# benchmark (the per-op scripts/gpu_check_*.sh).
+# Build gpufit with CUDA on a GPU machine, run the CUDA tests, the op benchmarks (with the per-op
+# scripts/gpu_check_*.sh) and the MNIST benchmark.
 #
 #   scripts/gpu_check.sh [OUT_DIR]      (default out/gpu_check; about 3-5 minutes on one GPU)
 #
@@ -31,6 +31,8 @@ step build "$PY" setup.py -q build_ext --inplace || exit 1
 step info "$PY" -m gpufit info
 step cuda-tests "$PY" -m pytest -m cuda -q -p no:cacheprovider tests
 step linear-relu-bench "$PY" -m benchmarks.linear_relu --device cuda --out "$OUT"
+# the MNIST workload at batch 64; the goal on a GPU is gpufit >= 3x resident eager per step
+step mnist-bench timeout 600 "$PY" -m benchmarks.mnist --device cuda --rounds 2 --out "$OUT"
 for extra in scripts/gpu_check_*.sh; do  # per-op checks added beside this script
   [ -e "$extra" ] && step "$(basename "$extra" .sh)" bash "$extra" "$OUT"
 done
