@@ -38,7 +38,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lockgen.check import driver_status
 from lockgen.errors import LockgenError
 from lockgen.matrix import Matrix, Target
 from lockgen.probe import MachineReport, TorchInfo
@@ -167,7 +166,7 @@ def recommend(m: Matrix, report: MachineReport) -> tuple[Target | None, Version 
     by_status: dict[str, list[Target]] = {"ok": [], "minor-version-compat": [], "too-old": []}
     for t in fitting:
         assert t.driver_floor is not None
-        by_status[driver_status(t.driver_floor, report.driver.version)].append(t)
+        by_status[t.driver_floor.status(report.driver.version)].append(t)
     if by_status["ok"]:
         return max(by_status["ok"], key=key), None
     if by_status["minor-version-compat"]:
@@ -259,7 +258,7 @@ def diagnose(m: Matrix, report: MachineReport) -> Diagnosis:
             if floor is None:
                 add("note", "driver", f"the matrix has no driver floor for CUDA {torch_cuda}")
             else:
-                status = driver_status(floor, drv.version)
+                status = floor.status(drv.version)
                 if status == "too-old":
                     driver_ok = False
                     add(

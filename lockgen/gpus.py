@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from lockgen.errors import LockgenError
 from lockgen.versions import Capability, Version
@@ -52,7 +53,7 @@ class Gpu:
     source: tuple[str, ...]
     verified: bool
 
-    @property
+    @cached_property
     def key(self) -> tuple[str, ...]:
         return name_key(self.name)
 

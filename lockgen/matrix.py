@@ -46,6 +46,7 @@ import re
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -427,6 +428,17 @@ class Matrix:
         return tuple(sorted({b.cuda for r in self.releases for b in r.builds}))
 
     # -- drivers
+    @cached_property
+    def _memo(self) -> dict[tuple, Any]:
+        """Answers of the lookups below, per argument tuple (check asks them thousands of
+        times per question)."""
+        return {}
+
+    def _cached(self, key: tuple, compute: Any) -> Any:
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
     def cuda_toolkit(self, cuda: Version) -> CudaToolkit | None:
         return next((t for t in self.cuda_toolkits if t.version == cuda.minor), None)
 
@@ -434,6 +446,11 @@ class Matrix:
         return next((m for m in self.cuda_majors if m.major == major), None)
 
     def driver_floor(self, cuda: Version, os_name: str = "linux") -> DriverFloor | None:
+        return self._cached(
+            ("floor", cuda.parts, os_name), lambda: self._driver_floor(cuda, os_name)
+        )
+
+    def _driver_floor(self, cuda: Version, os_name: str) -> DriverFloor | None:
         major = self.cuda_major(cuda.major)
         if major is None:
             return None
@@ -460,6 +477,12 @@ class Matrix:
     ) -> ArchList | None:
         """The arch list of a build; falls back to another channel's list of the same build
         (then marked unverified) when the asked channel has none."""
+        key = ("archs", torch.parts, cuda.parts, platform, channel)
+        return self._cached(key, lambda: self._arch_list(torch, cuda, platform, channel))
+
+    def _arch_list(
+        self, torch: Version, cuda: Version, platform: str, channel: str
+    ) -> ArchList | None:
         exact = [
             a for a in self.arch_lists if a.channel == channel and a.covers(torch, cuda, platform)
         ]
@@ -513,6 +536,10 @@ class Matrix:
     def gpu_driver(self, capability: Capability, os_name: str = "linux") -> GpuDriver | None:
         """The driver window of a GPU's architecture, or None when the GPU list says
         nothing about it (an architecture every driver of the matrix supports)."""
+        key = ("gpu-driver", capability.canonical, os_name)
+        return self._cached(key, lambda: self._gpu_driver(capability, os_name))
+
+    def _gpu_driver(self, capability: Capability, os_name: str) -> GpuDriver | None:
         arch = self.gpus.architecture(capability)
         if arch is None:
             return None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from lockgen.errors import LockgenError
 
@@ -78,7 +79,7 @@ class Version:
     def major(self) -> int:
         return self.parts[0]
 
-    @property
+    @cached_property
     def minor(self) -> Version:
         """The ``major.minor`` release this version belongs to (``2.1.2`` → ``2.1``)."""
         minor = self.parts[1] if len(self.parts) > 1 else 0
