@@ -139,7 +139,9 @@ def test_doctor_with_injected_machine(tmp_path):
     assert rc == 1
     lines = out.splitlines()
     assert lines[0] == "verdict: broken"
-    assert lines[-2].startswith("fix: upgrade the NVIDIA driver to >= 580.65.06")
+    assert lines[-2].startswith("fix: install the CUDA 12.6 build of torch 2.14.1 (target cu126)")
+    assert "upgrade the NVIDIA driver to >= 580.65.06" in lines[-2]
+    assert lines[-1].strip().startswith("pip install torch==2.14.1")
 
 
 def test_doctor_json_with_injected_machine(tmp_path):
