@@ -1,9 +1,11 @@
 """The compatibility matrix (facts) and the targets (choices), loaded and validated.
 
-``envs/matrix.toml`` holds what is true about PyTorch releases, their CUDA builds, driver
-floors, GPU architectures, channels and GPUs; ``envs/targets.toml`` names the environments the
-project generates. Both are read once, validated at the edge, and turned into frozen
-dataclasses; the rest of lockgen never sees raw TOML.
+``envs/matrix.toml`` holds what is true about PyTorch releases (their platforms and Python
+wheels, torchvision's), their CUDA builds, driver floors, GPU architectures per build and
+channels; ``envs/gpus.toml`` NVIDIA's GPU list (names, compute capabilities, the drivers each
+GPU family needs); ``envs/targets.toml`` names the environments the project generates. All are
+read once, validated at the edge, and turned into frozen dataclasses; the rest of lockgen
+never sees raw TOML.
 
 Public API
 ----------
