@@ -170,7 +170,7 @@
             GPUFIT_CUDNN_VERSION = "9.24.0.43";
             GPUFIT_DRIVER_MIN = "580";
             GPUFIT_DRIVER_FULL = "580.65.06";
-            TORCH_CUDA_ARCH_LIST = "7.5;8.0;8.6;9.0;10.0;12.0+PTX";
+            TORCH_CUDA_ARCH_LIST = "7.5;8.0;8.6;9.0;10.0;12.0";
           };
         };
       };

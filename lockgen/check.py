@@ -1,38 +1,66 @@
-"""Compatibility rules: is a requested PyTorch / CUDA / cuDNN / Python / driver / GPU
-combination one that a release actually shipped and that this hardware can run?
+"""Compatibility rules: which concrete PyTorch builds satisfy everything a user asked for?
 
 Pure functions of data: no I/O.
+
+Every constraint the user gives (torch, torchvision, CUDA or the CPU build, cuDNN, Python,
+platform, NVIDIA driver, GPU) is one small :class:`Rule`. Each rule is judged against every
+concrete build of the matrix (a :class:`Candidate`: one release and one of its CUDA builds, or
+its CPU build); the answer is "compatible" only when at least one candidate passes every rule,
+and it names those builds (:class:`Match`, newest first). When none does, each constraint that
+cannot be met, alone or together with the ones before it (platform, torch, torchvision, CUDA,
+Python, cuDNN, GPU, driver: the order in which they are blamed), gets an error saying why, and
+the nearest builds that meet the user's hardware (platform, GPU, driver) are suggested, ranked
+by how little they change: torch release, then Python, then CUDA, then cuDNN.
 
 Public API
 ----------
 ``Request.from_strings(matrix, torch=..., cuda=..., cudnn=..., python=..., torchvision=...,
-driver=..., gpu=...)``
-    Parses user text (``2.1.2``, ``cu121`` / ``12.1`` / ``cpu``, ``8.9.2``, ``535.104.05``,
-    ``sm_86`` / ``8.6`` / ``RTX 3090``); a malformed value raises ``LockgenError``. A torch
-    version with a local label (``2.1.2+cu121``) also gives the CUDA version.
+driver=..., gpu=..., platform=...)``
+    Parses user text (``2.1.2``, ``cu121`` / ``12.1`` / ``cpu``, ``8.9.2``, ``535.104.05`` or
+    a bare branch ``535``, ``sm_86`` / ``8.6`` / ``NVIDIA GeForce RTX 3090``); a malformed
+    value raises ``LockgenError``. A torch version with a local label (``2.1.2+cu121``) also
+    gives the CUDA version.
 ``check(matrix, request) -> CheckResult``
-    ``conflicts`` (each a :class:`Conflict` with ``severity`` error / warning / note,
-    ``field`` and ``message``), ``ok`` (no errors), ``verdict`` and, when not ok,
-    ``suggestions``: the nearest valid combinations (:class:`Combination`).
-``driver_status(floor, driver)``
-    ``"ok"``, ``"minor-version-compat"`` or ``"too-old"`` — shared with the doctor.
+    ``conflicts`` (each a :class:`Finding`: ``severity`` error / warning / note, ``field``,
+    ``message``), ``ok``, ``verdict``, ``matches`` (the builds that fit), ``unverified``
+    (the unconfirmed facts the verdict rests on) and, when not ok, ``suggestions``.
 ``format_check(result) -> str``, ``result.to_json() -> dict``.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
-from lockgen.matrix import Build, DriverFloor, Matrix, Release
-from lockgen.versions import Capability, Version, parse_cuda, runs_on
+from lockgen.errors import LockgenError
+from lockgen.matrix import MVC, PLATFORMS, TOO_OLD, Build, DriverFit, Matrix, Release
+from lockgen.versions import NONE, SOME, Capability, Driver, Version, parse_cuda, runs_on
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
 
 
 @dataclass(frozen=True)
+class Finding:
+    """One thing check or doctor found: ``severity`` (ok / note / warning / error), a stable
+    ``code`` and a message. check's JSON calls the code ``field`` (the constraint)."""
+
+    severity: str
+    code: str
+    message: str
+
+    @property
+    def field(self) -> str:
+        return self.code
+
+
+# -- the request ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
 class Request:
-    """A combination to check. ``cpu=True`` asks for the CPU build (``cuda`` is then None)."""
+    """What to check. ``cpu=True`` asks for the CPU build (``cuda`` is then None)."""
 
     torch: Version | None = None
     cuda: Version | None = None
@@ -40,9 +68,10 @@ class Request:
     cudnn: Version | None = None
     python: Version | None = None
     torchvision: Version | None = None
-    driver: Version | None = None
-    gpu: Capability | None = None
-    gpu_label: str = ""
+    driver: Driver | None = None
+    gpus: tuple[Capability, ...] = ()
+    gpu_labels: tuple[str, ...] = ()
+    gpu_unverified: tuple[str, ...] = ()
     platform: str = "linux-64"
 
     @classmethod
@@ -58,6 +87,8 @@ class Request:
         gpu: str | None = None,
         platform: str = "linux-64",
     ) -> Request:
+        if platform not in PLATFORMS:
+            raise LockgenError(f"unknown platform {platform!r} (known: {', '.join(PLATFORMS)})")
         tv = Version.parse(torch, "torch version") if torch else None
         cuda_v = parse_cuda(cuda) if cuda else None
         cpu = cuda is not None and cuda_v is None
@@ -67,9 +98,14 @@ class Request:
                 cpu = True
             elif tv.local.startswith("cu"):
                 cuda_v = parse_cuda(tv.local)
-        cap, label = (None, "")
+        gpus: tuple[Capability, ...] = ()
+        labels: tuple[str, ...] = ()
+        unverified: tuple[str, ...] = ()
         if gpu:
-            cap, label = matrix.gpu_capability(gpu)
+            cap, label, entry = matrix.resolve_gpu(gpu)
+            gpus, labels = (cap,), (label,)
+            if entry is not None and not entry.verified:
+                unverified = (f"compute capability of {entry.name}",)
         return cls(
             torch=tv,
             cuda=cuda_v,
@@ -77,11 +113,31 @@ class Request:
             cudnn=Version.parse(cudnn, "cuDNN version") if cudnn else None,
             python=Version.parse(python, "Python version") if python else None,
             torchvision=Version.parse(torchvision, "torchvision version") if torchvision else None,
-            driver=Version.parse(driver, "driver version") if driver else None,
-            gpu=cap,
-            gpu_label=label,
+            driver=Driver.parse(driver) if driver else None,
+            gpus=gpus,
+            gpu_labels=labels,
+            gpu_unverified=unverified,
             platform=platform,
         )
+
+    @property
+    def gpu(self) -> Capability | None:
+        return self.gpus[0] if self.gpus else None
+
+    @property
+    def gpu_label(self) -> str:
+        return " + ".join(self.labels)
+
+    @cached_property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(
+            self.gpu_labels[i] if i < len(self.gpu_labels) else g.sm
+            for i, g in enumerate(self.gpus)
+        )
+
+    @property
+    def os_name(self) -> str:
+        return "windows" if self.platform.startswith("win") else "linux"
 
     def describe(self) -> str:
         parts = []
@@ -99,16 +155,523 @@ class Request:
             parts.append(f"Python {self.python}")
         if self.driver:
             parts.append(f"driver {self.driver}")
-        if self.gpu:
-            parts.append(f"GPU {self.gpu_label or self.gpu.sm}")
+        if self.gpus:
+            parts.append(f"GPU {self.gpu_label}")
+        if self.platform != "linux-64":
+            parts.append(self.platform)
         return " + ".join(parts) or "(nothing)"
 
 
+# -- candidates and how each rule judges one --------------------------------------------------
+
+
 @dataclass(frozen=True)
-class Conflict:
-    severity: str
-    field: str
-    message: str
+class Candidate:
+    """A concrete build: one release and one of its CUDA builds (``build``) or its CPU build
+    (``build`` is None)."""
+
+    release: Release
+    build: Build | None
+
+    @property
+    def cuda(self) -> Version | None:
+        return self.build.cuda if self.build else None
+
+    @cached_property
+    def label(self) -> str:
+        kind = f"CUDA {self.build.cuda}" if self.build else "CPU"
+        return f"torch {self.release.torch} + {kind}"
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One rule's judgement of one candidate: ``ok`` or not, ``why`` not, and when ok the
+    caveat (a warning), a note, and the unconfirmed facts it rests on."""
+
+    ok: bool
+    why: str = ""
+    caveat: str = ""
+    note: str = ""
+    unverified: tuple[str, ...] = ()
+    driver: DriverFit | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    code: str
+    applies: Callable[[Request], bool]
+    fit: Callable[[Matrix, Request, Candidate], Fit]
+    alone: Callable[[Matrix, Request], str]
+
+
+def _span(versions: Iterable[Version]) -> str:
+    vs = sorted(set(versions))
+    if not vs:
+        return "none"
+    return vs[0].raw if len(vs) == 1 else f"{vs[0].raw}-{vs[-1].raw}"
+
+
+def _names(versions: Iterable[Version]) -> str:
+    return ", ".join(v.raw for v in sorted(set(versions)))
+
+
+def _platform_fit(m: Matrix, req: Request, c: Candidate) -> Fit:
+    p = req.platform
+    if p not in c.release.platforms:
+        return Fit(False, f"torch {c.release.torch} has no wheels for {p}")
+    if c.build is None or p == "linux-64":
+        return Fit(True)
+    if p.startswith("osx"):
+        return Fit(False, f"there are no CUDA builds of torch for {p}")
+    if m.arch_list(c.release.torch, c.build.cuda, p) is None:
+        return Fit(False, f"the matrix knows no {c.label} build for {p}")
+    return Fit(True)
+
+
+def _platform_alone(m: Matrix, req: Request) -> str:
+    return f"the matrix knows no build for {req.platform}"
+
+
+def _torch_fit(m: Matrix, req: Request, c: Candidate) -> Fit:
+    assert req.torch is not None
+    if c.release.torch != req.torch.minor:
+        return Fit(False, f"{c.label} is not torch {req.torch}")
+    return Fit(True)
+
+
+def _torch_alone(m: Matrix, req: Request) -> str:
+    assert req.torch is not None
+    first, last = m.releases[0].torch, m.releases[-1].torch
+    if req.torch.minor < first:
+        where = f"older than the oldest release the matrix covers ({first})"
+    elif req.torch.minor > last:
+        where = f"newer than the newest release the matrix covers ({last})"
+    else:
+        where = "not a PyTorch release"
+    return f"torch {req.torch} is {where}"
+
+
+def _torchvision_fit(m: Matrix, req: Request, c: Candidate) -> Fit:
+    assert req.torchvision is not None
+    r = c.release
+    if r.torchvision is None:
+        return Fit(False, f"no torchvision is known to pair with torch {r.torch} (unverified)")
+    if req.torchvision.minor != r.torchvision:
+        return Fit(False, f"torch {r.torch} pairs with torchvision {r.torchvision}")
+    return Fit(True)
+
+
+def _torchvision_alone(m: Matrix, req: Request) -> str:
+    pairs = _span(r.torchvision for r in m.releases if r.torchvision)
+    return f"no release of the matrix pairs with torchvision {req.torchvision} (known: {pairs})"
+
+
+def _cuda_fit(m: Matrix, req: Request, c: Candidate) -> Fit:
+    if req.cpu:
+        return Fit(c.build is None, f"{c.label} is not the CPU build")
+    b = c.build
+    if b is None or b.cuda != req.cuda:
+        return Fit(False, f"{c.label} is not a CUDA {req.cuda} build")
+    if not b.verified:
+        return Fit(
+            True,
+            caveat=f"the CUDA {b.cuda} build of torch {c.release.torch} is unverified "
+            f"({b.note or 'lead only'})",
+            unverified=(f"the {c.label} build ({b.note or 'lead only'})",),
+        )
+    if b.status == "experimental" and b.cuda != c.release.pypi_default_cuda:
+        return Fit(
+            True,
+            note=f"RELEASE.md labels the CUDA {b.cuda} build of torch {c.release.torch} "
+            "experimental",
+        )
+    return Fit(True)
+
+
+def _cuda_alone(m: Matrix, req: Request) -> str:
+    first, last = m.releases[0].torch, m.releases[-1].torch
+    return (
+        f"no PyTorch release from {first} to {last} ships a CUDA {req.cuda} build "
+        f"(builds exist for CUDA {_names(m.cuda_versions)})"
+    )
+
+
+def _python_fit(m: Matrix, req: Request, c: Candidate) -> Fit:
+    assert req.python is not None
+    r, py, p = c.release, req.python.minor, req.platform
+    have = r.python_for(p)
+    if py not in have:
+        return Fit(False, f"torch {r.torch} has no wheels for Python {py} (it has {_span(have)})")
+    if req.torchvision is not None and r.torchvision is not None:
+        tv = r.torchvision_python_for(p)
+        if py not in tv:
+            return Fit(
+                False,
+                f"torchvision {r.torchvision} (for torch {r.torch}) has no wheels for Python "
+                f"{py} (it has {_span(tv)})",
+            )
+    if py in r.python_experimental:
+        return Fit(True, caveat=f"Python {py} is experimental for torch {r.torch}")
+    return Fit(True)
+
+
+def _python_alone(m: Matrix, req: Request) -> str:
+    return f"no release of the matrix has wheels for Python {req.python} on {req.platform}"
+
+
+def _cudnn_fit(m: Matrix, req: Request, c: Candidate) -> Fit:
+    assert req.cudnn is not None
+    b = c.build
+    if b is None:
+        if req.cpu:
+            return Fit(True, caveat="a CPU build does not use cuDNN")
+        return Fit(False, "the CPU build has no cuDNN")
+    if b.cudnn is None:
+        return Fit(False, f"the cuDNN of {c.label} is unknown (unverified)")
+    if not b.cudnn_matches(req.cudnn):
+        return Fit(False, f"{c.label} ships cuDNN {b.cudnn}, not {req.cudnn}")
+    if b.cudnn_release_md and b.cudnn_release_md.matches_prefix(req.cudnn):
+        return Fit(
+            True, note=f"cuDNN {req.cudnn} is what RELEASE.md says; the wheels ship {b.cudnn}"
+        )
+    return Fit(True)
+
+
+def _cudnn_alone(m: Matrix, req: Request) -> str:
+    return f"no build in the matrix ships cuDNN {req.cudnn}"
+
+
+def _gpu_fit(m: Matrix, req: Request, c: Candidate) -> Fit:
+    b = c.build
+    if b is None:
+        if req.cpu:
+            return Fit(True, caveat="a CPU build does not use the GPU")
+        return Fit(False, "the CPU build does not use the GPU")
+    archs = m.arch_list(c.release.torch, b.cuda, req.platform)
+    if archs is None:
+        return Fit(False, f"the matrix has no arch list for {c.label} on {req.platform}")
+    caveats = []
+    for gpu, label in zip(req.gpus, req.labels, strict=True):
+        if not any(runs_on(a, gpu, b.cuda) for a in archs.archs):
+            return Fit(
+                False,
+                f"GPU {label} is not in the arch list of {c.label} ({archs.torch_cuda_arch_list})"
+                ": torch will refuse to run on it",
+            )
+        if not any(runs_on(a, gpu, b.cuda) for a in archs.archs if not a.ptx) and not any(
+            runs_on(replace(a, ptx=False), gpu, b.cuda) for a in archs.archs if a.ptx
+        ):
+            caveats.append(
+                f"GPU {label} runs {c.label} only through PTX JIT "
+                f"({archs.torch_cuda_arch_list}): slow first start, needs a driver >= the "
+                "toolkit driver"
+            )
+    unverified = list(req.gpu_unverified)
+    if not archs.verified:
+        unverified.append(f"arch list of {c.label} ({archs.note or 'lead only'})")
+    return Fit(True, caveat="; ".join(caveats), unverified=tuple(unverified))
+
+
+def _gpu_alone(m: Matrix, req: Request) -> str:
+    oldest = min((a for x in m.arch_lists for a in x.archs), key=lambda a: a.canonical)
+    return (
+        f"no build of the matrix runs on GPU {req.gpu_label}: the oldest architecture any "
+        f"build has is {oldest.sm}"
+    )
+
+
+def _full_cuda(m: Matrix, driver: Driver) -> tuple[Version | None, str]:
+    """The newest CUDA toolkit the driver (or some driver of the branch) runs fully, and
+    ``" (from X on)"`` when only the branch's later drivers do."""
+    reached = [t for t in m.cuda_toolkits if driver.reaches(t.linux) != NONE]
+    if not reached:
+        return None, ""
+    best = reached[-1]
+    return best.version, f" (from {best.linux} on)" if driver.reaches(best.linux) == SOME else ""
+
+
+def _floor_why(m: Matrix, req: Request, fit: DriverFit) -> str:
+    assert req.driver is not None
+    floor, cuda = fit.floor, fit.floor.cuda
+    full = floor.full or "unknown"
+    best, since = _full_cuda(m, req.driver)
+    can = f"; this driver fully supports CUDA up to {best}{since}" if best else ""
+    return (
+        f"driver {req.driver} is below {floor.minimum}, the minimum for any CUDA "
+        f"{cuda.major}.x build (minor version compatibility floor); CUDA {cuda} needs driver "
+        f">= {full} (>= {floor.minimum} through minor version compatibility){can}"
+    )
+
+
+@dataclass(frozen=True)
+class GpuDriverFit:
+    """How a driver meets the GPUs' own driver windows (shared with the doctor)."""
+
+    why: str = ""  # the driver cannot drive a GPU
+    since: Version | None = None  # a branch drives them from this version on
+    unverified: tuple[str, ...] = ()
+
+
+def gpu_driver_fit(m: Matrix, req: Request, floor: Version | None = None) -> GpuDriverFit:
+    """The GPUs' own driver window: a driver older than the first toolkit for a GPU's
+    architecture does not know the GPU; one newer than its last branch has dropped it. An
+    unconfirmed window counts only where it decides more than the build's ``floor`` does."""
+    assert req.driver is not None
+    since: Version | None = None
+    unverified: list[str] = []
+    for gpu, label in zip(req.gpus, req.labels, strict=True):
+        window = m.gpu_driver(gpu, req.os_name)
+        if window is None:
+            continue
+        decides = (window.minimum is not None and (floor is None or window.minimum > floor)) or (
+            window.last_branch is not None and req.driver.version.major >= window.last_branch.major
+        )
+        if decides and not window.verified:
+            unverified.append(f"driver range of {window.architecture} GPUs")
+        if window.minimum is not None:
+            reach = req.driver.reaches(window.minimum)
+            if reach == NONE:
+                why = (
+                    f"driver {req.driver} predates GPU {label}: {window.architecture} GPUs "
+                    f"need >= {window.minimum}, the driver of CUDA {window.first_cuda} (the "
+                    f"first toolkit for {gpu.sm})"
+                )
+                return GpuDriverFit(why, unverified=tuple(unverified))
+            if reach == SOME:
+                since = max(since or window.minimum, window.minimum)
+        if window.last_branch is not None and not req.driver.within(window.last_branch):
+            why = (
+                f"driver {req.driver} no longer supports GPU {label}: the last driver branch "
+                f"for {window.architecture} GPUs is R{window.last_branch.major}"
+            )
+            return GpuDriverFit(why, unverified=tuple(unverified))
+    return GpuDriverFit(since=since, unverified=tuple(unverified))
+
+
+def _driver_fit(m: Matrix, req: Request, c: Candidate) -> Fit:
+    assert req.driver is not None
+    if c.build is None:
+        return Fit(True)
+    floor = m.driver_floor(c.build.cuda, req.os_name)
+    if floor is None:
+        return Fit(False, f"the matrix has no {req.os_name} driver floor for CUDA {c.build.cuda}")
+    gpu = gpu_driver_fit(m, req, floor.minimum) if req.gpus else GpuDriverFit()
+    if gpu.why:
+        return Fit(False, gpu.why, unverified=gpu.unverified)
+    fit = floor.fit(req.driver)
+    if not fit.runs:
+        return Fit(False, _floor_why(m, req, fit))
+    unverified = list(gpu.unverified)
+    if not floor.verified:
+        unverified.append(f"driver floor of CUDA {c.build.cuda}")
+    if gpu.since is not None and (fit.since is None or gpu.since > fit.since):
+        fit = replace(fit, since=gpu.since, below=TOO_OLD)
+    caveat = note = ""
+    if fit.status == MVC:
+        caveat = (
+            f"driver {req.driver} is older than CUDA {c.build.cuda}'s toolkit driver "
+            f"{floor.full}: it works through minor version compatibility, but PTX JIT and "
+            "the newest CUDA features may fail"
+        )
+    if fit.since is not None:
+        note = f"holds for the drivers of {req.driver} from {fit.since} on"
+    return Fit(True, caveat=caveat, note=note, unverified=tuple(unverified), driver=fit)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("platform", lambda r: True, _platform_fit, _platform_alone),
+    Rule("torch", lambda r: r.torch is not None, _torch_fit, _torch_alone),
+    Rule("torchvision", lambda r: r.torchvision is not None, _torchvision_fit, _torchvision_alone),
+    Rule("cuda", lambda r: r.cpu or r.cuda is not None, _cuda_fit, _cuda_alone),
+    Rule("python", lambda r: r.python is not None, _python_fit, _python_alone),
+    Rule("cudnn", lambda r: r.cudnn is not None, _cudnn_fit, _cudnn_alone),
+    Rule("gpu", lambda r: bool(r.gpus), _gpu_fit, _gpu_alone),
+    Rule("driver", lambda r: r.driver is not None, _driver_fit, lambda m, r: ""),
+)
+HARD = ("platform", "gpu", "driver")  # the machine: suggestions keep these
+
+
+def candidates(m: Matrix) -> list[Candidate]:
+    """Every concrete build of the matrix, newest release first, newest CUDA first, then the
+    release's CPU build."""
+    out = []
+    for release in reversed(m.releases):
+        for build in sorted(release.builds, key=lambda b: b.cuda, reverse=True):
+            out.append(Candidate(release, build))
+        out.append(Candidate(release, None))
+    return out
+
+
+# -- judging every candidate once -------------------------------------------------------------
+
+
+class _Table:
+    """Every rule's fit for every candidate of one request, each computed once."""
+
+    def __init__(self, m: Matrix, req: Request):
+        self.m, self.req = m, req
+        self.cands = candidates(m)
+        self._fits: dict[str, list[Fit]] = {}
+
+    def fits(self, rule: Rule) -> list[Fit]:
+        if rule.code not in self._fits:
+            self._fits[rule.code] = [rule.fit(self.m, self.req, c) for c in self.cands]
+        return self._fits[rule.code]
+
+    def passing(self, rules: Iterable[Rule], among: Iterable[int] | None = None) -> list[int]:
+        rules = list(rules)
+        idx = range(len(self.cands)) if among is None else among
+        return [i for i in idx if all(self.fits(r)[i].ok for r in rules)]
+
+
+def _rule(code: str) -> Rule:
+    return next(r for r in RULES if r.code == code)
+
+
+# -- explaining a failure ---------------------------------------------------------------------
+
+
+def _explain(t: _Table, rule: Rule, pool: Sequence[int]) -> str:
+    """Why ``rule`` fails every candidate that the constraints before it left (``pool``)."""
+    m, req = t.m, t.req
+    fits = [(t.cands[i], t.fits(rule)[i]) for i in pool]
+    releases = sorted({c.release.torch for c, _ in fits})
+    if rule.code == "cuda" and not req.cpu:
+        shipping = [r.torch for r in m.releases if r.build(req.cuda)]
+        where = f"; CUDA {req.cuda} builds exist for torch {_span(shipping)}" if shipping else ""
+        if len(releases) == 1:
+            r = m.release(releases[0])
+            return (
+                f"torch {r.torch} has no CUDA {req.cuda} build (its builds: "
+                f"{_names(r.cuda_versions)}){where}"
+            )
+        on = f" for {req.platform}" if req.platform != "linux-64" else ""
+        return (
+            f"no build of torch {_span(releases)}{on} that fits the rest is CUDA {req.cuda}{where}"
+        )
+    if rule.code == "torchvision" and len(releases) == 1 and req.torchvision is not None:
+        pair = next((r.torch for r in m.releases if r.torchvision == req.torchvision.minor), None)
+        other = f"; torchvision {req.torchvision} pairs with torch {pair}" if pair else ""
+        return f"{fits[0][1].why}, not {req.torchvision}{other}"
+    if rule.code == "torch":
+        return (
+            f"torch {req.torch} has no build that fits the other constraints (torch "
+            f"{_span(releases)} do)"
+        )
+    if rule.code == "gpu":
+        return _explain_gpu(t, fits)
+    whys = list(dict.fromkeys(f.why for _, f in fits))
+    return whys[0] + (f" (and {len(whys) - 1} more reasons)" if len(whys) > 1 else "")
+
+
+def _explain_gpu(t: _Table, fits: Sequence[tuple[Candidate, Fit]]) -> str:
+    cuda_fits = [(c, f) for c, f in fits if c.build is not None]
+    if not cuda_fits:
+        return "the CPU build does not use the GPU; no CUDA build fits the other constraints"
+    if len(cuda_fits) == 1:
+        return cuda_fits[0][1].why
+    names = ", ".join(c.label for c, _ in cuda_fits[:4])
+    more = f" and {len(cuda_fits) - 4} more" if len(cuda_fits) > 4 else ""
+    return (
+        f"GPU {t.req.gpu_label} runs none of the builds that fit the rest ({names}{more}); "
+        f"builds that run on it: {_runs_where(t)}"
+    )
+
+
+def _runs_where(t: _Table) -> str:
+    """The builds the GPU rule alone accepts, grouped by CUDA: ``CUDA 12.8 (torch 2.7-2.11)``."""
+    by_cuda: dict[Version, list[Version]] = {}
+    for i in t.passing([_rule("platform"), _rule("gpu")]):
+        c = t.cands[i]
+        if c.build is not None:
+            by_cuda.setdefault(c.build.cuda, []).append(c.release.torch)
+    if not by_cuda:
+        return "none"
+    return ", ".join(f"CUDA {cuda} (torch {_span(ts)})" for cuda, ts in sorted(by_cuda.items()))
+
+
+def _cudnn_by_value(m: Matrix, req: Request) -> str:
+    """The cuDNN asked for never ships with the CUDA version or release asked for, even when
+    those match no build at all."""
+    assert req.cudnn is not None
+    with_it = [
+        (r, b) for r in m.releases for b in r.builds if b.cudnn and b.cudnn_matches(req.cudnn)
+    ]
+    if not with_it:
+        return ""
+    cudas = sorted({b.cuda for _, b in with_it})
+    torches = [r.torch for r, _ in with_it]
+    bad_cuda = req.cuda is not None and req.cuda not in cudas
+    bad_torch = req.torch is not None and req.torch.minor not in torches
+    if not (bad_cuda or bad_torch):
+        return ""
+    never = f", never with CUDA {req.cuda}" if bad_cuda else ""
+    return (
+        f"cuDNN {req.cudnn} ships only with CUDA {_names(cudas)} builds of torch "
+        f"{_span(torches)}{never}"
+    )
+
+
+# -- the result -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Match:
+    """A build that satisfies every constraint, with what it rests on."""
+
+    candidate: Candidate
+    python: tuple[Version, ...]
+    fits: tuple[tuple[str, Fit], ...]
+    target: str | None = None
+
+    @property
+    def driver(self) -> DriverFit | None:
+        return next((f.driver for _, f in self.fits if f.driver is not None), None)
+
+    @property
+    def unverified(self) -> tuple[str, ...]:
+        b = self.candidate.build
+        own = (
+            (f"the {self.candidate.label} build ({b.note or 'lead only'})",)
+            if b and not b.verified
+            else ()
+        )
+        return tuple(dict.fromkeys([*own, *(u for _, f in self.fits for u in f.unverified)]))
+
+    def caveats(self) -> tuple[Finding, ...]:
+        return tuple(Finding(WARNING, code, f.caveat) for code, f in self.fits if f.caveat)
+
+    def notes(self) -> tuple[Finding, ...]:
+        return tuple(Finding(NOTE, code, f.note) for code, f in self.fits if f.note)
+
+    def describe(self, shared_unverified: Iterable[str] = ()) -> str:
+        """``2.7 cu118 (minor version compat)``; ``(unverified)`` when it rests on more
+        unconfirmed facts than ``shared_unverified``."""
+        c = self.candidate
+        marks = []
+        d = self.driver
+        if d is not None and d.status == MVC:
+            marks.append("minor version compat")
+        if d is not None and d.since is not None:
+            marks.append(f"driver >= {d.since}")
+        if set(self.unverified) - set(shared_unverified):
+            marks.append("unverified")
+        text = f"{c.release.torch} {c.build.tag if c.build else 'cpu'}"
+        return text + (f" ({', '.join(marks)})" if marks else "")
+
+    def to_json(self) -> dict:
+        c, d = self.candidate, self.driver
+        return {
+            "torch": c.release.torch.raw,
+            "torchvision": c.release.torchvision.raw if c.release.torchvision else None,
+            "cuda": c.cuda.raw if c.cuda else None,
+            "cudnn": c.build.cudnn.raw if c.build and c.build.cudnn else None,
+            "python": [p.raw for p in self.python],
+            "driver": d.status if d else None,
+            "driver_from": d.since.raw if d and d.since else None,
+            "target": self.target,
+            "unverified": list(self.unverified),
+        }
 
 
 @dataclass(frozen=True)
@@ -146,17 +709,16 @@ class Combination:
 @dataclass(frozen=True)
 class CheckResult:
     request: Request
-    conflicts: tuple[Conflict, ...]
-    release: Release | None = None
-    build: Build | None = None
+    conflicts: tuple[Finding, ...]
+    matches: tuple[Match, ...] = ()
     suggestions: tuple[Combination, ...] = field(default=())
 
     @property
-    def errors(self) -> tuple[Conflict, ...]:
+    def errors(self) -> tuple[Finding, ...]:
         return tuple(c for c in self.conflicts if c.severity == ERROR)
 
     @property
-    def warnings(self) -> tuple[Conflict, ...]:
+    def warnings(self) -> tuple[Finding, ...]:
         return tuple(c for c in self.conflicts if c.severity == WARNING)
 
     @property
@@ -169,412 +731,333 @@ class CheckResult:
             return "incompatible"
         return "compatible with warnings" if self.warnings else "compatible"
 
+    @property
+    def best(self) -> Match | None:
+        """The newest CUDA build that fits and rests on no unconfirmed fact beyond what every
+        fitting build rests on (else the newest build)."""
+        if not self.matches:
+            return None
+        floor = set(self.unverified)
+        cuda = [mt for mt in self.matches if mt.candidate.build is not None] or list(self.matches)
+        return next((mt for mt in cuda if set(mt.unverified) <= floor), cuda[0])
+
+    @property
+    def release(self) -> Release | None:
+        return self.best.candidate.release if self.best else None
+
+    @property
+    def build(self) -> Build | None:
+        return self.best.candidate.build if self.best else None
+
+    @property
+    def unverified(self) -> tuple[str, ...]:
+        """The unconfirmed facts the verdict rests on: empty when some matching build rests
+        on none."""
+        if not self.ok or not self.matches:
+            return ()
+        return min((mt.unverified for mt in self.matches), key=len)
+
     def to_json(self) -> dict:
         return {
             "request": self.request.describe(),
             "verdict": self.verdict,
             "ok": self.ok,
+            "unverified": list(self.unverified),
             "conflicts": [
                 {"severity": c.severity, "field": c.field, "message": c.message}
                 for c in self.conflicts
             ],
+            "builds": [mt.to_json() for mt in self.matches],
             "suggestions": [s.to_json() for s in self.suggestions],
         }
 
 
-def driver_status(floor: DriverFloor, driver: Version) -> str:
-    """``too-old`` below the minor-version-compatibility floor, ``minor-version-compat``
-    between it and the toolkit driver, ``ok`` from the toolkit driver on."""
-    if driver < floor.minimum:
-        return "too-old"
-    if floor.full is not None and driver < floor.full:
-        return "minor-version-compat"
-    return "ok"
+# -- evaluating -------------------------------------------------------------------------------
 
 
-def _span(versions: list[Version]) -> str:
-    vs = sorted(set(versions))
-    if not vs:
-        return "none"
-    return vs[0].raw if len(vs) == 1 else f"{vs[0].raw}-{vs[-1].raw}"
+def _python_offer(req: Request, release: Release) -> tuple[Version, ...]:
+    if req.python is not None:
+        return (req.python.minor,)
+    have = release.python_for(req.platform)
+    if req.torchvision is not None and release.torchvision is not None:
+        tv = release.torchvision_python_for(req.platform)
+        have = tuple(p for p in have if p in tv)
+    return have
 
 
-def _rules(m: Matrix, req: Request) -> tuple[list[Conflict], Release | None, Build | None]:
-    out: list[Conflict] = []
+def _target(m: Matrix, c: Candidate) -> str | None:
+    return next(
+        (t.name for t in m.targets.values() if t.release is c.release and t.cuda == c.cuda), None
+    )
 
-    def add(sev: str, fld: str, msg: str) -> None:
-        out.append(Conflict(sev, fld, msg))
 
-    release = build = None
-    first, last = m.releases[0].torch, m.releases[-1].torch
-    if req.torch is not None:
-        release = m.find_release(req.torch)
-        if release is None:
-            where = (
-                f"older than the oldest release the matrix covers ({first})"
-                if req.torch.minor < first
-                else f"newer than the newest release the matrix covers ({last})"
-                if req.torch.minor > last
-                else "not a PyTorch release"
-            )
-            add(ERROR, "torch", f"torch {req.torch} is {where}")
-        elif not release.verified and req.torch.minor == last:
-            fields = ", ".join(release.unverified) or "some fields"
-            add(NOTE, "torch", f"torch {release.torch}: {fields} unverified in the matrix")
+def _judge(t: _Table, rules: Sequence[Rule]) -> list[Finding]:
+    """Blame: a constraint no build meets, or none of those the constraints before it left."""
+    errors: list[Finding] = []
+    pool = list(range(len(t.cands)))
+    for rule in rules:
+        if not t.passing([rule]):
+            why = rule.alone(t.m, t.req) or _explain(t, rule, pool)
+            errors.append(Finding(ERROR, rule.code, why))
+            continue
+        left = t.passing([rule], pool)
+        if not left:
+            errors.append(Finding(ERROR, rule.code, _explain(t, rule, pool)))
+            continue
+        pool = left
+    if t.req.cudnn is not None and not any(e.code == "cudnn" for e in errors):
+        by_value = _cudnn_by_value(t.m, t.req)
+        if by_value:
+            errors.append(Finding(ERROR, "cudnn", by_value))
+    return errors
 
-    if req.torchvision is not None and release is not None:
-        if release.torchvision is None:
-            add(
-                WARNING,
-                "torchvision",
-                f"no torchvision release is known to pair with torch {release.torch}",
-            )
-        elif req.torchvision.minor != release.torchvision:
-            add(
-                ERROR,
-                "torchvision",
-                f"torch {release.torch} pairs with torchvision {release.torchvision}, "
-                f"not {req.torchvision}",
-            )
 
-    # -- CUDA build
-    shipping = [r for r in m.releases if req.cuda is not None and r.build(req.cuda)]
-    if req.cpu:
-        if req.cudnn is not None:
-            add(WARNING, "cudnn", "a CPU build does not use cuDNN")
-        if req.gpu is not None:
-            add(WARNING, "gpu", "a CPU build does not use the GPU")
-    elif req.cuda is not None:
-        if release is not None:
-            build = release.build(req.cuda)
-            if build is None:
-                others = (
-                    f"; CUDA {req.cuda} builds exist for torch {_span([r.torch for r in shipping])}"
-                    if shipping
-                    else ""
-                )
-                add(
-                    ERROR,
-                    "cuda",
-                    f"torch {release.torch} has no CUDA {req.cuda} build (its builds: "
-                    f"{', '.join(c.raw for c in release.cuda_versions)}){others}",
-                )
-            elif not build.verified:
-                add(
-                    WARNING,
-                    "cuda",
-                    f"the CUDA {req.cuda} build of torch {release.torch} is unverified "
-                    f"({build.note or 'lead only'})",
-                )
-            elif build.status == "experimental" and req.cuda != release.pypi_default_cuda:
-                add(
-                    NOTE,
-                    "cuda",
-                    f"RELEASE.md labels the CUDA {req.cuda} build of torch {release.torch} "
-                    "experimental",
-                )
-        elif not shipping:
-            add(
-                ERROR,
-                "cuda",
-                f"no PyTorch release from {first} to {last} ships a CUDA {req.cuda} build "
-                f"(builds exist for CUDA {', '.join(c.raw for c in m.cuda_versions)})",
-            )
+def _matches(t: _Table, rules: Sequence[Rule]) -> list[Match]:
+    """The builds that pass every rule: CUDA builds newest first, then the CPU builds."""
+    out = []
+    for i in sorted(t.passing(rules), key=lambda i: t.cands[i].build is None):
+        c = t.cands[i]
+        python = _python_offer(t.req, c.release)
+        if python:
+            fits = tuple((r.code, t.fits(r)[i]) for r in rules)
+            out.append(Match(c, python, fits, _target(t.m, c)))
+    return out
 
-    # -- cuDNN
-    if req.cudnn is not None and not req.cpu:
-        if build is not None:
-            if build.cudnn is None:
-                add(
-                    WARNING,
-                    "cudnn",
-                    f"the cuDNN of torch {release.torch if release else '?'} + CUDA "
-                    f"{build.cuda} is unknown",
-                )
-            elif not build.cudnn_matches(req.cudnn):
-                add(
-                    ERROR,
-                    "cudnn",
-                    f"torch {release.torch if release else '?'} + CUDA {build.cuda} ships "
-                    f"cuDNN {build.cudnn}, not {req.cudnn}",
-                )
-            elif build.cudnn_release_md and build.cudnn_release_md.matches_prefix(req.cudnn):
-                add(
-                    NOTE,
-                    "cudnn",
-                    f"cuDNN {req.cudnn} is what RELEASE.md says; the wheels ship {build.cudnn}",
-                )
-        else:
-            with_it = [
-                (r, b)
-                for r in m.releases
-                for b in r.builds
-                if b.cudnn is not None and b.cudnn_matches(req.cudnn)
-            ]
-            if not with_it:
-                add(ERROR, "cudnn", f"no build in the matrix ships cuDNN {req.cudnn}")
-            else:
-                cudas = sorted({b.cuda for _, b in with_it})
-                torches = [r.torch for r, _ in with_it]
-                fits = (req.cuda is None or req.cuda in cudas) and (
-                    release is None or any(r is release for r, _ in with_it)
-                )
-                if not fits or req.torch is not None and release is None:
-                    add(
-                        ERROR,
-                        "cudnn",
-                        f"cuDNN {req.cudnn} ships only with CUDA "
-                        f"{', '.join(c.raw for c in cudas)} builds of torch {_span(torches)}"
-                        + (
-                            f", never with CUDA {req.cuda}"
-                            if req.cuda and req.cuda not in cudas
-                            else ""
-                        ),
-                    )
 
-    # -- Python
-    if req.python is not None and release is not None:
-        supported = ", ".join(p.raw for p in release.python)
-        if not release.supports_python(req.python):
-            add(
-                ERROR,
-                "python",
-                f"torch {release.torch} has no wheels for Python {req.python} "
-                f"(it supports {supported})",
-            )
-        elif req.python.minor in release.python_experimental:
-            add(
-                WARNING,
-                "python",
-                f"Python {req.python.minor} is experimental for torch {release.torch}",
-            )
+def _summary(t: _Table, rules: Sequence[Rule], matches: Sequence[Match]) -> list[Finding]:
+    """Warnings every preferred build shares, the best build's notes, and what the GPU and
+    driver rule out."""
+    m, req = t.m, t.req
+    cuda = [mt for mt in matches if mt.candidate.build is not None]
+    preferred = cuda or list(matches)
+    out: list[Finding] = []
+    if preferred:
+        common = set(preferred[0].caveats())
+        for mt in preferred[1:]:
+            common &= set(mt.caveats())
+        out += [w for w in preferred[0].caveats() if w in common]
+        out += list(preferred[0].notes())
+    if req.driver is not None and not req.cpu:
+        if not cuda and req.cuda is None:
+            out.append(Finding(WARNING, "driver", _driver_runs_nothing(m, req)))
+        elif req.cuda is None:
+            out.append(Finding(NOTE, "driver", _driver_runs(m, req)))
+    if req.gpus and cuda and req.cuda is None:
+        out += _gpu_excludes(t, rules, cuda)
+    return out
 
-    # -- driver
-    if req.driver is not None and req.cuda is not None and not req.cpu:
-        floor = m.driver_floor(req.cuda)
-        if floor is None:
-            add(WARNING, "driver", f"the matrix has no driver floor for CUDA {req.cuda}")
-        else:
-            status = driver_status(floor, req.driver)
-            full = f"{floor.full}" if floor.full else "unknown"
-            if status == "too-old":
-                best = m.max_cuda_for_driver(req.driver)
-                can = f"; this driver fully supports CUDA up to {best}" if best else ""
-                add(
-                    ERROR,
-                    "driver",
-                    f"driver {req.driver} is below {floor.minimum}, the minimum for any "
-                    f"CUDA {req.cuda.major}.x build (minor version compatibility floor); "
-                    f"CUDA {req.cuda} needs driver >= {full} (>= {floor.minimum} through "
-                    f"minor version compatibility){can}",
-                )
-            elif status == "minor-version-compat":
-                add(
-                    WARNING,
-                    "driver",
-                    f"driver {req.driver} is older than CUDA {req.cuda}'s toolkit driver "
-                    f"{full}: it works through minor version compatibility, but PTX JIT "
-                    "and the newest CUDA features may fail",
-                )
-            if not floor.verified:
-                add(NOTE, "driver", f"the driver floor of CUDA {req.cuda} is unverified")
-    elif req.driver is not None and req.cuda is None and not req.cpu:
-        best = m.max_cuda_for_driver(req.driver)
-        mvc = max((mj.major for mj in m.cuda_majors if req.driver >= mj.linux_floor), default=None)
-        oldest, lowest = m.cuda_toolkits[0], min(m.cuda_majors, key=lambda mj: mj.major)
-        if best is not None:
-            newer = [t for t in m.cuda_toolkits if t.version > best and t.version.major == mvc]
-            extra = (
-                f"; newer CUDA {mvc}.x builds through minor version compatibility" if newer else ""
-            )
-            add(NOTE, "driver", f"driver {req.driver} runs CUDA builds up to {best} fully" + extra)
-        elif mvc is not None:
-            add(
-                NOTE,
-                "driver",
-                f"driver {req.driver} runs no CUDA version of the matrix fully (CUDA "
-                f"{oldest.version} needs {oldest.linux}); CUDA {mvc}.x builds only through "
-                "minor version compatibility",
-            )
-        else:
-            add(
-                WARNING,
-                "driver",
-                f"driver {req.driver} is too old for every CUDA build of the matrix (CUDA "
-                f"{lowest.major}.x needs >= {lowest.linux_floor}): CPU builds only",
-            )
 
-    # -- GPU architecture
-    if req.gpu is not None and build is not None and release is not None:
-        archs = m.arch_list(release.torch, build.cuda, req.platform)
-        label = req.gpu_label or req.gpu.sm
-        if archs is None:
-            add(
-                WARNING,
-                "gpu",
-                f"the matrix has no arch list for torch {release.torch} + CUDA {build.cuda} "
-                f"on {req.platform}",
-            )
-        else:
-            listed = ";".join(archs.names)
-            native = any(runs_on(replace(a, ptx=False), req.gpu) for a in archs.archs)
-            if not archs.runs_on(req.gpu):
-                add(
-                    ERROR,
-                    "gpu",
-                    f"GPU {label} is not in the arch list of torch {release.torch} + CUDA "
-                    f"{build.cuda} ({listed}): torch will refuse to run on it",
-                )
-            elif not native:
-                add(
-                    WARNING,
-                    "gpu",
-                    f"GPU {label} runs torch {release.torch} + CUDA {build.cuda} only through "
-                    f"PTX JIT ({listed}): slow first start, needs a driver >= the toolkit "
-                    "driver",
-                )
-            if not archs.verified:
-                add(
-                    NOTE,
-                    "gpu",
-                    f"the arch list of torch {release.torch} + CUDA {build.cuda} is "
-                    f"unverified ({archs.note or 'lead only'})",
-                )
-    return out, release, build
+def _driver_runs(m: Matrix, req: Request) -> str:
+    """What a driver runs, for an answer that names no CUDA version."""
+    assert req.driver is not None
+    best, since = _full_cuda(m, req.driver)
+    mvc = max(
+        (mj.major for mj in m.cuda_majors if req.driver.reaches(mj.linux_floor) != NONE),
+        default=None,
+    )
+    unreached = [mj for mj in m.cuda_majors if mvc is None or mj.major > mvc]
+    none = ""
+    if unreached:
+        majors = " or ".join(f"{mj.major}.x" for mj in unreached)
+        floors = ", ".join(f">= {mj.linux_floor}" for mj in unreached)
+        none = f"; no CUDA {majors} build ({floors})"
+    if best is not None:
+        newer = [t for t in m.cuda_toolkits if t.version > best and t.version.major == mvc]
+        extra = f"; newer CUDA {mvc}.x builds through minor version compatibility" if newer else ""
+        return f"driver {req.driver} runs CUDA builds up to {best} fully{since}{extra}{none}"
+    oldest = m.cuda_toolkits[0]
+    return (
+        f"driver {req.driver} runs no CUDA version of the matrix fully (CUDA {oldest.version} "
+        f"needs {oldest.linux}); CUDA {mvc}.x builds only through minor version compatibility"
+        f"{none}"
+    )
+
+
+def _driver_runs_nothing(m: Matrix, req: Request) -> str:
+    lowest = min(m.cuda_majors, key=lambda mj: mj.major)
+    if req.gpus:
+        return f"no CUDA build fits driver {req.driver} with GPU {req.gpu_label}: CPU builds only"
+    return (
+        f"driver {req.driver} is too old for every CUDA build of the matrix (CUDA "
+        f"{lowest.major}.x needs >= {lowest.linux_floor}): CPU builds only"
+    )
+
+
+def _gpu_excludes(t: _Table, rules: Sequence[Rule], cuda: Sequence[Match]) -> list[Finding]:
+    """The CUDA versions whose builds fit everything but the GPU."""
+    others = [r for r in rules if r.code not in ("gpu", "driver")]
+    fits_rest = {t.cands[i].cuda for i in t.passing(others) if t.cands[i].build is not None}
+    left = fits_rest - {mt.candidate.cuda for mt in cuda}
+    if not left:
+        return []
+    return [Finding(NOTE, "gpu", f"no CUDA {_names(left)} build runs on GPU {t.req.gpu_label}")]
+
+
+def check(m: Matrix, req: Request) -> CheckResult:
+    """Judge every build against every constraint given; when none fits, say why and suggest
+    the nearest builds that fit the machine."""
+    rules = [r for r in RULES if r.applies(req)]
+    t = _Table(m, req)
+    errors = _judge(t, rules)
+    if not errors:
+        matches = _matches(t, rules)
+        if matches:
+            return CheckResult(req, tuple(_summary(t, rules, matches)), tuple(matches))
+        # every rule holds, but no build that fits has wheels for the Python asked for
+        errors = [Finding(ERROR, "python", "no build that fits has wheels for it")]
+    return CheckResult(req, tuple(errors), (), _suggest(t))
+
+
+# -- suggestions ------------------------------------------------------------------------------
 
 
 def _distance(values: list[Version], wanted: Version | None, got: Version) -> float:
+    """Steps between ``got`` and ``wanted`` in ``values`` (ties: the newer one is nearer)."""
     if wanted is None:
         return 0.0
     i = bisect.bisect_left(values, wanted)
     pos = i if i < len(values) and values[i] == wanted else i - 0.5
-    # ties: prefer the newer one
-    return abs(values.index(got) - pos) - (0.25 if values.index(got) > pos else 0.0)
+    j = values.index(got)
+    return abs(j - pos) - (0.25 if j > pos else 0.0)
 
 
-def _candidates(m: Matrix, req: Request) -> list[tuple[Combination, tuple]]:
-    torches = [r.torch for r in m.releases]
-    cudas = list(m.cuda_versions)
-    wanted_torch = req.torch.minor if req.torch else None
+def _major_distance(values: list[Version], wanted: Version | None, got: Version | None) -> float:
+    if wanted is None or got is None:
+        return 0.0
+    return (100.0 if got.major != wanted.major else 0.0) + _distance(values, wanted, got)
+
+
+def _nearest_python(have: Sequence[Version], wanted: Version) -> Version:
+    return min(have, key=lambda p: (abs(p.padded(2)[1] - wanted.padded(2)[1]), -p.padded(2)[1]))
+
+
+def _suggestion_pool(t: _Table) -> list[tuple[Candidate, Version]]:
+    """Builds that fit the machine (platform, GPU, driver), each with the Python it would
+    use: the one asked for or the nearest, else the newest stable one."""
+    req = t.req
+    hard = [r for r in RULES if r.code in HARD and r.applies(req)]
+    want_cuda = req.cuda is not None or bool(req.gpus) or req.driver is not None
     out = []
-    for release in m.releases:
-        builds: list[Build | None] = [None] if req.cpu else list(release.builds)
-        if req.cuda is None and not req.cpu and req.gpu is None and req.driver is None:
-            builds.append(None)
-        for build in builds:
-            if build is not None and (not build.verified or build.cudnn is None):
-                continue
-            if req.python is not None and release.supports_python(req.python):
-                python = req.python.minor
-            elif req.python is not None:
-                python = min(
-                    release.python, key=lambda p: (abs(p.padded(2)[1] - req.python.padded(2)[1]), p)
-                )
-            else:
-                python = max(p for p in release.python if p not in release.python_experimental)
-            cand = Request(
-                torch=release.torch,
-                cuda=build.cuda if build else None,
-                cpu=build is None,
-                cudnn=build.cudnn if build else None,
-                python=python,
-                torchvision=release.torchvision,
-                driver=req.driver,
-                gpu=req.gpu,
-                gpu_label=req.gpu_label,
-                platform=req.platform,
-            )
-            conflicts, _, _ = _rules(m, cand)
-            if any(c.severity == ERROR for c in conflicts):
-                continue
-            keeps = []
-            if req.torch is not None and req.torch.minor == release.torch:
-                keeps.append(f"torch {release.torch}")
-            if req.cuda is not None and build is not None and build.cuda == req.cuda:
-                keeps.append(f"CUDA {req.cuda}")
-            if req.cudnn is not None and build is not None and build.cudnn_matches(req.cudnn):
-                keeps.append(f"cuDNN {req.cudnn}")
-            if req.python is not None and python == req.python.minor:
-                keeps.append(f"Python {python}")
-            if (
-                req.torchvision is not None
-                and release.torchvision is not None
-                and req.torchvision.minor == release.torchvision
-            ):
-                keeps.append(f"torchvision {release.torchvision}")
-            target = next(
-                (
-                    t.name
-                    for t in m.targets.values()
-                    if t.release is release and t.cuda == (build.cuda if build else None)
-                ),
-                None,
-            )
-            combo = Combination(
-                release.torch,
-                release.torchvision,
-                build.cuda if build else None,
-                build.cudnn if build else None,
-                python,
-                target,
-                tuple(keeps),
-            )
-            n_warn = sum(c.severity == WARNING for c in conflicts)
-            dt = _distance(torches, wanted_torch, release.torch)
-            dc = _distance(cudas, req.cuda, build.cuda) if build else 0.0
-            out.append((combo, (-len(keeps), n_warn, dt, dc)))
+    for i in t.passing(hard):
+        c = t.cands[i]
+        b = c.build
+        if req.cpu and b is not None or not req.cpu and want_cuda and b is None:
+            continue
+        if b is not None and (not b.verified or b.cudnn is None):
+            continue
+        have = c.release.python_for(req.platform)
+        if c.release.torchvision is not None:
+            tv = c.release.torchvision_python_for(req.platform)
+            have = tuple(p for p in have if p in tv)
+        if not have:
+            continue
+        if req.python is not None:
+            python = _nearest_python(have, req.python)
+        else:
+            stable = [p for p in have if p not in c.release.python_experimental]
+            python = max(stable or have)
+        out.append((c, python))
     return out
 
 
+def _keeps(req: Request, c: Candidate, python: Version) -> tuple[str, ...]:
+    r, b = c.release, c.build
+    keeps = []
+    if req.torch is not None and req.torch.minor == r.torch:
+        keeps.append(f"torch {r.torch}")
+    if req.cuda is not None and b is not None and b.cuda == req.cuda:
+        keeps.append(f"CUDA {req.cuda}")
+    if req.cudnn is not None and b is not None and b.cudnn_matches(req.cudnn):
+        keeps.append(f"cuDNN {req.cudnn}")
+    if req.python is not None and python == req.python.minor:
+        keeps.append(f"Python {python}")
+    if req.torchvision is not None and r.torchvision == req.torchvision.minor:
+        keeps.append(f"torchvision {r.torchvision}")
+    return tuple(keeps)
+
+
 def suggest(m: Matrix, req: Request, limit: int = 3) -> tuple[Combination, ...]:
-    """The nearest valid combinations: the closest overall, then the closest that keeps the
-    torch release, the CUDA version and the cuDNN version asked for."""
-    cands = _candidates(m, req)
-    if not cands:
+    """The nearest builds that fit the user's machine, ranked by how little they change:
+    torch release, then Python, then CUDA, then cuDNN; the best one keeping each thing the
+    user asked for comes right after the overall best."""
+    return _suggest(_Table(m, req), limit)
+
+
+def _suggest(t: _Table, limit: int = 3) -> tuple[Combination, ...]:
+    m, req = t.m, t.req
+    torches = [r.torch for r in m.releases]
+    cudas = list(m.cuda_versions)
+    cudnns = sorted({b.cudnn for r in m.releases for b in r.builds if b.cudnn})
+    wanted_cudnn = next((v for v in cudnns if req.cudnn and v.matches_prefix(req.cudnn)), req.cudnn)
+    if wanted_cudnn is not None and wanted_cudnn not in cudnns:
+        cudnns = sorted({*cudnns, wanted_cudnn})
+    ranked = []
+    for c, python in _suggestion_pool(t):
+        b = c.build
+        target = _target(m, c)
+        key = (
+            _distance(torches, req.torch.minor if req.torch else None, c.release.torch),
+            abs(python.padded(2)[1] - req.python.padded(2)[1]) if req.python else 0,
+            _major_distance(cudas, req.cuda, b.cuda if b else None),
+            _major_distance(cudnns, wanted_cudnn, b.cudnn if b else None),
+            b is not None and b.status == "experimental" and b.cuda != c.release.pypi_default_cuda,
+            target is None,
+        )
+        combo = Combination(
+            c.release.torch,
+            c.release.torchvision,
+            c.cuda,
+            b.cudnn if b else None,
+            python,
+            target,
+            _keeps(req, c, python),
+        )
+        ranked.append((key, combo))
+    ranked.sort(key=lambda kc: kc[0])
+    combos = [combo for _, combo in ranked]
+    if not combos:
         return ()
-    picks = [min(cands, key=lambda c: c[1])[0]]
-
-    def best(pred, key) -> None:
-        pool = [c for c in cands if pred(c[0])]
-        if pool:
-            picks.append(min(pool, key=key)[0])
-
-    if req.torch is not None:
-        best(lambda c: True, lambda c: (c[1][2], c[1][0], c[1][3]))
-    if req.cuda is not None:
-        best(lambda c: c.cuda is not None, lambda c: (c[1][3], c[1][0], c[1][2]))
-    if req.cudnn is not None:
-        best(lambda c: any(k.startswith("cuDNN") for k in c.keeps), lambda c: (c[1][2], c[1][0]))
-    if req.python is not None:
-        best(lambda c: c.python == req.python.minor, lambda c: (c[1][0], c[1][2], c[1][3]))
-    seen, out = set(), []
+    picks = [combos[0]]
+    for prefix in ("torch ", "Python ", "CUDA ", "cuDNN ", "torchvision "):
+        keeper = next((s for s in combos if any(k.startswith(prefix) for k in s.keeps)), None)
+        if keeper is not None:
+            picks.append(keeper)
+    picks += combos
+    out: list[Combination] = []
     for p in picks:
-        key = (p.torch, p.cuda)
-        if key not in seen:
-            seen.add(key)
+        if all((p.torch, p.cuda, p.python) != (o.torch, o.cuda, o.python) for o in out):
             out.append(p)
     return tuple(out[:limit])
 
 
-def check(m: Matrix, req: Request) -> CheckResult:
-    """Apply every rule to ``req``; when something is wrong, add the nearest valid
-    combinations."""
-    conflicts, release, build = _rules(m, req)
-    result = CheckResult(req, tuple(conflicts), release, build)
-    if not result.ok:
-        result = replace(result, suggestions=suggest(m, req))
-    return result
+# -- text -------------------------------------------------------------------------------------
 
 
-def format_check(result: CheckResult) -> str:
-    lines = [f"{result.verdict}: {result.request.describe()}"]
+def format_check(result: CheckResult, limit: int = 8) -> str:
+    """Verdict first (with "unverified" beside it when it rests on unconfirmed facts), the
+    reasons, the builds that fit (newest first), the suggestions."""
+    head = f"{result.verdict}: {result.request.describe()}"
+    if result.unverified:
+        head += f"  [unverified: {'; '.join(result.unverified)}]"
+    lines = [head]
     for c in result.conflicts:
         lines.append(f"  {c.severity:<7} {c.field:<11} {c.message}")
-    if result.build is not None and result.ok and result.release is not None:
-        lines.append(
-            f"  ships   cuDNN {result.build.cudnn or '?'} with torch "
-            f"{result.release.torch} + CUDA {result.build.cuda}"
-        )
+    if result.matches:
+        cuda = [mt for mt in result.matches if mt.candidate.build is not None]
+        listed = cuda if cuda and len(cuda) < len(result.matches) else list(result.matches)
+        shown = [mt.describe(result.unverified) for mt in listed[:limit]]
+        more = len(listed) - limit
+        tail = f", and {more} more (--format json lists all)" if more > 0 else ""
+        if listed is cuda:
+            tail += "; and the CPU builds"
+        lines.append(f"builds that fit, newest first: {', '.join(shown)}{tail}")
+        best = result.best
+        if best is not None and best.candidate.build is not None:
+            b = best.candidate.build
+            lines.append(
+                f"  ships   cuDNN {b.cudnn or '?'} with {best.candidate.label}"
+                + (f" (target {best.target})" if best.target else "")
+            )
     if result.suggestions:
         lines.append("nearest valid combinations:")
         for s in result.suggestions:

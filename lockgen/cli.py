@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from lockgen.errors import LockgenError
+from lockgen.matrix import PLATFORMS
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -30,9 +31,11 @@ workflow:
                                driver floors, GPU architectures (envs/matrix.toml)
   2. lockgen targets           the environments this project generates (envs/targets.toml)
   3. lockgen check ...         is a torch/CUDA/cuDNN/Python/driver/GPU combination real and
-                               runnable? explains each conflict, suggests the nearest valid ones
-  4. lockgen doctor            inspects this machine (driver, GPUs, installed torch, nvcc) and
-                               says: works / works with warnings / broken, and the fix
+                               runnable? names the builds that fit, explains each conflict,
+                               suggests the nearest builds that fit the machine
+  4. lockgen doctor            inspects this machine (driver, GPUs, installed torch and the
+                               CUDA libraries it loaded, nvcc, environment) and says: works /
+                               works with warnings / broken, and the fix
   5. lockgen render --all       conda-lock inputs: envs/<target>.yml + virtual packages
   6. lockgen lock --all         solve into envs/<target>.lock (checked by verify); --flavor pip
                                writes envs/<target>.requirements.txt with --hash lines
@@ -205,9 +208,19 @@ def _configure_check(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cudnn", help="cuDNN version, e.g. 8.9.2")
     p.add_argument("--python", help="Python version, e.g. 3.11")
     p.add_argument("--torchvision", help="torchvision version, e.g. 0.16")
-    p.add_argument("--driver", help="NVIDIA driver version, e.g. 535.104.05")
-    p.add_argument("--gpu", help='GPU: sm_86, 8.6 or a name like "RTX 3090"')
-    p.add_argument("--platform", default="linux-64", help="conda platform (default linux-64)")
+    p.add_argument(
+        "--driver", help="NVIDIA driver version, e.g. 535.104.05, or a branch: 535 (its drivers)"
+    )
+    p.add_argument(
+        "--gpu",
+        help='GPU: sm_86, 8.6 or its name as nvidia-smi prints it ("NVIDIA GeForce RTX 3090")',
+    )
+    p.add_argument(
+        "--platform",
+        default="linux-64",
+        choices=PLATFORMS,
+        help="conda platform (default linux-64)",
+    )
     p.add_argument("--format", choices=("text", "json"), default="text")
 
 

@@ -1,21 +1,30 @@
 """The compatibility matrix (facts) and the targets (choices), loaded and validated.
 
-``envs/matrix.toml`` holds what is true about PyTorch releases, their CUDA builds, driver
-floors, GPU architectures, channels and GPUs; ``envs/targets.toml`` names the environments the
-project generates. Both are read once, validated at the edge, and turned into frozen
-dataclasses; the rest of lockgen never sees raw TOML.
+``envs/matrix.toml`` holds what is true about PyTorch releases (their platforms and Python
+wheels, torchvision's), their CUDA builds, driver floors, GPU architectures per build and
+channels; ``envs/gpus.toml`` NVIDIA's GPU list (names, compute capabilities, the drivers each
+GPU family needs); ``envs/targets.toml`` names the environments the project generates. All are
+read once, validated at the edge, and turned into frozen dataclasses; the rest of lockgen
+never sees raw TOML.
 
 Public API
 ----------
-``load_matrix(path=None, targets=None) -> Matrix``
+``load_matrix(path=None, targets=None, gpus=None) -> Matrix``
     Reads the matrix (default: ``envs/matrix.toml`` of this repository, or
-    ``$LOCKGEN_ENVS/matrix.toml``) and the targets file beside it (or ``targets``). A bad file
-    raises :class:`MatrixError` naming the file, the entry and the problem.
+    ``$LOCKGEN_ENVS/matrix.toml``), the targets file beside it (or ``targets``) and NVIDIA's
+    GPU list ``gpus.toml`` beside it (or ``gpus``). A bad file raises :class:`MatrixError`
+    naming the file, the entry and the problem.
 ``Matrix``
     ``releases`` (oldest first), ``release(torch)`` (accepts ``2.1.2`` and maps it onto the
     ``2.1`` row), ``find_release``, ``cuda_toolkit(cuda)``, ``driver_floor(cuda, os)``,
-    ``arch_list(torch, cuda, platform, channel)``, ``gpu_capability(text)``,
-    ``channel(name)``, ``targets`` (by name, in file order), ``target(name)``.
+    ``arch_list(torch, cuda, platform, channel)``, ``find_gpu(text)``,
+    ``gpu_capability(text)``, ``gpu_driver(capability, os)``, ``channel(name)``,
+    ``targets`` (by name, in file order), ``target(name)``.
+``DriverFloor.fit(driver) -> DriverFit``
+    The one driver rule check and doctor share: ``too-old`` below the minor-version-
+    compatibility floor, ``minor-version-compat`` up to the toolkit driver, ``ok`` from it
+    on; for a bare branch the best status some driver of the branch reaches, and from which
+    version on (``since``).
 ``Target`` — what render / lock / verify / flake need, all resolved:
     ``name``, ``description``, ``torch``, ``torchvision``, ``python`` (Versions as written),
     ``cuda`` (Version or None for cpu), ``cudnn`` (Version or None), ``tag`` (``cu121`` /
@@ -38,12 +47,14 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NoReturn
 
 from lockgen.errors import LockgenError
-from lockgen.versions import Capability, Version, cuda_tag, parse_cuda
+from lockgen.gpus import SEGMENTS, Architecture, Gpu, GpuList
+from lockgen.versions import ALL, NONE, Capability, Driver, Version, cuda_tag, parse_cuda
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -52,6 +63,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 SCHEMA = 1
 STATUSES = ("stable", "experimental")
+OK, MVC, TOO_OLD = "ok", "minor-version-compat", "too-old"
 CHANNEL_KINDS = ("pip", "conda")
 PLATFORMS = ("linux-64", "linux-aarch64", "win-64", "osx-arm64", "osx-64")
 
@@ -109,12 +121,27 @@ class Release:
     verified: bool
     unverified: tuple[str, ...] = ()
     note: str = ""
+    platforms: tuple[str, ...] = ("linux-64",)
+    python_platforms: Mapping[str, tuple[Version, ...]] = field(default_factory=dict)
+    torchvision_python: tuple[Version, ...] = ()
+    torchvision_python_platforms: Mapping[str, tuple[Version, ...]] = field(default_factory=dict)
 
     def build(self, cuda: Version) -> Build | None:
         return next((b for b in self.builds if b.cuda == cuda), None)
 
-    def supports_python(self, python: Version) -> bool:
-        return python.minor in self.python
+    def python_for(self, platform: str = "linux-64") -> tuple[Version, ...]:
+        """The Python versions PyPI has torch wheels of this release for on ``platform``."""
+        if platform not in self.platforms:
+            return ()
+        return self.python_platforms.get(platform, self.python)
+
+    def torchvision_python_for(self, platform: str = "linux-64") -> tuple[Version, ...]:
+        if platform not in self.platforms:
+            return ()
+        return self.torchvision_python_platforms.get(platform, self.torchvision_python)
+
+    def supports_python(self, python: Version, platform: str = "linux-64") -> bool:
+        return python.minor in self.python_for(platform)
 
     @property
     def cuda_versions(self) -> tuple[Version, ...]:
@@ -146,6 +173,25 @@ class CudaToolkit:
 
 
 @dataclass(frozen=True)
+class DriverFit:
+    """How a driver (or every driver of a branch) meets a :class:`DriverFloor`.
+
+    ``status`` is the best one the driver reaches; for a branch that reaches it only from a
+    version on, ``since`` is that version and ``below`` the status of the branch's older
+    drivers.
+    """
+
+    status: str
+    floor: DriverFloor
+    since: Version | None = None
+    below: str = ""
+
+    @property
+    def runs(self) -> bool:
+        return self.status != TOO_OLD
+
+
+@dataclass(frozen=True)
 class DriverFloor:
     """``minimum``: below it the build cannot run; ``full``: at or above it, no caveats."""
 
@@ -153,6 +199,29 @@ class DriverFloor:
     minimum: Version
     full: Version | None
     verified: bool
+
+    def status(self, driver: Version) -> str:
+        if driver < self.minimum:
+            return TOO_OLD
+        if self.full is not None and driver < self.full:
+            return MVC
+        return OK
+
+    def fit(self, driver: Driver | Version) -> DriverFit:
+        d = Driver.parse(driver)
+        if not d.branch:
+            return DriverFit(self.status(d.version), self)
+        levels = [(OK, self.full), (MVC, self.minimum)] if self.full else [(OK, self.minimum)]
+        for i, (status, need) in enumerate(levels):
+            reach = d.reaches(need)
+            if reach == NONE:
+                continue
+            if reach == ALL:
+                return DriverFit(status, self)
+            rest = levels[i + 1 :]
+            below = rest[0][0] if rest and d.reaches(rest[0][1]) == ALL else TOO_OLD
+            return DriverFit(status, self, since=need, below=below)
+        return DriverFit(TOO_OLD, self)
 
 
 @dataclass(frozen=True)
@@ -212,22 +281,15 @@ class Channel:
 
 
 @dataclass(frozen=True)
-class Gpu:
-    name: str
-    aliases: tuple[str, ...]
-    capability: Capability
-    source: tuple[str, ...]
+class GpuDriver:
+    """What the driver must be for a GPU: at least ``minimum`` (the driver of the first CUDA
+    toolkit for its architecture), at most the ``last_branch`` that still supports it."""
+
+    minimum: Version | None
+    first_cuda: Version | None
+    last_branch: Version | None
+    architecture: str
     verified: bool
-
-    def matches(self, text: str) -> bool:
-        hay = f" {_normalise_gpu_name(text)} "
-        return any(f" {_normalise_gpu_name(n)} " in hay for n in (self.name, *self.aliases))
-
-
-def _normalise_gpu_name(text: str) -> str:
-    t = re.sub(r"[^a-z0-9]+", " ", text.lower())
-    t = re.sub(r"\b(nvidia|geforce|tesla)\b", " ", t)
-    return " ".join(t.split())
 
 
 def conda_version_spec(version: Version) -> str:
@@ -346,9 +408,10 @@ class Matrix:
     arch_lists: tuple[ArchList, ...]
     channels: Mapping[str, Channel]
     virtual_packages: Mapping[str, Mapping[str, str]]
-    gpus: tuple[Gpu, ...]
+    gpus: GpuList = field(default_factory=GpuList)
     targets: Mapping[str, Target] = field(default_factory=dict)
     targets_path: Path | None = None
+    gpus_path: Path | None = None
 
     # -- releases
     def find_release(self, torch: Version | str) -> Release | None:
@@ -367,6 +430,17 @@ class Matrix:
         return tuple(sorted({b.cuda for r in self.releases for b in r.builds}))
 
     # -- drivers
+    @cached_property
+    def _memo(self) -> dict[tuple, Any]:
+        """Answers of the lookups below, per argument tuple (check asks them thousands of
+        times per question)."""
+        return {}
+
+    def _cached(self, key: tuple, compute: Any) -> Any:
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
     def cuda_toolkit(self, cuda: Version) -> CudaToolkit | None:
         return next((t for t in self.cuda_toolkits if t.version == cuda.minor), None)
 
@@ -374,6 +448,11 @@ class Matrix:
         return next((m for m in self.cuda_majors if m.major == major), None)
 
     def driver_floor(self, cuda: Version, os_name: str = "linux") -> DriverFloor | None:
+        return self._cached(
+            ("floor", cuda.parts, os_name), lambda: self._driver_floor(cuda, os_name)
+        )
+
+    def _driver_floor(self, cuda: Version, os_name: str) -> DriverFloor | None:
         major = self.cuda_major(cuda.major)
         if major is None:
             return None
@@ -400,6 +479,12 @@ class Matrix:
     ) -> ArchList | None:
         """The arch list of a build; falls back to another channel's list of the same build
         (then marked unverified) when the asked channel has none."""
+        key = ("archs", torch.parts, cuda.parts, platform, channel)
+        return self._cached(key, lambda: self._arch_list(torch, cuda, platform, channel))
+
+    def _arch_list(
+        self, torch: Version, cuda: Version, platform: str, channel: str
+    ) -> ArchList | None:
         exact = [
             a for a in self.arch_lists if a.channel == channel and a.covers(torch, cuda, platform)
         ]
@@ -423,23 +508,51 @@ class Matrix:
         return None
 
     def find_gpu(self, text: str) -> Gpu | None:
-        return next((g for g in self.gpus if g.matches(text)), None)
+        """NVIDIA's entry for a GPU name (see :meth:`lockgen.gpus.GpuList.find`)."""
+        return self.gpus.find(text)
 
-    def gpu_capability(self, text: str) -> tuple[Capability, str]:
-        """``sm_86`` / ``8.6`` / ``RTX 3090`` → (capability, label)."""
+    def resolve_gpu(self, text: str) -> tuple[Capability, str, Gpu | None]:
+        """``sm_86`` / ``8.6`` / ``NVIDIA GeForce RTX 3090`` → (capability, label, entry);
+        the entry is None for a capability given directly."""
         try:
             cap = Capability.parse(text)
-            return cap, cap.sm
+            return cap, cap.sm, None
         except LockgenError:
             pass
         gpu = self.find_gpu(text)
         if gpu is None:
-            known = ", ".join(g.name for g in self.gpus)
+            close = self.gpus.close_names(text)
+            hint = f"; close names: {', '.join(close)}" if close else ""
+            where = "" if self.gpus.gpus else " (no GPU list loaded: gpus.toml beside the matrix)"
             raise LockgenError(
-                f"unknown GPU {text!r}: give its compute capability (e.g. sm_86 or 8.6) "
-                f"or one of: {known}"
+                f"unknown GPU {text!r}{where}: give its compute capability (e.g. sm_86 or "
+                f"8.6) or its name as nvidia-smi prints it{hint}"
             )
-        return gpu.capability, f"{gpu.name} ({gpu.capability.sm})"
+        return gpu.capability, gpu.label, gpu
+
+    def gpu_capability(self, text: str) -> tuple[Capability, str]:
+        """``sm_86`` / ``8.6`` / ``RTX 3090`` → (capability, label)."""
+        cap, label, _ = self.resolve_gpu(text)
+        return cap, label
+
+    def gpu_driver(self, capability: Capability, os_name: str = "linux") -> GpuDriver | None:
+        """The driver window of a GPU's architecture, or None when the GPU list says
+        nothing about it (an architecture every driver of the matrix supports)."""
+        key = ("gpu-driver", capability.canonical, os_name)
+        return self._cached(key, lambda: self._gpu_driver(capability, os_name))
+
+    def _gpu_driver(self, capability: Capability, os_name: str) -> GpuDriver | None:
+        arch = self.gpus.architecture(capability)
+        if arch is None:
+            return None
+        minimum = None
+        verified = arch.verified
+        if arch.first_cuda is not None:
+            toolkit = self.cuda_toolkit(arch.first_cuda)
+            if toolkit is not None:
+                minimum = toolkit.windows if os_name == "windows" else toolkit.linux
+                verified = verified and toolkit.verified
+        return GpuDriver(minimum, arch.first_cuda, arch.last_driver, arch.name, verified)
 
     # -- channels and targets
     def channel(self, name: str) -> Channel:
@@ -533,6 +646,17 @@ class _Entry:
             self.fail(f"bad version {v!r} in {key!r}: no local '+' part allowed here")
         return parsed
 
+    def platform_versions(self, key: str) -> dict[str, tuple[Version, ...]]:
+        """An optional ``{platform = ["3.10", ...]}`` table."""
+        out: dict[str, tuple[Version, ...]] = {}
+        for platform, raw in self.table(key, required=False).items():
+            if platform not in PLATFORMS:
+                self.fail(f"{key}: unknown platform {platform!r} (known: {', '.join(PLATFORMS)})")
+            if not isinstance(raw, list) or not raw:
+                self.fail(f"{key}.{platform} must be a non-empty list of versions")
+            out[platform] = tuple(self.as_version(x, f"{key}.{platform}") for x in raw)
+        return out
+
     def table(self, key: str, required: bool = True) -> dict[str, Any]:
         v = self._get(key, required)
         if v is None:
@@ -619,6 +743,22 @@ def _load_release(file: Path, raw: object, sources: Mapping[str, str]) -> Releas
     for p in python_exp:
         if p not in python:
             e.fail(f"python_experimental {p} is not in 'python'")
+    platforms = e.strs("platforms")
+    for p in platforms:
+        if p not in PLATFORMS:
+            e.fail(f"unknown platform {p!r} (known: {', '.join(PLATFORMS)})")
+    if "linux-64" not in platforms:
+        e.fail("'platforms' must include linux-64 (the builds and 'python' are linux-64's)")
+    python_platforms = e.platform_versions("python_platforms")
+    tv_python = e.versions("torchvision_python", required=torchvision is not None)
+    tv_python_platforms = e.platform_versions("torchvision_python_platforms")
+    for key, table in (
+        ("python_platforms", python_platforms),
+        ("torchvision_python_platforms", tv_python_platforms),
+    ):
+        for p in table:
+            if p == "linux-64" or p not in platforms:
+                e.fail(f"{key}: {p} is linux-64 or not one of 'platforms'")
     pd = _Entry(file, f"{label} pypi_default", e.table("pypi_default"))
     pd_cuda, pd_cudnn = pd.version("cuda"), pd.version("cudnn")
     pd.done()
@@ -670,6 +810,10 @@ def _load_release(file: Path, raw: object, sources: Mapping[str, str]) -> Releas
         verified,
         unverified,
         note,
+        tuple(platforms),
+        python_platforms,
+        tv_python,
+        tv_python_platforms,
     )
 
 
@@ -817,20 +961,6 @@ def _load_matrix_data(file: Path, data: dict[str, Any]) -> Matrix:
         e.done()
         vps[platform] = pkgs
 
-    gpus: list[Gpu] = []
-    for raw in top.tables("gpu"):
-        label = f"gpu {raw.get('name', '?')!r}" if isinstance(raw, dict) else "gpu"
-        e = _Entry(file, label, raw)
-        name = e.text("name")
-        aliases = e.strs("aliases", required=False)
-        try:
-            cap = Capability.parse(e.text("capability"))
-        except LockgenError as exc:
-            e.fail(str(exc))
-        src, verified, _ = e.provenance(sources)
-        e.done()
-        gpus.append(Gpu(name, aliases, cap, src, verified))
-
     _check_top(top)
     return Matrix(
         file,
@@ -841,8 +971,68 @@ def _load_matrix_data(file: Path, data: dict[str, Any]) -> Matrix:
         tuple(arch_lists),
         channels,
         vps,
-        tuple(gpus),
     )
+
+
+def _capability(e: _Entry, text: str) -> Capability:
+    try:
+        return Capability.parse(text)
+    except LockgenError as exc:
+        e.fail(str(exc))
+
+
+def _load_gpus(file: Path, data: dict[str, Any], m: Matrix) -> GpuList:
+    """``gpus.toml``: NVIDIA's table rows ([[capability]]) and the GPU families'
+    driver facts ([[architecture]])."""
+    top = _Entry(file, "top level", data)
+    sources: dict[str, str] = {}
+    for k, v in top.table("sources").items():
+        if not isinstance(v, str) or not v:
+            top.fail(f"source {k!r} must be a non-empty string")
+        sources[k] = v
+    gpus: dict[tuple[str, ...], Gpu] = {}
+    for i, raw in enumerate(top.tables("capability")):
+        label = (
+            f"capability {raw.get('capability', '#' + str(i + 1))}"
+            if isinstance(raw, dict)
+            else f"capability #{i + 1}"
+        )
+        e = _Entry(file, label, raw)
+        cap = _capability(e, e.text("capability"))
+        names = {seg: e.strs(seg, required=False) for seg in SEGMENTS}
+        src, verified, _ = e.provenance(sources)
+        e.done()
+        if not any(names.values()):
+            e.fail(f"names no GPU (give one of {', '.join(SEGMENTS)})")
+        for seg, seg_names in names.items():
+            for name in seg_names:
+                gpu = Gpu(name, cap, seg, src, verified)
+                if not gpu.key:
+                    e.fail(f"GPU name {name!r} has no letters or digits")
+                if gpu.key in gpus:
+                    e.fail(f"GPU {name!r} is listed twice (also as {gpus[gpu.key].label})")
+                gpus[gpu.key] = gpu
+    archs: list[Architecture] = []
+    for i, raw in enumerate(top.tables("architecture")):
+        e = _Entry(file, f"architecture #{i + 1}", raw)
+        name = e.text("name")
+        caps = tuple(_capability(e, c) for c in e.strs("capabilities"))
+        first = e.version("first_cuda", required=False)
+        last = e.version("last_driver", required=False)
+        src, verified, _ = e.provenance(sources)
+        e.done()
+        if not caps:
+            e.fail("'capabilities' is empty")
+        if first is None and last is None:
+            e.fail("gives neither 'first_cuda' nor 'last_driver'")
+        if first is not None and m.cuda_toolkit(first) is None:
+            e.fail(f"first_cuda {first}: no [[cuda]] entry of the matrix gives its driver")
+        for c in caps:
+            if any(a.covers(c) for a in archs):
+                e.fail(f"capability {c} is already in another [[architecture]]")
+        archs.append(Architecture(name, caps, first, last, src, verified))
+    _check_top(top)
+    return GpuList(tuple(gpus.values()), tuple(archs))
 
 
 def _load_targets(file: Path, data: dict[str, Any], m: Matrix) -> dict[str, Target]:
@@ -961,30 +1151,33 @@ def _load_targets(file: Path, data: dict[str, Any], m: Matrix) -> dict[str, Targ
     return targets
 
 
-def load_matrix(path: str | Path | None = None, targets: str | Path | bool | None = None) -> Matrix:
-    """Load and validate the matrix and its targets.
+def _beside(file: Path, given: str | Path | bool | None, name: str) -> Path | None:
+    """The companion file to load: ``given`` if a path, else ``name`` beside the matrix when
+    it exists (``False``: none)."""
+    if given is False:
+        return None
+    if isinstance(given, (str, Path)):
+        return Path(given)
+    candidate = file.with_name(name)
+    return candidate if candidate.exists() else None
 
-    ``targets``: a path; ``None`` for ``targets.toml`` beside the matrix when it exists;
-    ``False`` to load no targets.
+
+def load_matrix(
+    path: str | Path | None = None,
+    targets: str | Path | bool | None = None,
+    gpus: str | Path | bool | None = None,
+) -> Matrix:
+    """Load and validate the matrix, its targets and the GPU list.
+
+    ``targets`` / ``gpus``: a path; ``None`` for ``targets.toml`` / ``gpus.toml`` beside the
+    matrix when it exists; ``False`` to load none.
     """
     file = Path(path) if path is not None else default_envs_dir() / "matrix.toml"
     m = _load_matrix_data(file, _read_toml(file))
-    if targets is False:
+    gfile = _beside(file, gpus, "gpus.toml")
+    if gfile is not None:
+        m = replace(m, gpus=_load_gpus(gfile, _read_toml(gfile), m), gpus_path=gfile)
+    tfile = _beside(file, targets, "targets.toml")
+    if tfile is None:
         return m
-    tfile = Path(targets) if isinstance(targets, (str, Path)) else file.with_name("targets.toml")
-    if targets is None and not tfile.exists():
-        return m
-    tdata = _read_toml(tfile)
-    return Matrix(
-        m.path,
-        m.sources,
-        m.releases,
-        m.cuda_majors,
-        m.cuda_toolkits,
-        m.arch_lists,
-        m.channels,
-        m.virtual_packages,
-        m.gpus,
-        _load_targets(tfile, tdata, m),
-        tfile,
-    )
+    return replace(m, targets=_load_targets(tfile, _read_toml(tfile), m), targets_path=tfile)

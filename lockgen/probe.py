@@ -1,4 +1,5 @@
-"""Probe this machine: NVIDIA driver, GPUs, the installed torch, nvcc, Python.
+"""Probe this machine: NVIDIA driver, GPUs, the installed torch and what it loaded, the
+toolkit that would build extensions, the Python environment.
 
 The only part of lockgen's doctor flow that touches the machine, and every touch is
 injectable so tests can feed recorded outputs:
@@ -12,9 +13,17 @@ injectable so tests can feed recorded outputs:
 Public API
 ----------
 ``Prober(root="/", run=run_command, python_exe=sys.executable, python_version=None,
-platform=None, torch_info=None, timeout=10.0).probe() -> MachineReport``
+platform=None, torch_info=None, timeout=10.0, which=shutil.which).probe() -> MachineReport``
 ``parse_driver_file(text)``, ``parse_nvidia_smi_banner(text)``, ``parse_gpu_query(text)``,
-``parse_gpu_list(text)``, ``parse_nvcc(text)``, ``cudnn_from_int(n)`` — the parsers, pure.
+``parse_gpu_list(text)``, ``parse_nvcc(text)``, ``cudnn_from_int(n)``,
+``parse_torch_probe(text)``, ``library_version(name, raw)``, ``environment_from(raw)`` — the
+parsers, pure.
+
+The torch probe runs in a child of the inspected interpreter: it imports torch, touches cuDNN
+and cuBLAS, and reports from its own ``/proc/self/maps`` which libcudart / libcublas /
+libcublasLt / libcudnn / libnccl it really mapped (path, version from the library itself,
+the pip wheel that installed the file), torch's ``CUDA_HOME`` (the toolkit extension builds
+use) and the facts that tell venv / uv / conda / pixi / Nix environments apart.
 
 Driver lookup order (as uv does it): ``/sys/module/nvidia/version``, then
 ``/proc/driver/nvidia/version``, then the ``nvidia-smi`` banner, which reads both the old
@@ -91,6 +100,44 @@ class GpuInfo:
     capability_source: str = ""
 
 
+PIP, CONDA, NIX, SYSTEM = "pip", "conda", "nix", "system"
+
+
+@dataclass(frozen=True)
+class LoadedLibrary:
+    """A CUDA library the torch process mapped: ``name`` (cudart, cublas, cublasLt, cudnn,
+    nccl), ``path``, ``version`` (as the library reports it), ``distribution`` (the pip wheel
+    that installed the file) and ``origin``: pip, conda, nix or system."""
+
+    name: str
+    path: str
+    version: str | None
+    distribution: str | None
+    origin: str
+
+
+@dataclass(frozen=True)
+class PythonEnvironment:
+    """The environment the inspected interpreter runs in: ``kind`` is venv, uv, conda,
+    pixi, nix or system; ``nix_shell`` when inside ``nix develop`` / ``nix-shell``."""
+
+    kind: str
+    prefix: str
+    nix_shell: bool = False
+
+    def describe(self) -> str:
+        names = {
+            "uv": "uv virtual environment",
+            "venv": "virtual environment",
+            "conda": "conda environment",
+            "pixi": "pixi environment",
+            "nix": "Nix store Python",
+            "system": "system Python",
+        }
+        shell = ", inside a Nix shell" if self.nix_shell and self.kind != "nix" else ""
+        return f"{names.get(self.kind, self.kind)} at {self.prefix}{shell}"
+
+
 @dataclass(frozen=True)
 class TorchInfo:
     version: str
@@ -99,15 +146,34 @@ class TorchInfo:
     arch_list: tuple[str, ...] = ()
     cuda_available: bool = False
     devices: tuple[tuple[str, str], ...] = ()
+    torchvision: str | None = None
+    libraries: tuple[LoadedLibrary, ...] = ()
+    cuda_home: str | None = None
+    environment: PythonEnvironment | None = None
+    installer: str | None = None
+
+    @property
+    def from_wheel(self) -> bool:
+        """Installed by pip or uv (so its CUDA libraries should come from wheels)."""
+        return (self.installer or "").lower() in ("pip", "uv")
 
     @property
     def is_cuda_build(self) -> bool:
         return self.cuda is not None
 
+    @property
+    def base_version(self) -> str:
+        """``2.14.1+cu130`` → ``2.14.1``."""
+        return self.version.split("+")[0]
+
+    def library(self, name: str) -> LoadedLibrary | None:
+        return next((lib for lib in self.libraries if lib.name == name), None)
+
 
 @dataclass(frozen=True)
 class NvccInfo:
     version: Version
+    path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +187,7 @@ class MachineReport:
     nvcc: NvccInfo | None = None
     problems: tuple[str, ...] = field(default=())
     nvidia_smi_found: bool = False
+    cuda_home_nvcc: NvccInfo | None = None  # the nvcc of torch's CUDA_HOME, when not PATH's
 
 
 # ------------------------------------------------------------------------------------------
@@ -207,9 +274,10 @@ def conda_platform(system: str, machine: str) -> str:
 
 
 # The torch probe runs in a child interpreter: importing torch can take seconds, crash, or
-# print warnings; the child's JSON on stdout is the only thing read back.
+# print warnings; the child's JSON on stdout is the only thing read back. Every step past the
+# import is allowed to fail on its own.
 TORCH_SCRIPT = r"""
-import json
+import json, os, re, sys
 try:
     import torch
 except Exception as exc:
@@ -217,9 +285,23 @@ except Exception as exc:
     raise SystemExit(0)
 info = {"version": str(torch.__version__), "cuda": torch.version.cuda}
 try:
-    info["cudnn"] = torch.backends.cudnn.version()
+    info["cudnn"] = torch.backends.cudnn.version()  # loads libcudnn
 except Exception:
     info["cudnn"] = None
+try:
+    torch.backends.cuda.preferred_blas_library()  # cuBLAS: a dependency of libtorch_cuda
+except Exception:
+    pass
+try:
+    from importlib import metadata
+    info["torchvision"] = metadata.version("torchvision")
+except Exception:
+    info["torchvision"] = None
+try:
+    from importlib import metadata
+    info["installer"] = (metadata.distribution("torch").read_text("INSTALLER") or "").strip()
+except Exception:
+    info["installer"] = None
 archs = []
 try:
     archs = list(torch.cuda.get_arch_list())
@@ -237,8 +319,160 @@ try:
 except Exception:
     info["cuda_available"] = False
 info["devices"] = devices
+
+def owners():
+    out = {}
+    try:
+        from importlib import metadata
+        for dist in metadata.distributions():
+            name = (dist.metadata["Name"] or "").lower()
+            if not name.startswith(("nvidia", "cuda")):
+                continue
+            for f in dist.files or ():
+                if ".so" in f.name:
+                    out[os.path.realpath(str(dist.locate_file(f)))] = f"{name} {dist.version}"
+    except Exception:
+        pass
+    return out
+
+def version_code(name, path):
+    import ctypes
+    lib = ctypes.CDLL(path)
+    if name == "cudart":
+        v = ctypes.c_int()
+        return v.value if lib.cudaRuntimeGetVersion(ctypes.byref(v)) == 0 else None
+    if name == "cublas":
+        parts = []
+        for kind in (0, 1, 2):
+            v = ctypes.c_int()
+            if lib.cublasGetProperty(kind, ctypes.byref(v)) != 0:
+                return None
+            parts.append(v.value)
+        return parts
+    if name == "cublasLt":
+        lib.cublasLtGetVersion.restype = ctypes.c_size_t
+        return lib.cublasLtGetVersion()
+    if name == "cudnn":
+        lib.cudnnGetVersion.restype = ctypes.c_size_t
+        return lib.cudnnGetVersion()
+    if name == "nccl":
+        v = ctypes.c_int()
+        return v.value if lib.ncclGetVersion(ctypes.byref(v)) == 0 else None
+    return None
+
+libraries = []
+try:
+    pattern = re.compile(r"/lib(cudart|cublasLt|cublas|cudnn|nccl)\.so[.0-9]*$")
+    seen = set()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split(None, 5)[-1].strip() if line.count(" ") >= 5 else ""
+            m = pattern.search(path)
+            if m and path not in seen:
+                seen.add(path)
+                libraries.append({"name": m.group(1), "path": path})
+    own = owners()
+    for lib in libraries:
+        try:
+            lib["version"] = version_code(lib["name"], lib["path"])
+        except Exception:
+            lib["version"] = None
+        lib["distribution"] = own.get(os.path.realpath(lib["path"]))
+except Exception:
+    pass
+info["libraries"] = libraries
+try:
+    from torch.utils import cpp_extension
+    info["cuda_home"] = cpp_extension.CUDA_HOME
+except Exception:
+    info["cuda_home"] = None
+uv = None
+try:
+    with open(os.path.join(sys.prefix, "pyvenv.cfg")) as cfg:
+        for line in cfg:
+            key, _, value = line.partition("=")
+            if key.strip() == "uv":
+                uv = value.strip()
+except OSError:
+    pass
+info["environment"] = {
+    "prefix": sys.prefix,
+    "base_prefix": sys.base_prefix,
+    "conda_meta": os.path.isdir(os.path.join(sys.prefix, "conda-meta")),
+    "uv": uv,
+    "env": {k: os.environ.get(k) for k in ("VIRTUAL_ENV", "CONDA_PREFIX", "PIXI_PROJECT_ROOT",
+                                            "PIXI_ENVIRONMENT_NAME", "IN_NIX_SHELL")},
+}
 print(json.dumps(info))
 """
+
+
+def library_version(name: str, raw: object) -> str | None:
+    """What a library's own version call returned → dotted: cudart 13000 → 13.0, cublas
+    [13, 1, 1] → 13.1.1, cublasLt 130101 → 13.1.1, cudnn 92400 → 9.24.0, nccl 23007 →
+    2.30.7."""
+    if isinstance(raw, list) and len(raw) == 3 and all(isinstance(x, int) for x in raw):
+        return ".".join(map(str, raw))
+    if not isinstance(raw, int) or isinstance(raw, bool) or raw <= 0:
+        return None
+    if name == "cudart":
+        return f"{raw // 1000}.{raw % 1000 // 10}"
+    if name == "cudnn":
+        return cudnn_from_int(raw)
+    return f"{raw // 10000}.{raw % 10000 // 100}.{raw % 100}"
+
+
+def environment_from(raw: object) -> PythonEnvironment | None:
+    """The child's environment facts → which manager made it."""
+    if not isinstance(raw, dict):
+        return None
+    prefix = str(raw.get("prefix") or "")
+    env = raw.get("env") if isinstance(raw.get("env"), dict) else {}
+    nix_shell = bool(env.get("IN_NIX_SHELL"))
+    if "/.pixi/envs/" in prefix or env.get("PIXI_ENVIRONMENT_NAME"):
+        kind = "pixi"
+    elif raw.get("conda_meta"):
+        kind = CONDA
+    elif raw.get("uv"):
+        kind = "uv"
+    elif prefix and prefix != raw.get("base_prefix"):
+        kind = "venv"
+    elif prefix.startswith("/nix/store/"):
+        kind = NIX
+    else:
+        kind = SYSTEM
+    return PythonEnvironment(kind, prefix, nix_shell)
+
+
+def library_origin(path: str, distribution: str | None, env: PythonEnvironment | None) -> str:
+    """pip (a wheel installed it), conda (it lies in the conda/pixi prefix), nix (the Nix
+    store) or system (anything else: /usr/lib, /usr/local/cuda, LD_LIBRARY_PATH)."""
+    if distribution or "/site-packages/torch/lib/" in path:
+        return PIP
+    if path.startswith("/nix/store/"):
+        return NIX
+    if env is not None and env.kind in (CONDA, "pixi") and path.startswith(env.prefix + "/"):
+        return CONDA
+    return SYSTEM
+
+
+def _libraries(raw: object, env: PythonEnvironment | None) -> tuple[LoadedLibrary, ...]:
+    out = []
+    for item in raw if isinstance(raw, list) else ():
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+            continue
+        name = str(item.get("name", ""))
+        dist = item.get("distribution") if isinstance(item.get("distribution"), str) else None
+        out.append(
+            LoadedLibrary(
+                name,
+                item["path"],
+                library_version(name, item.get("version")),
+                dist,
+                library_origin(item["path"], dist, env),
+            )
+        )
+    return tuple(out)
 
 
 def parse_torch_probe(text: str) -> tuple[TorchInfo | None, str]:
@@ -251,6 +485,7 @@ def parse_torch_probe(text: str) -> tuple[TorchInfo | None, str]:
     if "error" in data:
         return None, str(data["error"])
     cudnn = data.get("cudnn")
+    env = environment_from(data.get("environment"))
     return TorchInfo(
         version=str(data.get("version", "")),
         cuda=data.get("cuda"),
@@ -258,6 +493,11 @@ def parse_torch_probe(text: str) -> tuple[TorchInfo | None, str]:
         arch_list=tuple(data.get("arch_list") or ()),
         cuda_available=bool(data.get("cuda_available")),
         devices=tuple((str(n), str(c)) for n, c in data.get("devices") or ()),
+        torchvision=data.get("torchvision") if isinstance(data.get("torchvision"), str) else None,
+        libraries=_libraries(data.get("libraries"), env),
+        cuda_home=data.get("cuda_home") if isinstance(data.get("cuda_home"), str) else None,
+        environment=env,
+        installer=data.get("installer") if isinstance(data.get("installer"), str) else None,
     ), ""
 
 
@@ -274,6 +514,7 @@ class Prober:
         torch_info: Callable[[], tuple[TorchInfo | None, str]] | None = None,
         timeout: float = 10.0,
         torch_timeout: float = 120.0,
+        which: Callable[[str], str | None] = shutil.which,
     ):
         self.root = Path(root)
         self.run = run
@@ -283,6 +524,7 @@ class Prober:
         self.torch_info = torch_info
         self.timeout = timeout
         self.torch_timeout = torch_timeout
+        self.which = which
         self.problems: list[str] = []
 
     def _read(self, rel: str) -> str | None:
@@ -346,9 +588,22 @@ class Prober:
         return parse_torch_probe(res.stdout)
 
     def nvcc(self) -> NvccInfo | None:
+        """The nvcc on PATH, with its version."""
         res = self._run(NVCC)
         v = parse_nvcc(res.stdout) if res.ok else None
-        return NvccInfo(v) if v else None
+        return NvccInfo(v, self.which(NVCC[0])) if v else None
+
+    def cuda_home_nvcc(self, torch: TorchInfo | None, nvcc: NvccInfo | None) -> NvccInfo | None:
+        """The nvcc extension builds would use (torch's CUDA_HOME), where it is not the one on
+        PATH."""
+        if torch is None or not torch.cuda_home:
+            return None
+        exe = f"{torch.cuda_home.rstrip('/')}/bin/nvcc"
+        if nvcc is not None and nvcc.path == exe:
+            return None
+        res = self._run((exe, "--version"))
+        v = parse_nvcc(res.stdout) if res.ok else None
+        return NvccInfo(v, exe) if v else None
 
     def probe(self) -> MachineReport:
         self.problems = []
@@ -366,6 +621,8 @@ class Prober:
                     GpuInfo(i, n, Capability.parse(c), "torch")
                     for i, (n, c) in enumerate(torch.devices)
                 ]
+        nvcc = self.nvcc()
+        home_nvcc = self.cuda_home_nvcc(torch, nvcc)
         return MachineReport(
             platform=self.platform,
             python=Version.parse(self.python_version, "Python version"),
@@ -373,7 +630,8 @@ class Prober:
             gpus=tuple(gpus),
             torch=torch,
             torch_error=torch_error,
-            nvcc=self.nvcc(),
+            nvcc=nvcc,
             problems=tuple(self.problems),
             nvidia_smi_found=smi_found,
+            cuda_home_nvcc=home_nvcc,
         )

@@ -13,14 +13,19 @@ Public API
 ``Capability.parse("sm_86" | "8.6" | "sm_90a" | "86")``
     A GPU compute capability / code arch. ``Capability.parse_arch("12.0+PTX")`` also reads
     the ``+PTX`` marker used in arch lists.
-``runs_on(code, device)``
+``runs_on(code, device, cuda=None)``
     torch's own rule for whether a cubin built for ``code`` runs on a ``device``.
+``Driver.parse("535.104.05" | "535")``
+    An NVIDIA driver as a user names it: an exact version, or a bare branch (``535``) that
+    stands for every driver of that branch. ``reaches(version)`` says whether all, some or
+    none of them are at least ``version``.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from lockgen.errors import LockgenError
 
@@ -74,7 +79,7 @@ class Version:
     def major(self) -> int:
         return self.parts[0]
 
-    @property
+    @cached_property
     def minor(self) -> Version:
         """The ``major.minor`` release this version belongs to (``2.1.2`` → ``2.1``)."""
         minor = self.parts[1] if len(self.parts) > 1 else 0
@@ -184,19 +189,76 @@ class Capability:
         return f"{self.major}.{self.minor}{self.specific}" + ("+PTX" if self.ptx else "")
 
 
-def runs_on(code: Capability, device: Capability) -> bool:
+# From CUDA 13.2 on, sm_70 / sm_80 / sm_86 code also runs on the Jetson capability of its
+# major (torch's DEVICE_REQUIREMENT_POST_JETSON_SBSA_UNIFICATION).
+_SBSA_UNIFIED_CODES = frozenset({(7, 0), (8, 0), (8, 6)})
+_SBSA_UNIFICATION_CUDA = (13, 2)
+
+
+def runs_on(code: Capability, device: Capability, cuda: Version | None = None) -> bool:
     """Whether code from an arch-list entry runs on a device of capability ``device``.
 
     The rule torch applies (torch/cuda/__init__.py): a cubin for ``sm_XY`` runs on devices
     with the same major and a minor ≥ Y; Jetson capabilities (5.3, 6.2, 7.2, 8.7) and
-    arch-specific code (``sm_90a``) run only on exactly their capability; ``sm_101`` is
-    ``sm_110``. An entry that carries PTX can be JIT-compiled by any newer device.
+    arch-specific code (``sm_90a``) run only on exactly their capability, except that from
+    CUDA 13.2 on (``cuda``) sm_70 / sm_80 / sm_86 code also runs on the Jetson of its major;
+    ``sm_101`` is ``sm_110``. An entry that carries PTX can be JIT-compiled by any newer
+    device.
     """
     c, d = code.canonical, device.canonical
     if c == d:
         return True
     if code.ptx and d > c:
         return True
-    if code.specific or c in JETSON_CAPABILITIES or d in JETSON_CAPABILITIES:
+    if code.specific or c in JETSON_CAPABILITIES:
         return False
+    if d in JETSON_CAPABILITIES:
+        unified = cuda is not None and cuda.padded(2) >= _SBSA_UNIFICATION_CUDA
+        if not (unified and c in _SBSA_UNIFIED_CODES):
+            return False
     return c[0] == d[0] and d[1] >= c[1]
+
+
+ALL, SOME, NONE = "all", "some", "none"
+
+
+@dataclass(frozen=True)
+class Driver:
+    """An NVIDIA driver as a user names it.
+
+    ``535.104.05`` is that driver; a bare branch ``535`` stands for every driver of the R535
+    branch (535.x.y), so whether it reaches a version can hold for all, some or none of them.
+    """
+
+    version: Version
+    branch: bool = False
+
+    @classmethod
+    def parse(cls, text: object) -> Driver:
+        if isinstance(text, Driver):
+            return text
+        if isinstance(text, Version):
+            return cls(text)
+        v = Version.parse(text, "driver version")
+        if v.local or not re.fullmatch(r"\d+(\.\d+)*", v.raw):
+            raise LockgenError(f"bad driver version {text!r}: expected e.g. '535.104.05' or '535'")
+        return cls(v, branch=len(v.raw.split(".")) == 1)
+
+    @property
+    def raw(self) -> str:
+        return self.version.raw
+
+    def __str__(self) -> str:
+        return f"R{self.raw}" if self.branch else self.raw
+
+    def reaches(self, version: Version) -> str:
+        """``all`` / ``some`` / ``none`` of the drivers it stands for are >= ``version``."""
+        if self.version >= version:
+            return ALL
+        if self.branch and version.major == self.version.major:
+            return SOME
+        return NONE
+
+    def within(self, last_branch: Version) -> bool:
+        """Whether it belongs to ``last_branch`` or an older branch."""
+        return self.version.major <= last_branch.major

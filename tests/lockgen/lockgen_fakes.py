@@ -72,6 +72,12 @@ def fake_machine(
         if name is not None:
             answers[cmd] = name
     runner = FakeRunner(answers)
+    nvcc_path = "/usr/local/cuda/bin/nvcc" if nvcc else None
     return Prober(
-        root=root, run=runner, python_exe=PYTHON, python_version=python, platform="linux-64"
+        root=root,
+        run=runner,
+        python_exe=PYTHON,
+        python_version=python,
+        platform="linux-64",
+        which=lambda name: nvcc_path if name == "nvcc" else None,
     ), runner

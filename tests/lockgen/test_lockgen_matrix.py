@@ -26,7 +26,18 @@ FACTS = {
     "2.12": ("0.27", ("3.10", "3.14"), "13.0", "9.20.0.48", {"12.6", "13.0", "13.2"}),
     "2.13": ("0.28", ("3.10", "3.14"), "13.0", "9.20.0.48", {"12.6", "13.0", "13.2"}),
     "2.14": ("0.29", ("3.10", "3.14"), "13.0", "9.24.0.43", {"12.6", "13.0", "13.2"}),
-    "2.15": (None, ("3.11", "3.15"), "13.2", "9.26.0.51", {"12.6", "13.0", "13.2"}),
+    "2.15": (None, ("3.11", "3.15"), "13.2", "9.26.0.51", {"12.6", "13.0", "13.2", "13.4"}),
+}
+
+# PyPI upload date of the x.y.0 wheels (the earliest file of the release on pypi.org/simple).
+RELEASED = {
+    "1.13": "2022-10-28",
+    "2.0": "2023-03-15",
+    "2.4": "2024-07-24",
+    "2.8": "2025-08-06",
+    "2.11": "2026-03-23",
+    "2.14": "2026-09-02",
+    "2.15": "2026-10-28",
 }
 
 
@@ -65,11 +76,17 @@ def test_build_cudnn_agrees_with_facts(matrix, torch, cuda, cudnn, status):
     assert b.cudnn == V(cudnn) and b.status == status
 
 
+@pytest.mark.parametrize("torch", list(RELEASED))
+def test_release_dates_are_the_pypi_upload_dates(matrix, torch):
+    assert matrix.release(torch).released == RELEASED[torch]
+
+
 def test_unverified_facts_are_marked(matrix):
     assert not matrix.release("2.15").verified
-    assert "torchvision" in matrix.release("2.15").unverified
+    assert matrix.release("2.15").unverified == ("torchvision",)
     assert not matrix.release("2.15").build(V("12.6")).verified
-    assert "released" in matrix.release("1.13").unverified
+    assert not matrix.release("2.15").build(V("13.4")).verified
+    assert matrix.release("1.13").verified and not matrix.release("1.13").unverified
     assert not matrix.cuda_toolkit(V("13.2")).verified
     assert matrix.cuda_toolkit(V("13.1")).verified
     # the 2.11 cuDNN disagreement is recorded, with the wheel metadata winning
@@ -101,13 +118,67 @@ def test_windows_floors(matrix):
 def test_arch_lists(matrix):
     a = matrix.arch_list(V("2.8"), V("12.8"))
     assert a.verified and Capability.parse("7.0") in a.archs
+    # the installed 2.14.1 wheel reports sm_75..sm_120 and no compute_120: no PTX
     a = matrix.arch_list(V("2.14"), V("13.0"))
-    assert a.names[-1] == "12.0+PTX" and not a.runs_on(Capability.parse("7.0"))
+    assert a.verified and a.names == ("7.5", "8.0", "8.6", "9.0", "10.0", "12.0")
+    assert not a.runs_on(Capability.parse("7.0"))
+    assert not any(
+        x.ptx for r in ("2.9", "2.13", "2.15") for x in matrix.arch_list(V(r), V("13.0")).archs
+    )
     assert matrix.arch_list(V("2.14"), V("13.0"), "win-64").names[-1] == "12.0"
+    # 2.4 + CUDA 12.4: sm_50..sm_90 (cuobjdump of the pytorch channel's packages)
+    a = matrix.arch_list(V("2.4"), V("12.4"), channel="pytorch")
+    assert a.verified and a.names == ("5.0", "6.0", "6.1", "7.0", "7.5", "8.0", "8.6", "9.0")
     # only a conda-channel list exists for 2.5 + CUDA 12.1: used, marked unverified for pip
     fallback = matrix.arch_list(V("2.5"), V("12.1"))
     assert fallback is not None and not fallback.verified
     assert matrix.arch_list(V("2.5"), V("12.1"), channel="pytorch").verified
+
+
+def test_conda_forge_213_builds_follow_the_feedstock_variants(matrix):
+    # .ci_support/: linux-64 and linux-aarch64 CUDA 12.9 + 13.0, win-64 CUDA 12.8 + 13.0
+    def cf(cuda, platform):
+        return matrix.arch_list(V("2.13"), V(cuda), platform, "conda-forge")
+
+    for platform in ("linux-64", "linux-aarch64"):
+        assert cf("12.9", platform).channel == "conda-forge" and cf("12.9", platform).verified
+        assert cf("12.8", platform) is None
+    assert cf("12.8", "win-64").verified and cf("12.9", "win-64") is None
+    assert "8.7" in cf("13.0", "linux-aarch64").names and "8.7" not in cf("13.0", "linux-64").names
+
+
+def test_virtual_packages_keep_conda_locks_defaults(matrix):
+    # conda-lock's spec file replaces its defaults, __archspec included
+    assert matrix.virtual_packages["linux-64"]["__archspec"] == "1 x86_64"
+
+
+@pytest.mark.parametrize(
+    "torch,platform,python,ok",
+    [
+        ("1.13", "linux-64", "3.11", True),
+        ("1.13", "win-64", "3.11", False),  # cp311 wheels only for linux x86_64
+        ("2.5", "linux-64", "3.13", True),
+        ("2.5", "linux-aarch64", "3.13", False),
+        ("2.2", "osx-64", "3.12", True),
+        ("2.3", "osx-64", "3.11", False),  # no Intel macOS wheels from 2.3 on
+    ],
+)
+def test_python_wheels_per_platform(matrix, torch, platform, python, ok):
+    assert matrix.release(torch).supports_python(V(python), platform) is ok
+
+
+@pytest.mark.parametrize(
+    "torch,python,ok",
+    [
+        ("1.13", "3.11", False),
+        ("2.5", "3.13", False),
+        ("2.6", "3.13", True),
+        ("1.13", "3.10", True),
+    ],
+)
+def test_torchvision_python_wheels(matrix, torch, python, ok):
+    # torchvision 0.14 has no cp311 wheels, 0.20 none for cp313
+    assert (V(python) in matrix.release(torch).torchvision_python) is ok
 
 
 @pytest.mark.parametrize(
@@ -123,15 +194,63 @@ def test_arch_lists(matrix):
         ("B200", "10.0"),
         ("RTX 5090", "12.0"),
         ("sm_86", "8.6"),
+        # nvidia-smi spellings and the names the old 9-entry list did not know
+        ("Tesla V100-SXM2-16GB", "7.0"),
+        ("NVIDIA GeForce RTX 4090", "8.9"),
+        ("GeForce GTX 1080", "6.1"),
+        ("NVIDIA GeForce GTX 1080 Ti", "6.1"),
+        ("NVIDIA L4", "8.9"),
+        ("L40S", "8.9"),
+        ("NVIDIA A10", "8.6"),
+        ("RTX 4080", "8.9"),
+        ("NVIDIA RTX 6000 Ada Generation", "8.9"),
+        ("Quadro RTX 6000", "7.5"),
+        ("NVIDIA GeForce RTX 3060 Laptop GPU", "8.6"),
+        ("nvidia gh200 480gb", "9.0"),
+        ("NVIDIA B300", "10.3"),
+        ("NVIDIA GB10", "12.1"),
+        ("Jetson AGX Orin", "8.7"),
+        ("GeForce GTX TITAN X", "5.2"),
+        ("NVIDIA TITAN X", "6.1"),
+        ("Tesla K80", "3.7"),
     ],
 )
 def test_gpu_names(matrix, text, cap):
     assert matrix.gpu_capability(text)[0] == Capability.parse(cap)
 
 
-def test_unknown_gpu_and_release_errors_list_known_ones(matrix):
-    with pytest.raises(LockgenError, match="RTX 3090"):
+def test_gpu_names_are_words_not_substrings(matrix):
+    # A10 is not A100, L40 is not L40S
+    assert matrix.find_gpu("NVIDIA A100 80GB PCIe").name == "NVIDIA A100"
+    assert matrix.find_gpu("NVIDIA A10").name == "NVIDIA A10"
+    assert matrix.find_gpu("NVIDIA L40").name == "NVIDIA L40"
+
+
+def test_the_whole_nvidia_table_is_shipped(matrix):
+    segments = {g.segment for g in matrix.gpus.gpus}
+    assert segments == {"data_center", "workstation", "geforce", "jetson"}
+    assert len(matrix.gpus.gpus) > 150
+    # names read from NVIDIA's pages are verified; the rest is marked
+    assert matrix.find_gpu("H100").verified and not matrix.find_gpu("A100").verified
+
+
+def test_unknown_gpu_suggests_close_names_and_capabilities(matrix):
+    with pytest.raises(LockgenError, match="sm_86") as err:
         matrix.gpu_capability("GTX 9999")
+    with pytest.raises(LockgenError, match="close names: .*RTX 6000 Ada") as err:
+        matrix.gpu_capability("RTX 6000")  # the Turing Quadro and the Ada card: ambiguous
+    assert "unknown GPU 'RTX 6000'" in str(err.value)
+
+
+def test_gpu_driver_window(matrix):
+    blackwell = matrix.gpu_driver(Capability.parse("12.0"))
+    assert blackwell.first_cuda == V("12.8") and blackwell.minimum == V("570.26")
+    volta = matrix.gpu_driver(Capability.parse("7.0"))
+    assert volta.minimum is None and volta.last_branch == V("580")
+    assert matrix.gpu_driver(Capability.parse("8.0")) is None
+
+
+def test_unknown_release_errors_list_known_ones(matrix):
     with pytest.raises(LockgenError, match="known releases: 1.13"):
         matrix.release("3.0")
 

@@ -13,13 +13,15 @@ from lockgen.matrix import MatrixError, default_envs_dir, load_matrix
 ENVS = default_envs_dir()
 MATRIX = (ENVS / "matrix.toml").read_text()
 TARGETS = (ENVS / "targets.toml").read_text()
+GPUS = (ENVS / "gpus.toml").read_text()
 
 REL_21 = 'torch = "2.1"\ntorchvision = "0.16"\n'
 
 
-def write(tmp_path: Path, matrix: str = MATRIX, targets: str = TARGETS) -> Path:
+def write(tmp_path: Path, matrix: str = MATRIX, targets: str = TARGETS, gpus: str = GPUS) -> Path:
     (tmp_path / "matrix.toml").write_text(matrix)
     (tmp_path / "targets.toml").write_text(targets)
+    (tmp_path / "gpus.toml").write_text(gpus)
     return tmp_path / "matrix.toml"
 
 
@@ -30,7 +32,7 @@ def replace_once(text: str, old: str, new: str) -> str:
 
 def test_unbroken_copy_loads(tmp_path):
     m = load_matrix(write(tmp_path))
-    assert "cu121" in m.targets
+    assert "cu121" in m.targets and m.find_gpu("H100") is not None
 
 
 MATRIX_CASES = {
@@ -87,7 +89,8 @@ MATRIX_CASES = {
             s
             + "\n[[release]]\n"
             + REL_21
-            + 'released = "x"\npython = ["3.11"]\npypi_default = { cuda = "12.1", cudnn = "1" }\n'
+            + 'released = "x"\npython = ["3.11"]\nplatforms = ["linux-64"]\n'
+            + 'torchvision_python = ["3.11"]\npypi_default = { cuda = "12.1", cudnn = "1" }\n'
             'source = "pypi"\nverified = true\n[[release.build]]\ncuda = "12.1"\ncudnn = "1"\n'
             'status = "stable"\nsource = "pypi"\nverified = true\n'
         ),
@@ -154,13 +157,19 @@ MATRIX_CASES = {
         "top level: unknown key 'extra'",
     ),
     "not toml": (lambda s: s + "\n[[release]\n", "not valid TOML"),
-    "bad gpu capability": (
+    "python wheels for an unknown platform": (
+        lambda s: replace_once(
+            s, "python_platforms = { linux-aarch64", "python_platforms = { amiga-68k"
+        ),
+        "release 1.13: python_platforms: unknown platform 'amiga-68k'",
+    ),
+    "torchvision python missing": (
         lambda s: replace_once(
             s,
-            'name = "B200"\naliases = []\ncapability = "10.0"',
-            'name = "B200"\naliases = []\ncapability = "ten"',
+            'torchvision_python = ["3.8", "3.9", "3.10", "3.11"]\n',
+            "",
         ),
-        "gpu 'B200': bad compute capability 'ten'",
+        "release 2.0: missing key 'torchvision_python'",
     ),
 }
 
@@ -248,6 +257,36 @@ def test_bad_targets(tmp_path, case):
     with pytest.raises(MatrixError) as err:
         load_matrix(path)
     assert str(err.value).startswith(str(tmp_path / "targets.toml") + ":")
+    assert message in str(err.value)
+
+
+GPU_CASES = {
+    "bad gpu capability": (
+        lambda s: replace_once(s, 'capability = "10.0"', 'capability = "ten"'),
+        "capability ten: bad compute capability 'ten'",
+    ),
+    "gpu listed twice": (
+        lambda s: replace_once(s, '"NVIDIA GB200", "NVIDIA B200"', '"NVIDIA GB200", "NVIDIA H100"'),
+        "GPU 'NVIDIA H100' is listed twice",
+    ),
+    "architecture without a toolkit driver": (
+        lambda s: replace_once(s, 'first_cuda = "12.8"', 'first_cuda = "12.7"'),
+        "first_cuda 12.7: no [[cuda]] entry of the matrix gives its driver",
+    ),
+    "unknown source": (
+        lambda s: replace_once(s, 'source = "cuda-legacy-gpus"', 'source = "forum"'),
+        "unknown source 'forum'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_bad_gpu_list(tmp_path, case):
+    mutate, message = GPU_CASES[case]
+    path = write(tmp_path, gpus=mutate(GPUS))
+    with pytest.raises(MatrixError) as err:
+        load_matrix(path)
+    assert str(err.value).startswith(str(tmp_path / "gpus.toml") + ":")
     assert message in str(err.value)
 
 

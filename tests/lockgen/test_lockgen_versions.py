@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lockgen.errors import LockgenError
-from lockgen.versions import Capability, Version, cuda_tag, parse_cuda, runs_on
+from lockgen.versions import Capability, Driver, Version, cuda_tag, parse_cuda, runs_on
 
 
 def test_versions_compare_numerically_not_as_strings():
@@ -113,3 +113,34 @@ def cap(t):
 )
 def test_runs_on_follows_torch_rule(code, device, expected):
     assert runs_on(cap(code), Capability.parse(device)) is expected
+
+
+def test_sbsa_unification_lets_cuda_13_2_code_run_on_jetson():
+    # torch's DEVICE_REQUIREMENT_POST_JETSON_SBSA_UNIFICATION: from CUDA 13.2 on
+    orin = Capability.parse("8.7")
+    assert not runs_on(cap("8.0"), orin, Version.parse("13.0"))
+    assert runs_on(cap("8.0"), orin, Version.parse("13.2"))
+    assert not runs_on(cap("9.0"), orin, Version.parse("13.2"))
+
+
+@pytest.mark.parametrize(
+    "text,version,reach",
+    [
+        ("525", "525.60.13", "some"),  # a branch: its later drivers reach it
+        ("525", "520.61.05", "all"),
+        ("525", "530.30.02", "none"),
+        ("535.104.05", "530.30.02", "all"),
+        ("535.104.05", "535.104.06", "none"),
+        ("580", "580", "all"),
+    ],
+)
+def test_driver_branch_reaches(text, version, reach):
+    assert Driver.parse(text).reaches(Version.parse(version)) == reach
+
+
+def test_driver_parse():
+    assert Driver.parse("525").branch and str(Driver.parse("525")) == "R525"
+    assert not Driver.parse("570.26").branch
+    for bad in ("R535", "535.x", "", "535+foo"):
+        with pytest.raises(LockgenError, match="driver version"):
+            Driver.parse(bad)
