@@ -158,3 +158,17 @@ def test_cli_install(matrix, locks, tmp_path):
         prober=StubProber(),
     )
     assert rc == 2 and "--no-driver-check" in err.getvalue()
+
+
+def test_pip_and_uv_locks_are_sent_to_their_installers(matrix, tmp_path):
+    from lockgen.errors import LockgenError
+
+    for path, how in (
+        (tmp_path / "cu130.requirements.txt", "pip install --require-hashes -r"),
+        (tmp_path / "uv" / "cu130" / "uv.lock", "uv sync --locked --project"),
+    ):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+        with pytest.raises(LockgenError, match=how):
+            install_lockfile(path, tmp_path / "env", matrix, driver_check=False)
+    assert not (tmp_path / "env").exists()
