@@ -60,6 +60,12 @@ def _run(argv: Sequence[str]) -> subprocess.CompletedProcess:
 
 def uv_command() -> list[str]:
     """How to run uv: the ``uv`` package of this interpreter (``python -m uv``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("uv") is None:
+        raise LockgenError(
+            "pip and uv locks are resolved by uv: pip install uv==0.13.9 (requirements-dev.txt)"
+        )
     return [sys.executable, "-m", "uv"]
 
 

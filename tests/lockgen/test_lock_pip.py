@@ -336,3 +336,16 @@ def test_committed_pip_lock_installs_with_require_hashes(pypi, path, tmp_path):
         timeout=300,
     )
     assert r.returncode != 0 and "THESE PACKAGES DO NOT MATCH THE HASHES" in r.stderr
+
+
+def test_without_uv_the_error_says_how_to_get_it(monkeypatch):
+    import importlib.util
+
+    from lockgen.render import pip
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "uv" else real(name, *a)
+    )
+    with pytest.raises(LockgenError, match=r"pip install uv==0\.13\.9"):
+        pip.UvResolver()
