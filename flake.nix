@@ -3,7 +3,7 @@
 # this file is stale). flake.lock is written only by a networked Nix
 # (.github/workflows/flake.yml), never by hand.
 #
-#   nix develop .#<target>   a shell for one target: cpu, cu118, cu121, cu124, cu126, cu128, cu130
+#   nix develop .#<target>   a shell for one target: cpu, cu118, cu121, cu124, cu126, cu128, cu129, cu130
 #   nix develop              the default shell (cu130)
 #   GPUFIT_INSTALL=1 nix develop .#<target>
 #                            also install torch from envs/<target>.requirements.txt
@@ -26,11 +26,13 @@
     ];
   };
 
+  # Each nixpkgs is pinned to one commit of its branch (envs/nix.toml says where the
+  # commit is recorded); flake.lock adds the narHash.
   inputs = {
-    # CUDA package sets: 12.6, 12.8, 12.9, 13.0
-    nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
-    # CUDA package sets: 11.8, 12.0, 12.1, 12.2, 12.3, 12.4, 12.5, 12.6, 12.8
-    nixpkgs-2505.url = "github:NixOS/nixpkgs/nixos-25.05";
+    # nixos-25.11; CUDA package sets: 12.6, 12.8, 12.9, 13.0
+    nixpkgs.url = "github:NixOS/nixpkgs/8fd9daa3db09ced9700431c5b7ad0e8ba199b575";
+    # nixos-25.05; CUDA package sets: 11.8, 12.0, 12.1, 12.2, 12.3, 12.4, 12.5, 12.6, 12.8
+    nixpkgs-2505.url = "github:NixOS/nixpkgs/ac62194c3917d5f474c1a844b6fd6da2db95077d";
   };
 
   outputs = { self, nixpkgs, nixpkgs-2505 }:
@@ -59,10 +61,11 @@
           systems = [ "x86_64-linux" ];
           python = "python311";
           cudaPackages = "cudaPackages_11_8";
+          archs = { x86_64-linux = "3.7;5.0;6.0;6.1;7.0;7.5;8.0;8.6;9.0"; };
           env = {
             GPUFIT_TARGET = "cu118";
-            GPUFIT_TORCH_VERSION = "2.5";
-            GPUFIT_TORCHVISION_VERSION = "0.20";
+            GPUFIT_TORCH_VERSION = "2.5.1";
+            GPUFIT_TORCHVISION_VERSION = "0.20.1";
             GPUFIT_PYTHON_VERSION = "3.11";
             GPUFIT_PIP_INDEX_URL = "https://download.pytorch.org/whl/cu118";
             GPUFIT_REQUIREMENTS = "envs/cu118.requirements.txt";
@@ -70,7 +73,6 @@
             GPUFIT_CUDNN_VERSION = "9.1.0.70";
             GPUFIT_DRIVER_MIN = "450.80.02";
             GPUFIT_DRIVER_FULL = "520.61.05";
-            TORCH_CUDA_ARCH_LIST = "3.7;5.0;6.0;6.1;7.0;7.5;8.0;8.6;9.0";
           };
         };
         cu121 = {
@@ -79,10 +81,11 @@
           systems = [ "x86_64-linux" ];
           python = "python311";
           cudaPackages = "cudaPackages_12_1";
+          archs = { x86_64-linux = "5.0;6.0;6.1;7.0;7.5;8.0;8.6;9.0;9.0a"; };
           env = {
             GPUFIT_TARGET = "cu121";
-            GPUFIT_TORCH_VERSION = "2.5";
-            GPUFIT_TORCHVISION_VERSION = "0.20";
+            GPUFIT_TORCH_VERSION = "2.5.1";
+            GPUFIT_TORCHVISION_VERSION = "0.20.1";
             GPUFIT_PYTHON_VERSION = "3.11";
             GPUFIT_PIP_INDEX_URL = "https://download.pytorch.org/whl/cu121";
             GPUFIT_REQUIREMENTS = "envs/cu121.requirements.txt";
@@ -90,7 +93,6 @@
             GPUFIT_CUDNN_VERSION = "9.1.0.70";
             GPUFIT_DRIVER_MIN = "525.60.13";
             GPUFIT_DRIVER_FULL = "530.30.02";
-            TORCH_CUDA_ARCH_LIST = "5.0;6.0;6.1;7.0;7.5;8.0;8.6;9.0;9.0a";
           };
         };
         cu124 = {
@@ -99,18 +101,18 @@
           systems = [ "x86_64-linux" ];
           python = "python311";
           cudaPackages = "cudaPackages_12_4";
+          archs = { x86_64-linux = "5.0;6.0;6.1;7.0;7.5;8.0;8.6;9.0;9.0a"; };
           env = {
             GPUFIT_TARGET = "cu124";
-            GPUFIT_TORCH_VERSION = "2.5";
-            GPUFIT_TORCHVISION_VERSION = "0.20";
+            GPUFIT_TORCH_VERSION = "2.5.1";
+            GPUFIT_TORCHVISION_VERSION = "0.20.1";
             GPUFIT_PYTHON_VERSION = "3.11";
-            GPUFIT_PIP_INDEX_URL = "https://download.pytorch.org/whl/cu124";
+            GPUFIT_PIP_INDEX_URL = "https://pypi.org/simple";
             GPUFIT_REQUIREMENTS = "envs/cu124.requirements.txt";
             GPUFIT_CUDA_VERSION = "12.4";
             GPUFIT_CUDNN_VERSION = "9.1.0.70";
             GPUFIT_DRIVER_MIN = "525.60.13";
             GPUFIT_DRIVER_FULL = "550.54.14";
-            TORCH_CUDA_ARCH_LIST = "5.0;6.0;6.1;7.0;7.5;8.0;8.6;9.0;9.0a";
           };
         };
         cu126 = {
@@ -119,6 +121,7 @@
           systems = [ "x86_64-linux" ];
           python = "python311";
           cudaPackages = "cudaPackages_12_6";
+          archs = { x86_64-linux = "5.0;6.0;7.0;7.5;8.0;8.6;9.0"; };
           env = {
             GPUFIT_TARGET = "cu126";
             GPUFIT_TORCH_VERSION = "2.14.1";
@@ -130,47 +133,66 @@
             GPUFIT_CUDNN_VERSION = "9.10.2.21";
             GPUFIT_DRIVER_MIN = "525.60.13";
             GPUFIT_DRIVER_FULL = "560.28.03";
-            TORCH_CUDA_ARCH_LIST = "5.0;6.0;7.0;7.5;8.0;8.6;9.0";
           };
         };
         cu128 = {
-          description = "CUDA 12.8: first Blackwell (sm_100/sm_120) builds, still with Volta (sm_70)";
+          description = "CUDA 12.8, the PyPI default build of torch 2.8: first Blackwell (sm_100/sm_120) builds, still with Volta (sm_70)";
           nixpkgs = nixpkgs;
           systems = [ "x86_64-linux" ];
           python = "python311";
           cudaPackages = "cudaPackages_12_8";
+          archs = { x86_64-linux = "7.0;7.5;8.0;8.6;9.0;10.0;12.0"; };
           env = {
             GPUFIT_TARGET = "cu128";
-            GPUFIT_TORCH_VERSION = "2.8";
-            GPUFIT_TORCHVISION_VERSION = "0.23";
+            GPUFIT_TORCH_VERSION = "2.8.0";
+            GPUFIT_TORCHVISION_VERSION = "0.23.0";
             GPUFIT_PYTHON_VERSION = "3.11";
-            GPUFIT_PIP_INDEX_URL = "https://download.pytorch.org/whl/cu128";
+            GPUFIT_PIP_INDEX_URL = "https://pypi.org/simple";
             GPUFIT_REQUIREMENTS = "envs/cu128.requirements.txt";
             GPUFIT_CUDA_VERSION = "12.8";
             GPUFIT_CUDNN_VERSION = "9.10.2.21";
             GPUFIT_DRIVER_MIN = "525.60.13";
             GPUFIT_DRIVER_FULL = "570.26";
-            TORCH_CUDA_ARCH_LIST = "7.0;7.5;8.0;8.6;9.0;10.0;12.0";
           };
         };
-        cu130 = {
-          description = "CUDA 13.0, the project's pinned torch (PyPI default build); Turing and newer, driver R580+";
+        cu129 = {
+          description = "CUDA 12.9 on conda-forge and the wheel index: Volta-to-Blackwell (sm_70..sm_120) in one build";
           nixpkgs = nixpkgs;
           systems = [ "x86_64-linux" ];
           python = "python311";
+          cudaPackages = "cudaPackages_12_9";
+          archs = { x86_64-linux = "7.0;7.5;8.0;8.6;9.0;10.0;12.0+PTX"; };
+          env = {
+            GPUFIT_TARGET = "cu129";
+            GPUFIT_TORCH_VERSION = "2.8.0";
+            GPUFIT_TORCHVISION_VERSION = "0.23.0";
+            GPUFIT_PYTHON_VERSION = "3.11";
+            GPUFIT_PIP_INDEX_URL = "https://download.pytorch.org/whl/cu129";
+            GPUFIT_REQUIREMENTS = "envs/cu129.requirements.txt";
+            GPUFIT_CUDA_VERSION = "12.9";
+            GPUFIT_CUDNN_VERSION = "9.10.2.21";
+            GPUFIT_DRIVER_MIN = "525.60.13";
+            GPUFIT_DRIVER_FULL = "575.51.03";
+          };
+        };
+        cu130 = {
+          description = "CUDA 13.0, the project's pinned torch (PyPI default build, x86_64 and aarch64); Turing and newer, driver R580+";
+          nixpkgs = nixpkgs;
+          systems = [ "x86_64-linux" "aarch64-linux" ];
+          python = "python311";
           cudaPackages = "cudaPackages_13_0";
+          archs = { x86_64-linux = "7.5;8.0;8.6;9.0;10.0;12.0"; aarch64-linux = "8.0;9.0;10.0;11.0;12.0+PTX"; };
           env = {
             GPUFIT_TARGET = "cu130";
             GPUFIT_TORCH_VERSION = "2.14.1";
             GPUFIT_TORCHVISION_VERSION = "0.29.1";
             GPUFIT_PYTHON_VERSION = "3.11";
-            GPUFIT_PIP_INDEX_URL = "https://download.pytorch.org/whl/cu130";
+            GPUFIT_PIP_INDEX_URL = "https://pypi.org/simple";
             GPUFIT_REQUIREMENTS = "envs/cu130.requirements.txt";
             GPUFIT_CUDA_VERSION = "13.0";
             GPUFIT_CUDNN_VERSION = "9.24.0.43";
             GPUFIT_DRIVER_MIN = "580";
             GPUFIT_DRIVER_FULL = "580.65.06";
-            TORCH_CUDA_ARCH_LIST = "7.5;8.0;8.6;9.0;10.0;12.0";
           };
         };
       };
@@ -342,6 +364,7 @@
               {
                 CUDA_HOME = "${cudaHome}";
                 CUDA_PATH = "${cudaHome}";
+                TORCH_CUDA_ARCH_LIST = t.archs.${system};
               }
           )
         );
@@ -359,6 +382,11 @@
         x86_64-linux =
           let
             shells = shellsFor "x86_64-linux";
+          in
+          shells // { default = shells.cu130; };
+        aarch64-linux =
+          let
+            shells = shellsFor "aarch64-linux";
           in
           shells // { default = shells.cu130; };
       };

@@ -36,9 +36,11 @@ workflow:
   4. lockgen doctor            inspects this machine (driver, GPUs, installed torch and the
                                CUDA libraries it loaded, nvcc, environment) and says: works /
                                works with warnings / broken, and the fix
-  5. lockgen render --all       conda-lock inputs: envs/<target>.yml + virtual packages
+  5. lockgen render --all       every flavor's inputs: envs/<target>.yml + virtual packages
+                               (conda-lock), envs/uv/<target>/pyproject.toml (uv)
   6. lockgen lock --all         solve into envs/<target>.lock (checked by verify); --flavor pip
-                               writes envs/<target>.requirements.txt with --hash lines
+                               writes envs/<target>.requirements.txt with --hash lines,
+                               --flavor uv runs `uv lock` into envs/uv/<target>/uv.lock
   7. lockgen verify FILE        is a lockfile the CUDA build its target promises, fresh, hashed?
   8. lockgen install FILE --prefix DIR   install a lock without conda (checks the driver)
   later: flake (a Nix dev shell per target)
@@ -156,24 +158,27 @@ def _run_matrix(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _configure_targets(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", nargs="?", help="show one target in full")
+    p.add_argument("name", nargs="?", help="show one target in full (JSON)")
     p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--envs", help="folder of the spec and lock files (default: beside the matrix)")
 
 
-def _target_json(t) -> dict:
+def _target_json(t, target_routes) -> dict:
     return {
         "name": t.name,
         "description": t.description,
         "torch": t.torch.raw,
         "torchvision": t.torchvision.raw,
         "python": t.python.raw,
+        "pythons": [p.raw for p in t.pythons],
         "cuda": t.cuda.raw if t.cuda else None,
         "cudnn": t.cudnn.raw if t.cudnn else None,
         "platforms": list(t.platforms),
-        "conda_channel": t.conda_channel.name,
+        "conda_channel": t.conda_channel.name if t.conda_channel else None,
         "conda_channels": list(t.conda_channels),
         "conda_specs": list(t.conda_specs),
         "virtual_packages": t.virtual_packages,
+        "pip_source": t.pip_source.kind,
         "pip_index_url": t.pip_index_url,
         "pip_requirements": list(t.pip_requirements),
         "driver_linux": (
@@ -181,21 +186,41 @@ def _target_json(t) -> dict:
         ),
         "driver_linux_min": t.driver_floor.minimum.raw if t.driver_floor else None,
         "arch_list": list(t.arch_list.names) if t.arch_list else [],
+        "arch_lists": {p: list(a.names) for p, a in t.arch_lists.items()},
         "verified": t.verified,
+        "install": {r.flavor: r.to_json() for r in target_routes},
     }
 
 
 def _run_targets(args: argparse.Namespace, out: TextIO) -> int:
+    from lockgen.routes import nix_shells, routes
+
     m = _matrix(args)
+    envs = _envs_dir(args, m)
+    shells, why_not = nix_shells(m)
     targets = [m.target(args.name)] if args.name else list(m.targets.values())
+    by_target = {t.name: routes(m, t, envs, shells, why_not) for t in targets}
     if args.format == "json" or args.name:
-        data = [_target_json(t) for t in targets]
+        data = [_target_json(t, by_target[t.name]) for t in targets]
         json.dump(data[0] if args.name else data, out, indent=2)
         out.write("\n")
         return EXIT_OK
     for t in targets:
         mark = "" if t.verified else "  (partly unverified)"
-        out.write(f"{t.summary()}{mark}\n")
+        cuda = f"CUDA {t.cuda} + cuDNN {t.cudnn or '?'}" if t.cuda else "CPU"
+        out.write(
+            f"{t.name}: torch {t.torch} + torchvision {t.torchvision} + {cuda}, Python "
+            f"{t.python_range}, {', '.join(t.platforms)}{mark}\n"
+        )
+        for r in by_target[t.name]:
+            what = r.command if r.status != "none" else r.note
+            out.write(f"  {r.flavor:<5}  {r.status:<7}  {what}\n")
+            if r.lock:
+                out.write(f"  {'':<5}  {'':<7}  lock: {r.lock}\n")
+    out.write(
+        "locked: installs the committed lock; no lock: installs now without one (the lock "
+        "line says how it is made); none: why there is no such environment\n"
+    )
     return EXIT_OK
 
 
@@ -297,15 +322,30 @@ def _configure_flake(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write nothing; exit 1 when the flake differs from the matrix",
     )
+    p.add_argument(
+        "--check-lock",
+        metavar="FLAKE_LOCK",
+        help="write nothing; exit 1 unless FLAKE_LOCK locks every nixpkgs input at the commit "
+        "(and narHash) envs/nix.toml pins",
+    )
 
 
 def _run_flake(args: argparse.Namespace, out: TextIO) -> int:
     from pathlib import Path
 
-    from lockgen.flake import default_flake_path, generate, stale, write_flake
+    from lockgen.flake import default_flake_path, generate, lock_problems, stale, write_flake
+    from lockgen.render.nix import load_nix_config
 
     m = _matrix(args)
-    text = generate(m, args.nix_config)
+    config = load_nix_config(args.nix_config, m)
+    if args.check_lock:
+        problems = lock_problems(config, Path(args.check_lock))
+        for problem in problems:
+            out.write(f"{problem}\n")
+        if not problems:
+            out.write(f"{args.check_lock}: every nixpkgs input is locked at its pinned commit\n")
+        return EXIT_FAIL if problems else EXIT_OK
+    text = generate(m, config)
     if args.output == "-":
         out.write(text)
         return EXIT_OK
@@ -351,22 +391,45 @@ def _configure_target_selection(p: argparse.ArgumentParser) -> None:
 
 def _configure_render(p: argparse.ArgumentParser) -> None:
     _configure_target_selection(p)
+    p.add_argument(
+        "--flavor",
+        choices=("conda", "uv"),
+        help="conda: envs/<target>.yml + envs/<target>.virtual-packages.yml; uv: "
+        "envs/uv/<target>/pyproject.toml + .python-version (default: every flavor the "
+        "target has)",
+    )
+
+
+def _render_flavors(args: argparse.Namespace, t) -> list[str]:
+    if args.flavor:
+        return [args.flavor]
+    return (["conda"] if t.has_conda else []) + ["uv"]
 
 
 def _run_render(args: argparse.Namespace, out: TextIO) -> int:
     from lockgen.render.conda import render_target
+    from lockgen.render.uv import render_uv
 
     m = _matrix(args)
+    envs = _envs_dir(args, m)
     failed = 0
     for t in _selected_targets(args, m):
-        try:
-            for path in render_target(m, t, _envs_dir(args, m), args.allow_unverified):
-                out.write(f"wrote {path}\n")
-        except LockgenError as exc:
-            if not args.all:
-                raise
-            failed += 1
-            out.write(f"refused {t.name}: {exc}\n")
+        for flavor in _render_flavors(args, t):
+            if flavor == "conda" and args.all and not t.has_conda:
+                out.write(f"skipped {t.name}: no conda channel (envs/targets.toml)\n")
+                continue
+            try:
+                if flavor == "conda":
+                    paths = render_target(m, t, envs, args.allow_unverified)
+                else:
+                    paths = render_uv(t, envs)
+                for path in paths:
+                    out.write(f"wrote {path}\n")
+            except LockgenError as exc:
+                if not args.all:
+                    raise
+                failed += 1
+                out.write(f"refused {t.name} ({flavor}): {exc}\n")
     return EXIT_FAIL if failed else EXIT_OK
 
 
@@ -374,10 +437,11 @@ def _configure_lock(p: argparse.ArgumentParser) -> None:
     _configure_target_selection(p)
     p.add_argument(
         "--flavor",
-        choices=("conda", "pip"),
+        choices=("conda", "pip", "uv"),
         default="conda",
         help="conda: envs/<target>.lock (conda-lock format); pip: "
-        "envs/<target>.requirements.txt with --hash lines",
+        "envs/<target>.requirements.txt with --hash lines (every platform and Python of the "
+        "target); uv: `uv lock` of envs/uv/<target>",
     )
     p.add_argument(
         "--engine",
@@ -404,15 +468,27 @@ def _run_lock(args: argparse.Namespace, out: TextIO) -> int:
     envs = _envs_dir(args, m)
     failed = 0
     for t in _selected_targets(args, m):
+        if args.flavor == "conda" and args.all and not t.has_conda:
+            out.write(f"skipped {t.name}: no conda channel (envs/targets.toml)\n")
+            continue
         try:
             if args.flavor == "pip":
-                from lockgen.render.pip import PipResolver, lock_pip
+                from lockgen.render.pip import UvResolver, lock_pip
                 from lockgen.verify import verify_file
 
                 path = lock_pip(
-                    t, envs, getattr(args, "pip_resolver", None) or PipResolver(), args.index_url
+                    t,
+                    envs,
+                    getattr(args, "pip_resolver", None) or UvResolver(),
+                    args.index_url,
+                    progress=lambda msg: out.write(msg + "\n"),
                 )
                 report = verify_file(path, m)
+            elif args.flavor == "uv":
+                from lockgen.render.uv import lock_uv
+
+                result = lock_uv(m, t, envs, **getattr(args, "uv_lock_options", {}))
+                path, report = result.path, result.report
             else:
                 from lockgen.solve import lock_target, make_solver
 
@@ -434,13 +510,16 @@ def _run_lock(args: argparse.Namespace, out: TextIO) -> int:
 
 def _configure_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "lockfile", nargs="+", help="envs/<target>.lock or envs/<target>.requirements.txt"
+        "lockfile",
+        nargs="+",
+        help="envs/<target>.lock, envs/<target>.requirements.txt or envs/uv/<target>/uv.lock",
     )
     p.add_argument("--envs", help="folder of envs/<target>.yml (default: the lockfile's)")
     p.add_argument(
         "--check-channels",
         action="store_true",
-        help="also compare every hash with the channel's repodata (network)",
+        help="also compare every hash with what the conda channel's repodata or the package "
+        "index publishes (network; reads metadata only)",
     )
     p.add_argument("--json", action="store_true")
 

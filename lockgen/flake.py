@@ -3,12 +3,15 @@
 ``generate(matrix, nix_config=None) -> str`` renders the flake (see
 :mod:`lockgen.render.nix`); ``default_flake_path(matrix)`` is ``flake.nix`` beside the
 ``envs/`` folder; ``write_flake`` writes it only when the text changed; ``stale`` says
-whether a committed file differs from what the matrix gives now.
+whether a committed file differs from what the matrix gives now; ``lock_problems`` whether a
+``flake.lock`` (written by a networked Nix) locks every nixpkgs input at the commit and
+narHash ``envs/nix.toml`` pins.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 
 from lockgen.matrix import Matrix
@@ -51,3 +54,30 @@ def stale(path: Path, text: str) -> str | None:
     lines = list(diff)
     more = f"\n... ({len(lines) - 40} more diff lines)" if len(lines) > 40 else ""
     return "\n".join(lines[:40]) + more
+
+
+def lock_problems(config: NixConfig, lock_path: Path) -> list[str]:
+    """What is wrong with ``flake.lock`` against the pins of ``config`` (empty: nothing)."""
+    try:
+        data = json.loads(Path(lock_path).read_text())
+        nodes = data["nodes"]
+        root = nodes[data["root"]].get("inputs", {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return [f"{lock_path} is not a readable flake.lock: {exc!r}"]
+    problems = []
+    for i in config.inputs:
+        node_name = root.get(i.input)
+        if not isinstance(node_name, str) or node_name not in nodes:
+            problems.append(f"{i.input}: not locked in {lock_path}")
+            continue
+        locked = nodes[node_name].get("locked") or {}
+        if locked.get("rev") != i.rev:
+            problems.append(
+                f"{i.input}: locked at {locked.get('rev') or '?'}, envs/nix.toml pins {i.rev}"
+            )
+        if i.nar_hash and locked.get("narHash") != i.nar_hash:
+            problems.append(
+                f"{i.input}: narHash {locked.get('narHash') or '?'} is not the "
+                f"{i.nar_hash} envs/nix.toml records for {i.rev[:12]}"
+            )
+    return problems

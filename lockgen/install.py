@@ -141,6 +141,17 @@ def install_lockfile(
     driver_check: bool = True,
     cache_dir: Path | None = None,
 ) -> InstallResult:
+    name = Path(lock_path).name
+    if name.endswith(".requirements.txt") or name == "uv.lock":
+        how = (
+            f"pip install --require-hashes -r {lock_path}"
+            if name.endswith(".txt")
+            else f"uv sync --locked --project {Path(lock_path).parent}"
+        )
+        raise LockgenError(
+            f"{lock_path}: lockgen install installs conda-lock lockfiles; install this lock "
+            f"with `{how}`"
+        )
     lock = lf.read_lockfile(Path(lock_path))
     platform = platform or host_platform()
     if platform not in lock.metadata.platforms:

@@ -26,19 +26,23 @@ Public API
     on; for a bare branch the best status some driver of the branch reaches, and from which
     version on (``since``).
 ``Target`` — what render / lock / verify / flake need, all resolved:
-    ``name``, ``description``, ``torch``, ``torchvision``, ``python`` (Versions as written),
-    ``cuda`` (Version or None for cpu), ``cudnn`` (Version or None), ``tag`` (``cu121`` /
-    ``cpu``), ``is_cpu``, ``release``, ``build``, ``platforms`` (conda subdirs),
-    ``conda_channel`` (a Channel: ``name`` is ``conda-forge`` or ``pytorch``),
-    ``conda_channels`` (``("pytorch", "nvidia", "defaults")`` / ``("conda-forge",)``),
-    ``conda_specs``
-    (match specs, e.g. ``pytorch 2.5.* *cuda*``, ``pytorch-cuda 12.1.*``, ``cuda-version
-    13.0.*``), ``virtual_packages`` (``{platform: {"__cuda": "13.0", "__glibc": "2.28", ...}}``),
-    ``pip_index_url`` (``https://download.pytorch.org/whl/cu121``), ``pip_requirements``
-    (``("torch==2.14.1", "torchvision==0.29.1")``), ``driver_floor`` (a DriverFloor:
-    ``minimum`` = minor-version-compatibility floor, ``full`` = toolkit driver),
-    ``arch_list`` (an ArchList: ``archs`` as Capabilities, ``names`` like ``("7.5", ...,
-    "12.0+PTX")``, ``torch_cuda_arch_list`` like ``"7.5;8.0;...;12.0+PTX"``), ``verified``.
+    ``name``, ``description``, ``torch``, ``torchvision``, ``python`` (the one Python of the
+    conda env, uv project and Nix shell), ``pythons`` (every Python the pip and uv locks
+    cover), ``cuda`` (Version or None for cpu), ``cudnn`` (Version or None), ``tag``
+    (``cu121`` / ``cpu``), ``is_cpu``, ``release``, ``build``, ``platforms`` (conda subdirs),
+    ``conda_channel`` (a Channel, ``conda-forge`` or ``pytorch``; None: no conda env),
+    ``has_conda``, ``conda_channels`` (``("pytorch", "nvidia", "defaults")`` /
+    ``("conda-forge",)``), ``conda_specs`` (match specs that pin the variant's build string,
+    e.g. ``pytorch 2.5.1 *cuda12.1*``, ``pytorch-cuda 12.1.*``, ``pytorch 2.8.0 cuda129*``,
+    ``cuda-version 12.9.*``), ``virtual_packages`` (``{platform: {"__cuda": "12.9",
+    "__glibc": "2.28", ...}}``), ``pip_source`` (a PipSource: PyPI when its torch is this
+    build on every platform of the target, else the wheel index folder), ``pip_index_url``
+    (``https://download.pytorch.org/whl/cu121``), ``pip_requirements`` (``("torch==2.14.1",
+    "torchvision==0.29.1")``), ``driver_floor`` (a DriverFloor: ``minimum`` = minor-version-
+    compatibility floor, ``full`` = toolkit driver), ``arch_lists`` (per platform, an
+    ArchList: ``archs`` as Capabilities, ``names`` like ``("7.5", ..., "12.0+PTX")``,
+    ``torch_cuda_arch_list`` like ``"7.5;8.0;...;12.0+PTX"``; the wheels' list, else the
+    conda channel's), ``arch_list`` (the first platform's), ``verified``.
 """
 
 from __future__ import annotations
@@ -125,6 +129,7 @@ class Release:
     python_platforms: Mapping[str, tuple[Version, ...]] = field(default_factory=dict)
     torchvision_python: tuple[Version, ...] = ()
     torchvision_python_platforms: Mapping[str, tuple[Version, ...]] = field(default_factory=dict)
+    pypi_default_platforms: tuple[str, ...] = ("linux-64",)
 
     def build(self, cuda: Version) -> Build | None:
         return next((b for b in self.builds if b.cuda == cuda), None)
@@ -142,6 +147,12 @@ class Release:
 
     def supports_python(self, python: Version, platform: str = "linux-64") -> bool:
         return python.minor in self.python_for(platform)
+
+    def pairs_python(self, python: Version, platform: str = "linux-64") -> bool:
+        """Both torch and the paired torchvision have wheels for ``python`` on ``platform``."""
+        return self.supports_python(python, platform) and (
+            python.minor in self.torchvision_python_for(platform)
+        )
 
     @property
     def cuda_versions(self) -> tuple[Version, ...]:
@@ -276,8 +287,13 @@ class Channel:
     cuda_metapackage: str = ""
     cuda_metapackage_versions: tuple[Version, ...] = ()
     cuda_build: str = ""
+    torchvision_cuda_build: str = ""
     cpu_build: str = ""
     cpu_metapackage: str = ""
+
+    def cuda_glob(self, template: str, cuda: Version) -> str:
+        """A build-string glob template filled in for ``cuda``."""
+        return template.format(cuda=cuda.raw, nodot=cuda.raw.replace(".", ""))
 
 
 @dataclass(frozen=True)
@@ -302,9 +318,29 @@ def pip_version_spec(version: Version) -> str:
     return "==" + conda_version_spec(version)
 
 
+PYPI, WHEEL_INDEX = "pypi", "wheel-index"
+
+
+@dataclass(frozen=True)
+class PipSource:
+    """Where a target's torch wheels come from: ``kind`` is :data:`PYPI` (PyPI's torch is the
+    target's build on every platform of the target) or :data:`WHEEL_INDEX` (the PyTorch wheel
+    index folder of the build)."""
+
+    kind: str
+    url: str
+    why: str
+
+
 @dataclass(frozen=True)
 class Target:
-    """A named environment the project generates, resolved against the matrix."""
+    """A named environment the project generates, resolved against the matrix.
+
+    ``python`` is the one Python of the single-interpreter environments (the conda env, the uv
+    project's ``.python-version``, the Nix shell); ``pythons`` every Python the pip and uv locks
+    cover (``python`` among them). ``conda_channel`` is None for a target no conda channel of
+    the matrix supplies. ``arch_lists`` has one entry per platform.
+    """
 
     name: str
     description: str
@@ -314,12 +350,18 @@ class Target:
     cuda: Version | None
     release: Release
     build: Build | None
-    conda_channel: Channel
+    conda_channel: Channel | None
     pip_channel: Channel
     platforms: tuple[str, ...]
-    arch_list: ArchList | None
+    arch_lists: Mapping[str, ArchList]
     driver_floor: DriverFloor | None
     base_virtual_packages: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    pythons: tuple[Version, ...] = ()
+
+    @property
+    def arch_list(self) -> ArchList | None:
+        """The arch list of the first platform (None for the CPU target)."""
+        return self.arch_lists.get(self.platforms[0])
 
     @property
     def is_cpu(self) -> bool:
@@ -335,18 +377,44 @@ class Target:
 
     @property
     def verified(self) -> bool:
-        parts = [self.release.verified, self.conda_channel.verified]
+        parts = [self.release.verified, self.pip_channel.verified]
+        if self.conda_channel is not None:
+            parts.append(self.conda_channel.verified)
         if self.build:
             parts.append(self.build.verified)
-        if self.arch_list:
-            parts.append(self.arch_list.verified)
+        parts += [a.verified for a in self.arch_lists.values()]
         if self.driver_floor:
             parts.append(self.driver_floor.verified)
         return all(parts)
 
     @property
     def pip_index_url(self) -> str:
+        """The PyTorch wheel index folder of the target's build (``.../whl/cu126``)."""
         return self.pip_channel.wheel_index.format(tag=self.tag)
+
+    @property
+    def pip_source(self) -> PipSource:
+        """PyPI when its torch is this build on every platform of the target (PyPI carries
+        one CUDA build per release, ``pypi_default``), else the wheel index folder."""
+        r = self.release
+        if (
+            self.cuda is not None
+            and self.cuda == r.pypi_default_cuda
+            and set(self.platforms) <= set(r.pypi_default_platforms)
+        ):
+            where = " and ".join(self.platforms)
+            return PipSource(
+                PYPI,
+                self.pip_channel.index_url,
+                f"PyPI's torch {r.torch} for {where} is the CUDA {self.cuda} build",
+            )
+        return PipSource(
+            WHEEL_INDEX, self.pip_index_url, f"the PyTorch wheel index folder for {self.tag}"
+        )
+
+    @property
+    def has_conda(self) -> bool:
+        return self.conda_channel is not None
 
     @property
     def pip_requirements(self) -> tuple[str, ...]:
@@ -357,17 +425,24 @@ class Target:
 
     @property
     def conda_channels(self) -> tuple[str, ...]:
-        return self.conda_channel.channels
+        return self.conda_channel.channels if self.conda_channel else ()
 
     @property
     def conda_specs(self) -> tuple[str, ...]:
-        """Match specs (rattler / conda-lock syntax) that pin the build, not just the version."""
+        """Match specs (rattler / conda-lock syntax) that pin the build, not just the version;
+        empty for a target without a conda channel."""
         ch = self.conda_channel
-        build = ch.cpu_build if self.is_cpu else ch.cuda_build
+        if ch is None:
+            return ()
+        build, vision = ch.cpu_build, ""
+        if self.cuda is not None:
+            build = ch.cuda_glob(ch.cuda_build, self.cuda)
+            if ch.torchvision_cuda_build:
+                vision = " " + ch.cuda_glob(ch.torchvision_cuda_build, self.cuda)
         specs = [
             f"python {conda_version_spec(self.python)}",
             f"pytorch {conda_version_spec(self.torch)} {build}",
-            f"torchvision {conda_version_spec(self.torchvision)}",
+            f"torchvision {conda_version_spec(self.torchvision)}{vision}",
         ]
         if self.cuda is not None:
             specs.append(f"{ch.cuda_metapackage} {self.cuda.raw}.*")
@@ -389,6 +464,12 @@ class Target:
     def pip_install_command(self) -> str:
         reqs = " ".join(f'"{r}"' if "*" in r else r for r in self.pip_requirements)
         return f"pip install {reqs} --index-url {self.pip_index_url}"
+
+    @property
+    def python_range(self) -> str:
+        """``3.10-3.14`` (or ``3.11``): the Pythons the locks cover."""
+        ps = sorted(self.pythons)
+        return ps[0].raw if len(ps) == 1 else f"{ps[0].raw}-{ps[-1].raw}"
 
     def summary(self) -> str:
         cuda = f"CUDA {self.cuda} + cuDNN {self.cudnn or '?'}" if self.cuda else "CPU"
@@ -761,7 +842,11 @@ def _load_release(file: Path, raw: object, sources: Mapping[str, str]) -> Releas
                 e.fail(f"{key}: {p} is linux-64 or not one of 'platforms'")
     pd = _Entry(file, f"{label} pypi_default", e.table("pypi_default"))
     pd_cuda, pd_cudnn = pd.version("cuda"), pd.version("cudnn")
+    pd_platforms = pd.strs("platforms", required=False) or ("linux-64",)
     pd.done()
+    for p in pd_platforms:
+        if p not in platforms:
+            pd.fail(f"platform {p!r} is not one of the release's 'platforms'")
     builds: list[Build] = []
     for i, b in enumerate(e.tables("build")):
         blabel = f"{label} build #{i + 1}"
@@ -814,6 +899,7 @@ def _load_release(file: Path, raw: object, sources: Mapping[str, str]) -> Releas
         python_platforms,
         tv_python,
         tv_python_platforms,
+        tuple(pd_platforms),
     )
 
 
@@ -901,12 +987,18 @@ def _load_matrix_data(file: Path, data: dict[str, Any]) -> Matrix:
             cuda_metapackage=e.text("cuda_metapackage", required=kind == "conda"),
             cuda_metapackage_versions=e.versions("cuda_metapackage_versions", required=False),
             cuda_build=e.text("cuda_build", required=kind == "conda"),
+            torchvision_cuda_build=e.text("torchvision_cuda_build", required=False),
             cpu_build=e.text("cpu_build", required=kind == "conda"),
             cpu_metapackage=e.text("cpu_metapackage", required=False),
         )
         e.done()
         if kind == "pip" and "{tag}" not in ch.wheel_index:
             e.fail("'wheel_index' must contain {tag}")
+        for key in ("cuda_build", "torchvision_cuda_build"):
+            try:
+                ch.cuda_glob(getattr(ch, key), Version.parse("12.1"))
+            except (KeyError, IndexError, ValueError):
+                e.fail(f"{key!r} may use only the placeholders {{cuda}} and {{nodot}}")
         channels[name] = ch
     if "pip" not in channels:
         top.fail("no [channel.pip] entry")
@@ -1065,11 +1157,9 @@ def _load_targets(file: Path, data: dict[str, Any], m: Matrix) -> dict[str, Targ
                 f"torchvision {torchvision} does not match torch {torch} "
                 f"(the matrix pairs it with {release.torchvision})"
             )
-        if not release.supports_python(python):
-            e.fail(
-                f"torch {release.torch} has no wheels for Python {python} "
-                f"(supported: {', '.join(p.raw for p in release.python)})"
-            )
+        pythons = e.versions("pythons", required=False) or (python,)
+        if python not in pythons:
+            e.fail(f"python {python} is not one of its 'pythons'")
         build = None
         if cuda is not None:
             build = release.build(cuda)
@@ -1090,45 +1180,27 @@ def _load_targets(file: Path, data: dict[str, Any], m: Matrix) -> dict[str, Targ
                     f"cuDNN {cudnn} does not match the matrix (torch {release.torch} + "
                     f"CUDA {cuda} ships cuDNN {build.cudnn})"
                 )
-        ch_name = e.text("conda_channel")
-        if ch_name not in m.channels or m.channels[ch_name].kind != "conda":
-            conda = ", ".join(n for n, c in m.channels.items() if c.kind == "conda")
-            e.fail(
-                f"conda_channel {ch_name!r} is not a conda channel of the matrix (known: {conda})"
-            )
-        channel = m.channels[ch_name]
-        if channel.torch_max is not None and release.torch > channel.torch_max:
-            e.fail(f"channel {ch_name!r} has no torch after {channel.torch_max}")
-        if (
-            cuda is not None
-            and channel.cuda_metapackage_versions
-            and cuda not in channel.cuda_metapackage_versions
-        ):
-            e.fail(f"channel {ch_name!r} has no {channel.cuda_metapackage} {cuda}")
+        channel = _target_conda_channel(e, m, release, cuda)
         platforms = e.strs("platforms")
         if not platforms:
             e.fail("'platforms' is empty")
         for p in platforms:
             if p not in PLATFORMS:
                 e.fail(f"unknown platform {p!r} (known: {', '.join(PLATFORMS)})")
-        e.done()
-        arch_list = floor = None
-        if cuda is not None:
-            # The target's conda channel's own list, else the pip wheels' list, else any.
-            arch_list = next(
-                (
-                    a
-                    for a in m.arch_lists
-                    if a.channel == ch_name and a.covers(release.torch, cuda, platforms[0])
-                ),
-                None,
-            )
-            arch_list = arch_list or m.arch_list(release.torch, cuda, platforms[0], "pip")
-            if arch_list is None:
+            missing = [v.raw for v in pythons if not release.pairs_python(v, p)]
+            if missing:
                 e.fail(
-                    f"no arch list in the matrix for torch {release.torch} + CUDA {cuda} "
-                    f"on {platforms[0]}"
+                    f"torch {release.torch} + torchvision {release.torchvision} have no {p} "
+                    f"wheels for Python {', '.join(missing)} (torch: "
+                    f"{', '.join(v.raw for v in release.python_for(p)) or 'none'}; torchvision: "
+                    f"{', '.join(v.raw for v in release.torchvision_python_for(p)) or 'none'})"
                 )
+        e.done()
+        arch_lists: dict[str, ArchList] = {}
+        floor = None
+        if cuda is not None:
+            for p in platforms:
+                arch_lists[p] = _target_arch_list(e, m, release, cuda, p, channel)
             floor = m.driver_floor(cuda)
             if floor is None:
                 e.fail(f"no driver floor in the matrix for CUDA {cuda}")
@@ -1144,11 +1216,63 @@ def _load_targets(file: Path, data: dict[str, Any], m: Matrix) -> dict[str, Targ
             channel,
             m.channels["pip"],
             tuple(platforms),
-            arch_list,
+            arch_lists,
             floor,
             m.virtual_packages,
+            tuple(pythons),
         )
     return targets
+
+
+def _target_conda_channel(
+    e: _Entry, m: Matrix, release: Release, cuda: Version | None
+) -> Channel | None:
+    """The target's conda channel (None when it names none), checked against the channel's
+    own limits; whether it builds the CUDA variant is render's question (its facts may be
+    missing, which only ``--allow-unverified`` accepts)."""
+    ch_name = e.text("conda_channel", required=False)
+    if not ch_name:
+        return None
+    if ch_name not in m.channels or m.channels[ch_name].kind != "conda":
+        conda = ", ".join(n for n, c in m.channels.items() if c.kind == "conda")
+        e.fail(f"conda_channel {ch_name!r} is not a conda channel of the matrix (known: {conda})")
+    channel = m.channels[ch_name]
+    if channel.torch_max is not None and release.torch > channel.torch_max:
+        e.fail(f"channel {ch_name!r} has no torch after {channel.torch_max}")
+    if (
+        cuda is not None
+        and channel.cuda_metapackage_versions
+        and cuda not in channel.cuda_metapackage_versions
+    ):
+        e.fail(f"channel {ch_name!r} has no {channel.cuda_metapackage} {cuda}")
+    return channel
+
+
+def _target_arch_list(
+    e: _Entry,
+    m: Matrix,
+    release: Release,
+    cuda: Version,
+    platform: str,
+    channel: Channel | None,
+) -> ArchList:
+    """The arch list of the wheels (what pip, uv and the Nix shell install), else of the
+    target's conda channel, else another channel's (then unverified)."""
+    for ch in ("pip", channel.name if channel else None):
+        exact = next(
+            (
+                a
+                for a in m.arch_lists
+                if a.channel == ch and a.covers(release.torch, cuda, platform)
+            ),
+            None,
+        )
+        if exact is not None:
+            return exact
+    found = m.arch_list(release.torch, cuda, platform, "pip")
+    if found is None:
+        e.fail(f"no arch list in the matrix for torch {release.torch} + CUDA {cuda} on {platform}")
+    return found
 
 
 def _beside(file: Path, given: str | Path | bool | None, name: str) -> Path | None:

@@ -20,8 +20,18 @@ For a conda-lock lockfile (``envs/<target>.lock``):
                   files are what ``lockgen render`` writes from the matrix now.
 
 For a pip hash-lock (``envs/<target>.requirements.txt``): every requirement is pinned with
-``==`` and has ``--hash``, torch/torchvision are the target's versions, and the torch build
-is the target's (``+cu121`` from the wheel index, or PyPI's default build).
+``==`` and has ``--hash``, the lock covers the target's platforms x Pythons, its one
+``--index-url`` is where the target's build comes from, torch/torchvision are the target's
+versions and build (``+cu126`` from the wheel index; from PyPI, no local tag and the locked
+``nvidia-cuda-runtime*`` is the target's CUDA), and the cuDNN wheel is the matrix's.
+
+For a ``uv.lock`` (``envs/uv/<target>/uv.lock``): the same build checks on the locked torch
+(a PyPI build's dependencies must reach the target's CUDA runtime: a CPU torch has none), the
+lock is of the project ``render --flavor uv`` writes now, every platform of the target is a
+required environment, and every file has a sha256.
+
+``check_channels`` (``--check-channels``) compares every hash with what the conda channel's
+repodata or the package index publishes (network; for an index only metadata is read).
 
 ``verify_file(path, matrix)`` → :class:`Report` (``ok``, ``findings``, ``format()``).
 """
@@ -30,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +51,11 @@ from lockgen.errors import LockgenError
 from lockgen.matrix import Matrix, Target, default_envs_dir
 from lockgen.render.conda import rendered_is_current, target_paths
 from lockgen.versions import Version
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
 
 if TYPE_CHECKING:  # pragma: no cover
     from conda_lock.lockfile.v2prelim.models import Lockfile
@@ -387,61 +403,354 @@ def verify_lock(
     return report
 
 
+# -- pip hash-locks and uv locks: the checks they share ---------------------------------------
+
+
+def _sha256s(hashes) -> list[str]:
+    return [h.removeprefix("sha256:") for h in hashes]
+
+
+def _check_index_hashes(report: Report, index: str, pins) -> None:
+    """``pins``: (name, version, [sha256]) — every hash must be one the index publishes."""
+    from lockgen.index import IndexHashes
+
+    client = IndexHashes(index)
+    for name, version, hashes in pins:
+        try:
+            published = client.release_hashes(name, version)
+        except LockgenError as exc:
+            report.error("hash", f"cannot compare hashes with {index}: {exc}")
+            return
+        if not published:
+            report.error("hash", f"{name} {version}: {index} publishes no file of it")
+            continue
+        for h in hashes:
+            if h not in published:
+                report.error(
+                    "hash",
+                    f"{name} {version}: sha256 {h[:16]}... is not one {index} publishes for it",
+                )
+
+
+def _check_cuda_runtime(report: Report, target: Target, runtimes, pypi: bool) -> None:
+    """``runtimes``: (name, version) of the locked ``nvidia-cuda-runtime*`` wheels."""
+    from lockgen.render.uv import cuda_runtime_package
+
+    if target.is_cpu:
+        if runtimes:
+            names = ", ".join(f"{n} {v}" for n, v in runtimes)
+            report.error("torch", f"the CPU target locks a CUDA runtime ({names})")
+        return
+    assert target.cuda is not None
+    if not runtimes:
+        if pypi:
+            report.error(
+                "torch",
+                f"no {cuda_runtime_package(target.cuda)} in the lock: PyPI's CUDA "
+                f"{target.cuda} torch requires it, so this torch is a CPU build",
+            )
+        return
+    for name, version in runtimes:
+        if not Version.parse(version.split("+")[0]).matches_prefix(target.cuda):
+            report.error(
+                "cuda", f"{name} {version} is not the CUDA {target.cuda} runtime of the target"
+            )
+
+
+def _check_cudnn_wheels(report: Report, target: Target, cudnns) -> None:
+    if target.cudnn is None:
+        return
+    for name, version in cudnns:
+        if not Version.parse(version).matches_prefix(target.cudnn):
+            report.error("cudnn", f"{name} {version}: the matrix says cuDNN {target.cudnn}")
+
+
+def _check_torch_wheel(
+    report: Report, target: Target, what: str, version: str, want: Version, pypi: bool
+) -> None:
+    v = Version.parse(version)
+    if not v.matches_prefix(want):
+        report.error("torch", f"{what} {version} is not {what} {want}")
+    if pypi:
+        if v.local is not None:
+            report.error("torch", f"{what} {version}: PyPI builds carry no +{v.local}")
+    elif v.local != target.tag:
+        report.error(
+            "torch",
+            f"{what} {version} is the {v.local or 'untagged'} build, target {target.name} "
+            f"is {target.tag}"
+            + (" (a CPU build)" if v.local == "cpu" and not target.is_cpu else ""),
+        )
+
+
 # -- pip hash-locks ---------------------------------------------------------------------------
 
 
-def verify_requirements(path: Path, matrix: Matrix) -> Report:
-    from lockgen.render.pip import parse_requirements, wheel_source
+def check_requirements(report: Report, req, target: Target, check_index: bool) -> None:
+    """Every check of a parsed pip hash-lock against its target (see the module docstring)."""
+    from lockgen.index import canonical_name
 
-    text = Path(path).read_text()
-    req = parse_requirements(text)
-    name = req.meta.get("target") or Path(path).name.removesuffix(".requirements.txt")
-    report = Report(str(path), name)
-    target = _resolve_target(matrix, name, report)
-    if target is None:
-        return report
     if not req.entries:
         report.error("hash", "no requirements in the file")
     for e in req.entries:
         if not e.pinned:
             report.error("hash", f"{e.name}: not pinned with == ({e.raw})")
-        if not e.hashes or not all(_SHA256.match(h.removeprefix("sha256:")) for h in e.hashes):
+        if not e.hashes or not all(_SHA256.match(h) for h in _sha256s(e.hashes)):
             report.error("hash", f"{e.name}: missing or malformed --hash")
-    pkgs = {e.name.lower().replace("_", "-"): e for e in req.entries}
-    torch, vision = pkgs.get("torch"), pkgs.get("torchvision")
-    if torch is None or vision is None:
-        report.error("torch", "torch and torchvision must both be locked")
+    want_platforms = ",".join(target.platforms)
+    want_pythons = ",".join(p.raw for p in sorted(target.pythons))
+    have = (req.meta.get("platforms", "?"), req.meta.get("pythons", "?"))
+    if have != (want_platforms, want_pythons):
+        report.error(
+            "platform",
+            f"the lock covers platforms {have[0]} x Pythons {have[1]}; target "
+            f"{target.name} needs {want_platforms} x {want_pythons} (re-lock)",
+        )
+    source = target.pip_source
+    if len(req.index_urls) != 1:
+        report.error("index", f"the file must name one --index-url, it names {len(req.index_urls)}")
+    index = req.index_urls[0] if req.index_urls else ""
+    if index.rstrip("/") != source.url.rstrip("/"):
+        report.error(
+            "index",
+            f"resolved from {index or '?'}, but target {target.name}'s build comes from "
+            f"{source.url}",
+        )
+    by_name: dict[str, list] = defaultdict(list)
+    for e in req.entries:
+        by_name[canonical_name(e.name)].append(e)
+    pypi = source.kind == "pypi"
+    for what, want in (("torch", target.torch), ("torchvision", target.torchvision)):
+        if not by_name.get(what):
+            report.error("torch", f"no {what} in the lock")
+        for e in by_name.get(what, []):
+            _check_torch_wheel(report, target, what, e.version, want, pypi)
+    runtimes = [
+        (n, e.version)
+        for n, es in by_name.items()
+        if n.startswith("nvidia-cuda-runtime")
+        for e in es
+    ]
+    _check_cuda_runtime(report, target, runtimes, pypi)
+    cudnns = [
+        (n, e.version) for n, es in by_name.items() if n.startswith("nvidia-cudnn") for e in es
+    ]
+    _check_cudnn_wheels(report, target, cudnns)
+    if check_index and index:
+        _check_index_hashes(
+            report, index, [(e.name, e.version, _sha256s(e.hashes)) for e in req.entries]
+        )
+
+
+def verify_requirements(
+    path: Path, matrix: Matrix, target: Target | None = None, check_index: bool = False
+) -> Report:
+    from lockgen.render.pip import parse_requirements
+
+    text = Path(path).read_text()
+    req = parse_requirements(text)
+    name = req.meta.get("target") or Path(path).name.removesuffix(".requirements.txt")
+    report = Report(str(path), name)
+    if target is None:
+        target = _resolve_target(matrix, name, report)
+        if target is None:
+            return report
+    report.target = target.name
+    check_requirements(report, req, target, check_index)
+    report.checked = ["pins", "hashes", "platforms x pythons", "index", "torch build", "CUDA"]
+    report.checked += ["index hashes"] if check_index else []
+    return report
+
+
+# -- uv locks ---------------------------------------------------------------------------------
+
+
+def _uv_root(lock: dict) -> dict | None:
+    return next(
+        (
+            p
+            for p in lock.get("package", [])
+            if {"virtual", "editable"} & set((p.get("source") or {}).keys())
+        ),
+        None,
+    )
+
+
+def _uv_closure(packages: list[dict], start: str) -> set[str]:
+    """Names reachable from ``start`` through dependencies and every extra."""
+    from lockgen.index import canonical_name
+
+    edges: dict[str, set[str]] = defaultdict(set)
+    for p in packages:
+        deps = list(p.get("dependencies", []))
+        for extra in (p.get("optional-dependencies") or {}).values():
+            deps += extra
+        edges[canonical_name(p["name"])] |= {canonical_name(d["name"]) for d in deps}
+    seen, todo = set(), [canonical_name(start)]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo += edges.get(n, ())
+    return seen
+
+
+def _check_uv_stale(report: Report, lock: dict, root: dict, target: Target, envs_dir) -> None:
+    from lockgen.render.uv import dependencies, requires_python, uv_rendered_is_current
+
+    for problem in uv_rendered_is_current(target, envs_dir):
+        report.error("stale", f"{problem}; re-render and re-lock")
+    locked = {
+        (d.get("name"), d.get("specifier", ""))
+        for d in (root.get("metadata") or {}).get("requires-dist", [])
+    }
+    wanted = set()
+    for dep in dependencies(target):
+        name = re.split(r"[=<>!~ ]", dep, maxsplit=1)[0]
+        wanted.add((name, dep[len(name) :].strip()))
+    if locked != wanted:
+        report.error(
+            "stale",
+            f"the lock was made for the dependencies {sorted(locked)}, the target's "
+            f"project asks for {sorted(wanted)}: run `lockgen lock {target.name} --flavor uv`",
+        )
+    if lock.get("requires-python") != requires_python(target):
+        report.error(
+            "stale",
+            f"the lock's requires-python {lock.get('requires-python')!r} is not the "
+            f"target's {requires_python(target)!r}",
+        )
+
+
+def _check_uv_platforms(report: Report, lock: dict, target: Target) -> None:
+    from lockgen.render.pip import PLATFORM_MARKERS
+
+    required = lock.get("required-markers") or []
+    for platform in target.platforms:
+        machine = PLATFORM_MARKERS[platform].split('platform_machine == "')[1].rstrip('"')
+        if not any(f"platform_machine == '{machine}'" in m for m in required):
+            report.error(
+                "platform",
+                f"{platform} is not a required environment of the lock (target "
+                f"{target.name} needs {', '.join(target.platforms)})",
+            )
+
+
+def _check_uv_hashes(report: Report, packages: list[dict]) -> list[tuple]:
+    """Every registry file has a well-formed sha256; returns (name, version, [sha256])."""
+    pins = []
+    for p in packages:
+        if "registry" not in (p.get("source") or {}):
+            continue
+        files = list(p.get("wheels") or []) + ([p["sdist"]] if p.get("sdist") else [])
+        where = f"{p.get('name')} {p.get('version')}"
+        if not files:
+            report.error("hash", f"{where}: no wheel or sdist with a hash in the lock")
+        hashes = []
+        for f in files:
+            h = str(f.get("hash", ""))
+            if not h.startswith("sha256:") or not _SHA256.match(h.removeprefix("sha256:")):
+                report.error("hash", f"{where}: hash {h!r} of {f.get('url')} is malformed")
+            else:
+                hashes.append(h.removeprefix("sha256:"))
+        pins.append((p.get("name"), p.get("version"), hashes, p["source"]["registry"]))
+    return pins
+
+
+def verify_uv_lock(
+    path: Path,
+    matrix: Matrix,
+    envs_dir: Path | None = None,
+    target: Target | None = None,
+    check_index: bool = False,
+) -> Report:
+    """Check a ``uv.lock`` against its target: the project it locks is the one ``render``
+    writes now, torch/torchvision are the target's build from its index (a PyPI build's
+    dependencies reach the target's CUDA runtime; a wheel-index build carries its +tag),
+    every platform is required, every file has a sha256 (with ``check_index``: the one the
+    index publishes)."""
+    from lockgen.render.uv import project_name
+
+    path = Path(path)
+    report = Report(str(path), None)
+    try:
+        lock = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise LockgenError(f"{path} is not a readable uv.lock: {exc}") from None
+    packages = [p for p in lock.get("package", []) if isinstance(p, dict) and "name" in p]
+    root = _uv_root(lock)
+    if root is None:
+        report.error("target", "the lock has no project (a virtual root package)")
         return report
-    if not Version.parse(torch.version).matches_prefix(target.torch):
-        report.error("torch", f"torch {torch.version} is not torch {target.torch}")
-    if not Version.parse(vision.version).matches_prefix(target.torchvision):
-        report.error("torch", f"torchvision {vision.version} is not {target.torchvision}")
-    index = req.meta.get("index-url", "")
-    expected_index, _why = wheel_source(target)
-    if index != expected_index:
-        report.error(
-            "torch",
-            f"resolved from {index or '?'}, but target {target.name}'s "
-            f"build comes from {expected_index}",
-        )
-    local = Version.parse(torch.version).local
-    if local is not None and local != target.tag:
-        report.error(
-            "torch",
-            f"torch {torch.version} is the {local} build, target {target.name} is {target.tag}",
-        )
-    report.checked = ["pins", "hashes", "torch build", "index"]
+    name = str(root["name"]).removeprefix("gpufit-")
+    report.target = name
+    if target is None:
+        target = _resolve_target(matrix, name, report)
+        if target is None:
+            return report
+        if path.parent.name != name:
+            report.error(
+                "target",
+                f"the lock is for target {name} but lies in {path.parent.name}/ "
+                f"(expected envs/uv/{name}/uv.lock)",
+            )
+    elif root["name"] != project_name(target):
+        report.error("target", f"the lock is for {root['name']}, not {project_name(target)}")
+    report.target = target.name
+    envs_dir = Path(envs_dir) if envs_dir else path.resolve().parent.parent.parent
+    _check_uv_stale(report, lock, root, target, envs_dir)
+    _check_uv_platforms(report, lock, target)
+    source = target.pip_source
+    pypi = source.kind == "pypi"
+    by_name: dict[str, list[dict]] = defaultdict(list)
+    for p in packages:
+        by_name[p["name"]].append(p)
+    for what, want in (("torch", target.torch), ("torchvision", target.torchvision)):
+        if not by_name.get(what):
+            report.error("torch", f"no {what} in the lock")
+        for p in by_name.get(what, []):
+            _check_torch_wheel(report, target, what, str(p.get("version")), want, pypi)
+            registry = (p.get("source") or {}).get("registry", "")
+            if registry.rstrip("/") != source.url.rstrip("/"):
+                report.error(
+                    "torch",
+                    f"{what} comes from {registry or '?'}, but target {target.name}'s build "
+                    f"comes from {source.url}",
+                )
+    reach = _uv_closure(packages, "torch") if by_name.get("torch") else set()
+    runtimes = [
+        (p["name"], str(p.get("version")))
+        for p in packages
+        if p["name"].startswith("nvidia-cuda-runtime") and p["name"] in reach
+    ]
+    _check_cuda_runtime(report, target, runtimes, pypi)
+    cudnns = [
+        (p["name"], str(p.get("version")))
+        for p in packages
+        if p["name"].startswith("nvidia-cudnn") and p["name"] in reach
+    ]
+    _check_cudnn_wheels(report, target, cudnns)
+    pins = _check_uv_hashes(report, packages)
+    if check_index:
+        for registry in sorted({p[3] for p in pins}):
+            _check_index_hashes(report, registry, [p[:3] for p in pins if p[3] == registry])
+    report.checked = ["project", "platforms", "torch build", "CUDA", "hashes"]
+    report.checked += ["index hashes"] if check_index else []
     return report
 
 
 def verify_file(
     path: str | Path, matrix: Matrix, envs_dir: Path | None = None, check_channels: bool = False
 ) -> Report:
+    """Verify a conda-lock lockfile, a pip hash-lock (``*.requirements.txt``) or a ``uv.lock``;
+    ``check_channels`` also compares every hash with what its channel or index publishes."""
     path = Path(path)
+    if not path.exists():
+        raise LockgenError(f"{path} does not exist")
+    if path.name == "uv.lock":
+        return verify_uv_lock(path, matrix, envs_dir, check_index=check_channels)
     if path.name.endswith(".txt"):
-        if not path.exists():
-            raise LockgenError(f"{path} does not exist")
-        return verify_requirements(path, matrix)
+        return verify_requirements(path, matrix, check_index=check_channels)
     lock = lf.read_lockfile(path)
     envs_dir = Path(envs_dir) if envs_dir else path.resolve().parent
     report = verify_lock(lock, matrix, envs_dir, lock_name=path.name, check_channels=check_channels)

@@ -7,6 +7,9 @@ conda-forge, ``pytorch-cuda 12.1.*`` on the legacy channel), ``torchvision``, ``
 the project's own needs (:data:`PROJECT_SPECS`). The build pin is what turns "no CUDA build
 fits" into a solver error instead of a silent CPU build.
 
+Only targets with a ``conda_channel`` get them: a target that no conda channel of the matrix
+supplies has no conda environment (:class:`RenderRefused` names why).
+
 ``envs/<target>.virtual-packages.yml`` is conda-lock's ``--virtual-package-spec`` for that
 target (``__cuda`` = the target's CUDA, ``__glibc`` etc. from the matrix). conda-lock's own
 default assumes ``__cuda 11.4``, under which every CUDA 12/13 build is unsatisfiable. The
@@ -17,8 +20,9 @@ Public API
 ----------
 ``channel_support(matrix, target) -> Support``
     Can the target's conda channel supply its CUDA build, according to the matrix's
-    ``[[archs]]`` facts for that channel? ``supplied``, ``unknown`` (no fact either way) or
-    ``unavailable`` (the channel builds this release for other CUDA versions only).
+    ``[[archs]]`` facts for that channel? ``supplied``, ``unknown`` (no fact either way),
+    ``unavailable`` (the channel builds this release for other CUDA versions only) or
+    ``none`` (the target names no conda channel).
 ``render_target(matrix, target, envs_dir, allow_unverified=False) -> list[Path]``
     Writes both files (atomically); raises :class:`RenderRefused` for ``unavailable`` and,
     unless ``allow_unverified``, for ``unknown`` — with the explanation.
@@ -39,7 +43,7 @@ from lockgen.matrix import Matrix, Target
 # (the extension build), pip (for `pip install --no-build-isolation -e .`).
 PROJECT_SPECS = ("numpy", "ninja", "pip")
 
-SUPPLIED, UNKNOWN, UNAVAILABLE = "supplied", "unknown", "unavailable"
+SUPPLIED, UNKNOWN, UNAVAILABLE, NO_CHANNEL = "supplied", "unknown", "unavailable", "none"
 
 
 class RenderRefused(LockgenError):
@@ -77,6 +81,8 @@ def target_paths(envs_dir: Path, name: str) -> TargetPaths:
 def channel_support(matrix: Matrix, target: Target) -> Support:
     """What the matrix says about the target's conda channel supplying its build."""
     ch = target.conda_channel
+    if ch is None:
+        return Support(NO_CHANNEL, f"no conda channel: {_conda_elsewhere(matrix, target)}")
     if target.is_cpu:
         return Support(SUPPLIED, f"{ch.name} publishes CPU builds of the releases it carries")
     assert target.cuda is not None
@@ -126,6 +132,36 @@ def channel_support(matrix: Matrix, target: Target) -> Support:
         SUPPLIED,
         f"the matrix records {ch.name} builds of torch {target.torch.minor} for CUDA {target.cuda}",
     )
+
+
+def _conda_elsewhere(matrix: Matrix, target: Target) -> str:
+    """What the conda channels of the matrix build instead (for a target that names none)."""
+    torch, platform = target.torch.minor, target.platforms[0]
+    parts = []
+    for name, ch in matrix.channels.items():
+        if ch.kind != "conda":
+            continue
+        facts = [a for a in matrix.arch_lists if a.channel == name]
+        if ch.torch_max is not None and torch > ch.torch_max:
+            parts.append(f"{name} ends at torch {ch.torch_max}")
+            continue
+        cudas = sorted(
+            {
+                c
+                for a in facts
+                if a.torch_min <= torch <= a.torch_max and platform in a.platforms
+                for c in a.cuda
+            }
+        )
+        if cudas:
+            parts.append(
+                f"{name} builds torch {torch} on {platform} for CUDA "
+                f"{', '.join(c.raw for c in cudas)}"
+            )
+        elif facts:
+            newest = max(a.torch_max for a in facts)
+            parts.append(f"{name}'s builds in the matrix end at torch {newest}")
+    return "; ".join(parts) or "the matrix has no conda channel"
 
 
 _BARE_VERSION = re.compile(r"^\d+(\.\d+)*$")
@@ -194,15 +230,20 @@ def virtual_packages_text(target: Target) -> str:
 
 def check_supported(matrix: Matrix, target: Target, allow_unverified: bool = False) -> Support:
     support = channel_support(matrix, target)
+    if support.status == NO_CHANNEL:
+        raise RenderRefused(
+            f"target {target.name} has {support.reason}: no conda env to render or lock"
+        )
+    channel = target.conda_channel.name if target.conda_channel else ""
     if support.status == UNAVAILABLE:
         raise RenderRefused(
-            f"target {target.name}: channel {target.conda_channel.name} cannot supply the "
+            f"target {target.name}: channel {channel} cannot supply the "
             f"CUDA {target.cuda} build of torch {target.torch}: {support.reason}. Choose a "
             f"CUDA version or channel the matrix lists for this release (envs/targets.toml)."
         )
     if support.status == UNKNOWN and not allow_unverified:
         raise RenderRefused(
-            f"target {target.name}: not known whether channel {target.conda_channel.name} "
+            f"target {target.name}: not known whether channel {channel} "
             f"supplies the CUDA {target.cuda} build of torch {target.torch}: "
             f"{support.reason}. Add the channel's facts to envs/matrix.toml, or pass "
             f"--allow-unverified to render it anyway (the lock then fails loudly if the "

@@ -37,7 +37,10 @@ from lockgen.versions import Version
 SCHEMA = 1
 NIX_SYSTEMS = ("x86_64-linux", "aarch64-linux")
 _INPUT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-_URL_RE = re.compile(r"^(github|gitlab|git\+https|https|path|tarball\+https):[^\s\"'$\\]+$")
+_REPO_RE = re.compile(r"^github:[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+_REV_RE = re.compile(r"^[0-9a-f]{40}$")
+_BRANCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+_NAR_HASH_RE = re.compile(r"^sha256-[A-Za-z0-9+/]{43}=$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,16 +49,27 @@ _URL_RE = re.compile(r"^(github|gitlab|git\+https|https|path|tarball\+https):[^\
 
 @dataclass(frozen=True)
 class NixpkgsInput:
-    """A pinned nixpkgs flake input and the CUDA package sets and Pythons it provides."""
+    """A nixpkgs flake input pinned to one commit (``rev``, taken from ``branch``), and the
+    CUDA package sets and Pythons it provides. ``nar_hash``, when known, is the hash
+    ``flake.lock`` must record for that commit."""
 
     input: str
-    url: str
+    repo: str
+    rev: str
+    branch: str
     cuda: tuple[Version, ...]
     python: tuple[Version, ...]
     removed_cuda: tuple[Version, ...]
     source: tuple[str, ...]
     verified: bool
     note: str = ""
+    nar_hash: str = ""
+    rev_source: tuple[str, ...] = ()
+
+    @property
+    def url(self) -> str:
+        """The flake reference: the repository at the pinned commit."""
+        return f"{self.repo}/{self.rev}"
 
     def has(self, cuda: Version | None, python: Version) -> bool:
         return (cuda is None or cuda.minor in self.cuda) and python.minor in self.python
@@ -128,12 +142,25 @@ def load_nix_config(path: str | Path | None = None, matrix: Matrix | None = None
         name = e.text("input")
         if not _INPUT_RE.match(name) or name == "self":
             e.fail(f"input name {name!r} is not a valid Nix flake input name")
-        url = e.text("url")
-        if not _URL_RE.match(url):
+        repo = e.text("repo")
+        if not _REPO_RE.match(repo):
+            e.fail(f"repo {repo!r} must be a GitHub flake reference like 'github:NixOS/nixpkgs'")
+        rev = e.text("rev")
+        if not _REV_RE.match(rev):
             e.fail(
-                f"url {url!r} must be a literal flake reference such as "
-                f"'github:NixOS/nixpkgs/nixos-25.11'"
+                f"rev {rev!r} must be a full 40-hex commit: inputs are pinned by revision, "
+                "never by branch"
             )
+        branch = e.text("branch")
+        if not _BRANCH_RE.match(branch):
+            e.fail(f"branch {branch!r} is not a branch name")
+        nar_hash = e.text("nar_hash", required=False)
+        if nar_hash and not _NAR_HASH_RE.match(nar_hash):
+            e.fail(f"nar_hash {nar_hash!r} is not 'sha256-<base64>='")
+        rev_source = e.strs("rev_source")
+        for s in rev_source:
+            if s not in sources:
+                e.fail(f"unknown rev_source {s!r} (define it in [sources])")
         cuda, python = e.versions("cuda", required=False), e.versions("python")
         removed = e.versions("removed_cuda", required=False)
         for v in (*cuda, *removed):
@@ -148,7 +175,22 @@ def load_nix_config(path: str | Path | None = None, matrix: Matrix | None = None
         e.done()
         if any(x.input == name for x in inputs):
             e.fail("duplicate input name")
-        inputs.append(NixpkgsInput(name, url, cuda, python, removed, src, verified, note))
+        inputs.append(
+            NixpkgsInput(
+                name,
+                repo,
+                rev,
+                branch,
+                cuda,
+                python,
+                removed,
+                src,
+                verified,
+                note,
+                nar_hash,
+                rev_source,
+            )
+        )
     if not inputs:
         top.fail("no [[nixpkgs]] inputs")
     if inputs[0].input != "nixpkgs":
@@ -200,6 +242,7 @@ class Shell:
     target: Target
     input: NixpkgsInput
     systems: tuple[str, ...]
+    system_of: dict[str, str]  # conda platform -> Nix system
 
     @property
     def name(self) -> str:
@@ -249,7 +292,7 @@ def plan_shells(matrix: Matrix, config: NixConfig) -> tuple[Shell, ...]:
                 f"target {t.name}: no pinned nixpkgs input has {what}{why}. Inputs: {have}. "
                 f"Add a [[nixpkgs]] input that has it to {config.path}, or change the target"
             )
-        shells.append(Shell(t, found, systems))
+        shells.append(Shell(t, found, systems, dict(config.systems)))
     if config.default not in matrix.targets:
         raise LockgenError(
             f"{config.path}: flake.default {config.default!r} is not a target "
@@ -397,12 +440,21 @@ def _target_block(shell: Shell, matrix: Matrix) -> str:
         ("python", nix_str(shell.python_attr)),
         ("cudaPackages", nix_str(shell.cuda_attr) if shell.cuda_attr else "null"),
     ]
+    if t.cuda is not None:
+        # TORCH_CUDA_ARCH_LIST per system: the wheels of one build differ between platforms.
+        archs = {
+            shell.system_of[p]: a.torch_cuda_arch_list
+            for p, a in t.arch_lists.items()
+            if p in shell.system_of
+        }
+        inner = " ".join(f"{s} = {nix_str(archs[s])};" for s in shell.systems)
+        fields.append(("archs", "{ " + inner + " }"))
     env: list[tuple[str, str]] = [
         ("GPUFIT_TARGET", t.name),
         ("GPUFIT_TORCH_VERSION", t.torch.raw),
         ("GPUFIT_TORCHVISION_VERSION", t.torchvision.raw),
         ("GPUFIT_PYTHON_VERSION", t.python.raw),
-        ("GPUFIT_PIP_INDEX_URL", t.pip_index_url),
+        ("GPUFIT_PIP_INDEX_URL", t.pip_source.url),
         ("GPUFIT_REQUIREMENTS", shell.requirements),
     ]
     if t.cuda is not None:
@@ -413,8 +465,6 @@ def _target_block(shell: Shell, matrix: Matrix) -> str:
             env.append(("GPUFIT_DRIVER_MIN", t.driver_floor.minimum.raw))
             if t.driver_floor.full is not None:
                 env.append(("GPUFIT_DRIVER_FULL", t.driver_floor.full.raw))
-        if t.arch_list is not None:
-            env.append(("TORCH_CUDA_ARCH_LIST", t.arch_list.torch_cuda_arch_list))
     pad = " " * 10
     lines = [f"{pad}{k} = {v};" for k, v in fields]
     lines.append(f"{pad}env = {{")
@@ -466,10 +516,12 @@ def render_flake(matrix: Matrix, config: NixConfig) -> str:
     w(f"    extra-substituters = {_list([c.url for c in config.caches], '    ')};\n")
     w(f"    extra-trusted-public-keys = {_list([c.public_key for c in config.caches], '    ')};\n")
     w("  };\n\n")
+    w("  # Each nixpkgs is pinned to one commit of its branch (envs/nix.toml says where the\n")
+    w("  # commit is recorded); flake.lock adds the narHash.\n")
     w("  inputs = {\n")
     for i in used:
         cudas = ", ".join(v.raw for v in i.cuda) or "none"
-        w(f"    # CUDA package sets: {cudas}\n")
+        w(f"    # {i.branch}; CUDA package sets: {cudas}\n")
         w(f"    {i.input}.url = {nix_str(i.url)};\n")
     w("  };\n\n")
     w(f"  outputs = {{ self, {', '.join(i.input for i in used)} }}:\n")
@@ -530,6 +582,7 @@ def render_flake(matrix: Matrix, config: NixConfig) -> str:
     w("              {\n")
     w('                CUDA_HOME = "${cudaHome}";\n')
     w('                CUDA_PATH = "${cudaHome}";\n')
+    w("                TORCH_CUDA_ARCH_LIST = t.archs.${system};\n")
     w("              }\n")
     w("          )\n")
     w("        );\n\n")

@@ -1,75 +1,82 @@
 """pip hash-locks per target: ``envs/<target>.requirements.txt``.
 
 ``lockgen lock <target> --flavor pip`` resolves torch, torchvision and the project's needs
-(:data:`PIP_PROJECT_REQUIREMENTS`) for the target's platforms and Python, with pip's own
-resolver (``pip install --dry-run --report``, wheels only, ``--platform`` tags derived from
-the target's ``__glibc``), and writes exact ``==`` pins with the ``--hash`` of every chosen
-wheel as the index publishes it. Install with ``pip install --require-hashes -r FILE``.
+(:data:`PIP_PROJECT_REQUIREMENTS`) once for every platform and Python of the target, with
+uv's resolver (``uv pip compile --format pylock.toml --python-platform … --python-version …
+--only-binary :all:``; it reads wheel metadata only, no multi-GB download), and writes exact
+``==`` pins with the ``--hash`` of every chosen wheel as the index publishes it.
 
-Where the wheels come from (:func:`wheel_source`): PyPI when its torch *is* the target's
-build (PyPI carries one CUDA build per release, ``pypi_default`` in the matrix, and only on
-linux x86_64), else the PyTorch wheel index folder of the target (``…/whl/cu121``,
-``…/whl/cpu``). The file records the index, so ``verify`` can check it.
+One file covers every platform and Python: a pin that holds everywhere has no marker; a pin
+that holds only for some (platform, Python) pairs carries an environment marker naming them
+(``; python_version == "3.10"``, or per platform: ``; (sys_platform == "linux" and
+platform_machine == "x86_64")``). pip installs the pins whose markers hold on the machine
+and checks each file's sha256 against the listed ones: ``pip install --require-hashes -r
+FILE``.
 
-The resolver is injectable (``PipResolver(run=...)``); it never touches this environment
-(``--dry-run --ignore-installed --isolated``).
+Where the wheels come from is the target's :attr:`~lockgen.matrix.Target.pip_source`: PyPI
+when its torch *is* the target's build on every platform of the target, else the PyTorch
+wheel index folder (``…/whl/cu126``), which is reachable only from the networked workflow
+(``.github/workflows/lock.yml``). The file records target, index, platforms and Pythons in
+``# lockgen:`` lines so that ``verify`` can check it.
+
+The resolver is injectable (``UvResolver(run=...)``); it never touches this environment.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lockgen.atomic import atomic_write_text
 from lockgen.errors import LockgenError
+from lockgen.index import canonical_name
 from lockgen.matrix import Target
 from lockgen.versions import Version
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
 
 PIP_PROJECT_REQUIREMENTS = ("numpy",)
 
 Runner = Callable[[Sequence[str]], subprocess.CompletedProcess]
+Combo = tuple[str, Version]  # (conda platform, Python)
+
+_MACHINES = {"linux-64": "x86_64", "linux-aarch64": "aarch64"}
+PLATFORM_MARKERS = {
+    "linux-64": 'sys_platform == "linux" and platform_machine == "x86_64"',
+    "linux-aarch64": 'sys_platform == "linux" and platform_machine == "aarch64"',
+}
 
 
 def _run(argv: Sequence[str]) -> subprocess.CompletedProcess:
     return subprocess.run(list(argv), capture_output=True, text=True)
 
 
-def wheel_source(target: Target) -> tuple[str, str]:
-    """(index URL, why) for the target's torch wheels."""
-    pypi = target.pip_channel.index_url
-    if (
-        not target.is_cpu
-        and target.cuda == target.release.pypi_default_cuda
-        and set(target.platforms) <= {"linux-64"}
-    ):
-        return pypi, (
-            f"PyPI's torch {target.release.torch} for linux x86_64 is the CUDA {target.cuda} build"
+def uv_command() -> list[str]:
+    """How to run uv: the ``uv`` package of this interpreter (``python -m uv``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("uv") is None:
+        raise LockgenError(
+            "pip and uv locks are resolved by uv: pip install uv==0.13.9 (requirements-dev.txt)"
         )
-    return target.pip_index_url, f"the PyTorch wheel index folder for {target.tag}"
+    return [sys.executable, "-m", "uv"]
 
 
-def platform_tags(platform: str, glibc: str = "2.28") -> list[str]:
-    """pip ``--platform`` tags a conda platform accepts (newest first)."""
-    g = Version.parse(glibc)
-    gmin = g.padded(2)[1]
-    if platform in ("linux-64", "linux-aarch64"):
-        arch = "x86_64" if platform == "linux-64" else "aarch64"
-        low = 5 if arch == "x86_64" else 17
-        tags = [f"manylinux_2_{m}_{arch}" for m in range(gmin, low - 1, -1)]
-        legacy = (
-            ["manylinux2014"]
-            if arch == "aarch64"
-            else ["manylinux2014", "manylinux2010", "manylinux1"]
+def uv_platform(platform: str, glibc: str = "2.28") -> str:
+    """uv's ``--python-platform`` for a conda platform: ``x86_64-manylinux_2_28``."""
+    if platform not in _MACHINES:
+        raise LockgenError(
+            f"no pip lock for platform {platform} (lockgen locks {', '.join(_MACHINES)} wheels)"
         )
-        return tags + [f"{t}_{arch}" for t in legacy] + [f"linux_{arch}"]
-    if platform == "win-64":
-        return ["win_amd64"]
-    raise LockgenError(f"no pip platform tags for {platform}")
+    minor = Version.parse(glibc).padded(2)[1]
+    return f"{_MACHINES[platform]}-manylinux_2_{minor}"
 
 
 @dataclass(frozen=True)
@@ -81,151 +88,177 @@ class Wheel:
 
 
 @dataclass
-class PipResolver:
-    """Resolves requirements to wheels with hashes via ``pip install --dry-run --report``."""
+class UvResolver:
+    """Resolves requirements for one platform and Python with ``uv pip compile``."""
 
     run: Runner = _run
-    python: str = sys.executable
+    uv: Sequence[str] = field(default_factory=uv_command)
 
     def resolve(
-        self, requirements: Sequence[str], index_url: str, python: Version, tags: Sequence[str]
+        self,
+        requirements: Sequence[str],
+        index_url: str,
+        python: Version,
+        platform: str,
+        glibc: str = "2.28",
     ) -> list[Wheel]:
+        py = "{}.{}".format(*python.padded(2))
         with tempfile.TemporaryDirectory(prefix="lockgen-pip-") as tmp:
-            report = Path(tmp) / "report.json"
-            py = python.padded(2)
+            src = Path(tmp) / "requirements.in"
+            src.write_text("".join(f"{r}\n" for r in requirements))
+            out = Path(tmp) / "pylock.toml"
             argv = [
-                self.python,
-                "-m",
+                *self.uv,
                 "pip",
-                "--isolated",
-                "install",
-                "--dry-run",
-                # Older pips (< 24) allow --platform only with --target; nothing is written there.
-                "--target",
-                str(Path(tmp) / "target"),
-                "--ignore-installed",
-                "--quiet",
-                "--report",
-                str(report),
+                "compile",
+                str(src),
+                "--output-file",
+                str(out),
+                "--format",
+                "pylock.toml",
+                "--python-platform",
+                uv_platform(platform, glibc),
+                "--python-version",
+                py,
+                # any interpreter serves (markers come from the two flags above); naming one
+                # spares uv a search for a Python of that version
+                "--python",
+                sys.executable,
+                "--only-binary",
+                ":all:",
                 "--index-url",
                 index_url,
-                "--only-binary=:all:",
-                "--python-version",
-                f"{py[0]}.{py[1]}",
-                "--implementation",
-                "cp",
-                "--abi",
-                f"cp{py[0]}{py[1]}",
-                "--abi",
-                "abi3",
-                "--abi",
-                "none",
+                "--no-config",
+                "--quiet",
             ]
-            for t in tags:
-                argv += ["--platform", t]
-            argv += list(requirements)
             res = self.run(argv)
-            if res.returncode != 0 or not report.exists():
+            if res.returncode != 0 or not out.exists():
                 msg = (res.stderr or res.stdout or "").strip()[-3000:]
                 raise LockgenError(
-                    f"pip could not resolve {' '.join(requirements)} from {index_url}:\n{msg}"
+                    f"uv could not resolve {' '.join(requirements)} from {index_url} for "
+                    f"{platform} + Python {py}:\n{msg}"
                 )
-            data = json.loads(report.read_text())
+            try:
+                data = tomllib.loads(out.read_text())
+            except tomllib.TOMLDecodeError as exc:
+                raise LockgenError(f"uv wrote an unreadable pylock.toml: {exc}") from None
         wheels = []
-        for item in data.get("install", []):
-            meta, info = item.get("metadata", {}), item.get("download_info", {})
-            sha = ((info.get("archive_info") or {}).get("hashes") or {}).get("sha256")
-            if not sha:
-                raise LockgenError(
-                    f"{meta.get('name')} {meta.get('version')}: the index "
-                    f"published no sha256 for {info.get('url')}"
-                )
-            wheels.append(Wheel(meta["name"], meta["version"], sha, info.get("url", "")))
+        for pkg in data.get("packages", []):
+            name, version = pkg.get("name", "?"), pkg.get("version", "?")
+            files = pkg.get("wheels") or []
+            if not files:
+                raise LockgenError(f"{name} {version}: the index has no wheel for {platform}")
+            for w in files:
+                sha = (w.get("hashes") or {}).get("sha256")
+                if not sha:
+                    raise LockgenError(
+                        f"{name} {version}: the index published no sha256 for {w.get('url')}"
+                    )
+                wheels.append(Wheel(name, version, sha, w.get("url", "")))
         if not wheels:
-            raise LockgenError(f"pip resolved nothing for {' '.join(requirements)}")
+            raise LockgenError(f"uv resolved nothing for {' '.join(requirements)}")
         return wheels
 
 
-def _canon(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
+def _pythons_marker(have: Sequence[Version], pythons: Sequence[Version]) -> str:
+    if list(have) == list(pythons):
+        return ""
+    return " or ".join(f'python_version == "{py.raw}"' for py in have)
 
 
-_MARKERS = {
-    "linux-64": 'sys_platform == "linux" and platform_machine == "x86_64"',
-    "linux-aarch64": 'sys_platform == "linux" and platform_machine == "aarch64"',
-    "win-64": 'sys_platform == "win32"',
-}
+def combo_marker(combos: Sequence[Combo], target: Target) -> str:
+    """The environment marker that holds exactly on ``combos`` among the target's
+    (platform, Python) pairs; empty when it holds on all of them. The Pythons alone when
+    every platform has the pin for the same ones, else one term per platform."""
+    pythons = sorted(target.pythons)
+    have = {p: sorted(py for q, py in combos if q == p) for p in target.platforms}
+    shared = {tuple(v) for v in have.values()}
+    if len(shared) == 1:
+        return _pythons_marker(next(iter(have.values())), pythons)
+    parts = []
+    for platform, pys in have.items():
+        if not pys:
+            continue
+        py = _pythons_marker(pys, pythons)
+        parts.append(f"({PLATFORM_MARKERS[platform]}" + (f" and ({py}))" if py else ")"))
+    return " or ".join(parts)
 
 
-def requirements_text(
-    target: Target, index_url: str, why: str, per_platform: dict[str, list[Wheel]]
-) -> str:
-    """Pins with hashes; a package whose version differs between platforms gets markers."""
-    versions: dict[str, dict[str, Wheel]] = {}
-    for platform, wheels in per_platform.items():
+def requirements_text(target: Target, index_url: str, why: str, resolved: Mapping) -> str:
+    """Pins with hashes from ``{(platform, python): [Wheel]}``; see the module docstring."""
+    by_pin: dict[tuple[str, str], dict] = {}
+    for combo, wheels in resolved.items():
         for w in wheels:
-            versions.setdefault(_canon(w.name), {})[platform] = w
-    platforms = list(per_platform)
+            entry = by_pin.setdefault(
+                (canonical_name(w.name), w.version), {"combos": [], "hashes": set()}
+            )
+            if combo not in entry["combos"]:
+                entry["combos"].append(combo)
+            entry["hashes"].add(w.sha256)
+    pythons = ",".join(p.raw for p in sorted(target.pythons))
     lines = [
         f"# Generated by `lockgen lock {target.name} --flavor pip`: exact pins and the sha256",
-        f"# of every wheel, as published by {index_url} ({why}).",
-        f"# {target.summary()}",
+        f"# of every chosen wheel, as published by {index_url} ({why}).",
+        f"# {target.summary()}; covers {', '.join(target.platforms)} x Python "
+        f"{target.python_range}.",
         f"# Install: pip install --require-hashes -r envs/{target.name}.requirements.txt",
         f"# lockgen: target={target.name}",
         f"# lockgen: index-url={index_url}",
-        f"# lockgen: platforms={','.join(platforms)} python={target.python}",
+        f"# lockgen: platforms={','.join(target.platforms)} pythons={pythons}",
         f"--index-url {index_url}",
         "",
     ]
-    for name in sorted(versions):
-        by_plat = versions[name]
-        groups: dict[str, list[str]] = {}
-        for platform, w in by_plat.items():
-            groups.setdefault(w.version, []).append(platform)
-        for version, plats in sorted(groups.items()):
-            hashes = sorted({by_plat[p].sha256 for p in plats})
-            marker = ""
-            if len(plats) < len(platforms):
-                marker = " ; " + " or ".join(f"({_MARKERS[p]})" for p in plats)
-            lines.append(f"{name}=={version}{marker} \\")
-            lines += [
-                f"    --hash=sha256:{h}" + (" \\" if i < len(hashes) - 1 else "")
-                for i, h in enumerate(hashes)
-            ]
+    for (name, version), entry in sorted(by_pin.items()):
+        marker = combo_marker(entry["combos"], target)
+        hashes = sorted(entry["hashes"])
+        lines.append(f"{name}=={version}" + (f" ; {marker}" if marker else "") + " \\")
+        lines += [
+            f"    --hash=sha256:{h}" + (" \\" if i < len(hashes) - 1 else "")
+            for i, h in enumerate(hashes)
+        ]
     return "\n".join(lines) + "\n"
+
+
+def requirements_path(envs_dir: Path, target: Target) -> Path:
+    return Path(envs_dir) / f"{target.name}.requirements.txt"
 
 
 def lock_pip(
     target: Target,
     envs_dir: Path,
-    resolver: PipResolver | None = None,
+    resolver: UvResolver | None = None,
     index_url: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Resolve and write ``envs/<target>.requirements.txt`` (atomically), then verify it."""
-    resolver = resolver or PipResolver()
-    url, why = wheel_source(target)
+    """Resolve every (platform, Python) of the target, check the torch build, then write
+    ``envs/<target>.requirements.txt`` atomically."""
+    from lockgen.verify import Report, check_requirements
+
+    resolver = resolver or UvResolver()
+    source = target.pip_source
+    url, why = source.url, source.why
     if index_url:
         url, why = index_url, "index given with --index-url"
     reqs = [*target.pip_requirements, *PIP_PROJECT_REQUIREMENTS]
-    per_platform = {}
+    resolved: dict[Combo, list[Wheel]] = {}
     for platform in target.platforms:
         glibc = target.virtual_packages.get(platform, {}).get("__glibc", "2.28")
-        per_platform[platform] = resolver.resolve(
-            reqs, url, target.python, platform_tags(platform, glibc)
-        )
-    text = requirements_text(target, url, why, per_platform)
-    parsed = parse_requirements(text)
-    torch = next((e for e in parsed.entries if _canon(e.name) == "torch"), None)
-    if torch is None:
-        raise LockgenError(f"{target.name}: pip resolved no torch")
-    local = Version.parse(torch.version).local
-    if local is not None and local != target.tag:
+        for python in sorted(target.pythons):
+            if progress:
+                progress(f"resolving {target.name} for {platform} + Python {python}")
+            resolved[(platform, python)] = resolver.resolve(reqs, url, python, platform, glibc)
+    text = requirements_text(target, url, why, resolved)
+    report = Report(str(requirements_path(envs_dir, target)), target.name)
+    check_requirements(report, parse_requirements(text), target, check_index=False)
+    build_errors = [
+        f for f in report.findings if f.level == "error" and f.check in ("torch", "cuda", "cudnn")
+    ]
+    if build_errors:
         raise LockgenError(
-            f"{target.name}: {url} gave torch {torch.version}, not the "
-            f"{target.tag} build; not written"
+            f"{target.name}: {url} did not give the target's build; not written:\n"
+            + "\n".join(f"  {f.message}" for f in build_errors)
         )
-    path = Path(envs_dir) / f"{target.name}.requirements.txt"
-    return atomic_write_text(path, text)
+    return atomic_write_text(requirements_path(envs_dir, target), text)
 
 
 @dataclass
@@ -234,6 +267,7 @@ class Requirement:
     name: str
     version: str
     pinned: bool
+    marker: str = ""
     hashes: list[str] = field(default_factory=list)
 
 
@@ -241,10 +275,12 @@ class Requirement:
 class Requirements:
     meta: dict[str, str]
     entries: list[Requirement]
+    index_urls: list[str] = field(default_factory=list)
 
 
 def parse_requirements(text: str) -> Requirements:
-    """Enough of the requirements format for lockgen's own hash-locks."""
+    """Enough of the requirements format for lockgen's own hash-locks: ``# lockgen:`` lines,
+    ``--index-url``, and ``name==version [; marker] --hash=...`` entries."""
     meta: dict[str, str] = {}
     logical: list[str] = []
     buf = ""
@@ -265,15 +301,19 @@ def parse_requirements(text: str) -> Requirements:
     if buf:
         logical.append(buf)
     entries = []
+    index_urls = []
     for item in logical:
         if item.startswith("-"):
             if item.startswith("--index-url"):
-                meta.setdefault("index-url", item.split(None, 1)[1].strip())
+                index_urls.append(item.split(None, 1)[1].strip() if " " in item else "")
             continue
-        parts = item.split()
-        hashes = [p.split("=", 1)[1] for p in parts if p.startswith("--hash=")]
-        spec = parts[0]
-        pinned = "==" in spec
-        name, _, version = spec.partition("==")
-        entries.append(Requirement(item, name, version, pinned, hashes))
-    return Requirements(meta, entries)
+        spec, _, rest = item.partition(" --hash=")
+        hashes = [h.split()[0] for h in (" --hash=" + rest).split(" --hash=")[1:]] if rest else []
+        requirement, _, marker = spec.partition(";")
+        requirement = requirement.strip()
+        pinned = "==" in requirement
+        name, _, version = requirement.partition("==")
+        entries.append(
+            Requirement(item, name.strip(), version.strip(), pinned, marker.strip(), hashes)
+        )
+    return Requirements(meta, entries, index_urls)

@@ -255,12 +255,13 @@ def build_channel(
 
 
 def render_and_lock(matrix, envs: Path, channel: Path, cache: Path, names=None) -> dict:
-    """Render and lock targets (all by default) against the local channel; {name: result}."""
+    """Render and lock targets (every one with a conda channel by default) against the local
+    channel; {name: result}."""
     from lockgen.render.conda import render_target
     from lockgen.solve import RattlerSolver, lock_target
 
     out = {}
-    for name in names or matrix.targets:
+    for name in names or [n for n, t in matrix.targets.items() if t.has_conda]:
         target = matrix.target(name)
         render_target(matrix, target, envs, allow_unverified=True)
         out[name] = lock_target(

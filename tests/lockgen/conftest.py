@@ -1,16 +1,52 @@
-"""pytest fixtures for the lockgen tests: the real matrix and fake machines."""
+"""pytest fixtures for the lockgen tests: the real matrix, one with a CPU conda target, and
+fake machines."""
 
 from __future__ import annotations
+
+import urllib.request
 
 import pytest
 from lockgen_fakes import fake_machine
 
-from lockgen.matrix import load_matrix
+from lockgen.matrix import default_envs_dir, load_matrix
+
+# The real targets have no CPU conda env (conda-forge's torch ends before the CPU target's
+# 2.14 in the matrix); the conda lock/verify/install tests add this one to cover CPU locks.
+CPU_CONDA_TARGET = """
+[target.cpu-conda]
+description = "test only: the CPU build from conda-forge"
+torch = "2.8.0"
+torchvision = "0.23.0"
+python = "3.11"
+cuda = "cpu"
+conda_channel = "conda-forge"
+platforms = ["linux-64"]
+"""
 
 
 @pytest.fixture(scope="session")
 def matrix():
     return load_matrix()
+
+
+@pytest.fixture(scope="session")
+def conda_matrix(tmp_path_factory):
+    """The real matrix and targets plus the test-only ``cpu-conda`` target."""
+    targets = tmp_path_factory.mktemp("targets") / "targets.toml"
+    targets.write_text((default_envs_dir() / "targets.toml").read_text() + CPU_CONDA_TARGET)
+    return load_matrix(targets=targets)
+
+
+@pytest.fixture(scope="session")
+def pypi():
+    """Skips the test when PyPI cannot be reached (the tests that need it read metadata and
+    small wheels only)."""
+    try:
+        with urllib.request.urlopen("https://pypi.org/simple/pip/", timeout=10) as r:
+            r.read(1)
+    except OSError as exc:
+        pytest.skip(f"PyPI is not reachable from here ({exc})")
+    return "https://pypi.org/simple"
 
 
 @pytest.fixture

@@ -84,7 +84,11 @@ def test_one_shell_per_target_and_a_default(matrix, nixcfg, flake_text):
     assert blocks == list(matrix.targets)  # one attribute set per target, in file order
     assert f"shells // {{ default = shells.{nixcfg.default}; }}" in flake_text
     assert "x86_64-linux =" in flake_text and "darwin" not in flake_text
-    assert "aarch64-linux" not in flake_text.split("{", 1)[1]  # no target ships aarch64 yet
+    # aarch64 shells exactly for the targets whose wheels have linux-aarch64 builds
+    aarch = [t.name for t in matrix.targets.values() if "linux-aarch64" in t.platforms]
+    assert aarch == ["cu130"]
+    assert 'systems = [ "x86_64-linux" "aarch64-linux" ];' in flake_text
+    assert flake_text.count('systems = [ "x86_64-linux" "aarch64-linux" ];') == len(aarch)
     for t in matrix.targets.values():
         assert f'GPUFIT_TARGET = "{t.name}";' in flake_text
         assert f'GPUFIT_REQUIREMENTS = "envs/{t.name}.requirements.txt";' in flake_text
@@ -106,7 +110,12 @@ def test_each_target_gets_its_cuda_set_from_a_nixpkgs_that_has_it(matrix, nixcfg
 def test_flake_follows_practice(flake_text, nixcfg):
     # Literal, pinned inputs; CUDA only under its licences; cudaSupport; caches in nixConfig
     # and, for untrusted users, as nix.conf lines in the header.
-    assert 'nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";' in flake_text
+    # every nixpkgs input is pinned to a commit, never to a branch
+    urls = re.findall(r'^    ([A-Za-z0-9_-]+)\.url = "([^"]+)";$', flake_text, re.M)
+    assert dict(urls) == {i.input: i.url for i in nixcfg.inputs}
+    for _name, url in urls:
+        assert re.fullmatch(r"github:NixOS/nixpkgs/[0-9a-f]{40}", url), url
+    assert "nixos-25.11" not in dict(urls)["nixpkgs"]
     assert "allowUnfree = true" not in flake_text
     assert '"CUDA EULA"' in flake_text and "allowUnfreePredicate" in flake_text
     assert "cudaSupport = t.cudaPackages != null;" in flake_text
@@ -138,21 +147,24 @@ def test_missing_python_is_a_generation_error(matrix, tmp_path):
         generate(matrix, tmp_path / "nix.toml")
 
 
-def test_aarch64_shells_where_a_target_supports_it(tmp_path):
-    targets = _edit(
-        ENVS / "targets.toml",
-        tmp_path / "targets.toml",
-        'cudnn = "9.24.0.43"\nconda_channel = "conda-forge"\nplatforms = ["linux-64"]',
-        'cudnn = "9.24.0.43"\nconda_channel = "conda-forge"\n'
-        'platforms = ["linux-64", "linux-aarch64"]',
-    )
-    shutil.copy(ENVS / "matrix.toml", tmp_path / "matrix.toml")
-    shutil.copy(ENVS / "nix.toml", tmp_path / "nix.toml")
-    m = load_matrix(tmp_path / "matrix.toml", targets)
-    text = generate(m)
-    assert 'systems = [ "x86_64-linux" "aarch64-linux" ];' in text
-    assert 'shells = shellsFor "aarch64-linux";' in text
-    assert text.count("default = shells.cu130;") == 2
+def test_aarch64_shells_where_a_target_supports_it(flake_text):
+    assert 'shells = shellsFor "aarch64-linux";' in flake_text
+    assert flake_text.count("default = shells.cu130;") == 2
+    # the arch list is the wheels' of each system: no sm_75/sm_86 in the aarch64 wheels
+    assert (
+        'archs = { x86_64-linux = "7.5;8.0;8.6;9.0;10.0;12.0"; '
+        'aarch64-linux = "8.0;9.0;10.0;11.0;12.0+PTX"; };'
+    ) in flake_text
+    assert "TORCH_CUDA_ARCH_LIST = t.archs.${system};" in flake_text
+
+
+def test_arch_lists_follow_the_matrix_without_unsourced_ptx(matrix, flake_text):
+    for t in matrix.targets.values():
+        for conda_platform, archs in t.arch_lists.items():
+            assert archs.torch_cuda_arch_list in flake_text, (t.name, conda_platform)
+    # the 2.14.1 x86_64 wheels carry no compute_120 PTX (the installed wheel's arch list)
+    assert 'x86_64-linux = "7.5;8.0;8.6;9.0;10.0;12.0";' in flake_text
+    assert 'x86_64-linux = "7.5;8.0;8.6;9.0;10.0;12.0+PTX"' not in flake_text
 
 
 @pytest.mark.parametrize(
@@ -160,10 +172,22 @@ def test_aarch64_shells_where_a_target_supports_it(tmp_path):
     [
         ("schema = 1", "schema = 2", "'schema' must be 1"),
         (
-            'url = "github:NixOS/nixpkgs/nixos-25.11"',
-            'url = "github:NixOS/nixpkgs/${x}"',
-            "must be a literal flake reference",
+            'rev = "8fd9daa3db09ced9700431c5b7ad0e8ba199b575"',
+            'rev = "nixos-25.11"',
+            "must be a full 40-hex commit: inputs are pinned by revision, never by branch",
         ),
+        (
+            'rev = "8fd9daa3db09ced9700431c5b7ad0e8ba199b575"',
+            'rev = "8fd9daa"',
+            "must be a full 40-hex commit",
+        ),
+        (
+            'repo = "github:NixOS/nixpkgs"\nbranch = "nixos-25.11"',
+            'repo = "github:NixOS/nixpkgs/${x}"\nbranch = "nixos-25.11"',
+            "must be a GitHub flake reference",
+        ),
+        ('nar_hash = "sha256-Ti+', 'nar_hash = "md5-Ti+', "is not 'sha256-<base64>='"),
+        ('rev_source = ["rev-2511"]', 'rev_source = ["nowhere"]', "unknown rev_source 'nowhere'"),
         ('input = "nixpkgs"\n', 'input = "pkgs"\n', "first [[nixpkgs]] input must be named"),
         (
             '"12.6", "12.8", "12.9", "13.0"]',
@@ -210,7 +234,9 @@ def test_cli_writes_checks_and_prints(tmp_path):
     rc, text, _ = _cli("flake", "--check", "--output", str(out))
     assert rc == 1 and "is missing" in text
     rc, text, _ = _cli("flake", "--output", str(out))
-    assert rc == 0 and text.startswith("wrote ") and "7 dev shells" in text
+    assert (
+        rc == 0 and text.startswith("wrote ") and f"{len(load_matrix().targets)} dev shells" in text
+    )
     rc, text, _ = _cli("flake", "--output", str(out))
     assert rc == 0 and text.startswith("unchanged:")
     rc, text, _ = _cli("flake", "--check", "--output", str(out))
@@ -254,7 +280,7 @@ class NixEnv:
         (root / "flake" / "flake.nix").write_text(text)
         self.overrides: list[str] = []
         for i in inputs:
-            self.overrides += ["--override-input", i.input, f"path:{self.stub(i.url)}"]
+            self.overrides += ["--override-input", i.input, f"path:{self.stub(i.branch)}"]
         self.env = {
             # A caller's activated venv would leak into the shells under test.
             **{
@@ -284,10 +310,10 @@ class NixEnv:
             "HOME": str(root / "home"),
         }
 
-    def stub(self, url: str) -> Path:
-        branch = url.rsplit("/", 1)[-1]
+    def stub(self, branch: str) -> Path:
+        """The stub standing in for a nixpkgs commit of ``branch``."""
         pin = STUB / "pins" / f"{branch}.nix"
-        assert pin.exists(), f"no stub pin for {url}: add {pin.relative_to(REPO)}"
+        assert pin.exists(), f"no stub pin for {branch}: add {pin.relative_to(REPO)}"
         dst = self.root / f"stub-{branch}"
         if not dst.exists():
             shutil.copytree(STUB, dst, ignore=shutil.ignore_patterns("pins"))
@@ -395,8 +421,9 @@ def test_nix_flake_show_lists_every_shell(nix, matrix):
 
     r = nix.run("nix", "flake", "show", "--json", nix.ref)
     shells = json.loads(r.stdout)["devShells"]
-    assert set(shells) == {"x86_64-linux"}
+    assert set(shells) == {"x86_64-linux", "aarch64-linux"}
     assert set(shells["x86_64-linux"]) == {*matrix.targets, "default"}
+    assert set(shells["aarch64-linux"]) == {"cu130", "default"}
 
 
 @needs_nix
@@ -464,7 +491,7 @@ def test_develop_links_only_the_driver_libraries(nix, fake_driver, tmp_path):
     )
     v = _vars(r.stdout)
     assert v["GPUFIT_TARGET"] == "cu121"
-    assert v["GPUFIT_TORCH_VERSION"] == "2.5" and v["GPUFIT_CUDA_VERSION"] == "12.1"
+    assert v["GPUFIT_TORCH_VERSION"] == "2.5.1" and v["GPUFIT_CUDA_VERSION"] == "12.1"
     assert v["GPUFIT_PIP_INDEX_URL"] == "https://download.pytorch.org/whl/cu121"
     assert v["TORCH_CUDA_ARCH_LIST"].startswith("5.0;")
     assert re.search(r"-cuda-home-12\.1$", v["CUDA_HOME"]) and v["CUDA_PATH"] == v["CUDA_HOME"]
@@ -578,3 +605,43 @@ def test_develop_torch_venv_from_the_lock(nix, tmp_path):
     lock.write_text(lock.read_text() + "# changed\n")
     nix.develop("cu130", "true", env={**env, "GPUFIT_INSTALL": "1"})
     assert len((venv / "pip-calls.log").read_text().splitlines()) == 2
+
+
+def _flake_lock(tmp_path, nixcfg, **override):
+    """A flake.lock as a networked `nix flake lock` writes it for the pinned inputs."""
+    import json
+
+    nodes = {"root": {"inputs": {i.input: i.input for i in nixcfg.inputs}}}
+    for i in nixcfg.inputs:
+        locked = {"type": "github", "owner": "NixOS", "repo": "nixpkgs", "rev": i.rev}
+        locked["narHash"] = i.nar_hash
+        locked.update(override.get(i.input, {}))
+        nodes[i.input] = {"locked": locked, "original": {"type": "github", "rev": i.rev}}
+    path = tmp_path / "flake.lock"
+    path.write_text(json.dumps({"nodes": nodes, "root": "root", "version": 7}))
+    return path
+
+
+def test_check_lock_accepts_the_pinned_commits(nixcfg, tmp_path):
+    rc, text, _ = _cli("flake", "--check-lock", str(_flake_lock(tmp_path, nixcfg)))
+    assert rc == 0 and "locked at its pinned commit" in text
+
+
+def test_check_lock_rejects_another_commit_or_hash(nixcfg, tmp_path):
+    moved = _flake_lock(tmp_path, nixcfg, nixpkgs={"rev": "0" * 40})
+    rc, text, _ = _cli("flake", "--check-lock", str(moved))
+    assert rc == 1 and f"nixpkgs: locked at {'0' * 40}, envs/nix.toml pins" in text
+    other = _flake_lock(
+        tmp_path, nixcfg, **{"nixpkgs-2505": {"narHash": "sha256-" + "A" * 43 + "="}}
+    )
+    rc, text, _ = _cli("flake", "--check-lock", str(other))
+    assert rc == 1 and "nixpkgs-2505: narHash sha256-AAAA" in text
+    (tmp_path / "broken.lock").write_text("{not json")
+    rc, text, _ = _cli("flake", "--check-lock", str(tmp_path / "broken.lock"))
+    assert rc == 1 and "is not a readable flake.lock" in text
+
+
+def test_every_input_records_where_its_commit_comes_from(nixcfg):
+    for i in nixcfg.inputs:
+        assert i.rev_source and i.branch.startswith("nixos-") and i.nar_hash
+        assert i.url == f"github:NixOS/nixpkgs/{i.rev}"

@@ -27,11 +27,20 @@ class StubProber:
 
 
 @pytest.fixture(scope="module")
+def matrix(conda_matrix):
+    return conda_matrix
+
+
+@pytest.fixture(scope="module")
 def locks(matrix, tmp_path_factory):
     channel = build_channel(tmp_path_factory.mktemp("channel"))
     envs = tmp_path_factory.mktemp("envs")
     res = render_and_lock(
-        matrix, envs, channel, tmp_path_factory.mktemp("cache"), names=["cu121", "cu130", "cpu"]
+        matrix,
+        envs,
+        channel,
+        tmp_path_factory.mktemp("cache"),
+        names=["cu121", "cu129", "cpu-conda"],
     )
     return {k: v.path for k, v in res.items()}
 
@@ -58,27 +67,27 @@ def test_install_puts_the_locked_packages_in_the_prefix(matrix, locks, tmp_path)
 
 
 def test_install_refuses_without_a_driver(matrix, locks, tmp_path):
-    with pytest.raises(InstallRefused, match=r"no NVIDIA driver.*__cuda=13.0"):
+    with pytest.raises(InstallRefused, match=r"no NVIDIA driver.*__cuda=12.9"):
         install_lockfile(
-            locks["cu130"], tmp_path / "env", matrix, platform="linux-64", prober=StubProber()
+            locks["cu129"], tmp_path / "env", matrix, platform="linux-64", prober=StubProber()
         )
     assert not (tmp_path / "env").exists()
 
 
 def test_install_refuses_a_driver_too_old(matrix, locks, tmp_path):
-    with pytest.raises(InstallRefused, match=r"driver 535.104.05 supports CUDA 12.2"):
+    with pytest.raises(InstallRefused, match=r"driver 520.61.05 supports CUDA 11.8"):
         install_lockfile(
-            locks["cu130"],
+            locks["cu129"],
             tmp_path / "env",
             matrix,
             platform="linux-64",
-            prober=StubProber("535.104.05", "12.2"),
+            prober=StubProber("520.61.05", "11.8"),
         )
 
 
 def test_no_driver_check_installs_anyway(matrix, locks, tmp_path):
     res = install_lockfile(
-        locks["cu130"],
+        locks["cu129"],
         tmp_path / "env",
         matrix,
         platform="linux-64",
@@ -90,7 +99,7 @@ def test_no_driver_check_installs_anyway(matrix, locks, tmp_path):
 
 def test_cpu_lock_needs_no_driver(matrix, locks, tmp_path):
     res = install_lockfile(
-        locks["cpu"],
+        locks["cpu-conda"],
         tmp_path / "env",
         matrix,
         platform="linux-64",
@@ -112,7 +121,7 @@ def test_driver_rules(matrix):
 def test_install_wrong_platform(matrix, locks, tmp_path):
     with pytest.raises(Exception, match="win-64"):
         install_lockfile(
-            locks["cpu"], tmp_path / "env", matrix, platform="win-64", driver_check=False
+            locks["cpu-conda"], tmp_path / "env", matrix, platform="win-64", driver_check=False
         )
 
 
@@ -149,3 +158,17 @@ def test_cli_install(matrix, locks, tmp_path):
         prober=StubProber(),
     )
     assert rc == 2 and "--no-driver-check" in err.getvalue()
+
+
+def test_pip_and_uv_locks_are_sent_to_their_installers(matrix, tmp_path):
+    from lockgen.errors import LockgenError
+
+    for path, how in (
+        (tmp_path / "cu130.requirements.txt", "pip install --require-hashes -r"),
+        (tmp_path / "uv" / "cu130" / "uv.lock", "uv sync --locked --project"),
+    ):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+        with pytest.raises(LockgenError, match=how):
+            install_lockfile(path, tmp_path / "env", matrix, driver_check=False)
+    assert not (tmp_path / "env").exists()

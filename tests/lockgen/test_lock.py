@@ -17,6 +17,11 @@ from lockgen.solve import CondaLockSolver, RattlerSolver, SolveError, SolveJob, 
 
 
 @pytest.fixture(scope="module")
+def matrix(conda_matrix):
+    return conda_matrix
+
+
+@pytest.fixture(scope="module")
 def channel(tmp_path_factory):
     return build_channel(tmp_path_factory.mktemp("channel"))
 
@@ -38,7 +43,7 @@ def _pkgs(lock, platform="linux-64"):
 
 def test_every_target_gets_its_cuda_build(matrix, locked):
     envs, results = locked
-    assert set(results) == set(matrix.targets)
+    assert set(results) == {n for n, t in matrix.targets.items() if t.has_conda}
     for name, res in results.items():
         t = matrix.target(name)
         assert res.path == envs / f"{name}.lock" and res.path.exists()
@@ -66,7 +71,7 @@ def test_lock_records_what_it_was_solved_for(locked):
         lf.recorded_virtual_packages(lf.read_lockfile(results["cu121"].path))["linux-64"]["__cuda"]
         == "12.1"
     )
-    assert lf.custom(lf.read_lockfile(results["cpu"].path))[lf.META_CUDA] == ""
+    assert lf.custom(lf.read_lockfile(results["cpu-conda"].path))[lf.META_CUDA] == ""
 
 
 def test_content_hash_is_conda_locks(locked, channel):
@@ -78,14 +83,14 @@ def test_content_hash_is_conda_locks(locked, channel):
     from conda_lock.virtual_package import virtual_package_repo_from_specification
 
     envs, results = locked
-    paths = target_paths(envs, "cu130")
+    paths = target_paths(envs, "cu129")
     spec = make_lock_spec(
         src_files=[paths.env], channel_overrides=[channel.as_uri()], mapping_url=DEFAULT_MAPPING_URL
     )
     want = compute_content_hashes(
         spec, virtual_package_repo_from_specification(paths.virtual_packages)
     )
-    assert lf.read_lockfile(results["cu130"].path).metadata.content_hash == want
+    assert lf.read_lockfile(results["cu129"].path).metadata.content_hash == want
 
 
 def _job(matrix, envs, channel, name, edit=None, vp=None):
@@ -114,35 +119,59 @@ CONDA_LOCK_DEFAULT_VP = {
 def test_the_cpu_trap_is_real_without_the_build_pin(matrix, locked, channel, cache):
     """conda-forge style. Without the build pin, a solve on a machine without a GPU (no
     __cuda: what `conda-lock --without-cuda` or a GPU-less conda sees) quietly picks the CPU
-    build next to cuda-version 13.0; so does conda-lock's default __cuda=11.4 when the spec
+    build next to cuda-version 12.9; so does conda-lock's default __cuda=11.4 when the spec
     names no cuda-version. With the pin each is an error that names __cuda."""
     envs, _ = locked
     solver = RattlerSolver(cache_dir=cache)
     no_gpu = {
         "linux-64": {k: v for k, v in CONDA_LOCK_DEFAULT_VP["linux-64"].items() if k != "__cuda"}
     }
-    unpin = lambda s: s.replace("pytorch ==2.14.1 cuda*", "pytorch ==2.14.1")  # noqa: E731
+
+    def unpin(s):
+        return s.replace("pytorch ==2.8.0 cuda129*", "pytorch ==2.8.0").replace(" cuda129*", "")
+
     pkgs = {
         p.name: p
-        for p in solver.solve(_job(matrix, envs, channel, "cu130", edit=unpin, vp=no_gpu))[
+        for p in solver.solve(_job(matrix, envs, channel, "cu129", edit=unpin, vp=no_gpu))[
             "linux-64"
         ]
     }
     assert pkgs["pytorch"].build.startswith("cpu_")
-    assert pkgs["cuda-version"].version == "13.0"
+    assert pkgs["cuda-version"].version == "12.9"
 
-    no_selector = lambda s: unpin(s).replace("cuda-version 13.0.*", "ninja")  # noqa: E731
+    no_selector = lambda s: unpin(s).replace("cuda-version 12.9.*", "ninja")  # noqa: E731
     pkgs = {
         p.name: p
         for p in solver.solve(
-            _job(matrix, envs, channel, "cu130", edit=no_selector, vp=CONDA_LOCK_DEFAULT_VP)
+            _job(matrix, envs, channel, "cu129", edit=no_selector, vp=CONDA_LOCK_DEFAULT_VP)
         )["linux-64"]
     }
     assert pkgs["pytorch"].build.startswith("cpu_")
 
     for vp in (no_gpu, CONDA_LOCK_DEFAULT_VP):
         with pytest.raises(SolveError, match=r"__cuda"):
-            solver.solve(_job(matrix, envs, channel, "cu130", vp=vp))
+            solver.solve(_job(matrix, envs, channel, "cu129", vp=vp))
+
+
+def test_cuda_star_alone_admits_a_neighbouring_cuda_build(matrix, locked, channel, cache):
+    """conda-forge builds of one release for CUDA 12.8 and 12.9 both accept cuda-version
+    12.9 (they ask for >=12.8,<13 and >=12.9,<13): `pytorch * cuda*` may take the 12.8 one.
+    The target's own variant glob (cuda129*) cannot."""
+    envs, _ = locked
+    solver = RattlerSolver(cache_dir=cache)
+
+    def any_cuda(s):
+        return s.replace("cuda129*", "cuda*")
+
+    pkgs = {
+        p.name: p
+        for p in solver.solve(_job(matrix, envs, channel, "cu129", edit=any_cuda))["linux-64"]
+    }
+    assert pkgs["cuda-version"].version == "12.9"
+    assert pkgs["pytorch"].build.startswith("cuda128_")
+    pinned = {p.name: p for p in solver.solve(_job(matrix, envs, channel, "cu129"))["linux-64"]}
+    assert pinned["pytorch"].build.startswith("cuda129_")
+    assert pinned["torchvision"].build.startswith("cuda129_")
 
 
 def test_the_legacy_channel_trap_picks_cpu_even_with_cuda_present(matrix, locked, channel, cache):
@@ -154,7 +183,7 @@ def test_the_legacy_channel_trap_picks_cpu_even_with_cuda_present(matrix, locked
         envs,
         channel,
         "cu121",
-        edit=lambda s: s.replace("pytorch 2.5.* *cuda*", "pytorch 2.5.*"),
+        edit=lambda s: s.replace("pytorch ==2.5.1 *cuda12.1*", "pytorch ==2.5.1"),
     )
     pkgs = {p.name: p for p in RattlerSolver(cache_dir=cache).solve(job)["linux-64"]}
     assert pkgs["pytorch"].build == "py3.11_cpu_0"
@@ -163,12 +192,12 @@ def test_the_legacy_channel_trap_picks_cpu_even_with_cuda_present(matrix, locked
 
 def test_conflict_explains_the_cuda_requirement(matrix, locked, channel, cache):
     envs, _ = locked
-    vp = {"linux-64": {"__glibc": "2.28", "__cuda": "12.4"}}
+    vp = {"linux-64": {"__glibc": "2.28", "__cuda": "11.8"}}
     with pytest.raises(SolveError) as exc:
-        RattlerSolver(cache_dir=cache).solve(_job(matrix, envs, channel, "cu130", vp=vp))
+        RattlerSolver(cache_dir=cache).solve(_job(matrix, envs, channel, "cu129", vp=vp))
     msg = str(exc.value)
-    assert "cu130" in msg and "linux-64" in msg and "__cuda=12.4" in msg
-    assert "__cuda >=13" in msg
+    assert "cu129" in msg and "linux-64" in msg and "__cuda=11.8" in msg
+    assert "__cuda >=12" in msg
 
 
 def test_failed_solve_leaves_the_previous_lock(matrix, locked, channel, cache, tmp_path):
@@ -218,7 +247,7 @@ def test_interrupted_write_leaves_the_previous_lock(matrix, channel, cache, tmp_
 
 def test_a_lock_that_fails_verification_is_not_written(matrix, channel, cache, tmp_path):
     """A solver that returns a CPU pytorch for a CUDA target: verify refuses it."""
-    target = matrix.target("cu130")
+    target = matrix.target("cu129")
     render_target(matrix, target, tmp_path, allow_unverified=True)
 
     class CpuSolver(RattlerSolver):
@@ -228,8 +257,10 @@ def test_a_lock_that_fails_verification_is_not_written(matrix, channel, cache, t
                 matrix,
                 tmp_path,
                 channel,
-                "cu130",
-                edit=lambda s: s.replace("cuda*", "cpu*").replace("cuda-version 13.0.*", "numpy"),
+                "cu129",
+                edit=lambda s: s.replace("cuda129*", "cpu*").replace(
+                    "cuda-version 12.9.*", "numpy"
+                ),
             )
             out["linux-64"] = super().solve(job2)["linux-64"]
             return out
@@ -243,7 +274,7 @@ def test_a_lock_that_fails_verification_is_not_written(matrix, channel, cache, t
             channels=[channel.as_uri()],
             allow_unverified=True,
         )
-    assert not target_paths(tmp_path, "cu130").lock.exists()
+    assert not target_paths(tmp_path, "cu129").lock.exists()
 
 
 def test_lock_refuses_stale_specs(matrix, channel, tmp_path):
@@ -345,7 +376,7 @@ def test_cli_lock_with_local_channel(matrix, channel, cache, tmp_path):
     rc = main(
         ["lock", "cu130", "--envs", str(tmp_path), "--channel", channel.as_uri()], out=out, err=err
     )
-    assert rc == 2 and "--allow-unverified" in err.getvalue()
+    assert rc == 2 and "target cu130 has no conda channel" in err.getvalue()
 
 
 def test_defaults_channel_is_expanded_for_rattler(matrix):

@@ -1,12 +1,13 @@
-"""lockgen lock --flavor pip: exact pins with --hash lines, and their verification."""
+"""lockgen lock --flavor pip: exact pins with --hash lines for every platform and Python of a
+target, resolved by uv from wheel metadata, and their verification."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import io
-import json
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -14,117 +15,186 @@ import pytest
 
 from lockgen.cli import main
 from lockgen.errors import LockgenError
+from lockgen.matrix import default_envs_dir
 from lockgen.render.pip import (
-    PipResolver,
+    UvResolver,
+    combo_marker,
     lock_pip,
     parse_requirements,
-    platform_tags,
-    wheel_source,
+    uv_platform,
 )
 from lockgen.verify import verify_file
+from lockgen.versions import Version
+
+H = {c: c * 64 for c in "abcdef0123456789"}
 
 
-def _report(items):
-    return {
-        "version": "1",
-        "install": [
-            {
-                "metadata": {"name": n, "version": v},
-                "download_info": {
-                    "url": f"https://example.invalid/{n}-{v}.whl",
-                    "archive_info": {"hashes": {"sha256": h}},
-                },
-            }
-            for n, v, h in items
-        ],
-    }
+def _pylock(items) -> str:
+    """A pylock.toml as `uv pip compile --format pylock.toml` writes it."""
+    out = ['lock-version = "1.0"', 'created-by = "uv"', ""]
+    for name, version, sha in items:
+        out += [
+            "[[packages]]",
+            f'name = "{name}"',
+            f'version = "{version}"',
+            f'wheels = [{{ url = "https://example.invalid/{name}-{version}.whl", '
+            f'hashes = {{ sha256 = "{sha}" }} }}]',
+            "",
+        ]
+    return "\n".join(out)
 
 
-def fake_pip(items, seen=None):
+def fake_uv(answer, seen=None):
+    """A runner standing in for uv: ``answer(platform, python) -> [(name, version, sha)]``."""
+
     def run(argv):
         if seen is not None:
-            seen.append(list(argv))
-        Path(argv[argv.index("--report") + 1]).write_text(json.dumps(_report(items)))
+            seen.append((list(argv), Path(argv[argv.index("compile") + 1]).read_text()))
+        plat = argv[argv.index("--python-platform") + 1]
+        py = argv[argv.index("--python-version") + 1]
+        Path(argv[argv.index("--output-file") + 1]).write_text(_pylock(answer(plat, py)))
         return subprocess.CompletedProcess(argv, 0, "", "")
 
     return run
 
 
-H = {c: c * 64 for c in "abcdef"}
-
-
-def test_wheel_source(matrix):
-    assert wheel_source(matrix.target("cu130"))[0] == "https://pypi.org/simple"
-    assert wheel_source(matrix.target("cu124"))[0] == "https://pypi.org/simple"
-    assert wheel_source(matrix.target("cu121"))[0] == "https://download.pytorch.org/whl/cu121"
-    assert wheel_source(matrix.target("cpu"))[0] == "https://download.pytorch.org/whl/cpu"
-
-
-def test_platform_tags():
-    tags = platform_tags("linux-64", "2.28")
-    assert tags[0] == "manylinux_2_28_x86_64" and "manylinux2014_x86_64" in tags
-    assert "manylinux_2_29_x86_64" not in tags
-    assert platform_tags("win-64") == ["win_amd64"]
-
-
-def test_pip_lock_writes_pins_and_hashes(matrix, tmp_path):
-    seen = []
-    items = [
-        ("torch", "2.5.1+cu121", H["a"]),
-        ("torchvision", "0.20.1+cu121", H["b"]),
-        ("numpy", "2.1.3", H["c"]),
-        ("typing_extensions", "4.12.2", H["d"]),
+def cu130_wheels(plat, py):
+    """What PyPI gives for torch 2.14.1: the CUDA 13.0 runtime, numpy per Python."""
+    numpy = ("numpy", "2.2.6", H["1"]) if py == "3.10" else ("numpy", "2.4.6", H["2"])
+    arch = H["3"] if plat.startswith("x86_64") else H["4"]
+    return [
+        ("torch", "2.14.1", arch),
+        ("torchvision", "0.29.1", H["5"]),
+        ("nvidia-cuda-runtime", "13.0.96", H["6"]),
+        ("nvidia-cudnn-cu13", "9.24.0.43", H["7"]),
+        numpy,
     ]
-    path = lock_pip(matrix.target("cu121"), tmp_path, PipResolver(run=fake_pip(items, seen)))
+
+
+def test_pip_sources(matrix):
+    assert matrix.target("cu130").pip_source.url == "https://pypi.org/simple"
+    assert matrix.target("cu124").pip_source.url == "https://pypi.org/simple"
+    assert matrix.target("cu121").pip_source.url == "https://download.pytorch.org/whl/cu121"
+    assert matrix.target("cpu").pip_source.url == "https://download.pytorch.org/whl/cpu"
+
+
+def test_uv_platform():
+    assert uv_platform("linux-64", "2.28") == "x86_64-manylinux_2_28"
+    assert uv_platform("linux-aarch64", "2.17") == "aarch64-manylinux_2_17"
+    with pytest.raises(LockgenError, match="no pip lock for platform win-64"):
+        uv_platform("win-64")
+
+
+def test_pip_lock_covers_every_platform_and_python(matrix, tmp_path):
+    seen = []
+    t = matrix.target("cu130")
+    path = lock_pip(t, tmp_path, UvResolver(run=fake_uv(cu130_wheels, seen)))
+    assert len(seen) == len(t.platforms) * len(t.pythons) == 10
+    argv, requirements = seen[0]
+    assert requirements.split() == ["torch==2.14.1", "torchvision==0.29.1", "numpy"]
+    assert argv[argv.index("--format") + 1] == "pylock.toml"
+    assert argv[argv.index("--only-binary") + 1] == ":all:"
+    assert argv[argv.index("--index-url") + 1] == "https://pypi.org/simple"
+    assert {
+        (a[a.index("--python-platform") + 1], a[a.index("--python-version") + 1]) for a, _ in seen
+    } == {
+        (p, py)
+        for p in ("x86_64-manylinux_2_28", "aarch64-manylinux_2_28")
+        for py in ("3.10", "3.11", "3.12", "3.13", "3.14")
+    }
     text = path.read_text()
-    assert path.name == "cu121.requirements.txt"
-    assert "--index-url https://download.pytorch.org/whl/cu121" in text
-    assert f"torch==2.5.1+cu121 \\\n    --hash=sha256:{H['a']}" in text
-    argv = seen[0]
-    assert "--only-binary=:all:" in argv and "--dry-run" in argv and "--isolated" in argv
-    assert argv[argv.index("--index-url") + 1] == "https://download.pytorch.org/whl/cu121"
-    assert "torch==2.5.*" in argv and "torchvision==0.20.*" in argv
+    assert "# lockgen: platforms=linux-64,linux-aarch64 pythons=3.10,3.11,3.12,3.13,3.14" in text
+    # one torch pin, both platforms' wheel hashes; numpy split by Python, not by platform
+    assert f"torch==2.14.1 \\\n    --hash=sha256:{H['3']} \\\n    --hash=sha256:{H['4']}\n" in text
+    assert 'numpy==2.2.6 ; python_version == "3.10" \\' in text
+    assert 'numpy==2.4.6 ; python_version == "3.11" or python_version == "3.12"' in text
     req = parse_requirements(text)
     assert all(e.pinned and e.hashes for e in req.entries)
+    assert req.index_urls == ["https://pypi.org/simple"]
     report = verify_file(path, matrix)
     assert report.ok, report.format()
 
 
+def test_combo_markers(matrix):
+    t = matrix.target("cu130")
+    v = Version.parse
+    both = [(p, v(py)) for p in t.platforms for py in ("3.10", "3.11", "3.12", "3.13", "3.14")]
+    assert combo_marker(both, t) == ""
+    x86 = [c for c in both if c[0] == "linux-64"]
+    assert combo_marker(x86, t) == '(sys_platform == "linux" and platform_machine == "x86_64")'
+    mixed = [("linux-64", v("3.10")), ("linux-aarch64", v("3.11"))]
+    assert combo_marker(mixed, t) == (
+        '(sys_platform == "linux" and platform_machine == "x86_64" and '
+        '(python_version == "3.10")) or (sys_platform == "linux" and platform_machine == '
+        '"aarch64" and (python_version == "3.11"))'
+    )
+
+
 def test_pip_lock_refuses_the_wrong_build(matrix, tmp_path):
-    items = [("torch", "2.5.1+cpu", H["a"]), ("torchvision", "0.20.1+cpu", H["b"])]
-    with pytest.raises(LockgenError, match="not the cu121 build"):
-        lock_pip(matrix.target("cu121"), tmp_path, PipResolver(run=fake_pip(items)))
+    def cpu(plat, py):
+        return [("torch", "2.14.1+cpu", H["a"]), ("torchvision", "0.29.1+cpu", H["b"])]
+
+    with pytest.raises(LockgenError, match="not the cu126 build|is the cpu build"):
+        lock_pip(matrix.target("cu126"), tmp_path, UvResolver(run=fake_uv(cpu)))
+
+    def no_runtime(plat, py):  # what a CPU torch from PyPI would look like: no CUDA wheels
+        return [("torch", "2.14.1", H["a"]), ("torchvision", "0.29.1", H["b"])]
+
+    with pytest.raises(LockgenError, match="no nvidia-cuda-runtime in the lock"):
+        lock_pip(matrix.target("cu130"), tmp_path, UvResolver(run=fake_uv(no_runtime)))
+
+    def cu12(plat, py):
+        return [*cu130_wheels(plat, py)[:2], ("nvidia-cuda-runtime-cu12", "12.8.90", H["c"])]
+
+    with pytest.raises(LockgenError, match="12.8.90 is not the CUDA 13.0 runtime"):
+        lock_pip(matrix.target("cu130"), tmp_path, UvResolver(run=fake_uv(cu12)))
     assert not list(tmp_path.iterdir())
 
 
 def test_pip_lock_needs_hashes(matrix, tmp_path):
-    items = [("torch", "2.14.1", ""), ("torchvision", "0.29.1", H["b"])]
+    def unhashed(plat, py):
+        return [("torch", "2.14.1", "")]
+
     with pytest.raises(LockgenError, match="no sha256"):
-        lock_pip(matrix.target("cu130"), tmp_path, PipResolver(run=fake_pip(items)))
+        lock_pip(matrix.target("cu130"), tmp_path, UvResolver(run=fake_uv(unhashed)))
 
 
 def test_pip_resolve_failure_is_explained(matrix, tmp_path):
     def run(argv):
         return subprocess.CompletedProcess(
-            argv, 1, "", "ERROR: No matching distribution found for torch==2.14.1"
+            argv, 1, "", "No solution found when resolving dependencies: torch==2.14.1"
         )
 
-    with pytest.raises(LockgenError, match="No matching distribution"):
-        lock_pip(matrix.target("cu130"), tmp_path, PipResolver(run=run))
+    with pytest.raises(LockgenError, match=r"linux-64 \+ Python 3.10:\nNo solution found"):
+        lock_pip(matrix.target("cu130"), tmp_path, UvResolver(run=run))
+
+
+def _errors(report, check=None):
+    return [f.message for f in report.findings if f.level == "error" and check in (None, f.check)]
 
 
 def test_verify_requirements_findings(matrix, tmp_path):
-    items = [("torch", "2.14.1", H["a"]), ("torchvision", "0.29.1", H["b"])]
-    path = lock_pip(matrix.target("cu130"), tmp_path, PipResolver(run=fake_pip(items)))
+    path = lock_pip(matrix.target("cu130"), tmp_path, UvResolver(run=fake_uv(cu130_wheels)))
+    good = path.read_text()
     assert verify_file(path, matrix).ok
-    path.write_text(path.read_text().replace(f"--hash=sha256:{H['b']}", ""))
-    report = verify_file(path, matrix)
-    assert not report.ok and any("torchvision" in f.message for f in report.findings)
-    # a cu130 lock resolved from the cpu folder of the wheel index
     path.write_text(
-        path.read_text().replace("https://pypi.org/simple", "https://download.pytorch.org/whl/cpu")
+        good.replace(f"    --hash=sha256:{H['5']}\n", "").replace("0.29.1 \\", "0.29.1")
     )
-    assert any("resolved from" in f.message for f in verify_file(path, matrix).findings)
+    assert any("torchvision: missing" in m for m in _errors(verify_file(path, matrix), "hash"))
+    # pip obeys the --index-url line, not lockgen's comment: both are checked
+    path.write_text(
+        good.replace("--index-url https://pypi.org/simple", "--index-url https://example.org/s")
+    )
+    assert any(
+        "resolved from https://example.org/s" in m for m in _errors(verify_file(path, matrix))
+    )
+    path.write_text(good.replace("--index-url https://pypi.org/simple\n", ""))
+    assert any("names 0" in m for m in _errors(verify_file(path, matrix), "index"))
+    # a lock made for fewer Pythons than the target lists
+    path.write_text(good.replace("pythons=3.10,3.11,3.12,3.13,3.14", "pythons=3.11"))
+    assert any("covers platforms" in m for m in _errors(verify_file(path, matrix), "platform"))
+    path.write_text(good.replace("nvidia-cudnn-cu13==9.24.0.43", "nvidia-cudnn-cu13==9.20.0.48"))
+    assert any("the matrix says cuDNN 9.24.0.43" in m for m in _errors(verify_file(path, matrix)))
 
 
 def _wheel(folder: Path, name: str, version: str, requires=()) -> Path:
@@ -159,19 +229,20 @@ def _wheel(folder: Path, name: str, version: str, requires=()) -> Path:
     return path
 
 
-def test_real_pip_against_a_local_index(matrix, tmp_path):
-    """pip's real resolver against a PEP 503 index on disk: hashes from the index links."""
+def test_real_uv_against_a_local_index(matrix, tmp_path):
+    """uv's real resolver against a PEP 503 index on disk: hashes from the index links."""
     index = tmp_path / "simple"
     wheels = tmp_path / "files"
     wheels.mkdir()
     made = [
-        _wheel(wheels, "torch", "2.5.1+cu121", ["numpy"]),
-        _wheel(wheels, "torchvision", "0.20.1+cu121", ["torch==2.5.1+cu121"]),
+        _wheel(wheels, "torch", "2.14.1+cu126", ["numpy", "nvidia-cuda-runtime-cu12==12.6.77"]),
+        _wheel(wheels, "torchvision", "0.29.1+cu126", ["torch==2.14.1+cu126"]),
         _wheel(wheels, "numpy", "2.1.3"),
+        _wheel(wheels, "nvidia_cuda_runtime_cu12", "12.6.77"),
     ]
     digests = {}
     for whl in made:
-        project = whl.name.split("-")[0]
+        project = whl.name.split("-")[0].replace("_", "-")
         digests[project] = hashlib.sha256(whl.read_bytes()).hexdigest()
         (index / project).mkdir(parents=True)
         (index / project / "index.html").write_text(
@@ -179,10 +250,102 @@ def test_real_pip_against_a_local_index(matrix, tmp_path):
             "</body></html>"
         )
     out = io.StringIO()
-    path = lock_pip(matrix.target("cu121"), tmp_path, PipResolver(), index.as_uri())
+    path = lock_pip(matrix.target("cu126"), tmp_path, UvResolver(), index.as_uri())
     text = path.read_text()
     for project, digest in digests.items():
         assert f"--hash=sha256:{digest}" in text, project
-    assert "torch==2.5.1+cu121" in text
+    assert "torch==2.14.1+cu126" in text and "nvidia-cuda-runtime-cu12==12.6.77" in text
     assert main(["verify", str(path)], out=out) == 1  # not the target's real index
     assert "resolved from" in out.getvalue()
+
+
+# -- the committed locks, against PyPI itself ------------------------------------------------
+
+COMMITTED = sorted(default_envs_dir().glob("*.requirements.txt"))
+SMALL = {"filelock", "jinja2", "markupsafe", "typing-extensions", "fsspec"}
+
+
+def test_pypi_served_targets_have_a_committed_pip_lock(matrix):
+    pypi = {n for n, t in matrix.targets.items() if t.pip_source.kind == "pypi"}
+    assert {p.name.removesuffix(".requirements.txt") for p in COMMITTED} == pypi
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
+def test_committed_pip_lock_hashes_are_pypis(matrix, pypi, path):
+    """Every pinned file's sha256 is one PyPI publishes (its JSON API, no wheel download)."""
+    report = verify_file(path, matrix, check_channels=True)
+    assert report.ok, report.format()
+    assert "index hashes" in report.checked
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
+def test_committed_pip_lock_installs_with_require_hashes(pypi, path, tmp_path):
+    """pip itself reads the lock's format (markers, continuation lines, hashes) and checks the
+    hashes of the small wheels this machine's Python selects; the multi-GB CUDA wheels are
+    checked against PyPI's published hashes by the test above instead of being downloaded."""
+    req = parse_requirements(path.read_text())
+    small = [e for e in req.entries if e.name in SMALL]
+    assert small, "no small package to check"
+    sub = tmp_path / "small.txt"
+    sub.write_text(
+        "".join(f"--index-url {u}\n" for u in req.index_urls) + "".join(e.raw + "\n" for e in small)
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--isolated",
+            "install",
+            "--dry-run",
+            "--require-hashes",
+            "--no-deps",
+            "--ignore-installed",
+            "--target",
+            str(tmp_path / "t"),
+            "-r",
+            str(sub),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Would install" in r.stdout
+    jinja2 = next(e for e in small if e.name == "jinja2" and not e.marker)
+    bad = sub.read_text().replace(jinja2.hashes[0].removeprefix("sha256:"), "0" * 64)
+    sub.write_text(bad)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--isolated",
+            "install",
+            "--dry-run",
+            "--require-hashes",
+            "--no-deps",
+            "--ignore-installed",
+            "--target",
+            str(tmp_path / "t"),
+            "-r",
+            str(sub),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode != 0 and "THESE PACKAGES DO NOT MATCH THE HASHES" in r.stderr
+
+
+def test_without_uv_the_error_says_how_to_get_it(monkeypatch):
+    import importlib.util
+
+    from lockgen.render import pip
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "uv" else real(name, *a)
+    )
+    with pytest.raises(LockgenError, match=r"pip install uv==0\.13\.9"):
+        pip.UvResolver()

@@ -119,12 +119,13 @@ def test_matrix_json_cuda_filter():
 
 
 def test_targets_json_exposes_what_render_needs():
-    rc, out, _ = cli("targets", "cu130")
+    rc, out, _ = cli("targets", "cu129")
     t = json.loads(out)
     assert rc == 0
-    assert t["pip_index_url"] == "https://download.pytorch.org/whl/cu130"
-    assert t["virtual_packages"]["linux-64"]["__cuda"] == "13.0"
-    assert "cuda-version 13.0.*" in t["conda_specs"]
+    assert t["pip_index_url"] == "https://download.pytorch.org/whl/cu129"
+    assert t["virtual_packages"]["linux-64"]["__cuda"] == "12.9"
+    assert "cuda-version 12.9.*" in t["conda_specs"]
+    assert t["install"]["conda"]["status"] in ("locked", "no lock")
 
 
 def test_doctor_with_injected_machine(tmp_path):
@@ -178,5 +179,5 @@ def test_python_m_lockgen_bad_input():
     assert p.returncode == 2
     assert p.stderr.strip() == (
         "lockgen: error: unknown target 'nope' (known targets: cpu, "
-        "cu118, cu121, cu124, cu126, cu128, cu130)"
+        "cu118, cu121, cu124, cu126, cu128, cu129, cu130)"
     )

@@ -1,5 +1,7 @@
 """The matrix agrees with the researched facts, and every target resolves."""
 
+import dataclasses
+
 import pytest
 
 from lockgen.errors import LockgenError
@@ -255,7 +257,7 @@ def test_unknown_release_errors_list_known_ones(matrix):
         matrix.release("3.0")
 
 
-REQUIRED_TARGETS = ["cpu", "cu118", "cu121", "cu124", "cu126", "cu128", "cu130"]
+REQUIRED_TARGETS = ["cpu", "cu118", "cu121", "cu124", "cu126", "cu128", "cu129", "cu130"]
 
 
 def test_required_targets_exist(matrix):
@@ -265,18 +267,22 @@ def test_required_targets_exist(matrix):
 @pytest.mark.parametrize("name", REQUIRED_TARGETS)
 def test_every_target_resolves(matrix, name):
     t = matrix.target(name)
-    assert t.release.supports_python(t.python)
+    assert t.python in t.pythons
+    for platform in t.platforms:
+        assert all(t.release.pairs_python(p, platform) for p in t.pythons)
     assert t.torchvision.minor == t.release.torchvision
     assert t.tag == name
     assert t.pip_index_url == f"https://download.pytorch.org/whl/{name}"
     assert t.pip_requirements[0].startswith("torch==")
-    assert t.conda_channels
-    assert any(s.startswith("pytorch ") for s in t.conda_specs)
+    assert bool(t.conda_specs) == t.has_conda
+    if t.has_conda:
+        assert any(s.startswith("pytorch ") for s in t.conda_specs)
     if name == "cpu":
         assert t.cuda is None and t.build is None and t.arch_list is None
         assert "__cuda" not in t.virtual_packages["linux-64"]
     else:
         assert t.build is not None and t.build.cuda == t.cuda and t.cudnn is not None
+        assert set(t.arch_lists) == set(t.platforms)
         assert t.arch_list.archs and t.driver_floor.minimum <= t.driver_floor.full
         assert t.virtual_packages["linux-64"]["__cuda"] == t.cuda.raw
         assert t.virtual_packages["linux-64"]["__glibc"] == "2.28"
@@ -286,16 +292,89 @@ def test_target_conda_routes(matrix):
     cu121 = matrix.target("cu121")
     assert cu121.conda_channels == ("pytorch", "nvidia", "defaults")
     assert "pytorch-cuda 12.1.*" in cu121.conda_specs
-    assert "pytorch 2.5.* *cuda*" in cu121.conda_specs
+    assert "pytorch 2.5.1 *cuda12.1*" in cu121.conda_specs
+    cu129 = matrix.target("cu129")
+    assert cu129.conda_channels == ("conda-forge",)
+    # the variant's own build string: `cuda*` alone admits the 12.8 build next to 12.9
+    assert "pytorch 2.8.0 cuda129*" in cu129.conda_specs
+    assert "torchvision 0.23.0 cuda129*" in cu129.conda_specs
+    assert "cuda-version 12.9.*" in cu129.conda_specs
+    for name in ("cpu", "cu126", "cu128", "cu130"):
+        assert not matrix.target(name).has_conda and not matrix.target(name).conda_specs
     cu130 = matrix.target("cu130")
-    assert cu130.conda_channels == ("conda-forge",)
-    assert "pytorch 2.14.1 cuda*" in cu130.conda_specs
-    assert "cuda-version 13.0.*" in cu130.conda_specs
-    assert "pytorch 2.14.1 cpu*" in matrix.target("cpu").conda_specs
     assert cu130.pip_requirements == ("torch==2.14.1", "torchvision==0.29.1")
-    assert matrix.target("cu128").pip_requirements == ("torch==2.8.*", "torchvision==0.23.*")
+    assert matrix.target("cu128").pip_requirements == ("torch==2.8.0", "torchvision==0.23.0")
+
+
+def test_pip_source_is_pypi_only_where_pypi_has_the_build(matrix):
+    """PyPI's torch is one CUDA build per release, and on linux-aarch64 only from 2.11."""
+    kinds = {n: t.pip_source.kind for n, t in matrix.targets.items()}
+    assert {n for n, k in kinds.items() if k == "pypi"} == {"cu124", "cu128", "cu130"}
+    assert matrix.target("cu130").platforms == ("linux-64", "linux-aarch64")
+    assert matrix.target("cu130").pip_source.url == "https://pypi.org/simple"
+    assert matrix.target("cu126").pip_source.url == "https://download.pytorch.org/whl/cu126"
+    assert matrix.release("2.10").pypi_default_platforms == ("linux-64",)
+    assert matrix.release("2.11").pypi_default_platforms == ("linux-64", "linux-aarch64")
+    aarch = dataclasses.replace(matrix.target("cu128"), platforms=("linux-64", "linux-aarch64"))
+    assert aarch.pip_source.kind == "wheel-index"  # PyPI's 2.8 aarch64 wheel is a CPU build
+
+
+def test_arch_lists_per_platform_follow_the_wheels(matrix):
+    cu130 = matrix.target("cu130")
+    assert cu130.arch_lists["linux-64"].torch_cuda_arch_list == "7.5;8.0;8.6;9.0;10.0;12.0"
+    assert cu130.arch_lists["linux-aarch64"].names == ("8.0", "9.0", "10.0", "11.0", "12.0+PTX")
+    # conda-forge's cu129 build has sm_50/sm_60, the wheels start at sm_70: the target's
+    # list is the wheels' (what pip, uv and the Nix shell install).
+    cu129 = matrix.target("cu129")
+    assert cu129.arch_list.channel == "pip" and cu129.arch_list.names[0] == "7.0"
+    assert (
+        matrix.arch_list(
+            Version.parse("2.8"), Version.parse("12.9"), "linux-64", "conda-forge"
+        ).names[0]
+        == "5.0"
+    )
 
 
 def test_unknown_target_lists_known_ones(matrix):
     with pytest.raises(LockgenError, match="unknown target 'cu999'.*cu121"):
         matrix.target("cu999")
+
+
+def test_cu128_keeps_volta_until_2_11(matrix):
+    """RELEASE.md's 2.9/2.10 table lists Volta for CUDA 12.8; 2.11 dropped it (a V100 needs
+    the CUDA 12.6 build there)."""
+    for torch in ("2.9", "2.10"):
+        a = matrix.arch_list(V(torch), V("12.8"))
+        assert a.verified and a.names[0] == "7.0", torch
+    a = matrix.arch_list(V("2.11"), V("12.8"))
+    assert a.verified and a.names == ("7.5", "8.0", "8.6", "9.0", "10.0", "12.0")
+    assert not a.runs_on(Capability.parse("7.0"))
+
+
+def _conda_forge_cudas(matrix, torch, platform):
+    return sorted(
+        c.raw
+        for a in matrix.arch_lists
+        if a.channel == "conda-forge"
+        and a.torch_min <= V(torch) <= a.torch_max
+        and platform in a.platforms
+        for c in a.cuda
+    )
+
+
+@pytest.mark.parametrize(
+    "torch,platform,cudas",
+    [
+        ("2.5", "linux-64", ["12.6"]),
+        ("2.6", "win-64", ["12.6"]),
+        ("2.8", "linux-64", ["12.9"]),
+        ("2.8", "linux-aarch64", ["12.9"]),
+        ("2.8", "win-64", ["12.8"]),
+        ("2.10", "linux-64", ["12.9", "13.0"]),
+        ("2.13", "linux-aarch64", ["12.9", "13.0"]),
+        ("2.13", "win-64", ["12.8", "13.0"]),
+        ("2.14", "linux-64", []),  # not in the feedstock snapshot
+    ],
+)
+def test_conda_forge_builds_from_the_feedstock(matrix, torch, platform, cudas):
+    assert _conda_forge_cudas(matrix, torch, platform) == cudas

@@ -190,8 +190,8 @@ CU121 = (
 
 TARGET_CASES = {
     "resolves to no release": (
-        lambda s: replace_once(s, CU121 + 'torch = "2.5"', CU121 + 'torch = "2.99"'),
-        "target 'cu121': torch 2.99 resolves to no release of the matrix",
+        lambda s: replace_once(s, CU121 + 'torch = "2.5.1"', CU121 + 'torch = "2.99.1"'),
+        "target 'cu121': torch 2.99.1 resolves to no release of the matrix",
     ),
     "no such build": (
         lambda s: replace_once(s, 'cuda = "12.1"', 'cuda = "12.6"'),
@@ -200,17 +200,43 @@ TARGET_CASES = {
     "torchvision mismatch": (
         lambda s: replace_once(
             s,
-            CU121 + 'torch = "2.5"\ntorchvision = "0.20"',
-            CU121 + 'torch = "2.5"\ntorchvision = "0.19"',
+            CU121 + 'torch = "2.5.1"\ntorchvision = "0.20.1"',
+            CU121 + 'torch = "2.5.1"\ntorchvision = "0.19.1"',
         ),
-        "target 'cu121': torchvision 0.19 does not match torch 2.5",
+        "target 'cu121': torchvision 0.19.1 does not match torch 2.5.1",
     ),
     "python unsupported": (
-        lambda s: replace_once(s, 'cuda = "12.1"', 'cuda = "12.1"\npython = "3.7"').replace(
-            CU121 + 'torch = "2.5"\ntorchvision = "0.20"\npython = "3.11"\n',
-            CU121 + 'torch = "2.5"\ntorchvision = "0.20"\n',
+        lambda s: replace_once(
+            s,
+            'pythons = ["3.9", "3.10", "3.11", "3.12"]\ncuda = "12.1"',
+            'pythons = ["3.7", "3.11"]\ncuda = "12.1"',
         ),
-        "target 'cu121': torch 2.5 has no wheels for Python 3.7",
+        "target 'cu121': torch 2.5 + torchvision 0.20 have no linux-64 wheels for Python 3.7",
+    ),
+    "torchvision lacks a python": (
+        lambda s: replace_once(
+            s,
+            'pythons = ["3.9", "3.10", "3.11", "3.12"]\ncuda = "12.1"',
+            'pythons = ["3.11", "3.13"]\ncuda = "12.1"',
+        ),
+        "have no linux-64 wheels for Python 3.13 (torch: 3.9, 3.10, 3.11, 3.12, 3.13; "
+        "torchvision: 3.9, 3.10, 3.11, 3.12)",
+    ),
+    "python not among pythons": (
+        lambda s: replace_once(
+            s,
+            'pythons = ["3.9", "3.10", "3.11", "3.12"]\ncuda = "12.1"',
+            'pythons = ["3.10"]\ncuda = "12.1"',
+        ),
+        "target 'cu121': python 3.11 is not one of its 'pythons'",
+    ),
+    "no arch list on a platform": (
+        lambda s: replace_once(
+            s,
+            'cuda = "12.4"\nconda_channel = "pytorch"\nplatforms = ["linux-64"]',
+            'cuda = "12.4"\nconda_channel = "pytorch"\nplatforms = ["linux-64", "linux-aarch64"]',
+        ),
+        "target 'cu124': no arch list in the matrix for torch 2.5 + CUDA 12.4 on linux-aarch64",
     ),
     "cudnn mismatch": (
         lambda s: replace_once(s, 'cudnn = "9.24.0.43"', 'cudnn = "9.1.0.70"'),
@@ -219,8 +245,8 @@ TARGET_CASES = {
     "legacy channel after 2.5": (
         lambda s: replace_once(
             s,
-            'cuda = "12.6"\nconda_channel = "conda-forge"',
-            'cuda = "12.6"\nconda_channel = "pytorch"',
+            'cuda = "12.6"\nplatforms',
+            'cuda = "12.6"\nconda_channel = "pytorch"\nplatforms',
         ),
         "target 'cu126': channel 'pytorch' has no torch after 2.5",
     ),
@@ -241,10 +267,10 @@ TARGET_CASES = {
     "release without torchvision": (
         lambda s: replace_once(
             s,
-            'torch = "2.14.1"\ntorchvision = "0.29.1"\npython = "3.11"\ncuda = "12.6"',
-            'torch = "2.15"\ntorchvision = "0.29.1"\npython = "3.11"\ncuda = "12.6"',
+            'torch = "2.14.1"\ntorchvision = "0.29.1"\npython = "3.11"\npythons',
+            'torch = "2.15"\ntorchvision = "0.29.1"\npython = "3.11"\npythons',
         ),
-        "target 'cu126': torch 2.15 has no verified torchvision",
+        "target 'cpu': torch 2.15 has no verified torchvision",
     ),
     "no targets": (lambda s: "schema = 1\n", "top level: missing key 'target'"),
 }

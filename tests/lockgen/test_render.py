@@ -13,6 +13,7 @@ from lockgen.atomic import atomic_write_text
 from lockgen.cli import main
 from lockgen.matrix import ArchList
 from lockgen.render.conda import (
+    NO_CHANNEL,
     SUPPLIED,
     UNAVAILABLE,
     UNKNOWN,
@@ -28,29 +29,43 @@ from lockgen.render.conda import (
 from lockgen.versions import Capability, Version
 
 
-def test_env_yml_pins_the_cuda_build_and_the_cuda_version(matrix):
-    cu130 = yaml.safe_load(env_yml_text(matrix, matrix.target("cu130")))
-    assert cu130["channels"] == ["conda-forge"]
-    assert cu130["platforms"] == ["linux-64"]
-    deps = cu130["dependencies"]
-    assert "pytorch ==2.14.1 cuda*" in deps
-    assert "cuda-version 13.0.*" in deps
+def test_env_yml_pins_the_cuda_build_and_the_cuda_version(matrix, conda_matrix):
+    cu129 = yaml.safe_load(env_yml_text(matrix, matrix.target("cu129")))
+    assert cu129["channels"] == ["conda-forge"]
+    assert cu129["platforms"] == ["linux-64"]
+    deps = cu129["dependencies"]
+    assert "pytorch ==2.8.0 cuda129*" in deps and "torchvision ==0.23.0 cuda129*" in deps
+    assert "cuda-version 12.9.*" in deps
     assert "python 3.11.*" in deps
     assert {"numpy", "ninja", "pip"} <= set(deps)
     cu121 = yaml.safe_load(env_yml_text(matrix, matrix.target("cu121")))
     assert cu121["channels"] == ["pytorch", "nvidia", "defaults"]
-    assert "pytorch 2.5.* *cuda*" in cu121["dependencies"]
+    assert "pytorch ==2.5.1 *cuda12.1*" in cu121["dependencies"]
     assert "pytorch-cuda 12.1.*" in cu121["dependencies"]
-    cpu = env_specs(matrix.target("cpu"))
-    assert "pytorch ==2.14.1 cpu*" in cpu
+    cpu = env_specs(conda_matrix.target("cpu-conda"))
+    assert "pytorch ==2.8.0 cpu*" in cpu
     assert not any(s.startswith("cuda-version") for s in cpu)
 
 
-def test_every_target_pins_pytorch_by_build(matrix):
-    for t in matrix.targets.values():
+def test_every_conda_target_pins_pytorch_by_build(matrix):
+    conda = [t for t in matrix.targets.values() if t.has_conda]
+    assert {t.name for t in conda} == {"cu118", "cu121", "cu124", "cu129"}
+    for t in conda:
         torch = next(s for s in env_specs(t) if s.startswith("pytorch "))
         assert len(torch.split()) == 3, torch
-        assert ("cpu" if t.is_cpu else "cuda") in torch.split()[2]
+        assert f"cuda{t.cuda}" in torch or f"cuda{t.cuda.raw.replace('.', '')}" in torch
+
+
+def test_a_target_without_a_conda_channel_has_no_conda_env(matrix, tmp_path):
+    s = channel_support(matrix, matrix.target("cu130"))
+    assert s.status == NO_CHANNEL
+    assert "conda-forge's builds in the matrix end at torch 2.13" in s.reason
+    assert "pytorch ends at torch 2.5" in s.reason
+    s = channel_support(matrix, matrix.target("cu128"))
+    assert "conda-forge builds torch 2.8 on linux-64 for CUDA 12.9" in s.reason
+    with pytest.raises(RenderRefused, match="cu130 has no conda channel"):
+        render_target(matrix, matrix.target("cu130"), tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 def test_normalise_spec_makes_bare_versions_exact():
@@ -79,15 +94,22 @@ def test_conda_lock_reads_the_rendered_env_file(matrix, tmp_path):
     render_target(matrix, matrix.target("cu121"), tmp_path)
     spec = lock_spec(target_paths(tmp_path, "cu121").env)
     deps = {d.name: d for d in spec.dependencies["linux-64"]}
-    assert deps["pytorch"].build == "*cuda*" and deps["pytorch"].version == "2.5.*"
+    assert deps["pytorch"].build == "*cuda12.1*" and deps["pytorch"].version == "==2.5.1"
     assert [c.url for c in spec.channels] == ["pytorch", "nvidia", "defaults"]
 
 
-def test_channel_support_from_the_matrix_facts(matrix):
+def test_channel_support_from_the_matrix_facts(matrix, conda_matrix):
     assert channel_support(matrix, matrix.target("cu121")).status == SUPPLIED
-    assert channel_support(matrix, matrix.target("cpu")).status == SUPPLIED
-    s = channel_support(matrix, matrix.target("cu130"))
+    assert channel_support(matrix, matrix.target("cu129")).status == SUPPLIED
+    assert channel_support(conda_matrix, conda_matrix.target("cpu-conda")).status == SUPPLIED
+    # conda-forge's facts end at 2.13: a 2.14 build on it is not known either way
+    cf = dataclasses.replace(matrix.target("cu130"), conda_channel=matrix.channel("conda-forge"))
+    s = channel_support(matrix, cf)
     assert s.status == UNKNOWN and "conda-forge" in s.reason
+    # ... and conda-forge never built CUDA 12.8 for Linux (12.9 from 2.7.1 on)
+    cf128 = dataclasses.replace(matrix.target("cu128"), conda_channel=matrix.channel("conda-forge"))
+    s = channel_support(matrix, cf128)
+    assert s.status == UNAVAILABLE and "CUDA 12.9 on linux-64, not CUDA 12.8" in s.reason
 
 
 def _with_cf_facts(matrix, torch_minor, cudas):
@@ -96,7 +118,7 @@ def _with_cf_facts(matrix, torch_minor, cudas):
         tuple(Version.parse(c) for c in cudas),
         Version.parse(torch_minor),
         Version.parse(torch_minor),
-        ("linux-64",),
+        ("linux-64", "linux-aarch64"),
         (Capability.parse("8.0"),),
         ("cf-feedstock",),
         True,
@@ -104,10 +126,14 @@ def _with_cf_facts(matrix, torch_minor, cudas):
     return dataclasses.replace(matrix, arch_lists=(*matrix.arch_lists, facts))
 
 
+def _on_conda_forge(matrix, name):
+    return dataclasses.replace(matrix.target(name), conda_channel=matrix.channel("conda-forge"))
+
+
 def test_render_refuses_a_build_the_channel_does_not_make(matrix, tmp_path):
     m = _with_cf_facts(matrix, "2.14", ["12.9", "13.0"])
-    assert channel_support(m, m.target("cu130")).status == SUPPLIED
-    cu126 = m.target("cu126")
+    assert channel_support(m, _on_conda_forge(m, "cu130")).status == SUPPLIED
+    cu126 = _on_conda_forge(m, "cu126")
     s = channel_support(m, cu126)
     assert s.status == UNAVAILABLE
     assert "CUDA 12.9, 13.0" in s.reason and "not CUDA 12.6" in s.reason
@@ -117,22 +143,52 @@ def test_render_refuses_a_build_the_channel_does_not_make(matrix, tmp_path):
 
 
 def test_render_refuses_unknown_unless_allowed(matrix, tmp_path):
+    cu130 = _on_conda_forge(matrix, "cu130")
     with pytest.raises(RenderRefused, match="--allow-unverified"):
-        render_target(matrix, matrix.target("cu130"), tmp_path)
-    paths = render_target(matrix, matrix.target("cu130"), tmp_path, allow_unverified=True)
+        render_target(matrix, cu130, tmp_path)
+    paths = render_target(matrix, cu130, tmp_path, allow_unverified=True)
     assert "# UNVERIFIED CHANNEL:" in paths[0].read_text()
 
 
-def test_cli_render_all_reports_refusals(matrix, tmp_path):
+def test_cli_render_all_writes_every_flavor_of_every_target(matrix, tmp_path):
     out = io.StringIO()
-    rc = main(["render", "--all", "--envs", str(tmp_path)], out=out)
-    assert rc == 1
-    text = out.getvalue()
-    assert "refused cu130" in text and "wrote" in text
-    assert (tmp_path / "cu121.yml").exists() and not (tmp_path / "cu130.yml").exists()
+    assert main(["render", "--all", "--envs", str(tmp_path)], out=out) == 0
+    conda = {n for n, t in matrix.targets.items() if t.has_conda}
+    assert {p.name for p in tmp_path.glob("*.yml")} == {
+        f"{n}{ext}" for n in conda for ext in (".yml", ".virtual-packages.yml")
+    }
+    assert {p.parent.name for p in tmp_path.glob("uv/*/pyproject.toml")} == set(matrix.targets)
+    assert "refused" not in out.getvalue()
     out = io.StringIO()
-    assert main(["render", "--all", "--allow-unverified", "--envs", str(tmp_path)], out=out) == 0
-    assert len(list(tmp_path.glob("*.yml"))) == 2 * len(matrix.targets)
+    assert main(["render", "--all", "--flavor", "conda", "--envs", str(tmp_path)], out=out) == 0
+    assert "skipped cu130: no conda channel" in out.getvalue()
+
+
+def test_cli_render_all_reports_refusals(tmp_path):
+    """A conda channel the matrix says cannot make the build is refused even with
+    --allow-unverified; one it has no facts for only without it."""
+    from lockgen.matrix import default_envs_dir
+
+    text = (default_envs_dir() / "targets.toml").read_text()
+    for name in ("cu128", "cu130"):
+        block = f"[target.{name}]"
+        head, _, tail = text.partition(block)
+        tail = tail.replace(
+            'platforms = ["linux-64', 'conda_channel = "conda-forge"\nplatforms = ["linux-64', 1
+        )
+        text = head + block + tail
+    targets = tmp_path / "targets.toml"
+    targets.write_text(text)
+    envs = tmp_path / "envs"
+    for extra, refused in (([], {"cu128", "cu130"}), (["--allow-unverified"], {"cu128"})):
+        out = io.StringIO()
+        rc = main(
+            ["--targets", str(targets), "render", "--all", "--envs", str(envs), *extra], out=out
+        )
+        assert rc == 1
+        lines = out.getvalue().splitlines()
+        assert {ln.split()[1] for ln in lines if ln.startswith("refused")} == refused
+        assert (envs / "cu121.yml").exists() and not (envs / "cu128.yml").exists()
 
 
 def test_cli_render_needs_a_target_or_all(tmp_path):
@@ -176,9 +232,13 @@ def test_committed_specs_match_the_matrix(matrix):
     from lockgen.render.conda import rendered_is_current
 
     envs = default_envs_dir()
-    committed = [t for t in matrix.targets.values() if (envs / f"{t.name}.yml").exists()]
-    for t in committed:
+    conda = [t for t in matrix.targets.values() if t.has_conda]
+    for t in conda:
         assert rendered_is_current(matrix, t, envs) == [], t.name
+    # no spec of a target (or a conda env) that no longer exists
+    assert {p.name for p in envs.glob("*.yml")} == {
+        f"{t.name}{ext}" for t in conda for ext in (".yml", ".virtual-packages.yml")
+    }
 
 
 def test_committed_pip_locks_verify(matrix):

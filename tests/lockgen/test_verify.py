@@ -17,6 +17,11 @@ from lockgen.versions import Version
 
 
 @pytest.fixture(scope="module")
+def matrix(conda_matrix):
+    return conda_matrix
+
+
+@pytest.fixture(scope="module")
 def channel(tmp_path_factory):
     return build_channel(tmp_path_factory.mktemp("channel"))
 
@@ -25,7 +30,11 @@ def channel(tmp_path_factory):
 def locked(matrix, channel, tmp_path_factory):
     envs = tmp_path_factory.mktemp("envs")
     render_and_lock(
-        matrix, envs, channel, tmp_path_factory.mktemp("cache"), names=["cu121", "cu130", "cpu"]
+        matrix,
+        envs,
+        channel,
+        tmp_path_factory.mktemp("cache"),
+        names=["cu121", "cu129", "cpu-conda"],
     )
     return envs
 
@@ -59,7 +68,7 @@ def test_build_string_parsing():
 
 
 def test_fresh_locks_pass(matrix, envs):
-    for name in ("cu121", "cu130", "cpu"):
+    for name in ("cu121", "cu129", "cpu-conda"):
         report = verify_file(envs / f"{name}.lock", matrix, check_channels=True)
         assert report.ok, report.format()
 
@@ -85,13 +94,13 @@ def test_tampered_hash_fails(matrix, envs):
 
 
 def test_cpu_torch_in_a_cuda_lock_fails(matrix, envs):
-    path = envs / "cu130.lock"
+    path = envs / "cu129.lock"
 
     def to_cpu(data):
         pkg = next(p for p in data["package"] if p["name"] == "pytorch")
         pkg["build"] = "cpu_mkl_py311_h1234567_100"
         pkg["url"] = pkg["url"].replace(
-            "cuda130_mkl_py311_h1234567_200", "cpu_mkl_py311_h1234567_100"
+            "cuda129_mkl_py311_h1234567_200", "cpu_mkl_py311_h1234567_100"
         )
 
     _edit_lock(path, to_cpu)
@@ -153,9 +162,9 @@ def test_changed_env_file_makes_the_lock_stale(matrix, envs):
 
 
 def test_changed_virtual_packages_make_the_lock_stale(matrix, envs):
-    vp = target_paths(envs, "cu130").virtual_packages
+    vp = target_paths(envs, "cu129").virtual_packages
     vp.write_text(vp.read_text().replace('__glibc: "2.28"', '__glibc: "2.17"'))
-    report = verify_file(envs / "cu130.lock", matrix)
+    report = verify_file(envs / "cu129.lock", matrix)
     assert any("content hash" in m for m in _errors(report, "stale"))
 
 
@@ -177,5 +186,7 @@ def test_unknown_target(matrix, envs):
 
 def test_cli_verify_json(matrix, envs):
     out = io.StringIO()
-    assert main(["verify", "--json", str(envs / "cpu.lock")], out=out) == 0
+    targets = str(matrix.targets_path)
+    rc = main(["--targets", targets, "verify", "--json", str(envs / "cpu-conda.lock")], out=out)
+    assert rc == 0
     assert '"ok": true' in out.getvalue()

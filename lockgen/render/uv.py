@@ -1,0 +1,263 @@
+"""uv projects per target: ``envs/uv/<target>/pyproject.toml`` and ``.python-version``.
+
+``lockgen render <target> --flavor uv`` writes a virtual uv project (``package = false``)
+whose dependencies are the target's torch and torchvision plus the project's needs;
+``lockgen lock <target> --flavor uv`` runs the real ``uv lock`` on a copy of it, verifies the
+``uv.lock`` it writes and only then puts it beside the ``pyproject.toml``. Install with
+``uv sync --locked --project envs/uv/<target>`` (the environment lands in
+``envs/uv/<target>/.venv``; ``UV_PROJECT_ENVIRONMENT`` moves it).
+
+What pins the CUDA build, so that no resolution can end with a CPU torch:
+
+* torch and torchvision come only from the target's torch index, declared as an explicit
+  ``[[tool.uv.index]]`` and named in ``[tool.uv.sources]`` (``explicit = true``: nothing else
+  is taken from it, and torch is taken from nowhere else);
+* the resolution covers only the target's platforms (``environments``) and must find wheels
+  for each of them (``required-environments``): on macOS or Windows PyPI's torch is a CPU
+  build, so those are left out of the lock and ``uv sync`` there fails instead of installing
+  one;
+* wheel-index builds are pinned with their local version (``torch==2.14.1+cu126``), which the
+  ``+cpu`` wheel of the same release cannot satisfy;
+* a PyPI-default build has no local version, so the lock also pins the CUDA runtime wheel
+  that build requires (``nvidia-cuda-runtime==13.0.*``): a torch asking for another CUDA
+  runtime conflicts with it, and ``lockgen verify`` checks that torch's locked dependencies
+  reach that runtime (a CPU torch has no CUDA dependencies).
+
+The Python is pinned by ``.python-version`` (the target's ``python``); ``requires-python``
+spans the target's ``pythons``, so one ``uv.lock`` serves each of them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lockgen.atomic import atomic_write_text
+from lockgen.errors import LockgenError
+from lockgen.matrix import PYPI, Matrix, Target
+from lockgen.render.pip import PIP_PROJECT_REQUIREMENTS, PLATFORM_MARKERS, uv_command
+from lockgen.versions import Version
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lockgen.verify import Report
+
+Runner = Callable[[Sequence[str]], subprocess.CompletedProcess]
+
+
+@dataclass(frozen=True)
+class UvPaths:
+    project: Path
+    pyproject: Path
+    python_version: Path
+    lock: Path
+
+
+def uv_paths(envs_dir: Path, name: str) -> UvPaths:
+    project = Path(envs_dir) / "uv" / name
+    return UvPaths(
+        project, project / "pyproject.toml", project / ".python-version", project / "uv.lock"
+    )
+
+
+def project_name(target: Target) -> str:
+    return f"gpufit-{target.name}"
+
+
+def index_name(target: Target) -> str:
+    return f"torch-{target.tag}"
+
+
+def cuda_runtime_package(cuda: Version) -> str:
+    """The PyPI wheel of the CUDA runtime (``nvidia-cuda-runtime-cu12``; no suffix from 13)."""
+    return "nvidia-cuda-runtime" if cuda.major >= 13 else f"nvidia-cuda-runtime-cu{cuda.major}"
+
+
+def dependencies(target: Target) -> list[str]:
+    """The project's dependencies: torch and torchvision pinned to the build, numpy, and for
+    a PyPI-default CUDA build its CUDA runtime."""
+    exact = [len(v.raw.split(".")) >= 3 for v in (target.torch, target.torchvision)]
+    if not all(exact):
+        raise LockgenError(
+            f"target {target.name}: the uv project needs exact torch and torchvision "
+            f"versions (got {target.torch} / {target.torchvision}) to pin the build"
+        )
+    local = "" if target.pip_source.kind == PYPI else f"+{target.tag}"
+    deps = [f"torch=={target.torch.raw}{local}", f"torchvision=={target.torchvision.raw}{local}"]
+    deps += list(PIP_PROJECT_REQUIREMENTS)
+    if target.cuda is not None and target.pip_source.kind == PYPI:
+        deps.append(f"{cuda_runtime_package(target.cuda)}=={target.cuda.raw}.*")
+    return deps
+
+
+def requires_python(target: Target) -> str:
+    """``>=3.10, <3.15`` for pythons 3.10..3.14; the list must be consecutive minors."""
+    ps = sorted(p.minor for p in target.pythons)
+    majors = {p.major for p in ps}
+    minors = [p.padded(2)[1] for p in ps]
+    if len(majors) != 1 or minors != list(range(minors[0], minors[0] + len(minors))):
+        raise LockgenError(
+            f"target {target.name}: pythons {', '.join(p.raw for p in ps)} are not "
+            f"consecutive; a uv project spans one range"
+        )
+    major = ps[0].major
+    return f">={ps[0].raw}, <{major}.{minors[-1] + 1}"
+
+
+def _toml_str(text: str) -> str:
+    """A TOML basic string (JSON's escaping is TOML's)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _toml_list(items: list[str], indent: str = "    ") -> str:
+    return "[\n" + "".join(f"{indent}{_toml_str(i)},\n" for i in items) + "]"
+
+
+def _why_no_cpu_torch(target: Target) -> str:
+    source = target.pip_source
+    text = f"torch and torchvision come only from the explicit index below ({source.why})"
+    if target.cuda is not None and source.kind == PYPI:
+        text += (
+            f"; {cuda_runtime_package(target.cuda)}=={target.cuda}.* pins the CUDA runtime "
+            "that build requires"
+        )
+    else:
+        text += f"; the local version +{target.tag} pins the build"
+    return (
+        text + "; the lock covers only the platforms where that is the build (environments, "
+        "required-environments). Why no resolution can end with a CPU torch: "
+        "lockgen/render/uv.py."
+    )
+
+
+def pyproject_text(target: Target) -> str:
+    envs = [PLATFORM_MARKERS[p].replace('"', "'") for p in target.platforms]
+    lines = [
+        f"# Generated by `lockgen render {target.name} --flavor uv` from envs/matrix.toml and",
+        "# envs/targets.toml; do not edit: change those and re-render.",
+        f"# {target.summary()};",
+        f"# Pythons {target.python_range} on {', '.join(target.platforms)}.",
+        f"# Lock:    lockgen lock {target.name} --flavor uv   (runs `uv lock`, then verifies)",
+        f"# Install: uv sync --locked --project envs/uv/{target.name}",
+        "#",
+        *(f"# {line}" for line in textwrap.wrap(_why_no_cpu_torch(target), 90)),
+        "",
+        "[project]",
+        f"name = {_toml_str(project_name(target))}",
+        'version = "0"',
+        f"description = {_toml_str(target.description or target.summary())}",
+        f"requires-python = {_toml_str(requires_python(target))}",
+        f"dependencies = {_toml_list(dependencies(target))}",
+        "",
+        "[tool.uv]",
+        "package = false",
+        f"environments = {_toml_list(envs)}",
+        f"required-environments = {_toml_list(envs)}",
+        "",
+        "[[tool.uv.index]]",
+        f"name = {_toml_str(index_name(target))}",
+        f"url = {_toml_str(target.pip_source.url)}",
+        "explicit = true",
+        "",
+        "[tool.uv.sources]",
+        f'torch = {{ index = "{index_name(target)}" }}',
+        f'torchvision = {{ index = "{index_name(target)}" }}',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def python_version_text(target: Target) -> str:
+    return f"{target.python.raw}\n"
+
+
+def render_uv(target: Target, envs_dir: Path) -> list[Path]:
+    paths = uv_paths(envs_dir, target.name)
+    pyproject = pyproject_text(target)  # raises before anything is written
+    return [
+        atomic_write_text(paths.pyproject, pyproject),
+        atomic_write_text(paths.python_version, python_version_text(target)),
+    ]
+
+
+def uv_rendered_is_current(target: Target, envs_dir: Path) -> list[str]:
+    """Problems if the committed uv project differs from what ``render`` writes now."""
+    paths = uv_paths(envs_dir, target.name)
+    problems = []
+    for path, text in (
+        (paths.pyproject, pyproject_text(target)),
+        (paths.python_version, python_version_text(target)),
+    ):
+        rel = f"uv/{target.name}/{path.name}"
+        if not path.exists():
+            problems.append(f"{rel} is missing: run `lockgen render {target.name} --flavor uv`")
+        elif path.read_text() != text:
+            problems.append(
+                f"{rel} differs from what `lockgen render {target.name} --flavor uv` writes "
+                "from the matrix now"
+            )
+    return problems
+
+
+def _run(argv: Sequence[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(list(argv), capture_output=True, text=True)
+
+
+@dataclass(frozen=True)
+class UvLockResult:
+    path: Path
+    report: Report
+
+
+def lock_uv(
+    matrix: Matrix,
+    target: Target,
+    envs_dir: Path,
+    run: Runner = _run,
+    uv: Sequence[str] | None = None,
+) -> UvLockResult:
+    """``uv lock`` the committed project in a scratch copy, verify the ``uv.lock`` it wrote,
+    then put it beside the ``pyproject.toml`` (atomically). A failed lock or verification
+    leaves any previous ``uv.lock`` untouched."""
+    from lockgen.verify import verify_uv_lock
+
+    stale = uv_rendered_is_current(target, envs_dir)
+    if stale:
+        raise LockgenError(f"target {target.name}: " + "; ".join(stale))
+    paths = uv_paths(envs_dir, target.name)
+    with tempfile.TemporaryDirectory(prefix="lockgen-uv-") as tmp:
+        work = Path(tmp) / target.name
+        work.mkdir()
+        for f in (paths.pyproject, paths.python_version):
+            shutil.copyfile(f, work / f.name)
+        if paths.lock.exists():  # uv keeps what still fits: a re-lock changes what it must
+            shutil.copyfile(paths.lock, work / paths.lock.name)
+        argv = [
+            *(uv or uv_command()),
+            "lock",
+            "--project",
+            str(work),
+            "--no-config",
+            "--no-python-downloads",
+            "--quiet",
+        ]
+        res = run(argv)
+        lock = work / paths.lock.name
+        if res.returncode != 0 or not lock.exists():
+            msg = (res.stderr or res.stdout or "").strip()[-3000:]
+            raise LockgenError(f"target {target.name}: uv lock failed:\n{msg}")
+        text = lock.read_text()
+        report = verify_uv_lock(lock, matrix, envs_dir, target=target)
+    if not report.ok:
+        raise LockgenError(
+            f"target {target.name}: uv lock gave a lock that fails verification, not "
+            f"written:\n{report.format()}"
+        )
+    atomic_write_text(paths.lock, text)
+    report.path = str(paths.lock)
+    return UvLockResult(paths.lock, report)
