@@ -152,7 +152,7 @@ def test_two_epochs_on_the_sample_learn(side_by_side, impl):
 
 @pytest.mark.parametrize("impl", mnist.IMPLS)
 def test_default_run_on_the_sample_reaches_90_percent(side_by_side, impl):
-    # measured 92.6 % for both after 10 epochs (seed 0)
+    # measured after 10 epochs (seed 0): 92.6 % (gpufit), 92.5 % (torch)
     result = side_by_side[impl]
     assert len(result.history) == 10
     assert result.history[-1]["test_accuracy"] >= 0.90

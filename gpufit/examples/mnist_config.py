@@ -14,9 +14,10 @@ IMPLS = ("torch", "gpufit")
 DEVICES = ("auto", "cpu", "cuda")
 
 # One thread: this model's GEMMs (64x784x256) are too small to split well, and a second thread
-# waits on any other busy process. Measured on a shared 2-core machine: 0.16-0.22 s/epoch with
-# 1 thread and 0.12-1.2 s with 2 when quiet; with one busy process beside it 0.16 vs 0.79 s
-# (and 0.86 vs 28.8 s under heavier load).
+# stalls whenever another process holds a core. Measured on a shared 2-core machine, 10 epochs,
+# 1 vs 2 threads: --impl gpufit 0.22-0.26 vs 1.2-2.8 s/epoch (others' load ~4), 0.58-0.91 vs
+# 5.8-6.6 s/epoch with one more busy process beside it; --impl torch 2.4 vs 10.1 and 5.7 vs
+# 17.8 s/epoch. --threads N overrides it.
 DEFAULT_THREADS = 1
 
 
