@@ -13,7 +13,9 @@ import torch
 
 from gpufit import data
 
-torchvision = pytest.importorskip("torchvision")
+torchvision = pytest.importorskip(
+    "torchvision", reason="needs the mnist extra: pip install -e '.[mnist]'"
+)
 
 
 @pytest.fixture(autouse=True)

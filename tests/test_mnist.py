@@ -30,7 +30,7 @@ import torch
 from gpufit import _atomic
 from gpufit.examples import mnist, training
 
-pytest.importorskip("torchvision")
+pytest.importorskip("torchvision", reason="needs the mnist extra: pip install -e '.[mnist]'")
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS_COMPARED = 200
@@ -679,7 +679,7 @@ def test_console_command_reports_corrupt_idx_without_traceback(cache_dir, tmp_pa
 
 
 def test_benchmark_runs_and_writes_json_and_png(tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="needs the bench extra: pip install -e '.[bench]'")
     from benchmarks import mnist as bench
 
     argv = ["--rounds", "1", "--steps", "5", "--variants", "tutorial,eager,gpufit"]
