@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -182,13 +183,43 @@ def _target_json(t) -> dict:
     }
 
 
+def _target_table(t) -> str:
+    """One target in full, as label/value rows (the JSON's content, for reading)."""
+    j = _target_json(t)
+    virtual = "; ".join(
+        f"{platform}: " + ", ".join(f"{k}={v}" for k, v in packages.items())
+        for platform, packages in j["virtual_packages"].items()
+    )
+    driver = "none (CPU)"
+    if j["driver_linux_min"]:
+        driver = f">= {j['driver_linux'] or '?'} (>= {j['driver_linux_min']} with minor version "
+        driver += "compatibility)"
+    rows = [
+        ("description", j["description"]),
+        ("platforms", ", ".join(j["platforms"])),
+        ("conda channels", ", ".join(j["conda_channels"])),
+        ("conda specs", ", ".join(j["conda_specs"])),
+        ("virtual packages", virtual),
+        ("pip index", j["pip_index_url"]),
+        ("pip requirements", ", ".join(j["pip_requirements"])),
+        ("driver (Linux)", driver),
+        ("GPU archs", ", ".join(j["arch_list"]) or "none (CPU)"),
+        ("verified", "yes" if j["verified"] else "partly unverified (see lockgen matrix)"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join([t.summary(), *(f"  {label:<{width}}  {value}" for label, value in rows)])
+
+
 def _run_targets(args: argparse.Namespace, out: TextIO) -> int:
     m = _matrix(args)
     targets = [m.target(args.name)] if args.name else list(m.targets.values())
-    if args.format == "json" or args.name:
+    if args.format == "json":
         data = [_target_json(t) for t in targets]
         json.dump(data[0] if args.name else data, out, indent=2)
         out.write("\n")
+        return EXIT_OK
+    if args.name:
+        out.write(_target_table(targets[0]) + "\n")
         return EXIT_OK
     for t in targets:
         mark = "" if t.verified else "  (partly unverified)"
@@ -384,6 +415,12 @@ def _configure_lock(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="rattler's repodata cache folder")
 
 
+def _progress_line(text: str) -> None:
+    """Progress of long work, on stderr (stdout carries the results)."""
+    sys.stderr.write(f"lockgen: {text}\n")
+    sys.stderr.flush()
+
+
 def _run_lock(args: argparse.Namespace, out: TextIO) -> int:
     from pathlib import Path
 
@@ -396,9 +433,10 @@ def _run_lock(args: argparse.Namespace, out: TextIO) -> int:
                 from lockgen.render.pip import PipResolver, lock_pip
                 from lockgen.verify import verify_file
 
-                path = lock_pip(
-                    t, envs, getattr(args, "pip_resolver", None) or PipResolver(), args.index_url
+                resolver = getattr(args, "pip_resolver", None) or PipResolver(
+                    progress=_progress_line
                 )
+                path = lock_pip(t, envs, resolver, args.index_url)
                 report = verify_file(path, m)
             else:
                 from lockgen.solve import lock_target, make_solver
@@ -451,7 +489,11 @@ def _run_verify(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _configure_install(p: argparse.ArgumentParser) -> None:
-    p.add_argument("lockfile", help="envs/<target>.lock")
+    p.add_argument(
+        "lockfile",
+        help="a conda lockfile, envs/<target>.lock (a pip hash-lock installs with "
+        "pip install --require-hashes -r FILE)",
+    )
     p.add_argument("--prefix", required=True, help="the environment folder to create")
     p.add_argument("--platform", help="install the packages of this platform (default: host)")
     p.add_argument(
@@ -462,11 +504,36 @@ def _configure_install(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="package cache folder (default: rattler's)")
 
 
+_PIP_LINE = re.compile(r"^(-|[A-Za-z0-9][A-Za-z0-9._-]*\s*(\[[^\]]*\])?\s*(==|>=|<=|~=|!=|===))")
+
+
+def _pip_lock(path) -> bool:
+    """Whether ``path`` reads as a pip requirements file (such as lockgen's pip hash-locks):
+    its first line that is not a comment is a pip option or a pinned requirement."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(65536).decode("utf-8", "replace")
+    except OSError:
+        return False
+    for line in head.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            return bool(_PIP_LINE.match(line))
+    return False
+
+
 def _run_install(args: argparse.Namespace, out: TextIO) -> int:
     from pathlib import Path
 
     from lockgen.install import install_lockfile
 
+    lockfile = Path(args.lockfile)
+    if _pip_lock(lockfile):
+        raise LockgenError(
+            f"{lockfile} is a pip requirements file; lockgen install takes a conda lockfile "
+            f"(envs/<target>.lock). Install a pip hash-lock with pip itself: "
+            f"pip install --require-hashes -r {lockfile}"
+        )
     m = _matrix(args)
     res = install_lockfile(
         Path(args.lockfile),

@@ -21,6 +21,8 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,12 +82,44 @@ class Wheel:
     url: str
 
 
+def _run_with_progress(
+    run: Runner, argv: Sequence[str], progress: Callable[[str], None], tick_s: float
+) -> subprocess.CompletedProcess:
+    """``run(argv)``, reporting the elapsed time every ``tick_s`` seconds while it runs."""
+    done: list = []
+
+    def work():
+        try:
+            done.append(("ok", run(argv)))
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            done.append(("error", exc))
+
+    start = time.monotonic()
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    while True:
+        worker.join(tick_s)
+        if not worker.is_alive():
+            break
+        progress(f"  still resolving ({time.monotonic() - start:.0f} s)")
+    kind, value = done[0]
+    if kind == "error":
+        raise value
+    return value
+
+
 @dataclass
 class PipResolver:
-    """Resolves requirements to wheels with hashes via ``pip install --dry-run --report``."""
+    """Resolves requirements to wheels with hashes via ``pip install --dry-run --report``.
+
+    ``progress`` (e.g. a line printer) hears what is resolved, from where, how long it has been
+    running (every ``tick_s`` seconds) and what came out: a first resolve of CUDA wheels reads
+    the metadata of GB-sized wheels and can take minutes."""
 
     run: Runner = _run
     python: str = sys.executable
+    progress: Callable[[str], None] | None = None
+    tick_s: float = 15.0
 
     def resolve(
         self, requirements: Sequence[str], index_url: str, python: Version, tags: Sequence[str]
@@ -124,7 +158,15 @@ class PipResolver:
             for t in tags:
                 argv += ["--platform", t]
             argv += list(requirements)
-            res = self.run(argv)
+            start = time.monotonic()
+            if self.progress is None:
+                res = self.run(argv)
+            else:
+                self.progress(
+                    f"resolving {' '.join(requirements)} for {tags[0]}, Python {py[0]}.{py[1]}, "
+                    f"from {index_url}"
+                )
+                res = _run_with_progress(self.run, argv, self.progress, self.tick_s)
             if res.returncode != 0 or not report.exists():
                 msg = (res.stderr or res.stdout or "").strip()[-3000:]
                 raise LockgenError(
@@ -143,6 +185,8 @@ class PipResolver:
             wheels.append(Wheel(meta["name"], meta["version"], sha, info.get("url", "")))
         if not wheels:
             raise LockgenError(f"pip resolved nothing for {' '.join(requirements)}")
+        if self.progress is not None:
+            self.progress(f"  resolved {len(wheels)} wheels in {time.monotonic() - start:.0f} s")
         return wheels
 
 

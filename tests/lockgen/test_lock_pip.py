@@ -186,3 +186,31 @@ def test_real_pip_against_a_local_index(matrix, tmp_path):
     assert "torch==2.5.1+cu121" in text
     assert main(["verify", str(path)], out=out) == 1  # not the target's real index
     assert "resolved from" in out.getvalue()
+
+
+def test_pip_resolve_reports_its_progress(matrix, tmp_path):
+    items = [("torch", "2.14.1", H["a"]), ("torchvision", "0.29.1", H["b"]), ("numpy", "2", H["c"])]
+    fast = fake_pip(items)
+
+    def slow(argv):  # a resolve that takes a while, as pip's does for CUDA wheels
+        import time
+
+        time.sleep(0.5)
+        return fast(argv)
+
+    lines = []
+    resolver = PipResolver(run=slow, progress=lines.append, tick_s=0.1)
+    lock_pip(matrix.target("cu130"), tmp_path, resolver)
+    assert lines[0].startswith("resolving torch==2.14.1 torchvision==0.29.1 numpy for ")
+    assert "from https://pypi.org/simple" in lines[0]
+    assert any(line.startswith("  still resolving (") for line in lines[1:-1])
+    assert lines[-1].startswith("  resolved 3 wheels in ")
+
+
+def test_pip_resolve_errors_still_raise_with_progress(matrix, tmp_path):
+    def broken(argv):
+        raise OSError("pip vanished")
+
+    resolver = PipResolver(run=broken, progress=lambda line: None, tick_s=0.1)
+    with pytest.raises(OSError, match="pip vanished"):
+        lock_pip(matrix.target("cu130"), tmp_path, resolver)
