@@ -19,6 +19,8 @@ fi
 watch() { .venv/bin/python gpufit/_build.py --log "$@"; }  # progress lines, full log to a file
 
 echo "setup: installing requirements-dev.txt (torch 2.14.1 and test tools; minutes the first time)"
+# --no-compile: Python writes the .pyc of what it imports on first use, instead of pip compiling
+# all of torch's thousands of modules up front.
 watch .venv/pip-install.log -- .venv/bin/python -m pip install --disable-pip-version-check \
   --no-compile -r requirements-dev.txt
 
