@@ -4,6 +4,10 @@ kernels, not on the pure-PyTorch reference backend (GPUFIT_BACKEND=reference); a
 cannot run because an optional package is not installed is skipped, naming the extra of
 pyproject.toml that installs it."""
 
+import os
+import shutil
+import tempfile
+
 import pytest
 
 # optional packages (top-level module) -> the extra that installs them
@@ -63,3 +67,13 @@ def pytest_collection_modifyitems(config, items):
 
         if ops.BACKEND.kind == "reference":
             _skip_marked(items, "compiled", "tests compiled kernels; this run uses the reference")
+
+
+def pytest_configure(config):
+    # torch.compile's on-disk cache is shared by every checkout of a user (/tmp/torchinductor_*)
+    # and its keys do not cover gpufit's compiled library: a graph compiled against another
+    # build of these ops would be replayed here. Each test run gets its own.
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="gpufit-tests-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
