@@ -22,6 +22,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -301,6 +302,25 @@ def test_two_runs_sharing_one_out_folder_both_finish(cache_dir, tmp_path):
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 40 and state["run"]["seed"] in (1, 2)  # the last writer's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.json"]
+
+
+def test_output_folder_checks_at_the_same_time_do_not_collide(tmp_path):
+    # runs sharing one --out check it at the same moment; each may remove only its own probe
+    errors = []
+
+    def check_many():
+        try:
+            for _ in range(40):
+                training.check_output_dir(tmp_path)
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=check_many) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])

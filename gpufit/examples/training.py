@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import re
+import secrets
 import shutil
 import sys
 import time
@@ -159,7 +160,9 @@ def check_output_dir(folder: str | Path, flag: str = "--out") -> Path:
         raise UsageError(f"{flag} {folder} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = write_atomic(folder / ".gpufit-write-check", lambda f: f.write(b"\0" * 4096))
+        # a name of its own: runs sharing the folder check it at the same time
+        probe = folder / f".gpufit-write-check.{os.getpid()}.{secrets.token_hex(4)}"
+        write_atomic(probe, lambda f: f.write(b"\0" * 4096))
         probe.unlink()
     except OSError as err:
         raise UsageError(f"{flag} {folder}: cannot write there ({_reason(err)})") from None
