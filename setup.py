@@ -1,10 +1,12 @@
 """Build gpufit._C with torch.utils.cpp_extension.
 
 Which build is made, in order:
-  GPUFIT_FORCE_CPU=1                -> CPU-only (CppExtension)
-  torch is a CPU-only build         -> CPU-only
-  a CUDA toolkit is found           -> CUDA (CUDAExtension with the .cu sources)
-  no CUDA toolkit                   -> CPU-only
+  GPUFIT_FORCE_CPU=1                          -> CPU-only (CppExtension)
+  torch is a CPU-only build                   -> CPU-only
+  no TORCH_CUDA_ARCH_LIST and no visible GPU  -> CPU-only (says how to ask for CUDA)
+  a CUDA toolkit is found                     -> CUDA (CUDAExtension with the .cu sources) for
+                                                 TORCH_CUDA_ARCH_LIST, else the GPUs' archs
+  no CUDA toolkit                             -> CPU-only
 One line saying which and why is printed. Install with
     pip install --no-build-isolation -e .
 so the build sees the torch that is installed (an isolated build env would download or copy a

@@ -14,28 +14,35 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-import gpufit
 from benchmarks import report as report_out
+
+# torch and gpufit are imported once the arguments are parsed, so --help answers at once.
 
 # (name, batch, in_features, out_features)
 SHAPES = {
     "cpu": [("mnist hidden", 64, 784, 256), ("wide", 1024, 1024, 1024)],
     "cuda": [("mnist hidden", 64, 784, 256), ("wide", 8192, 4096, 4096)],
 }
-DTYPES = {"cpu": [torch.float32], "cuda": [torch.float32, torch.bfloat16]}
+DTYPES = {"cpu": ["float32"], "cuda": ["float32", "bfloat16"]}
+VARIANT_NAMES = ("eager", "gpufit")
 
 
-def eager(x, w, b):
-    return torch.relu(F.linear(x, w, b))
+def variants() -> dict:
+    """The compared functions: eager ``relu(linear(x))`` and gpufit's fused op."""
+    import torch
+    import torch.nn.functional as F
 
+    import gpufit
 
-VARIANTS = {"eager": eager, "gpufit": gpufit.ops.fused_linear_relu}
+    def eager(x, w, b):
+        return torch.relu(F.linear(x, w, b))
+
+    return {"eager": eager, "gpufit": gpufit.ops.fused_linear_relu}
 
 
 def sync(device: str) -> None:
+    import torch
+
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -51,6 +58,8 @@ def time_steps(fn, x, w, b, grad, steps: int, device: str) -> float:
 
 
 def peak_memory(fn, x, w, b, grad, device: str) -> int | None:
+    import torch
+
     if device != "cuda":
         return None
     torch.cuda.synchronize()
@@ -62,19 +71,22 @@ def peak_memory(fn, x, w, b, grad, device: str) -> int | None:
 
 
 def bench_case(device, dtype, batch, k, n, rounds, steps):
+    import torch
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, k, generator=g).to(device, dtype).requires_grad_()
     w = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype).requires_grad_()
     b = torch.randn(n, generator=g).to(device, dtype).requires_grad_()
     grad = torch.randn(batch, n, generator=g).to(device, dtype)
-    times = {name: [] for name in VARIANTS}
-    for fn in VARIANTS.values():  # warm-up: allocator, cuBLAS handles, first-call costs
+    fns = variants()
+    times = {name: [] for name in fns}
+    for fn in fns.values():  # warm-up: allocator, cuBLAS handles, first-call costs
         time_steps(fn, x, w, b, grad, 3, device)
     for _ in range(rounds):
-        for name, fn in VARIANTS.items():
+        for name, fn in fns.items():
             times[name].append(time_steps(fn, x, w, b, grad, steps, device))
     result = {name: statistics.median(t) for name, t in times.items()}
-    memory = {name: peak_memory(fn, x, w, b, grad, device) for name, fn in VARIANTS.items()}
+    memory = {name: peak_memory(fn, x, w, b, grad, device) for name, fn in fns.items()}
     return result, memory
 
 
@@ -87,7 +99,7 @@ def plot(rows, path: Path) -> None:
     labels = [f"{r['shape']}\n{r['dtype']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(5, 2.2 * len(rows)), 4))
     width = 0.38
-    for i, name in enumerate(VARIANTS):
+    for i, name in enumerate(VARIANT_NAMES):
         values = [r["step_us"][name] for r in rows]
         xs = [j + (i - 0.5) * width for j in range(len(rows))]
         ax.bar(xs, values, width, label=name)
@@ -104,18 +116,25 @@ def plot(rows, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (pinned)")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per variant")
     parser.add_argument("--steps", type=int, default=0, help="steps per round (0: by size)")
-    parser.add_argument("--out", type=Path, default=Path("out/benchmarks"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("out/benchmarks"), help="folder for JSON and PNG"
+    )
     args = parser.parse_args(argv)
+    import torch
+
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
     torch.set_num_threads(args.threads)
     rows = []
-    for dtype in DTYPES[args.device]:
+    for dtype in (getattr(torch, name) for name in DTYPES[args.device]):
         for shape, batch, k, n in SHAPES[args.device]:
             flops = 6 * batch * k * n
             steps = args.steps or max(5, min(2000, int(2e10 / flops)))

@@ -27,13 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
-
 from benchmarks import report as report_out
-from gpufit import data as mnist_data
-from gpufit.examples import mnist
+
+# torch, numpy and gpufit are imported once the arguments are parsed, so --help answers at once.
 
 TRAIN_SAMPLES = 60_000
 TEST_SAMPLES = 1_000
@@ -46,7 +42,12 @@ LABELS = {
 }
 
 
-def write_synthetic_mnist(root: Path, seed: int = 0) -> mnist_data.MNISTSource:
+def write_synthetic_mnist(root: Path, seed: int = 0):
+    """Random MNIST-shaped IDX files under ``root``; returns their MNISTSource."""
+    import numpy as np
+
+    from gpufit import data as mnist_data
+
     rng = np.random.default_rng(seed)
     raw = mnist_data.raw_folder(root)
     for split, n in (("train", TRAIN_SAMPLES), ("test", TEST_SAMPLES)):
@@ -60,6 +61,12 @@ class EagerResident:
     """(b): the tutorial's model, loss and optimizer, fed from device-resident tensors."""
 
     def __init__(self, cfg, source, device, compile_model=False):
+        import torch
+        from torch import nn
+
+        from gpufit import data as mnist_data
+        from gpufit.examples import mnist
+
         train_set, _ = mnist_data.load_datasets(source)
         images, labels = mnist_data.to_tensors(train_set, device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -87,6 +94,8 @@ class EagerResident:
 
 
 def build(variant, cfg, source, device):
+    from gpufit.examples import mnist
+
     if variant == "tutorial":
         return mnist.TutorialTrainer(cfg, source, device, mnist.Distributed())
     if variant == "gpufit":
@@ -95,6 +104,8 @@ def build(variant, cfg, source, device):
 
 
 def sync(device):
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -181,19 +192,28 @@ def plot(report, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (pinned)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per step")
+    parser.add_argument("--rounds", type=int, default=3, help="timed epochs per variant")
     parser.add_argument("--steps", type=int, default=0, help="steps per timed epoch (0: all)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     parser.add_argument(
         "--step-blocks", type=int, default=60, help="alternating blocks for per-step times"
     )
     parser.add_argument("--block-steps", type=int, default=25, help="steps per block")
-    parser.add_argument("--out", type=Path, default=Path("out/benchmarks"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("out/benchmarks"), help="folder for JSON and PNG"
+    )
     args = parser.parse_args(argv)
+    import torch
+
+    from gpufit.examples import mnist
+
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
     variants = [v for v in args.variants.split(",") if v]

@@ -1,4 +1,8 @@
-"""The `gpufit` command line: `gpufit info`, `gpufit mnist`, ... (also `python -m gpufit ...`)."""
+"""The `gpufit` command line: `gpufit info`, `gpufit mnist`, ... (also `python -m gpufit ...`).
+
+Arguments are parsed before torch is imported, so `--help` and usage errors answer at once; a
+subcommand imports what it runs.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ def _cmd_mnist(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gpufit.examples import mnist_config
+
     parser = argparse.ArgumentParser(
         prog="gpufit",
         description="Fused training ops for PyTorch. Start with `gpufit info` to see which "
@@ -34,8 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(run=_cmd_info)
 
-    from gpufit.examples import mnist
-
     train = commands.add_parser(
         "mnist",
         help="train the MNIST tutorial MLP, as PyTorch writes it (--impl torch) or with gpufit",
@@ -43,14 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
         "writes it (--impl torch) or on gpufit's fused ops with device-resident data (--impl "
         "gpufit). Works under torchrun for data parallel training.",
     )
-    mnist.add_arguments(train)
+    mnist_config.add_arguments(train)
     train.set_defaults(run=_cmd_mnist)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    from gpufit._backend import BackendChoiceError
+
+    try:
+        return args.run(args)
+    except BackendChoiceError as err:  # GPUFIT_BACKEND / GPUFIT_JIT: one line, no traceback
+        print(f"gpufit: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

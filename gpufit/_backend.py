@@ -43,6 +43,30 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
+class BackendChoiceError(ValueError):
+    """GPUFIT_BACKEND or GPUFIT_JIT asks for what cannot be had; the message names the valid
+    values or the cause, in one line (the command line prints it without a traceback)."""
+
+
+def requested_kind(requested: str | None = None) -> str:
+    """The backend asked for: ``requested``, else GPUFIT_BACKEND, else "auto"."""
+    raw = requested or os.environ.get("GPUFIT_BACKEND") or "auto"
+    kind = raw.strip().lower()
+    if kind != "auto" and kind not in KINDS:
+        raise BackendChoiceError(f"GPUFIT_BACKEND={raw!r} is not one of auto, {', '.join(KINDS)}")
+    return kind
+
+
+def jit_allowed() -> bool:
+    """GPUFIT_JIT: 1 (the default) allows building the kernels on import, 0 rules it out."""
+    raw = os.environ.get("GPUFIT_JIT", "1")
+    if raw.strip() not in ("0", "1", ""):
+        raise BackendChoiceError(
+            f"GPUFIT_JIT={raw!r} is not 0 (never build on import) or 1 (the default)"
+        )
+    return raw.strip() != "0"
+
+
 def _load_compiled() -> Backend:
     try:
         module = importlib.import_module("gpufit._C")
@@ -59,7 +83,7 @@ def _load_compiled() -> Backend:
 
 
 def _load_jit() -> Backend:
-    if os.environ.get("GPUFIT_JIT", "1") == "0":
+    if not jit_allowed():
         raise BackendUnavailable("JIT builds are disabled (GPUFIT_JIT=0)")
     if not _build.CSRC.is_dir():
         raise BackendUnavailable(f"no C++ sources at {_build.CSRC} (not a source checkout)")
@@ -107,11 +131,13 @@ _LOADERS = {"compiled": _load_compiled, "jit": _load_jit, "reference": _load_ref
 
 
 def load(requested: str | None = None) -> Backend:
-    requested = (requested or os.environ.get("GPUFIT_BACKEND") or "auto").strip().lower()
+    requested = requested_kind(requested)
+    jit_allowed()  # a bad GPUFIT_JIT is refused whichever backend ends up chosen
     if requested != "auto":
-        if requested not in KINDS:
-            raise ValueError(f"GPUFIT_BACKEND={requested!r} is not one of auto, {', '.join(KINDS)}")
-        return _LOADERS[requested]()
+        try:
+            return _LOADERS[requested]()
+        except BackendUnavailable as err:
+            raise BackendChoiceError(f"GPUFIT_BACKEND={requested} cannot be used: {err}") from err
     causes = []
     for kind in ("compiled", "jit"):
         try:

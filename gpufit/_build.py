@@ -1,16 +1,28 @@
 """How to build gpufit's compiled operators: find the CUDA toolkit, pick architectures, list
 sources and flags. Used by setup.py (ahead-of-time build) and by gpufit._backend (JIT build),
 so both make the same decisions. Imports torch lazily and nothing from gpufit itself.
+
+CUDA kernels are built only when something asks for them: TORCH_CUDA_ARCH_LIST, or a visible
+GPU (its own architecture only). Otherwise the build is CPU-only and says how to get CUDA.
+
+Run as a script, it shows a build's progress (see ``watch_build``); scripts/setup.sh does
+    python gpufit/_build.py --log .venv/gpufit-build.log -- pip install ... -e .
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import queue
 import re
 import shutil
 import subprocess
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -103,31 +115,54 @@ def _arch_key(arch: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def default_arch_list(cuda_home: Path) -> tuple[str, str]:
-    """(TORCH_CUDA_ARCH_LIST, where it came from)."""
+# Printed when nothing asks for CUDA kernels: how to get them.
+CUDA_BUILD_HINT = (
+    "for the CUDA kernels too: TORCH_CUDA_ARCH_LIST=8.0 ./scripts/setup.sh "
+    "(a visible GPU selects its own arch)"
+)
+
+
+def requested_arch_list() -> tuple[str, str] | None:
+    """(TORCH_CUDA_ARCH_LIST, where it came from), or None when nothing asks for CUDA kernels.
+
+    TORCH_CUDA_ARCH_LIST if set, else the architectures of the visible GPUs. With neither, a
+    build would compile CUDA kernels this machine cannot run (minutes per architecture), so the
+    build is CPU-only and says how to ask for CUDA.
+    """
     import torch
 
-    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        return os.environ["TORCH_CUDA_ARCH_LIST"], "TORCH_CUDA_ARCH_LIST"
+    if os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        return os.environ["TORCH_CUDA_ARCH_LIST"].strip(), "TORCH_CUDA_ARCH_LIST"
     if torch.cuda.is_available():
         caps = sorted(
             {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
         )
         return ";".join(f"{a}.{b}" for a, b in caps), "the visible GPUs"
-    # No GPU: the architectures this torch was built for, as far as this nvcc can target them.
-    torch_archs = {
-        f"{int(a[3:]) // 10}.{int(a[3:]) % 10}"
-        for a in torch.cuda.get_arch_list()
-        if a.startswith("sm_")
-    }
-    usable = sorted(torch_archs & nvcc_archs(cuda_home), key=_arch_key)
-    if not usable:
-        raise BuildConfigError(
-            "no GPU is visible and this nvcc targets none of torch's architectures "
-            f"({sorted(torch_archs)}); set TORCH_CUDA_ARCH_LIST, e.g. '8.0;9.0'"
-        )
-    usable[-1] += "+PTX"  # newer GPUs can JIT the PTX of the highest one
-    return ";".join(usable), "torch's arch list (no GPU visible)"
+    return None
+
+
+# Names torch.utils.cpp_extension accepts in TORCH_CUDA_ARCH_LIST besides numbers.
+_ARCH_NAMES = {"Maxwell", "Pascal", "Volta", "Turing", "Ampere", "Ada", "Hopper"}
+_ARCH_NUMBER = re.compile(r"(\d+)\.(\d+)[af]?(\+PTX)?")
+
+
+def check_arch_list(arch_list: str, source: str, supported: set[str], version: str) -> None:
+    """Refuse what torch or this nvcc cannot build, naming it: torch's build would otherwise
+    stop with a traceback, or nvcc with a fatal error minutes into the build."""
+    wanted = [a for a in re.split(r"[;\s]+", arch_list) if a]
+    problem = None
+    if not wanted:
+        problem = "names no architecture"
+    bad = [a for a in wanted if not (_ARCH_NUMBER.fullmatch(a) or a.split("+")[0] in _ARCH_NAMES)]
+    if bad:
+        problem = f"{', '.join(bad)} is not an architecture like 8.0, 9.0a, 12.0+PTX or Ampere"
+    numbers = [m.group(1, 2) for m in map(_ARCH_NUMBER.fullmatch, wanted) if m]
+    unsupported = [f"{a}.{b}" for a, b in numbers if supported and f"{a}.{b}" not in supported]
+    if not problem and unsupported:
+        known = ", ".join(sorted(supported, key=_arch_key))
+        problem = f"nvcc {version} cannot compile for {', '.join(unsupported)} (it targets {known})"
+    if problem:
+        raise BuildConfigError(f"archs {arch_list!r} (from {source}): {problem}")
 
 
 def plan_build() -> BuildPlan:
@@ -137,6 +172,13 @@ def plan_build() -> BuildPlan:
         return BuildPlan(False, "CPU-only build (GPUFIT_FORCE_CPU is set)")
     if torch.version.cuda is None:
         return BuildPlan(False, f"CPU-only build (torch {torch.__version__} is a CPU build)")
+    requested = requested_arch_list()
+    if requested is None:
+        return BuildPlan(
+            False,
+            f"CPU-only build (no GPU visible, TORCH_CUDA_ARCH_LIST unset); {CUDA_BUILD_HINT}",
+        )
+    arch_list, arch_source = requested
     cuda_home, how = find_cuda_home()
     if cuda_home is None:
         return BuildPlan(False, f"CPU-only build ({how})")
@@ -147,7 +189,7 @@ def plan_build() -> BuildPlan:
             f"built with CUDA {torch.version.cuda}; the majors must match. Point CUDA_HOME at a "
             f"CUDA {torch.version.cuda.split('.')[0]}.x toolkit, or set GPUFIT_FORCE_CPU=1"
         )
-    arch_list, arch_source = default_arch_list(cuda_home)
+    check_arch_list(arch_list, arch_source, nvcc_archs(cuda_home), version)
     return BuildPlan(
         True,
         f"CUDA build with nvcc {version} from {how}, archs {arch_list} (from {arch_source})",
@@ -185,7 +227,125 @@ def defines(plan: BuildPlan) -> list[str]:
 
 
 def compile_args(plan: BuildPlan) -> dict[str, list[str]]:
-    args = {"cxx": ["-O3", *defines(plan)]}
+    # -g0: Python's own flags ask for debug info, which makes each C++ compile ~40 % slower
+    # (measured 37 s -> 22 s for linear_ce.cpp on one core); these flags come after Python's.
+    args = {"cxx": ["-O3", "-g0", *defines(plan)]}
     if plan.with_cuda:
         args["nvcc"] = ["-O3", "-lineinfo"]
     return args
+
+
+# ---------------------------------------------------------------- progress of a build
+
+# ninja prints "[n/m] <command>" as each compile finishes (on a pipe it never redraws a line)
+_NINJA_STEP = re.compile(r"^\s*\[(\d+)/(\d+)\]\s+(\S+)(.*)$")
+_SOURCE_SUFFIXES = (".cpp", ".cc", ".cxx", ".c", ".cu")
+
+
+def progress_line(line: str, root: Path = CSRC.parent) -> str | None:
+    """What a person should see of one line of build output: ninja's step as "[n/m] nvcc
+    csrc/cuda/x.cu", gpufit's own one-line plan, or nothing (kept in the log only)."""
+    line = line.rstrip()
+    step = _NINJA_STEP.match(line)
+    if step:
+        done, total, program, rest = step.groups()
+        sources = [t for t in rest.split() if t.endswith(_SOURCE_SUFFIXES)]
+        what = sources[-1] if sources else program
+        try:
+            what = str(Path(what).resolve().relative_to(root.resolve()))
+        except ValueError:
+            pass
+        tool = "nvcc" if Path(program).name == "nvcc" else "c++"
+        return f"[{done}/{total}] {tool} {what}"
+    text = line.strip()
+    if text.startswith("gpufit: "):
+        return text.removeprefix("gpufit: ")
+    return None
+
+
+def _failure_excerpt(lines: list[str], limit: int = 40) -> list[str]:
+    """The compiler's complaint: from ninja's first FAILED line on, else the last lines."""
+    for i, line in enumerate(lines):
+        if "FAILED:" in line:
+            return lines[i : i + limit]
+    return lines[-limit // 2 :]
+
+
+def watch_build(cmd: list[str], log: Path, out: TextIO = sys.stdout, tick_s: float = 15.0) -> int:
+    """Run a build command, keep its whole output in ``log`` and show its progress on ``out``:
+    what each compile step finished, gpufit's plan line, and an elapsed-time line whenever
+    nothing was shown for ``tick_s`` seconds. On failure, shows the compiler's error and where
+    the full log is. Returns the command's exit status."""
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    lines: queue.Queue[str | None] = queue.Queue()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )
+
+    def read():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    seen: list[str] = []
+    shown: set[str] = set()
+    steps = ""
+    last_shown = start
+
+    def show(text: str) -> None:
+        nonlocal last_shown
+        out.write(f"  {time.monotonic() - start:4.0f} s  {text}\n")
+        out.flush()
+        last_shown = time.monotonic()
+
+    with log.open("w") as f:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.05, tick_s - (time.monotonic() - last_shown)))
+            except queue.Empty:
+                show(f"still running{f' ({steps} compiled)' if steps else ''}")
+                continue
+            if line is None:
+                break
+            f.write(line)
+            seen.append(line.rstrip("\n"))
+            text = progress_line(line)
+            if text is None or text in shown:
+                continue
+            shown.add(text)
+            step = _NINJA_STEP.match(line)
+            if step:
+                steps = f"{step.group(1)}/{step.group(2)}"
+            show(text)
+    status = proc.wait()
+    elapsed = time.monotonic() - start
+    if status == 0:
+        out.write(f"  done in {elapsed:.0f} s (full log: {log})\n")
+    else:
+        out.write("".join(f"  | {line}\n" for line in _failure_excerpt(seen)))
+        out.write(f"  failed (exit status {status}) after {elapsed:.0f} s; full log: {log}\n")
+    out.flush()
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python gpufit/_build.py",
+        description="Run a build or install command and show its progress; the full output "
+        "goes to --log.",
+    )
+    parser.add_argument("--log", type=Path, required=True, help="file for the full output")
+    parser.add_argument("--tick", type=float, default=15.0, help="seconds between time lines")
+    parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND ...")
+    args = parser.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        parser.error("give the build command after --")
+    return watch_build(cmd, args.log, tick_s=args.tick)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,12 +17,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from gpufit._atomic import write_atomic
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "examples" / "data" / "mnist_sample"
 
@@ -63,7 +64,7 @@ def idx_bytes(array: np.ndarray) -> bytes:
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
-    _write_atomic(Path(path), idx_bytes(array))
+    write_atomic(path, lambda f: f.write(idx_bytes(array)))
 
 
 def read_idx_header(path: Path) -> tuple[int, ...]:
@@ -186,18 +187,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "gpufit"
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sample_checksums() -> dict[str, str]:
     sums = {}
     for line in (SAMPLE_DIR / "SHA256SUMS").read_text().splitlines():
@@ -228,7 +217,7 @@ def prepare_sample(root: Path | None = None) -> Path:
                 f"the shipped MNIST sample {SAMPLE_DIR / (name + '.gz')} fails its checksum; "
                 "reinstall gpufit"
             )
-        _write_atomic(target, payload)
+        write_atomic(target, lambda f, data=payload: f.write(data))
     return root
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -158,7 +159,7 @@ def _run_matrix(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _configure_targets(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", nargs="?", help="show one target in full (JSON)")
+    p.add_argument("name", nargs="?", help="show one target in full")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--envs", help="folder of the spec and lock files (default: beside the matrix)")
 
@@ -192,6 +193,41 @@ def _target_json(t, target_routes) -> dict:
     }
 
 
+def _target_table(t, target_routes) -> str:
+    """One target in full, as label/value rows (the JSON's content, for reading)."""
+    j = _target_json(t, target_routes)
+    virtual = "; ".join(
+        f"{platform}: " + ", ".join(f"{k}={v}" for k, v in packages.items())
+        for platform, packages in j["virtual_packages"].items()
+    )
+    driver = "none (CPU)"
+    if j["driver_linux_min"]:
+        driver = f">= {j['driver_linux'] or '?'} (>= {j['driver_linux_min']} with minor version "
+        driver += "compatibility)"
+    rows = [
+        ("description", j["description"]),
+        ("platforms", ", ".join(j["platforms"])),
+        ("Python", ", ".join(j["pythons"])),
+        ("conda channels", ", ".join(j["conda_channels"]) or "none"),
+        ("conda specs", ", ".join(j["conda_specs"]) or "none"),
+        ("virtual packages", virtual),
+        ("pip index", j["pip_index_url"]),
+        ("pip requirements", ", ".join(j["pip_requirements"])),
+        ("driver (Linux)", driver),
+        (
+            "GPU archs",
+            "; ".join(f"{p}: {', '.join(a)}" for p, a in j["arch_lists"].items()) or "none (CPU)",
+        ),
+        ("verified", "yes" if j["verified"] else "partly unverified (see lockgen matrix)"),
+    ]
+    rows += [
+        (f"install ({r.flavor})", f"{r.status}: {r.command if r.status != 'none' else r.note}")
+        for r in target_routes
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join([t.summary(), *(f"  {label:<{width}}  {value}" for label, value in rows)])
+
+
 def _run_targets(args: argparse.Namespace, out: TextIO) -> int:
     from lockgen.routes import nix_shells, routes
 
@@ -200,10 +236,13 @@ def _run_targets(args: argparse.Namespace, out: TextIO) -> int:
     shells, why_not = nix_shells(m)
     targets = [m.target(args.name)] if args.name else list(m.targets.values())
     by_target = {t.name: routes(m, t, envs, shells, why_not) for t in targets}
-    if args.format == "json" or args.name:
+    if args.format == "json":
         data = [_target_json(t, by_target[t.name]) for t in targets]
         json.dump(data[0] if args.name else data, out, indent=2)
         out.write("\n")
+        return EXIT_OK
+    if args.name:
+        out.write(_target_table(targets[0], by_target[targets[0].name]) + "\n")
         return EXIT_OK
     for t in targets:
         mark = "" if t.verified else "  (partly unverified)"
@@ -461,6 +500,12 @@ def _configure_lock(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="rattler's repodata cache folder")
 
 
+def _progress_line(text: str) -> None:
+    """Progress of long work, on stderr (stdout carries the results)."""
+    sys.stderr.write(f"lockgen: {text}\n")
+    sys.stderr.flush()
+
+
 def _run_lock(args: argparse.Namespace, out: TextIO) -> int:
     from pathlib import Path
 
@@ -476,13 +521,10 @@ def _run_lock(args: argparse.Namespace, out: TextIO) -> int:
                 from lockgen.render.pip import UvResolver, lock_pip
                 from lockgen.verify import verify_file
 
-                path = lock_pip(
-                    t,
-                    envs,
-                    getattr(args, "pip_resolver", None) or UvResolver(),
-                    args.index_url,
-                    progress=lambda msg: out.write(msg + "\n"),
+                resolver = getattr(args, "pip_resolver", None) or UvResolver(
+                    progress=_progress_line
                 )
+                path = lock_pip(t, envs, resolver, args.index_url)
                 report = verify_file(path, m)
             elif args.flavor == "uv":
                 from lockgen.render.uv import lock_uv
@@ -543,7 +585,11 @@ def _run_verify(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _configure_install(p: argparse.ArgumentParser) -> None:
-    p.add_argument("lockfile", help="envs/<target>.lock")
+    p.add_argument(
+        "lockfile",
+        help="a conda lockfile, envs/<target>.lock (a pip hash-lock installs with "
+        "pip install --require-hashes -r FILE)",
+    )
     p.add_argument("--prefix", required=True, help="the environment folder to create")
     p.add_argument("--platform", help="install the packages of this platform (default: host)")
     p.add_argument(
@@ -554,11 +600,36 @@ def _configure_install(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="package cache folder (default: rattler's)")
 
 
+_PIP_LINE = re.compile(r"^(-|[A-Za-z0-9][A-Za-z0-9._-]*\s*(\[[^\]]*\])?\s*(==|>=|<=|~=|!=|===))")
+
+
+def _pip_lock(path) -> bool:
+    """Whether ``path`` reads as a pip requirements file (such as lockgen's pip hash-locks):
+    its first line that is not a comment is a pip option or a pinned requirement."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(65536).decode("utf-8", "replace")
+    except OSError:
+        return False
+    for line in head.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            return bool(_PIP_LINE.match(line))
+    return False
+
+
 def _run_install(args: argparse.Namespace, out: TextIO) -> int:
     from pathlib import Path
 
     from lockgen.install import install_lockfile
 
+    lockfile = Path(args.lockfile)
+    if _pip_lock(lockfile):
+        raise LockgenError(
+            f"{lockfile} is a pip requirements file; lockgen install takes a conda lockfile "
+            f"(envs/<target>.lock). Install a pip hash-lock with pip itself: "
+            f"pip install --require-hashes -r {lockfile}"
+        )
     m = _matrix(args)
     res = install_lockfile(
         Path(args.lockfile),

@@ -5,7 +5,9 @@
 #
 # Safe to run again: pip skips what is installed, and the extension is rebuilt only when its
 # sources or build scripts changed since the last build (a stamp in .venv records them).
-# Build knobs (see README): CUDA_HOME, TORCH_CUDA_ARCH_LIST, GPUFIT_FORCE_CPU=1.
+# What is built: CPU kernels, plus CUDA kernels for TORCH_CUDA_ARCH_LIST if set, else for the
+# visible GPUs' architectures. Other knobs (see README): CUDA_HOME, GPUFIT_FORCE_CPU=1.
+# Long steps print their progress; their full output is kept in .venv/*.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,22 +16,28 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv
 fi
-echo "setup: installing requirements-dev.txt"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+watch() { .venv/bin/python gpufit/_build.py --log "$@"; }  # progress lines, full log to a file
+
+echo "setup: installing requirements-dev.txt (torch 2.14.1 and test tools; minutes the first time)"
+# --no-compile: Python writes the .pyc of what it imports on first use, instead of pip compiling
+# all of torch's thousands of modules up front.
+watch .venv/pip-install.log -- .venv/bin/python -m pip install --disable-pip-version-check \
+  --no-compile -r requirements-dev.txt
 
 stamp=.venv/.gpufit-build-stamp
 digest=$( (find csrc -type f -print0 | sort -z | xargs -0 cat; cat setup.py pyproject.toml \
-  gpufit/_build.py; env | grep -E '^(CUDA_HOME|TORCH_CUDA_ARCH_LIST|GPUFIT_FORCE_CPU)=' || true) \
-  | sha256sum | cut -d' ' -f1)
+  gpufit/_build.py; env | grep -E '^(CUDA_HOME|TORCH_CUDA_ARCH_LIST|GPUFIT_FORCE_CPU)=' || true
+  nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null || true) \
+  | sha256sum | cut -d' ' -f1)  # the visible GPUs choose the CUDA archs too
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && \
    .venv/bin/python -c "import gpufit._C" 2>/dev/null; then
   echo "setup: gpufit._C is up to date"
 else
   # --no-build-isolation: the build must see the torch installed above (an isolated build
   # env would copy or download a multi-GB torch and could build against a different one).
-  echo "setup: building gpufit (a CUDA build takes a few minutes on 2 cores)"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
-    --no-build-isolation -e .
+  echo "setup: building gpufit"
+  watch .venv/gpufit-build.log -- .venv/bin/python -m pip install -v --disable-pip-version-check \
+    --no-deps --no-build-isolation -e .
   echo "$digest" > "$stamp"
 fi
 .venv/bin/python -c "import gpufit; print(gpufit.info())"

@@ -1,6 +1,7 @@
 """The build's decisions (which toolkit, which architectures, CPU or CUDA) and a real nvcc
 compile of every CUDA source, so CUDA code that does not compile fails here, GPU or not."""
 
+import io
 import os
 import shutil
 import stat
@@ -80,36 +81,100 @@ def test_sources_hold_registration_and_autograd(with_cuda):
     assert {"registration.cpp", "autograd.cpp", "linear_relu.cpp", "linear_ce.cpp"} <= names
 
 
-@pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch")
-def test_arch_list_defaults_to_torch_archs_this_nvcc_knows(tmp_path, clean_env):
+needs_cuda_torch = pytest.mark.skipif(
+    torch.version.cuda is None, reason="needs a CUDA build of torch"
+)
+
+
+def no_gpu(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def fake_gpus(monkeypatch, *capabilities: tuple[int, int]) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: capabilities[i])
+
+
+@needs_cuda_torch
+def test_no_gpu_and_no_arch_list_builds_cpu_and_says_how_to_get_cuda(tmp_path, clean_env):
+    # CUDA kernels for architectures this machine cannot run cost minutes and serve nobody
     clean_env.setenv("CUDA_HOME", str(fake_toolkit(tmp_path / "tk", torch.version.cuda)))
-    if torch.cuda.is_available():
-        pytest.skip("with a GPU the visible GPUs decide")
+    no_gpu(clean_env)
     plan = _build.plan_build()
-    torch_archs = {a[3:] for a in torch.cuda.get_arch_list() if a.startswith("sm_")}
-    expected = sorted(torch_archs & {"75", "80", "90", "100"}, key=int)
-    assert plan.with_cuda
-    assert plan.arch_list == ";".join(f"{int(a) // 10}.{int(a) % 10}" for a in expected) + "+PTX"
-    assert "CUDA build" in plan.summary and plan.arch_list in plan.summary
+    assert not plan.with_cuda and plan.arch_list == ""
+    assert {p.suffix for p in _build.sources(plan.with_cuda)} == {".cpp"}
+    assert "no GPU visible" in plan.summary
+    assert "TORCH_CUDA_ARCH_LIST=8.0 ./scripts/setup.sh" in plan.summary
+    assert "\n" not in plan.summary  # one line
 
 
-@pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch")
+@needs_cuda_torch
+def test_visible_gpus_select_only_their_own_archs(tmp_path, clean_env):
+    clean_env.setenv("CUDA_HOME", str(fake_toolkit(tmp_path / "tk", torch.version.cuda)))
+    fake_gpus(clean_env, (8, 0), (9, 0), (8, 0))
+    plan = _build.plan_build()
+    assert plan.with_cuda and plan.arch_list == "8.0;9.0"
+    assert "the visible GPUs" in plan.summary
+
+
+@needs_cuda_torch
+def test_arch_list_wins_over_the_visible_gpus(tmp_path, clean_env):
+    clean_env.setenv("CUDA_HOME", str(fake_toolkit(tmp_path / "tk", torch.version.cuda)))
+    clean_env.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    fake_gpus(clean_env, (8, 0))
+    assert _build.plan_build().arch_list == "9.0"
+
+
+@needs_cuda_torch
+@pytest.mark.parametrize(
+    "arch_list, message",
+    [
+        ("7.0", "nvcc 13.0 cannot compile for 7.0 (it targets 7.5, 8.0, 9.0, 10.0)"),
+        ("8.0;6.1+PTX", "cannot compile for 6.1"),
+        ("8,0", "8,0 is not an architecture"),
+        ("sm_80", "sm_80 is not an architecture"),
+        (";", "names no architecture"),
+    ],
+)
+def test_arch_list_nvcc_cannot_build_is_refused_before_building(
+    tmp_path, clean_env, arch_list, message
+):
+    clean_env.setenv("CUDA_HOME", str(fake_toolkit(tmp_path / "tk", "13.0")))
+    clean_env.setattr(torch.version, "cuda", "13.0")
+    clean_env.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    with pytest.raises(_build.BuildConfigError, match="TORCH_CUDA_ARCH_LIST") as err:
+        _build.plan_build()
+    assert message in str(err.value)
+
+
+@needs_cuda_torch
+@pytest.mark.parametrize("arch_list", ["8.0", "7.5;9.0+PTX", "10.0 9.0a", "Ampere"])
+def test_arch_lists_torch_accepts_are_kept(tmp_path, clean_env, arch_list):
+    clean_env.setenv("CUDA_HOME", str(fake_toolkit(tmp_path / "tk", "13.0")))
+    clean_env.setattr(torch.version, "cuda", "13.0")
+    clean_env.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    assert _build.plan_build().arch_list == arch_list
+
+
+@needs_cuda_torch
 def test_explicit_arch_list_is_kept(tmp_path, clean_env):
     clean_env.setenv("CUDA_HOME", str(fake_toolkit(tmp_path / "tk", torch.version.cuda)))
     clean_env.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
     assert _build.plan_build().arch_list == "8.0"
 
 
-@pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch")
+@needs_cuda_torch
 def test_toolkit_major_mismatch_is_explained(tmp_path, clean_env):
     other = "12.4" if not torch.version.cuda.startswith("12") else "13.0"
     clean_env.setenv("CUDA_HOME", str(fake_toolkit(tmp_path / "tk", other)))
+    clean_env.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
     with pytest.raises(_build.BuildConfigError, match="majors must match.*GPUFIT_FORCE_CPU=1"):
         _build.plan_build()
 
 
 def test_setup_py_refuses_a_bad_cuda_home_in_one_line(tmp_path):
-    env = {**os.environ, "CUDA_HOME": str(tmp_path / "missing")}
+    env = {**os.environ, "CUDA_HOME": str(tmp_path / "missing"), "TORCH_CUDA_ARCH_LIST": "8.0"}
     env.pop("GPUFIT_FORCE_CPU", None)
     result = subprocess.run(
         [sys.executable, "setup.py", "--name"],
@@ -154,3 +219,78 @@ def test_cuda_source_compiles_with_nvcc(source, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "out.o").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- build progress
+
+
+ROOT = _build.CSRC.parent
+
+
+@pytest.mark.parametrize(
+    "line, shown",
+    [
+        (
+            f"  [2/6] c++ -MMD -MF x.o.d -O3 -I{ROOT}/csrc -c -c {ROOT}/csrc/linear_ce.cpp -o x.o",
+            "[2/6] c++ csrc/linear_ce.cpp",
+        ),
+        (
+            f"[5/6] /usr/local/cuda/bin/nvcc --generate-dependencies-with-compile -c "
+            f"{ROOT}/csrc/cuda/linear_ce.cu -o y.o -gencode=arch=compute_80,code=sm_80",
+            "[5/6] nvcc csrc/cuda/linear_ce.cu",
+        ),
+        (
+            "  gpufit: CPU-only build (GPUFIT_FORCE_CPU is set)",
+            "CPU-only build (GPUFIT_FORCE_CPU is set)",
+        ),
+        ("  W1201 cpp_extension.py:183] No CUDA runtime is found", None),
+        ("  writing top-level names to gpufit.egg-info/top_level.txt", None),
+    ],
+)
+def test_progress_shows_compile_steps_and_the_plan_only(line, shown):
+    assert _build.progress_line(line, ROOT) == shown
+
+
+FAKE_BUILD = """
+echo '  gpufit: CPU-only build (a test)'
+echo 'noise that only the log keeps'
+echo '  gpufit: CPU-only build (a test)'
+echo "[1/2] c++ -c $1/csrc/a.cpp -o a.o"
+sleep 1.5
+echo "[2/2] c++ -c $1/csrc/b.cpp -o b.o"
+"""
+
+
+def test_watch_build_shows_progress_and_keeps_the_full_log(tmp_path):
+    out = io.StringIO()
+    log = tmp_path / "logs" / "build.log"
+    status = _build.watch_build(["bash", "-c", FAKE_BUILD, "-", str(ROOT)], log, out, tick_s=0.3)
+    assert status == 0
+    shown = out.getvalue()
+    assert shown.count("CPU-only build (a test)") == 1
+    assert "[1/2] c++ csrc/a.cpp" in shown and "[2/2] c++ csrc/b.cpp" in shown
+    assert "still running (1/2 compiled)" in shown  # the silent 1.5 s got elapsed-time lines
+    assert "noise" not in shown and "done in" in shown and str(log) in shown
+    assert "noise that only the log keeps" in log.read_text()
+
+
+def test_watch_build_failure_shows_the_compiler_error(tmp_path):
+    script = "echo ok; echo 'FAILED: x.o'; echo 'x.cpp:3: error: boom'; echo pip noise; exit 3"
+    out = io.StringIO()
+    status = _build.watch_build(["bash", "-c", script], tmp_path / "b.log", out, tick_s=5)
+    assert status == 3
+    shown = out.getvalue()
+    assert "| x.cpp:3: error: boom" in shown and "| ok" not in shown
+    assert "exit status 3" in shown and str(tmp_path / "b.log") in shown
+
+
+def test_build_watcher_runs_as_a_script_without_torch(tmp_path):
+    # scripts/setup.sh runs it by path with the venv's python, before anything is installed
+    code = (
+        "import runpy, sys; sys.modules['torch'] = None; "
+        f"sys.argv = ['_build.py', '--log', {str(tmp_path / 'l.log')!r}, '--', 'true']; "
+        f"runpy.run_path({str(ROOT / 'gpufit' / '_build.py')!r}, run_name='__main__')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "done in" in result.stdout

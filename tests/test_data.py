@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ import torch
 
 from gpufit import data
 
-torchvision = pytest.importorskip("torchvision")
+torchvision = pytest.importorskip(
+    "torchvision", reason="needs the mnist extra: pip install -e '.[mnist]'"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -128,3 +132,15 @@ def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
     text = str(caught.value)
     assert "could not download MNIST" in text
     assert "leave out --download" in text and "--data-dir" in text
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_unpacked_sample_honours_the_umask(umask, mode):
+    # a cache shared by several users must be readable by them when the umask says so
+    old = os.umask(umask)
+    try:
+        root = data.prepare_sample()
+    finally:
+        os.umask(old)
+    for path in data.raw_folder(root).iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path.name

@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -40,33 +38,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpufit import data as mnist_data
+from gpufit.examples import training
+from gpufit.examples.mnist_config import (  # noqa: F401  (TrainConfig, IMPLS: this module's API)
+    IMPLS,
+    TrainConfig,
+    add_arguments,
+    config_from_args,
+    config_problems,
+)
+from gpufit.examples.training import (  # noqa: F401  (re-exported for callers of mnist.*)
+    Distributed,
+    OutputError,
+    UsageError,
+    save_checkpoint,
+)
 from gpufit.nn import FusedLinearReLU, fuse
 from gpufit.ops import fused_linear_cross_entropy
 
-IMPLS = ("torch", "gpufit")
 CHECKPOINT_FORMAT = "gpufit-mnist-checkpoint/1"
-
-
-class UsageError(RuntimeError):
-    """A request that cannot be run as given (bad device, mismatched checkpoint, ...)."""
-
-
-@dataclass
-class TrainConfig:
-    impl: str = "gpufit"
-    epochs: int = 10
-    batch_size: int = 64  # global batch: split evenly over the processes under torchrun
-    lr: float = 1e-3
-    seed: int = 0
-    device: str = "auto"
-    data_dir: str | None = None
-    download: bool = False
-    out: str | None = None
-    resume: str | None = None
-    limit_train: int | None = None  # first N samples only (smoke tests)
-    limit_test: int | None = None
-    threads: int | None = None
-    quiet: bool = False
 
 
 # ================================================================ the model
@@ -111,25 +100,6 @@ class FusedMLP(MLP):
 # ================================================================ the two implementations
 
 
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    active: bool = False  # launched by torchrun (even with a single process)
-
-    @classmethod
-    def from_env(cls) -> Distributed:
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            return cls()
-        return cls(
-            rank=int(os.environ["RANK"]),
-            world_size=int(os.environ["WORLD_SIZE"]),
-            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-            active=True,
-        )
-
-
 class TutorialTrainer:
     """--impl torch: the tutorial loop, as a PyTorch user writes it."""
 
@@ -163,7 +133,7 @@ class TutorialTrainer:
 
         torch.manual_seed(cfg.seed)
         self.model = MLP().to(device)
-        self.train_model = _wrap_ddp(self.model, device, dist)
+        self.train_model = training.wrap_ddp(self.model, device, dist)
         self.loss_fn = nn.CrossEntropyLoss()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
 
@@ -336,7 +306,7 @@ class GpufitTrainer:
 
         torch.manual_seed(cfg.seed)
         self.model = FusedMLP().to(device)
-        self.train_model = _wrap_ddp(self.model, device, dist)
+        self.train_model = training.wrap_ddp(self.model, device, dist)
         self.optimizer = _adam(self.model.parameters(), cfg.lr)
         self.optimizer_step = LeanAdamStep(self.optimizer)
 
@@ -371,101 +341,85 @@ class GpufitTrainer:
 TRAINERS = {"torch": TutorialTrainer, "gpufit": GpufitTrainer}
 
 
-def _wrap_ddp(model: nn.Module, device: torch.device, dist: Distributed) -> nn.Module:
-    if not dist.active:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
+# ================================================================ checkpoints
 
-    if device.type == "cuda":
-        return DistributedDataParallel(model, device_ids=[device.index])
-    return DistributedDataParallel(model)
-
-
-# ================================================================ progress, metrics, checkpoints
-
-
-class Progress:
-    """A one-line progress bar on stderr (only on a terminal), epoch lines unless quiet."""
-
-    def __init__(self, quiet: bool, stream=None):
-        self.stream = stream or sys.stderr
-        self.quiet = quiet
-        self.bar = not quiet and self.stream.isatty()
-        self._last = 0.0
-
-    def update(self, epoch, epochs, step, steps, loss, start_time, batch_size):
-        if not self.bar:
-            return
-        now = time.perf_counter()
-        if now - self._last < 0.1 and step != steps:
-            return
-        self._last = now
-        elapsed = max(now - start_time, 1e-9)
-        width = 24
-        filled = int(width * step / steps)
-        self.stream.write(
-            f"\repoch {epoch}/{epochs} [{'#' * filled}{'.' * (width - filled)}] {step}/{steps} "
-            f"loss {loss.item():.4f} | {step / elapsed:,.0f} steps/s "
-            f"{step * batch_size / elapsed:,.0f} samples/s"
-        )
-        self.stream.flush()
-
-    def epoch_done(self, metrics: dict):
-        if self.bar:
-            self.stream.write("\r\033[K")
-        if not self.quiet:
-            m = metrics
-            self.stream.write(
-                f"epoch {m['epoch']}: train loss {m['train_loss']:.4f}, test loss "
-                f"{m['test_loss']:.4f}, test accuracy {100 * m['test_accuracy']:.2f}% | "
-                f"{m['train_time_s']:.2f} s, {m['steps_per_s']:,.0f} steps/s\n"
-            )
-            self.stream.flush()
-
-
-def write_atomic(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    A crash or kill before the rename leaves ``path`` as it was (the previous good version); a
-    failed write removes its temporary file. Leftovers of killed earlier writes are swept after
-    the next successful one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.name}."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    for stale in path.parent.glob(f"{prefix}*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    write_atomic(path, lambda f: torch.save(state, f))
+# settings that must match for a resumed run to continue the same run
+_RESUME_KEYS = ("impl", "batch_size", "lr", "seed", "train_size", "test_size", "world_size")
+# what a resume reads from a checkpoint
+_CHECKPOINT_KEYS = ("format", "run", "epoch", "model", "optimizer", "rng", "history")
+_HISTORY_KEYS = ("epoch", "steps", "train_loss", "test_loss", "test_accuracy")
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--resume {path}: no such checkpoint file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UsageError(f"--resume {path}: not a readable checkpoint ({err})") from err
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"--resume {path}: not a gpufit MNIST checkpoint")
+    """A checkpoint of ``gpufit mnist``, checked for everything a resume reads before the model
+    exists; a UsageError names what is wrong with it. ``resume_problems`` checks the rest."""
+    state = training.read_checkpoint(path)
+    problems = checkpoint_problems(state)
+    if problems:
+        raise UsageError(f"--resume {path}: {'; '.join(problems)}")
     return state
 
 
-# checkpoint settings that must match for a resumed run to continue the same run
-_RESUME_KEYS = ("impl", "batch_size", "lr", "seed", "train_size", "test_size", "world_size")
+def checkpoint_problems(state) -> list[str]:
+    """Why ``state`` is not a well-formed checkpoint of this format (empty when it is)."""
+    describe = training.describe
+    if not isinstance(state, dict):
+        return [f"it holds {describe(state)}, not a gpufit MNIST checkpoint"]
+    if "format" not in state:
+        if state and all(isinstance(v, torch.Tensor) for v in state.values()):
+            return [
+                "it holds bare model weights (a state_dict), not a gpufit MNIST checkpoint: "
+                "there is no optimizer state or epoch to resume from"
+            ]
+        return ["it is not a gpufit MNIST checkpoint (it has no 'format' entry)"]
+    if state["format"] != CHECKPOINT_FORMAT:
+        return [f"its format is {describe(state['format'])}; this gpufit reads {CHECKPOINT_FORMAT}"]
+    missing = [k for k in _CHECKPOINT_KEYS if k not in state]
+    if missing:
+        return [f"it lacks {', '.join(missing)}"]
+    problems = []
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+        problems.append(f"its epoch is {describe(epoch)}, not a count of finished epochs (>= 1)")
+    if not isinstance(state["run"], dict):
+        problems.append(f"its run settings are {describe(state['run'])}, not a dict")
+    history = state["history"]
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        problems.append(f"its history is {describe(history)}, not a list of per-epoch metrics")
+    elif isinstance(epoch, int) and len(history) != epoch:
+        problems.append(f"its history has {len(history)} epochs, but its epoch is {epoch}")
+    else:
+        for number, metrics in enumerate(history, start=1):
+            bad = [k for k in _HISTORY_KEYS if not _is_number(metrics.get(k))]
+            if bad:
+                problems.append(f"epoch {number} of its history lacks numbers for {', '.join(bad)}")
+                break
+    rng = state["rng"]
+    if not isinstance(rng, dict) or not all(
+        _is_rng_state(rng.get(k)) for k in ("torch", "shuffle")
+    ):
+        problems.append("its random number generator state is missing or damaged")
+    return problems
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_rng_state(value) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dtype == torch.uint8
+        and value.shape == torch.get_rng_state().shape
+    )
+
+
+def resume_problems(state: dict, run_id: dict, trainer) -> list[str]:
+    """Why a well-formed checkpoint cannot continue this trainer's run (empty when it can)."""
+    model = training.model_state_problems(trainer.model, state["model"])
+    if model:
+        return [f"its model weights do not fit the 784-256-10 MLP: {'; '.join(model)}"]
+    return training.adam_state_problems(trainer.optimizer, state["optimizer"])
 
 
 def _rng_state(trainer, device) -> dict:
@@ -494,26 +448,10 @@ class RunResult:
     model: nn.Module | None = None
 
 
-def pick_device(requested: str, dist: Distributed) -> torch.device:
-    if requested not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device {requested!r}: choose cpu, cuda or auto")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
-    use_cuda = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
-    if not use_cuda:
-        return torch.device("cpu")
-    return torch.device("cuda", dist.local_rank if dist.active else torch.cuda.current_device())
-
-
 def _check_config(cfg: TrainConfig, dist: Distributed) -> None:
-    if cfg.impl not in IMPLS:
-        raise UsageError(f"--impl {cfg.impl!r}: choose one of {', '.join(IMPLS)}")
-    for name in ("epochs", "batch_size", "limit_train", "limit_test", "threads"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
-        raise UsageError(f"--lr must be a positive number, got {cfg.lr}")
+    problems = config_problems(cfg)
+    if problems:
+        raise UsageError("; ".join(problems))
     if cfg.batch_size % dist.world_size:
         raise UsageError(
             f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over "
@@ -522,35 +460,25 @@ def _check_config(cfg: TrainConfig, dist: Distributed) -> None:
 
 
 def train(cfg: TrainConfig) -> RunResult:
-    """Train as configured and return the metrics; the CLI is a thin layer over this."""
+    """Train as configured and return the metrics; the CLI is a thin layer over this.
+
+    Everything that can be checked before training is: the config, the output folder (a
+    folder, writable, with room), and a checkpoint to resume from (well-formed, and fitting
+    this run's model and optimizer). A problem raises UsageError before any epoch runs."""
     dist = Distributed.from_env()
     _check_config(cfg, dist)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device, dist)
-    if dist.active:
-        import torch.distributed as torch_dist
-
-        if not torch_dist.is_initialized():
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        return _train(cfg, dist, device)
-    finally:
-        if dist.active:
-            import torch.distributed as torch_dist
-
-            if torch_dist.is_initialized():
-                torch_dist.destroy_process_group()
-
-
-def _train(cfg: TrainConfig, dist: Distributed, device: torch.device) -> RunResult:
+    torch.set_num_threads(cfg.threads)
+    device = training.pick_device(cfg.device, dist)
     resume_state = load_checkpoint(cfg.resume) if cfg.resume else None
     out = Path(cfg.out) if cfg.out else (Path(cfg.resume).parent if cfg.resume else None)
-    writer = dist.rank == 0
-    progress = Progress(cfg.quiet or not writer)
+    if out is not None and dist.writer:
+        training.check_output_dir(out, "--out" if cfg.out else "--resume's folder")
+    with training.process_group(dist, device):
+        return _train(cfg, dist, device, out, resume_state)
 
+
+def _train(cfg, dist: Distributed, device, out: Path | None, resume_state) -> RunResult:
+    progress = training.Progress(cfg.quiet or not dist.writer)
     source = mnist_data.resolve_source(cfg.data_dir, cfg.download)
     trainer = TRAINERS[cfg.impl](cfg, source, device, dist)
     run_id = {
@@ -563,6 +491,7 @@ def _train(cfg: TrainConfig, dist: Distributed, device: torch.device) -> RunResu
         "world_size": dist.world_size,
     }
     result = RunResult(config={**asdict(cfg), **run_id, "device": str(device)})
+    data_line = source.describe(trainer.train_size, trainer.test_size)
 
     first_epoch = 0
     if resume_state is not None:
@@ -579,22 +508,38 @@ def _train(cfg: TrainConfig, dist: Distributed, device: torch.device) -> RunResu
                 f"--resume {cfg.resume} has already trained {first_epoch} epochs; pass "
                 f"--epochs larger than {first_epoch} to train on"
             )
-        trainer.model.load_state_dict(resume_state["model"])
-        trainer.optimizer.load_state_dict(resume_state["optimizer"])
-        _set_rng_state(trainer, device, resume_state["rng"])
+        problems = resume_problems(resume_state, run_id, trainer)
+        if problems:
+            raise UsageError(f"--resume {cfg.resume}: {'; '.join(problems)}")
+        try:
+            trainer.model.load_state_dict(resume_state["model"])
+            trainer.optimizer.load_state_dict(resume_state["optimizer"])
+            _set_rng_state(trainer, device, resume_state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            raise UsageError(
+                f"--resume {cfg.resume}: cannot be loaded ({training.first_line(err)})"
+            ) from None
         result.history = list(resume_state["history"])
+    if out is not None and dist.writer:
+        checkpoint = training.state_bytes(trainer.model.state_dict()) * 3  # weights + 2 moments
+        training.check_free_space(out, 2 * checkpoint + 2**20)
 
+    threads = f"{cfg.threads} thread{'s' if cfg.threads > 1 else ''}"
+    progress.line(
+        f"training --impl {cfg.impl} on {device} ({threads}), {cfg.epochs} epochs of batch "
+        f"{cfg.batch_size}: {data_line}"
+    )
     steps = trainer.steps_per_epoch()
     for epoch in range(first_epoch, cfg.epochs):
         losses, sizes = [], []
-        _sync(device)
+        training.sync(device)
         start = time.perf_counter()
         for step, (x, y) in enumerate(trainer.batches(epoch), start=1):
             loss = trainer.train_step(x, y)
             losses.append(loss.detach())
             sizes.append(len(y))
             progress.update(epoch + 1, cfg.epochs, step, steps, loss, start, cfg.batch_size)
-        _sync(device)
+        training.sync(device)
         train_time = time.perf_counter() - start
 
         step_losses = torch.stack(losses)
@@ -622,10 +567,10 @@ def _train(cfg: TrainConfig, dist: Distributed, device: torch.device) -> RunResu
             "samples_per_s": sum(sizes) * dist.world_size / train_time,
         }
         result.history.append(metrics)
-        progress.epoch_done(metrics)
-        result.summary = _summary(result, device, dist)
-        result.summary["data"] = source.describe(trainer.train_size, trainer.test_size)
-        if writer and out is not None:
+        progress.line(epoch_line(metrics))
+        result.summary = _summary(result, device, dist, cfg.threads)
+        result.summary["data"] = data_line
+        if dist.writer and out is not None:
             state = {
                 "format": CHECKPOINT_FORMAT,
                 "run": run_id,
@@ -636,10 +581,10 @@ def _train(cfg: TrainConfig, dist: Distributed, device: torch.device) -> RunResu
                 "rng": _rng_state(trainer, device),
                 "history": result.history,
             }
-            save_checkpoint(out / "checkpoint.pt", state)
+            training.write_or_explain(out / "checkpoint.pt", lambda f, s=state: torch.save(s, f))
             metrics_doc = {"config": result.config, "epochs": result.history}
             metrics_doc["summary"] = result.summary
-            write_atomic(
+            training.write_or_explain(
                 out / "metrics.json",
                 lambda f, d=metrics_doc: f.write(json.dumps(d, indent=2).encode()),
             )
@@ -647,12 +592,15 @@ def _train(cfg: TrainConfig, dist: Distributed, device: torch.device) -> RunResu
     return result
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def epoch_line(m: dict) -> str:
+    return (
+        f"epoch {m['epoch']}: train loss {m['train_loss']:.4f}, test loss "
+        f"{m['test_loss']:.4f}, test accuracy {100 * m['test_accuracy']:.2f}% | "
+        f"{m['train_time_s']:.2f} s, {m['steps_per_s']:,.0f} steps/s"
+    )
 
 
-def _summary(result: RunResult, device, dist: Distributed) -> dict:
+def _summary(result: RunResult, device, dist: Distributed, threads: int) -> dict:
     history = result.history
     timed = [m for m in history if "train_time_s" in m]
     total_steps = sum(m["steps"] for m in timed)
@@ -666,86 +614,30 @@ def _summary(result: RunResult, device, dist: Distributed) -> dict:
         "time_per_epoch_s": total_time / len(timed),
         "steps_per_s": total_steps / total_time,
         "device": str(device),
+        "threads": threads,
         "world_size": dist.world_size,
     }
 
 
 def summary_line(summary: dict) -> str:
     procs = f" x{summary['world_size']} processes" if summary["world_size"] > 1 else ""
+    threads = summary["threads"]
     return (
         f"mnist --impl {summary['impl']}: test accuracy {100 * summary['test_accuracy']:.2f}% "
         f"after {summary['epochs']} epochs | {summary['time_per_epoch_s']:.3f} s/epoch, "
-        f"{summary['steps_per_s']:,.0f} steps/s | {summary['device']}{procs} | {summary['data']}"
+        f"{summary['steps_per_s']:,.0f} steps/s | {summary['device']}, {threads} "
+        f"thread{'s' if threads > 1 else ''}{procs} | {summary['data']}"
     )
 
 
 # ================================================================ command line
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    parser.add_argument("--impl", choices=IMPLS, default=d.impl, help="default: %(default)s")
-    parser.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    parser.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=d.batch_size,
-        help="global batch size (split over the processes under torchrun); default %(default)s",
-    )
-    parser.add_argument("--lr", type=_positive_float, default=d.lr)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default=d.device)
-    parser.add_argument(
-        "--data-dir",
-        help="folder holding MNIST/raw/ with the four IDX files (torchvision's layout); default: "
-        "the 5,000-digit MNIST sample shipped with gpufit, or the cache with --download",
-    )
-    parser.add_argument(
-        "--download", action="store_true", help="download MNIST with torchvision if missing"
-    )
-    parser.add_argument("--out", help="folder for metrics.json and checkpoint.pt (each epoch)")
-    parser.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint.pt")
-    parser.add_argument(
-        "--limit-train", type=_positive_int, help="use only the first N training samples"
-    )
-    parser.add_argument(
-        "--limit-test", type=_positive_int, help="use only the first N test samples"
-    )
-    parser.add_argument("--threads", type=_positive_int, help="torch.set_num_threads(N)")
-    parser.add_argument(
-        "--quiet", action="store_true", help="no progress bar or epoch lines, only the summary"
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__})
-
-
 def run_cli(args: argparse.Namespace) -> int:
     prog = "gpufit mnist"
     try:
         result = train(config_from_args(args))
-    except (UsageError, mnist_data.MNISTDataError) as err:
+    except (UsageError, OutputError, mnist_data.MNISTDataError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, UsageError) else 1
     except ModuleNotFoundError as err:
@@ -760,7 +652,7 @@ def run_cli(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
-    if Distributed.from_env().rank == 0:
+    if Distributed.from_env().writer:
         print(summary_line(result.summary), flush=True)
     return 0
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,12 +89,44 @@ class Wheel:
     url: str
 
 
+def _run_with_progress(
+    run: Runner, argv: Sequence[str], progress: Callable[[str], None], tick_s: float
+) -> subprocess.CompletedProcess:
+    """``run(argv)``, reporting the elapsed time every ``tick_s`` seconds while it runs."""
+    done: list = []
+
+    def work():
+        try:
+            done.append(("ok", run(argv)))
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            done.append(("error", exc))
+
+    start = time.monotonic()
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    while True:
+        worker.join(tick_s)
+        if not worker.is_alive():
+            break
+        progress(f"  still resolving ({time.monotonic() - start:.0f} s)")
+    kind, value = done[0]
+    if kind == "error":
+        raise value
+    return value
+
+
 @dataclass
 class UvResolver:
-    """Resolves requirements for one platform and Python with ``uv pip compile``."""
+    """Resolves requirements for one platform and Python with ``uv pip compile``.
+
+    ``progress`` (e.g. a line printer) hears what is resolved, from where, how long it has been
+    running (every ``tick_s`` seconds) and what came out: a first resolve of CUDA wheels reads
+    the metadata of GB-sized wheels and can take minutes."""
 
     run: Runner = _run
     uv: Sequence[str] = field(default_factory=uv_command)
+    progress: Callable[[str], None] | None = None
+    tick_s: float = 15.0
 
     def resolve(
         self,
@@ -131,7 +165,15 @@ class UvResolver:
                 "--no-config",
                 "--quiet",
             ]
-            res = self.run(argv)
+            start = time.monotonic()
+            if self.progress is None:
+                res = self.run(argv)
+            else:
+                self.progress(
+                    f"resolving {' '.join(requirements)} for {platform}, Python {py}, "
+                    f"from {index_url}"
+                )
+                res = _run_with_progress(self.run, argv, self.progress, self.tick_s)
             if res.returncode != 0 or not out.exists():
                 msg = (res.stderr or res.stdout or "").strip()[-3000:]
                 raise LockgenError(
@@ -157,6 +199,8 @@ class UvResolver:
                 wheels.append(Wheel(name, version, sha, w.get("url", "")))
         if not wheels:
             raise LockgenError(f"uv resolved nothing for {' '.join(requirements)}")
+        if self.progress is not None:
+            self.progress(f"  resolved {len(wheels)} wheels in {time.monotonic() - start:.0f} s")
         return wheels
 
 

@@ -349,3 +349,30 @@ def test_without_uv_the_error_says_how_to_get_it(monkeypatch):
     )
     with pytest.raises(LockgenError, match=r"pip install uv==0\.13\.9"):
         pip.UvResolver()
+
+
+def test_pip_resolve_reports_its_progress(matrix, tmp_path):
+    fast = fake_uv(cu130_wheels)
+
+    def slow(argv):  # a resolve that takes a while, as one of CUDA wheels does
+        import time
+
+        time.sleep(0.5)
+        return fast(argv)
+
+    lines = []
+    resolver = UvResolver(run=slow, progress=lines.append, tick_s=0.1)
+    lock_pip(matrix.target("cu130"), tmp_path, resolver)
+    assert lines[0].startswith("resolving torch==2.14.1 torchvision==0.29.1")
+    assert "for linux-64, Python 3." in lines[0] and "from https://pypi.org/simple" in lines[0]
+    assert any(line.startswith("  still resolving (") for line in lines)
+    assert lines[-1].startswith("  resolved ") and " wheels in " in lines[-1]
+
+
+def test_pip_resolve_errors_still_raise_with_progress(matrix, tmp_path):
+    def broken(argv):
+        raise OSError("pip vanished")
+
+    resolver = UvResolver(run=broken, progress=lambda line: None, tick_s=0.1)
+    with pytest.raises(OSError, match="pip vanished"):
+        lock_pip(matrix.target("cu130"), tmp_path, resolver)

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,7 +120,7 @@ def test_matrix_json_cuda_filter():
 
 
 def test_targets_json_exposes_what_render_needs():
-    rc, out, _ = cli("targets", "cu129")
+    rc, out, _ = cli("targets", "cu129", "--format", "json")
     t = json.loads(out)
     assert rc == 0
     assert t["pip_index_url"] == "https://download.pytorch.org/whl/cu129"
@@ -181,3 +182,29 @@ def test_python_m_lockgen_bad_input():
         "lockgen: error: unknown target 'nope' (known targets: cpu, "
         "cu118, cu121, cu124, cu126, cu128, cu129, cu130)"
     )
+
+
+def test_one_target_is_a_table_by_default():
+    rc, out, _ = cli("targets", "cu130")
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("cu130: torch 2.14.1 + torchvision 0.29.1")
+    rows = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in lines[1:])
+    assert rows["pip index"] == "https://download.pytorch.org/whl/cu130"
+    assert "__cuda=13.0" in rows["virtual packages"]
+    assert rows["GPU archs"].endswith("12.0+PTX")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(out)
+
+
+def test_install_given_a_pip_hash_lock_says_what_install_takes(tmp_path):
+    lock = tmp_path / "cu130.requirements.txt"
+    lock.write_text(
+        "# comment\n--index-url https://pypi.org/simple\n\ntorch==2.14.1 \\\n"
+        "    --hash=sha256:" + "a" * 64 + "\n"
+    )
+    rc, out, err = cli("install", str(lock), "--prefix", str(tmp_path / "env"))
+    assert rc == 2 and out == ""
+    assert "is a pip requirements file; lockgen install takes a conda lockfile" in err
+    assert f"pip install --require-hashes -r {lock}" in err
+    assert not (tmp_path / "env").exists()
