@@ -218,13 +218,17 @@ struct CpuPlan {
   int64_t budget;  // Blocks: scratch elements for all threads together
 };
 
+// Logits this small (1 MiB of fp32) are computed in one chunk whatever PyTorch's rule says: a
+// few hundred tiny tiles would cost more than the memory they save.
+constexpr int64_t kOneChunkMax = int64_t(1) << 18;
+
 inline CpuPlan cpu_plan(int64_t N, int64_t V, int64_t H, int64_t chunk_size) {
   using Kind = CpuPlan::Kind;
   if (chunk_size > 0) {
     return chunk_size >= N ? CpuPlan{Kind::OneChunk, N, 0} : CpuPlan{Kind::RowChunks, chunk_size, 0};
   }
   const int64_t rows = torch_chunk_rows(N, V, H);
-  if (N <= 0 || rows >= N) return {Kind::OneChunk, N, 0};
+  if (N <= 0 || rows >= N || N * V <= kOneChunkMax) return {Kind::OneChunk, N, 0};
   return {Kind::Blocks, 0, rows * V};
 }
 

@@ -326,7 +326,7 @@ def fused_linear_cross_entropy(
       logits); for bf16/fp16 the vocabulary is blocked instead and it is the number of classes
       per block (peak about N x chunk_size). None picks the split from N, V, H and the dtype; on
       CPU, fp32/fp64 then never take more scratch than PyTorch's own chunked
-      ``F.linear_cross_entropy``.
+      ``F.linear_cross_entropy`` (or 1 MiB of logits, where that is more).
     - ``return_lse``: also return the per-row log-sum-exp ``lse_i`` (shape ``target.shape``,
       dtype as the loss's, computed for ignored rows too). It is differentiable
       (d lse_i / d logit_ij = softmax_ij), so a term built from it trains.

@@ -121,10 +121,10 @@ def test_matches_torch_cpu(dtype, reduction, ignore_index, label_smoothing, z_lo
 @pytest.mark.parametrize("ignore_index,label_smoothing,z_loss", OPTIONS)
 def test_matches_torch_cpu_vocabulary_blocks(dtype, reduction, ignore_index, label_smoothing,
                                              z_loss):  # fmt: skip
-    # With no chunk_size, a vocabulary this much larger than H leaves PyTorch's chunk rule less
-    # than 64 rows, so the CPU takes vocabulary blocks (64 classes here; V = 1000 ends on a short
-    # block) and still computes the gradients in forward.
-    x, w, t, b = make_inputs((130,), 4, 1000, dtype, ignore=ignore_index)
+    # With no chunk_size, a vocabulary this much larger than H leaves PyTorch's chunk rule one
+    # row, and the logits (390K) are over the one-chunk floor, so the CPU takes vocabulary blocks
+    # (V = 3000 ends on a short block) and still computes the gradients in forward.
+    x, w, t, b = make_inputs((130,), 4, 3000, dtype, ignore=ignore_index)
     assert_matches_torch(
         x, w, t, b, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss,
@@ -357,7 +357,7 @@ def test_gradcheck_float64():
 PLANS = [
     ("one chunk", (12,), 16, 10, None, torch.float32),
     ("row chunks", (12,), 8, 30, 4, torch.float32),
-    ("vocabulary blocks", (40,), 4, 300, None, torch.float32),
+    ("vocabulary blocks", (40,), 4, 8000, None, torch.float32),
     ("vocabulary blocks, many row tiles", (300,), 4, 3000, None, torch.float32),
     ("bf16 blocks", (12,), 8, 30, 16, torch.bfloat16),
     ("fp64", (12,), 8, 30, None, torch.float64),
