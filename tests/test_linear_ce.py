@@ -353,7 +353,8 @@ def test_gradcheck_float64():
 
 # ---------------------------------------------------------------- cases from the field's suites
 # Re-expressed from PyTorch's own linear_cross_entropy / cross_entropy tests, Liger-Kernel's and
-# Cut Cross-Entropy's suites, on each CPU path: (name, leading shape, H, V, chunk_size, dtype).
+# Cut Cross-Entropy's suites, on each CPU path: (name, leading shape, H, V, chunk_size, dtype),
+# and on CUDA where a GPU is visible (the same shapes through the CUDA kernels' chunk loops).
 PLANS = [
     ("one chunk", (12,), 16, 10, None, torch.float32),
     ("row chunks", (12,), 8, 30, 4, torch.float32),
@@ -365,14 +366,16 @@ PLANS = [
 PLAN_IDS = [p[0] for p in PLANS]
 FP_PLANS = [p for p in PLANS if p[5] != torch.bfloat16]
 FP_PLAN_IDS = [p[0] for p in FP_PLANS]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,lead,h,v,chunk,dtype", PLANS, ids=PLAN_IDS)
 @pytest.mark.parametrize("z_loss", [0.0, 1e-3])
-def test_masked_vocabulary_minus_inf_logits(name, lead, h, v, chunk, dtype, z_loss):
+def test_masked_vocabulary_minus_inf_logits(name, lead, h, v, chunk, dtype, z_loss, device):
     """A vocabulary masked through the bias (padding classes at -inf, never a target) gives a
     finite loss and gradients, as F.cross_entropy does: no 0 * -inf in the smoothing term."""
-    x, w, t, b = make_inputs(lead, h, v, dtype, ignore=-100)
+    x, w, t, b = make_inputs(lead, h, v, dtype, device=device, ignore=-100)
     b[v - v // 3 :] = -float("inf")
     t = torch.where(t >= v - v // 3, t % (v // 2), t)
     loss, grads = run(ops.fused_linear_cross_entropy, x, w, t, b, chunk_size=chunk, z_loss=z_loss)
@@ -381,12 +384,13 @@ def test_masked_vocabulary_minus_inf_logits(name, lead, h, v, chunk, dtype, z_lo
     assert_matches_torch(x, w, t, b, chunk_size=chunk, z_loss=z_loss)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,lead,h,v,chunk,dtype", PLANS, ids=PLAN_IDS)
 def test_masked_vocabulary_with_label_smoothing_is_inf_like_pytorch(name, lead, h, v, chunk,
-                                                                   dtype):  # fmt: skip
+                                                                   dtype, device):  # fmt: skip
     # With smoothing every class gets target mass, and a -inf logit makes the loss inf, in
     # PyTorch too.
-    x, w, t, b = make_inputs(lead, h, v, dtype)
+    x, w, t, b = make_inputs(lead, h, v, dtype, device=device)
     b[-1] = -float("inf")
     t = t % (v - 1)
     loss = ops.fused_linear_cross_entropy(x, w, t, b, chunk_size=chunk, label_smoothing=0.1)
@@ -394,16 +398,18 @@ def test_masked_vocabulary_with_label_smoothing_is_inf_like_pytorch(name, lead, 
     assert torch.isinf(want) and torch.isinf(loss), name
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("chunk", [None, 2])
-def test_large_common_logit_pytorch_case(dtype, chunk):
+def test_large_common_logit_pytorch_case(dtype, chunk, device):
     """PyTorch's own case: every logit equals 4096 * 4096, so the loss is log(8) and grad_x is
     0; a loss formed as (max + log s) - z_target rounds to 2.0 in fp32."""
-    x = torch.full((4, 1), 4096.0, dtype=dtype, requires_grad=True)
-    w = torch.full((8, 1), 4096.0, dtype=dtype, requires_grad=True)
-    loss = ops.fused_linear_cross_entropy(x, w, torch.tensor([0, 3, 5, 7]), chunk_size=chunk)
+    x = torch.full((4, 1), 4096.0, dtype=dtype, device=device, requires_grad=True)
+    w = torch.full((8, 1), 4096.0, dtype=dtype, device=device, requires_grad=True)
+    t = torch.tensor([0, 3, 5, 7], device=device)
+    loss = ops.fused_linear_cross_entropy(x, w, t, chunk_size=chunk)
     loss.backward()
-    torch.testing.assert_close(loss.double(), torch.tensor(math.log(8), dtype=torch.float64))
+    torch.testing.assert_close(loss.double().cpu(), torch.tensor(math.log(8), dtype=torch.float64))
     assert x.grad.abs().max() <= 1e-3, x.grad
 
 
@@ -418,13 +424,14 @@ def dyadic_inputs(lead, h, v, offset, seed=0):
     return x, w, t, b
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,lead,h,v,chunk,dtype", FP_PLANS, ids=FP_PLAN_IDS)
 @pytest.mark.parametrize("offset", [2.0**17, -(2.0**17)])
-def test_large_bias_offset(name, lead, h, v, chunk, dtype, offset):
+def test_large_bias_offset(name, lead, h, v, chunk, dtype, offset, device):
     """Logits sharing an offset of 1.3e5 (fp32 spacing there: 1/64), exact in fp32: loss and
     gradients as precise as without the offset, as PyTorch's log_softmax is (forming them from
     a rounded lse errs by up to 1/128)."""
-    x, w, t, b = dyadic_inputs(lead, h, v, offset)
+    x, w, t, b = (a.to(device) for a in dyadic_inputs(lead, h, v, offset))
     t.view(-1)[::5] = -100
     cast = [a.to(dtype) for a in (x, w, b)]
     opts = dict(reduction="none", label_smoothing=0.1, z_loss=0.0)
@@ -436,12 +443,13 @@ def test_large_bias_offset(name, lead, h, v, chunk, dtype, offset):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4, msg=what)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,lead,h,v,chunk,dtype", PLANS, ids=PLAN_IDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_lse_is_differentiable(name, lead, h, v, chunk, dtype, reduction):
+def test_lse_is_differentiable(name, lead, h, v, chunk, dtype, reduction, device):
     """A z-loss built from the returned lse trains, as Cut Cross-Entropy's lse does: its
     gradient is that of torch.logsumexp of the eager logits (also for ignored rows)."""
-    x, w, t, b = make_inputs(lead, h, v, dtype, ignore=-100)
+    x, w, t, b = make_inputs(lead, h, v, dtype, device=device, ignore=-100)
 
     def fused(x, w, t, b):
         loss, lse = ops.fused_linear_cross_entropy(
@@ -462,9 +470,10 @@ def test_lse_is_differentiable(name, lead, h, v, chunk, dtype, reduction):
         torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol, msg=what)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,lead,h,v,chunk,dtype", PLANS, ids=PLAN_IDS)
-def test_lse_alone_gets_its_gradient(name, lead, h, v, chunk, dtype):
-    x, w, t, b = make_inputs(lead, h, v, dtype)
+def test_lse_alone_gets_its_gradient(name, lead, h, v, chunk, dtype, device):
+    x, w, t, b = make_inputs(lead, h, v, dtype, device=device)
 
     def lse_only(x, w, t, b):
         return ops.fused_linear_cross_entropy(x, w, t, b, chunk_size=chunk, return_lse=True)[1]
@@ -477,11 +486,12 @@ def test_lse_alone_gets_its_gradient(name, lead, h, v, chunk, dtype):
         torch.testing.assert_close(got.double(), ref, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_inputs_give_fp32_loss_and_lse(dtype):
+def test_half_inputs_give_fp32_loss_and_lse(dtype, device):
     """Per-token loss and lse of half inputs come back in fp32, not rounded to 8 (bf16) or 11
     (fp16) bits."""
-    x, w, t, b = make_inputs((64,), 16, 50, dtype, scale=3.0)
+    x, w, t, b = make_inputs((64,), 16, 50, dtype, device=device, scale=3.0)
     loss, lse = ops.fused_linear_cross_entropy(x, w, t, b, reduction="none", return_lse=True)
     assert loss.dtype == lse.dtype == torch.float32
     for values in (loss, lse):
@@ -520,18 +530,19 @@ def eager_loss(x, w, t, b, **kwargs):
     return F.cross_entropy(F.linear(x, w, b), t, **kwargs)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,lead,h,v,chunk,dtype", PLANS[:4], ids=PLAN_IDS[:4])
 @pytest.mark.parametrize("hidden", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_autocast_runs_like_eager(name, lead, h, v, chunk, dtype, hidden, autocast_dtype):
+def test_autocast_runs_like_eager(name, lead, h, v, chunk, dtype, hidden, autocast_dtype, device):
     """Under torch.autocast the op casts x, weight and bias as F.linear does (a bf16 hidden
     state with an fp32 head runs, as a Hugging Face model under autocast passes it), returns an
     fp32 loss, and each parameter gets its gradient in its own dtype, close to eager's."""
-    x, w, t, b = make_inputs(lead, h, v, torch.float32, ignore=-100)
+    x, w, t, b = make_inputs(lead, h, v, torch.float32, device=device, ignore=-100)
     x = x.to(hidden)
     fused = [a.clone().requires_grad_() for a in (x, w, b)]
     eager = [a.clone().requires_grad_() for a in (x, w, b)]
-    with torch.autocast("cpu", dtype=autocast_dtype):
+    with torch.autocast(device, dtype=autocast_dtype):
         loss = ops.fused_linear_cross_entropy(*fused[:2], t, fused[2], chunk_size=chunk)
         want = eager_loss(eager[0], eager[1], t, eager[2])
     assert loss.dtype == want.dtype == torch.float32
@@ -586,12 +597,13 @@ def test_backward_inside_autocast_keeps_fp32(name, lead, h, v, chunk, dtype, red
 # ---------------------------------------------------------------- double backward
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("chunk", [None, 2])
-def test_hessian_matches_the_unfused_op(reduction, chunk):
+def test_hessian_matches_the_unfused_op(reduction, chunk, device):
     """torch.autograd.functional.hessian through the op (create_graph=True) equals the
     unfused one's, in float64: double backward is computed, never a silent zero."""
-    x, w, t, b = make_inputs((5,), 3, 4, torch.float64, ignore=1)
+    x, w, t, b = make_inputs((5,), 3, 4, torch.float64, device=device, ignore=1)
     opts = dict(ignore_index=1, reduction=reduction, label_smoothing=0.2, z_loss=0.01)
 
     def fused(x, w, b):

@@ -163,6 +163,9 @@ def test_nan_propagates_like_torch_relu():
     )
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
 def eager_linear_relu(x, w, b):
     return torch.relu(F.linear(x, w, b))
 
@@ -174,14 +177,15 @@ def grads_of(fn, x, w, b, grad):
     return out.detach(), [t.grad for t in leaves]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_nan_pre_activation_backward_matches_torch(bias):
+def test_nan_pre_activation_backward_matches_torch(bias, device):
     """relu(nan) is nan, and torch's relu backward (threshold_backward on the output) passes
     the gradient of a nan on: the fused backward does the same."""
-    x = torch.tensor([[float("nan"), 1.0], [2.0, -1.0]])
-    w = torch.tensor([[1.0, -1.0], [0.5, 0.5]])
-    b = torch.tensor([0.0, -4.0]) if bias else None
-    grad = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    x = torch.tensor([[float("nan"), 1.0], [2.0, -1.0]], device=device)
+    w = torch.tensor([[1.0, -1.0], [0.5, 0.5]], device=device)
+    b = torch.tensor([0.0, -4.0], device=device) if bias else None
+    grad = torch.tensor([[1.0, 2.0], [3.0, 4.0]], device=device)
     out, grads = grads_of(ops.fused_linear_relu, x, w, b, grad)
     ref, ref_grads = grads_of(eager_linear_relu, x, w, b, grad)
     torch.testing.assert_close(out, ref, equal_nan=True)
@@ -189,15 +193,16 @@ def test_nan_pre_activation_backward_matches_torch(bias):
         torch.testing.assert_close(got, want, equal_nan=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_autocast_like_torch_relu_linear(dtype, bias):
+def test_autocast_like_torch_relu_linear(dtype, bias, device):
     """Under torch.autocast the op casts x, weight and bias to the autocast dtype as F.linear
     does: output in that dtype, backward outside the region works, fp32 gradients for the fp32
     parameters."""
-    x, w, b = make_inputs((16,), 32, 24, torch.float32, bias=bias)
-    grad = torch.randn(16, 24)
-    with torch.autocast("cpu", dtype=dtype):
+    x, w, b = make_inputs((16,), 32, 24, torch.float32, device=device, bias=bias)
+    grad = torch.randn(16, 24, device=device)
+    with torch.autocast(device, dtype=dtype):
         out, grads = grads_of(ops.fused_linear_relu, x, w, b, grad)
         ref, ref_grads = grads_of(eager_linear_relu, x, w, b, grad)
     assert out.dtype == ref.dtype == dtype
@@ -239,10 +244,11 @@ def test_backward_inside_autocast_keeps_fp32():
         assert (got.grad.double() - want.grad).norm() <= 1e-5 * want.grad.norm()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_hessian_matches_torch(bias):
+def test_hessian_matches_torch(bias, device):
     """Double backward (create_graph=True) is computed, never a silent zero."""
-    x, w, b = make_inputs((4,), 3, 5, torch.float64, bias=bias, seed=2)
+    x, w, b = make_inputs((4,), 3, 5, torch.float64, device=device, bias=bias, seed=2)
     inputs = tuple(t for t in (x, w, b) if t is not None)
 
     def loss(fn):
