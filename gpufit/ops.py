@@ -1,7 +1,7 @@
 """gpufit's operators: thin wrappers over torch.ops.gpufit.*, with their fake kernels (for
 torch.compile and meta tensors). The kernels come from the backend that gpufit._backend picked
-(compiled, JIT or pure-PyTorch reference); the compiled ones bring their autograd along, the
-reference backend gets the Python autograd formulas here.
+(compiled, JIT or pure-PyTorch reference); the compiled ones bring their autograd and autocast
+rule along (csrc/autograd.cpp, csrc/autocast.cpp), the reference backend gets both here.
 """
 
 from __future__ import annotations
