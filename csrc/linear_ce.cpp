@@ -225,7 +225,8 @@ constexpr int64_t kOneChunkMax = int64_t(1) << 18;
 inline CpuPlan cpu_plan(int64_t N, int64_t V, int64_t H, int64_t chunk_size) {
   using Kind = CpuPlan::Kind;
   if (chunk_size > 0) {
-    return chunk_size >= N ? CpuPlan{Kind::OneChunk, N, 0} : CpuPlan{Kind::RowChunks, chunk_size, 0};
+    if (chunk_size >= N) return {Kind::OneChunk, N, 0};
+    return {Kind::RowChunks, chunk_size, 0};
   }
   const int64_t rows = torch_chunk_rows(N, V, H);
   if (N <= 0 || rows >= N || N * V <= kOneChunkMax) return {Kind::OneChunk, N, 0};
@@ -382,7 +383,8 @@ inline EnginePlan engine_plan(int64_t N, int64_t V, int64_t H, int64_t budget) {
       1, std::min<int64_t>({at::get_num_threads(), budget / kTileMin, work / kWorkPerWorker}));
   p.tile = std::max<int64_t>(256, std::min(kTileMax, budget / p.workers));
   const int64_t per_worker = (N + p.workers - 1) / p.workers;
-  p.rows_a = std::min<int64_t>(N, std::clamp<int64_t>(linear_ce::next_pow2(per_worker), 64, kRowsMax));
+  p.rows_a = std::min<int64_t>(
+      N, std::clamp<int64_t>(linear_ce::next_pow2(per_worker), 64, kRowsMax));
   p.cols_a = std::min(V, std::max<int64_t>(16, round_down16(std::min(p.tile, kTileA) / p.rows_a)));
   p.rows_b = std::min<int64_t>(N, kRowsMax);
   p.cols_b = std::min(V, std::max<int64_t>(16, round_down16(p.tile / p.rows_b)));
@@ -404,7 +406,8 @@ template <typename scalar_t>
 GradRows<scalar_t> grad_rows(const int64_t* target, int64_t N, int64_t ignore_index, int64_t V,
                              const scalar_t* lse, const scalar_t* lse_lo, const scalar_t* scale,
                              bool per_row, const scalar_t* grad_lse, double eps, double z_loss) {
-  GradRows<scalar_t> r{std::vector<scalar_t>(N), std::vector<scalar_t>(N), std::vector<scalar_t>(N)};
+  GradRows<scalar_t> r{std::vector<scalar_t>(N), std::vector<scalar_t>(N),
+                       std::vector<scalar_t>(N)};
   for (int64_t i = 0; i < N; ++i) {
     const scalar_t c = target[i] == ignore_index ? scalar_t(0) : scale[per_row ? i : 0];
     const scalar_t g = grad_lse != nullptr ? grad_lse[i] : scalar_t(0);
@@ -666,7 +669,8 @@ constexpr int64_t kSerialBlockWork = 1 << 22;  // multiply-adds per block
 
 bool serial_half_blocks(const linear_ce::Flat& f, int64_t chunk_size) {
   const int64_t cols =
-      chunk_size > 0 ? chunk_size : linear_ce::auto_chunk(true, false, f.N, f.V, f.x.element_size());
+      chunk_size > 0 ? chunk_size
+                     : linear_ce::auto_chunk(true, false, f.N, f.V, f.x.element_size());
   return f.N * std::min(cols, f.V) * std::max<int64_t>(f.H, 1) < kSerialBlockWork;
 }
 
