@@ -360,6 +360,7 @@ PLANS = [
     ("row chunks", (12,), 8, 30, 4, torch.float32),
     ("vocabulary blocks", (40,), 4, 8000, None, torch.float32),
     ("vocabulary blocks, many row tiles", (300,), 4, 3000, None, torch.float32),
+    ("vocabulary blocks, two workers", (512,), 64, 4096, None, torch.float32),
     ("bf16 blocks", (12,), 8, 30, 16, torch.bfloat16),
     ("fp64", (12,), 8, 30, None, torch.float64),
 ]
@@ -521,6 +522,26 @@ def test_long_rows_sum_in_fp32_precision(threads):
             assert err < 2e-6, (chunk, float(err))
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vocabulary_blocks_give_the_same_result_on_any_thread_count(reduction):
+    """The parallel phases split the work by tiles, never a sum across threads: 1, 2 and 3
+    threads agree to fp32 rounding (and each with PyTorch)."""
+    x, w, t, b = make_inputs((512,), 64, 4096, torch.float32, ignore=-100)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(run(ops.fused_linear_cross_entropy, x, w, t, b, reduction=reduction))
+    finally:
+        torch.set_num_threads(before)
+    (loss, grads), others = results[0], results[1:]
+    for other_loss, other_grads in others:
+        torch.testing.assert_close(other_loss, loss, atol=1e-6, rtol=1e-6)
+        for got, want in zip(other_grads, grads, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- autocast
