@@ -509,48 +509,50 @@ struct BlockEngine {
           factor(rows), shift(rows);
       at::Tensor acc;
       if (grad_x != nullptr) acc = grad_x->narrow(0, r0, rows).zero_();
-      const at::Tensor shift_col = at::from_blob(shift.data(), {rows, 1}, f.x.options());
+      scalar_t* accp = acc.defined() ? acc.data_ptr<scalar_t>() : nullptr;
+      const auto opts = f.x.options();
+      const at::Tensor shift_col = at::from_blob(shift.data(), {rows, 1}, opts);
+      at::Tensor bmax = at::empty({rows}, opts), bsum = at::empty({rows}, opts),
+                 rel = at::empty({rows}, opts);
+      const scalar_t* bm = bmax.const_data_ptr<scalar_t>();
+      const scalar_t* bs = bsum.const_data_ptr<scalar_t>();
+      const scalar_t* rp = rel.const_data_ptr<scalar_t>();
       for (int64_t c0 = 0; c0 < V; c0 += plan.cols_a) {
         const int64_t cols = std::min(plan.cols_a, V - c0);
         at::Tensor z = logits(w, r0, rows, c0, cols);
-        const at::Tensor bmax = at::amax(z, {1});
-        const scalar_t* bm = bmax.const_data_ptr<scalar_t>();
+        at::amax_out(bmax, z, {1});
         const scalar_t* zp = z.const_data_ptr<scalar_t>();
-        bool moved = false;
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t t = tp[r0 + i];
           if (t != ignore_index && t >= c0 && t < c0 + cols) zt[i] = zp[i * cols + t - c0];
           const scalar_t m_new = bm[i] > m[i] || std::isnan(bm[i]) ? bm[i] : m[i];
           factor[i] = m[i] == neg_inf<scalar_t>() ? scalar_t(0) : std::exp(m[i] - m_new);
-          moved = moved || (m_new != m[i] && m[i] != neg_inf<scalar_t>());
           shift[i] = m_new == neg_inf<scalar_t>() ? scalar_t(0) : m_new;
           if (smoothing) {  // the earlier blocks' sum relative to the new max (c0 columns)
             zrel[i] = m_new == neg_inf<scalar_t>()   ? neg_inf<scalar_t>()
                       : c0 == 0                      ? scalar_t(0)
                                                      : zrel[i] + scalar_t(c0) * (m[i] - m_new);
           }
+          // grad_x's sum so far was taken relative to the old max (nothing yet while it was -inf)
+          if (accp != nullptr && m_new != m[i] && m[i] != neg_inf<scalar_t>()) {
+            scalar_t* ai = accp + i * H;
+            for (int64_t h = 0; h < H; ++h) ai[h] *= factor[i];
+          }
           m[i] = m_new;
         }
         z.sub_(shift_col);
         if (smoothing) {
-          const at::Tensor rel = at::sum(z, {1});
-          const scalar_t* rp = rel.const_data_ptr<scalar_t>();
+          at::sum_out(rel, z, {1});
           for (int64_t i = 0; i < rows; ++i) {
             if (m[i] != neg_inf<scalar_t>()) zrel[i] += rp[i];
           }
         }
         z.exp_();
-        const at::Tensor bsum = at::sum(z, {1});
-        const scalar_t* bs = bsum.const_data_ptr<scalar_t>();
+        at::sum_out(bsum, z, {1});
         for (int64_t i = 0; i < rows; ++i) s[i] = s[i] * factor[i] + bs[i];
-        if (acc.defined()) {
-          if (moved) {
-            acc.mul_(at::from_blob(factor.data(), {rows, 1}, f.x.options()));
-          }
-          acc.addmm_(z, f.weight.narrow(0, c0, cols));
-        }
+        if (acc.defined()) acc.addmm_(z, f.weight.narrow(0, c0, cols));
       }
-      scalar_t* gx = acc.defined() ? acc.data_ptr<scalar_t>() : nullptr;
+      scalar_t* gx = accp;
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t t = tp[r0 + i];
         const bool ignored = t == ignore_index;
