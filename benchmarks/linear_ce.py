@@ -2,7 +2,7 @@
 
     python -m benchmarks.linear_ce [--device cpu|cuda] [--dtype float32|bfloat16] [--quick]
                                    [--sizes N,H,V ...] [--threads 1 2 ...] [--busy K]
-                                   [--rounds 3] [--out out/benchmarks]
+                                   [--rounds 5] [--out out/benchmarks]
 
 Forward + backward of ``cross_entropy(x @ W.T + b, target)`` (mean, ignore_index=-100, x, W, b
 all requiring grad) for:
@@ -13,11 +13,12 @@ all requiring grad) for:
 Sizes (N, H, V): CPU (256, 256, 32000) and (2048, 512, 32000) (--quick: the first); CUDA
 (4096, 1024, 32000) and (4096, 1024, 128256) (--quick: N=2048, H=512). On the CPU each size runs
 at 1 thread and at all cores (--threads to choose), side by side; --busy K keeps K busy-looping
-processes beside the timed runs, as on a shared machine. Variants alternate within each round;
-time: the median over rounds of one forward + backward. Memory: peak bytes allocated above what
-was allocated before the step (inputs and parameters excluded; the gradients produced count);
-CUDA: torch.cuda.max_memory_allocated; CPU: the torch profiler's allocation records, in a
-separate pass (benchmarks/memory.py). The load average before and after is recorded.
+processes beside the timed runs, as on a shared machine. Variants alternate within each round
+(each round starting with the next one); time: the median over rounds of one forward +
+backward. Memory: peak bytes allocated above what was allocated before the step (inputs and
+parameters excluded; the gradients produced count); CUDA: torch.cuda.max_memory_allocated; CPU:
+the torch profiler's allocation records, in a separate pass (benchmarks/memory.py). The load
+average before and after is recorded.
 Writes linear_ce_<device>_<dtype>.json and .png and prints each variant's ratios to eager.
 """
 
@@ -140,9 +141,11 @@ def time_case(case: Case, variants: dict, threads: int, rounds: int, progress) -
     for fn in variants.values():  # warm-up at this thread count
         case.step(fn)
     times = {name: [] for name in variants}
+    names = list(variants)
     for r in range(rounds):
-        for name, fn in variants.items():
-            times[name].append(case.seconds(fn))
+        # each round starts with another variant, so that none always runs after the same one
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(case.seconds(variants[name]))
         progress(f"round {r + 1}/{rounds}: " + ", ".join(
             f"{name} {ts[-1] * 1e3:.0f} ms" for name, ts in times.items()
         ))  # fmt: skip
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU thread counts (default: 1 and all cores)")  # fmt: skip
     parser.add_argument("--busy", type=int, default=0, metavar="K",
                         help="K busy-looping processes beside the timed runs")  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("out/benchmarks"))
     args = parser.parse_args(argv)
 
