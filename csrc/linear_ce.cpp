@@ -1,9 +1,9 @@
 // fused_linear_cross_entropy on the CPU.
 //
 // Which code runs (cpu_plan below):
-//   one chunk      the rows' logits fit the scratch budget at once: one GEMM for all logits, one
-//                  C++ pass per row (rows in parallel), the gradient GEMMs; a small head (MNIST:
-//                  64 x 10 logits) costs a handful of ATen calls.
+//   one chunk      all the logits fit the scratch budget (PyTorch's chunk rule, below) or 1 MiB:
+//                  one GEMM for all logits, one C++ pass per row (rows in parallel), the gradient
+//                  GEMMs; a small head (MNIST: 64 x 10 logits) costs a handful of ATen calls.
 //   vocabulary     the default otherwise, for fp32/fp64: two parallel phases (BlockEngine), each
 //   blocks         one parallel region whose threads take tiles from a shared counter, run their
 //                  GEMMs single-threaded and never wait on each other inside the phase:
