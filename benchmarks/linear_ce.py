@@ -1,45 +1,51 @@
 """How much memory and time does fused_linear_cross_entropy save over eager PyTorch?
 
     python -m benchmarks.linear_ce [--device cpu|cuda] [--dtype float32|bfloat16] [--quick]
-                                   [--threads 1] [--rounds 3] [--out out/benchmarks]
+                                   [--sizes N,H,V ...] [--threads 1 2 ...] [--busy K]
+                                   [--rounds 5] [--out out/benchmarks]
 
 Forward + backward of ``cross_entropy(x @ W.T + b, target)`` (mean, ignore_index=-100, x, W, b
-all requiring grad) at N=4096, H=1024, V=32000 and V=128256 (``--quick``: N=2048, H=512,
-V=32000 and V=128256), for:
+all requiring grad) for:
   eager          F.cross_entropy(F.linear(x, W, b), target)
   torch-chunked  torch.nn.functional.linear_cross_entropy(..., options=LinearCrossEntropyOptions())
   gpufit         gpufit.ops.fused_linear_cross_entropy
   liger          LigerFusedLinearCrossEntropyLoss (CUDA only, when liger_kernel is importable)
-Variants alternate within each round. Time: median over rounds of one forward + backward.
-Memory: peak bytes allocated above what was allocated before the step (inputs and parameters
-excluded; the gradients produced count). CUDA: torch.cuda.max_memory_allocated. CPU: the torch
-profiler's allocation records (exact allocation sizes through torch's CPU allocator), measured
-in a separate pass so the profiler does not distort the timings.
+Sizes (N, H, V): CPU (256, 256, 32000) and (2048, 512, 32000) (--quick: the first); CUDA
+(4096, 1024, 32000) and (4096, 1024, 128256) (--quick: N=2048, H=512). On the CPU each size runs
+at 1 thread and at all cores (--threads to choose), side by side; --busy K keeps K busy-looping
+processes beside the timed runs, as on a shared machine. Variants alternate within each round
+(each round starting with the next one); time: the median over rounds of one forward +
+backward. Memory: peak bytes allocated above what was allocated before the step (inputs and
+parameters excluded; the gradients produced count); CUDA: torch.cuda.max_memory_allocated; CPU:
+the torch profiler's allocation records, in a separate pass (benchmarks/memory.py). The load
+average before and after is recorded.
 Writes linear_ce_<device>_<dtype>.json and .png and prints each variant's ratios to eager.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-import gpufit
-from benchmarks import report as report_out
-from benchmarks.memory import peak_cpu_bytes
-
 SIZES = {
-    False: [(4096, 1024, 32000), (4096, 1024, 128256)],
-    True: [(2048, 512, 32000), (2048, 512, 128256)],
+    ("cpu", False): [(256, 256, 32000), (2048, 512, 32000)],
+    ("cpu", True): [(256, 256, 32000)],
+    ("cuda", False): [(4096, 1024, 32000), (4096, 1024, 128256)],
+    ("cuda", True): [(2048, 512, 32000), (2048, 512, 128256)],
 }
 MIB = 1 << 20
 
 
-def _variants(device: str) -> dict:
+def _variants(torch, device: str) -> dict:
+    import torch.nn.functional as F
+
+    import gpufit
+
     variants = {
         "eager": lambda x, w, t, b: F.cross_entropy(F.linear(x, w, b), t),
         "torch-chunked": lambda x, w, t, b: F.linear_cross_entropy(
@@ -66,63 +72,84 @@ def _variants(device: str) -> dict:
     return variants
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+class Case:
+    """One size on one device: the inputs, and timed or measured steps of each variant."""
+
+    def __init__(self, torch, device, dtype, n, h, v):
+        self.torch, self.device = torch, device
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
+        self.w = (torch.randn(v, h, generator=g) / h**0.5).to(device, dtype).requires_grad_()
+        self.b = torch.zeros(v).to(device, dtype).requires_grad_()
+        t = torch.randint(0, v, (n,), generator=g)
+        t[::50] = -100
+        self.t = t.to(device)
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def step(self, fn) -> None:
+        fn(self.x, self.w, self.t, self.b).backward()
+        self.x.grad = self.w.grad = self.b.grad = None
+
+    def seconds(self, fn) -> float:
+        self.sync()
+        start = time.perf_counter()
+        self.step(fn)
+        self.sync()
+        return time.perf_counter() - start
+
+    def loss(self, fn) -> float:
+        with self.torch.no_grad():
+            return float(fn(self.x, self.w, self.t, self.b).float())
+
+    def peak_bytes(self, fn) -> int:
+        torch = self.torch
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            self.step(fn)
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        from benchmarks.memory import peak_cpu_bytes
+
+        return peak_cpu_bytes(self.step, fn)
 
 
-def step(fn, x, w, t, b) -> None:
-    fn(x, w, t, b).backward()
-    for p in (x, w, b):
-        p.grad = None
+class BusyProcesses:
+    """K processes that only spin, beside the timed runs (a shared machine); ended on exit."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> BusyProcesses:
+        for _ in range(self.count):
+            self.procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
 
 
-def timed(fn, x, w, t, b, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    step(fn, x, w, t, b)
-    sync(device)
-    return time.perf_counter() - start
-
-
-def peak_bytes(fn, x, w, t, b, device) -> int:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn(x, w, t, b).backward()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        for p in (x, w, b):
-            p.grad = None
-        return peak
-    peak = peak_cpu_bytes(lambda: fn(x, w, t, b).backward())
-    for p in (x, w, b):
-        p.grad = None
-    return peak
-
-
-def bench_case(device, dtype, n, h, v, rounds):
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(n, h, generator=g)).to(device, dtype).requires_grad_()
-    w = (torch.randn(v, h, generator=g) / h**0.5).to(device, dtype).requires_grad_()
-    b = torch.zeros(v).to(device, dtype).requires_grad_()
-    t = torch.randint(0, v, (n,), generator=g)
-    t[::50] = -100
-    t = t.to(device)
-    variants = _variants(device)
-    losses = {}
-    with torch.no_grad():
-        for name, fn in variants.items():
-            losses[name] = float(fn(x, w, t, b).float())
-    memory = {name: peak_bytes(fn, x, w, t, b, device) for name, fn in variants.items()}
-    for fn in variants.values():  # warm-up (also after the memory pass: allocator caches)
-        step(fn, x, w, t, b)
+def time_case(case: Case, variants: dict, threads: int, rounds: int, progress) -> dict:
+    case.torch.set_num_threads(threads)
+    for fn in variants.values():  # warm-up at this thread count
+        case.step(fn)
     times = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            times[name].append(timed(fn, x, w, t, b, device))
-    return {name: statistics.median(ts) for name, ts in times.items()}, memory, losses
+    names = list(variants)
+    for r in range(rounds):
+        # each round starts with another variant, so that none always runs after the same one
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(case.seconds(variants[name]))
+        progress(f"round {r + 1}/{rounds}: " + ", ".join(
+            f"{name} {ts[-1] * 1e3:.0f} ms" for name, ts in times.items()
+        ))  # fmt: skip
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def plot(rows, path: Path) -> None:
@@ -131,21 +158,42 @@ def plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(rows[0]["seconds"])
-    labels = [f"N={r['N']} H={r['H']}\nV={r['V']}" for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 3.5 * len(rows)), 4))
+    names = list(rows[0]["peak_bytes"])
+    runs = [(r, th) for r in rows for th in r["seconds"]]
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 2.6 * len(runs) + 3), 4.2))
     width = 0.8 / len(names)
-    for ax, key, scale, unit in ((axes[0], "peak_bytes", 1 / MIB, "peak extra memory, MiB"),
-                                 (axes[1], "seconds", 1e3, "forward + backward, ms")):  # fmt: skip
-        for i, name in enumerate(names):
-            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(rows))]
-            ax.bar(xs, [r[key][name] * scale for r in rows], width, label=name)
-        ax.set_xticks(range(len(rows)), labels)
-        ax.set_ylabel(unit + " (lower is better)")
+    mem_labels = [f"N={r['N']} H={r['H']}\nV={r['V']}" for r in rows]
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(rows))]
+        axes[0].bar(xs, [r["peak_bytes"][name] / MIB for r in rows], width, label=name)
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(runs))]
+        axes[1].bar(xs, [r["seconds"][th][name] * 1e3 for r, th in runs], width, label=name)
+    axes[0].set_xticks(range(len(rows)), mem_labels)
+    axes[0].set_ylabel("peak extra memory, MiB (lower is better)")
+    time_labels = [f"N={r['N']} V={r['V']}\n{th} thread{'s' * (th != '1')}" for r, th in runs]
+    axes[1].set_xticks(range(len(runs)), time_labels, fontsize=8)
+    axes[1].set_ylabel("forward + backward, ms (lower is better)")
+    for ax in axes:
         ax.legend(fontsize=8)
-    fig.suptitle(f"fused linear + cross-entropy, {rows[0]['device']} {rows[0]['dtype']}")
+    busy = rows[0]["busy_processes"]
+    fig.suptitle(
+        f"fused linear + cross-entropy, {rows[0]['device']} {rows[0]['dtype']}"
+        + (f", {busy} busy process{'es' * (busy > 1)} beside it" if busy else "")
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _progress(label: str):
+    return lambda text: print(f"{label}: {text}", flush=True)
+
+
+def _size(text: str) -> tuple[int, int, int]:
+    try:
+        n, h, v = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N,H,V (three integers), got {text!r}") from None
+    return n, h, v
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,44 +201,84 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="default: float32 on CPU, bfloat16 on CUDA")  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="N=2048, H=512 instead of 4096, 1024")
-    parser.add_argument("--vocab", type=int, nargs="*", help="only these vocabulary sizes")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (pinned)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="the smaller sizes only")
+    parser.add_argument("--sizes", type=_size, nargs="+", metavar="N,H,V",
+                        help="these sizes instead")  # fmt: skip
+    parser.add_argument("--threads", type=int, nargs="+",
+                        help="CPU thread counts (default: 1 and all cores)")  # fmt: skip
+    parser.add_argument("--busy", type=int, default=0, metavar="K",
+                        help="K busy-looping processes beside the timed runs")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("out/benchmarks"))
     args = parser.parse_args(argv)
+
+    import torch  # after parsing: --help answers without loading torch
+
+    from benchmarks import report as report_out
+
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
     dtype_name = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
-    torch.set_num_threads(args.threads)
+    cores = torch.get_num_threads()
+    if args.device == "cuda":
+        threads = [cores]
+    else:
+        threads = args.threads or sorted({1, cores})
+    sizes = args.sizes or SIZES[args.device, args.quick]
+    variants = _variants(torch, args.device)
+    load_before = os.getloadavg()
+    print(f"load average {load_before[0]:.2f}; {len(sizes)} sizes x threads {threads} x "
+          f"{len(variants)} variants, {args.rounds} rounds", flush=True)  # fmt: skip
     rows = []
-    for n, h, v in SIZES[args.quick]:
-        if args.vocab and v not in args.vocab:
-            continue
-        seconds, memory, losses = bench_case(args.device, dtype, n, h, v, args.rounds)
-        row = {
-            "device": args.device, "dtype": dtype_name, "N": n, "H": h, "V": v,
-            "seconds": seconds, "peak_bytes": memory, "loss": losses,
-            "memory_vs_eager": {k: memory[k] / memory["eager"] for k in memory},
-            "time_vs_eager": {k: seconds[k] / seconds["eager"] for k in seconds},
-        }  # fmt: skip
-        rows.append(row)
-        print(f"N={n} H={h} V={v} {dtype_name} on {args.device}:", flush=True)
-        for name in seconds:
-            print(
-                f"  {name:>13}: {memory[name] / MIB:9.1f} MiB ({row['memory_vs_eager'][name]:5.2f}"
-                f" x eager)  {seconds[name] * 1e3:9.1f} ms ({row['time_vs_eager'][name]:5.2f} x "
-                f"eager)  loss {losses[name]:.5f}",
-                flush=True,
+    with BusyProcesses(args.busy):
+        for k, (n, h, v) in enumerate(sizes, 1):
+            label = f"[{k}/{len(sizes)}] N={n} H={h} V={v} {dtype_name} on {args.device}"
+            case = Case(torch, args.device, dtype, n, h, v)
+            print(f"{label}: losses and peak memory", flush=True)
+            torch.set_num_threads(cores)
+            losses = {name: case.loss(fn) for name, fn in variants.items()}
+            memory = {name: case.peak_bytes(fn) for name, fn in variants.items()}
+            seconds = {}
+            for th in threads:
+                progress = _progress(f"{label}, {th} thread(s)")
+                seconds[str(th)] = time_case(case, variants, th, args.rounds, progress)
+            torch.set_num_threads(cores)
+            rows.append({
+                "device": args.device, "dtype": dtype_name, "N": n, "H": h, "V": v,
+                "busy_processes": args.busy, "seconds": seconds, "peak_bytes": memory,
+                "loss": losses,
+                "memory_vs_eager": {m: memory[m] / memory["eager"] for m in memory},
+                "time_vs_eager": {
+                    th: {m: s[m] / s["eager"] for m in s} for th, s in seconds.items()
+                },
+            })  # fmt: skip
+            del case
+    load_after = os.getloadavg()
+    for row in rows:
+        print(f"N={row['N']} H={row['H']} V={row['V']} {dtype_name} on {args.device}"
+              + (f" ({args.busy} busy beside)" if args.busy else "") + ":")  # fmt: skip
+        head = "".join(f"  {th:>2} thread(s)            " for th in row["seconds"])
+        print(f"  {'':>13}  {'peak memory':>22}{head}")
+        for name in row["peak_bytes"]:
+            mem = row["peak_bytes"][name]
+            cells = "".join(
+                f"  {per_variant[name] * 1e3:9.1f} ms ({row['time_vs_eager'][th][name]:5.2f}x)"
+                for th, per_variant in row["seconds"].items()
             )
+            print(f"  {name:>13}  {mem / MIB:8.1f} MiB ({row['memory_vs_eager'][name]:5.2f}x)"
+                  f"{cells}   loss {row['loss'][name]:.5f}")  # fmt: skip
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
     report = {
         "benchmark": "linear_ce",
-        "threads": args.threads,
+        "threads": threads,
+        "busy_processes": args.busy,
         "rounds": args.rounds,
+        "load_average": {"before": load_before, "after": load_after},
         "rows": rows,
     }
-    stem = args.out / f"linear_ce_{args.device}_{dtype_name}"
+    suffix = f"_busy{args.busy}" if args.busy else ""
+    stem = args.out / f"linear_ce_{args.device}_{dtype_name}{suffix}"
     report_out.write(stem, report, lambda p: plot(rows, p))
     return 0
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+# The profiler's C++ side (Kineto) logs its start and stop, and on a machine without a GPU a
+# "gpuGetDeviceCount failed" error, to stderr; none of it concerns a CPU memory measure. Level 6
+# keeps it quiet (read when the profiler first starts) unless the caller chose a level.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 
 def peak_cpu_bytes(fn, *args) -> int:

@@ -5,9 +5,23 @@
 // autograd and each backward calls the registered *_backward op, both through the dispatcher,
 // so torch.compile / AOTAutograd see exactly those ops (their fake kernels are in gpufit/ops.py).
 // The pure-PyTorch reference backend registers its ops, and their autograd, from Python instead.
+//
+// Double backward: when a backward runs with create_graph=True (grad mode on inside backward),
+// the gradients are computed instead by a composite of differentiable ATen ops (the composite_*
+// functions below), so that hessians, gradient penalties and the like are right. For the
+// linear cross-entropy that composite holds the full (N, V) logits: it trades the op's memory
+// saving for differentiability, only where the caller asked for a graph of the backward.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/logsumexp.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/one_hot.h>
+#include <ATen/ops/softmax.h>
+#include <ATen/ops/threshold_backward.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/GradMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -16,78 +30,43 @@
 #include <string>
 #include <tuple>
 
+#include "autocast.h"
+#include "checks.h"
 #include "linear_ce.h"
+#include "op_calls.h"
 
 namespace gpufit {
 namespace {
 
+using op_calls::Mask;
+using op_calls::OptTensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptTensor = c10::optional<at::Tensor>;
-using Mask = std::array<bool, 3>;
 
 bool any(const Mask& m) { return m[0] || m[1] || m[2]; }
 
 OptTensor optional_tensor(const at::Tensor& t) { return t.defined() ? OptTensor(t) : c10::nullopt; }
 
-// ---------------------------------------------------------------- the ops, via the dispatcher
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-at::Tensor linear_relu_op(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias) {
-  static const auto op =
-      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)>(
-          "gpufit::fused_linear_relu");
-  return op.call(x, weight, bias);
-}
-
-using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-
-Grads linear_relu_backward_op(const at::Tensor& grad_out, const at::Tensor& x,
-                              const at::Tensor& weight, const at::Tensor& out, bool needs_x) {
-  static const auto op =
-      find_op<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                    bool)>("gpufit::fused_linear_relu_backward");
-  return op.call(grad_out, x, weight, out, needs_x);
-}
-
-using LinearCeOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-LinearCeOutputs linear_ce_op(const at::Tensor& x, const at::Tensor& weight,
-                             const at::Tensor& target, const OptTensor& bias, int64_t ignore_index,
-                             c10::string_view reduction, double smoothing, double z_loss,
-                             int64_t chunk_size, Mask grad_mask) {
-  static const auto op =
-      find_op<LinearCeOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const OptTensor&, int64_t, c10::string_view, double, double, int64_t,
-                              Mask)>("gpufit::fused_linear_cross_entropy");
-  return op.call(x, weight, target, bias, ignore_index, reduction, smoothing, z_loss, chunk_size,
-                 grad_mask);
-}
-
-Grads linear_ce_backward_op(const at::Tensor& grad_loss, const at::Tensor& x,
-                            const at::Tensor& weight, const at::Tensor& target,
-                            const OptTensor& bias, const at::Tensor& lse, int64_t ignore_index,
-                            c10::string_view reduction, double smoothing, double z_loss,
-                            int64_t chunk_size, Mask grad_mask) {
-  static const auto op =
-      find_op<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                    const OptTensor&, const at::Tensor&, int64_t, c10::string_view, double, double,
-                    int64_t, Mask)>("gpufit::fused_linear_cross_entropy_backward");
-  return op.call(grad_loss, x, weight, target, bias, lse, ignore_index, reduction, smoothing,
-                 z_loss, chunk_size, grad_mask);
-}
-
 // ---------------------------------------------------------------- fused_linear_relu
+
+// Differentiable: relu's own backward (threshold_backward on its output), then the two GEMMs.
+// The ReLU mask is a constant of the graph (relu'' = 0 almost everywhere).
+variable_list composite_linear_relu_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                             const at::Tensor& weight, const at::Tensor& out,
+                                             const Mask& needs) {
+  NoAutocast no_autocast;
+  const at::Tensor grad_z = as_rows(at::threshold_backward(grad_out, out.detach(), 0));
+  const at::Tensor x2d = as_rows(x);
+  return {needs[0] ? grad_z.mm(weight).view(x.sizes()) : at::Tensor(),
+          needs[1] ? grad_z.t().mm(x2d) : at::Tensor(),
+          needs[2] ? grad_z.sum(0) : at::Tensor()};
+}
 
 struct FusedLinearReluFunction : public torch::autograd::Function<FusedLinearReluFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const OptTensor& bias) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = linear_relu_op(x, weight, bias);
+    at::Tensor out = op_calls::linear_relu(x, weight, bias);
     // The output doubles as the ReLU mask: out > 0 exactly where the pre-activation was.
     ctx->save_for_backward({x, weight, out});
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
@@ -97,13 +76,15 @@ struct FusedLinearReluFunction : public torch::autograd::Function<FusedLinearRel
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     // needs_input_grad counts tensor inputs only: bias is input 2 when it was given.
-    const bool needs_x = ctx->needs_input_grad(0);
-    const bool needs_w = ctx->needs_input_grad(1);
-    const bool needs_b = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+    const Mask needs = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                        ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
+    if (at::GradMode::is_enabled()) {
+      return composite_linear_relu_backward(grads[0], saved[0], saved[1], saved[2], needs);
+    }
     auto [grad_x, grad_w, grad_b] =
-        linear_relu_backward_op(grads[0], saved[0], saved[1], saved[2], needs_x);
-    return {needs_x ? grad_x : at::Tensor(), needs_w ? grad_w : at::Tensor(),
-            needs_b ? grad_b : at::Tensor()};
+        op_calls::linear_relu_backward(grads[0], saved[0], saved[1], saved[2], needs[0]);
+    return {needs[0] ? grad_x : at::Tensor(), needs[1] ? grad_w : at::Tensor(),
+            needs[2] ? grad_b : at::Tensor()};
   }
 };
 
@@ -152,6 +133,56 @@ Mask to_mask(const c10::IValue& v) {
   return {list[0], list[1], list[2]};
 }
 
+// The options of one call, as saved for backward.
+struct LinearCeOptions {
+  int64_t ignore_index;
+  std::string reduction;
+  double smoothing, z_loss;
+  int64_t chunk_size;
+
+  static LinearCeOptions of(AutogradContext* ctx) {
+    return {ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["reduction"].toStringRef(),
+            ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["z_loss"].toDouble(),
+            ctx->saved_data["chunk_size"].toInt()};
+  }
+};
+
+// Differentiable gradients of grad_loss . loss + grad_lse . lse (either may be undefined) from
+// the full logits, the same formulas as the kernels (linear_ce.h).
+variable_list composite_linear_ce_backward(const at::Tensor& grad_loss, const at::Tensor& grad_lse,
+                                           const at::Tensor& x, const at::Tensor& weight,
+                                           const at::Tensor& target, const at::Tensor& bias,
+                                           const LinearCeOptions& o, const Mask& needs) {
+  NoAutocast no_autocast;
+  const at::ScalarType dtype = x.scalar_type();
+  const at::ScalarType acc = linear_ce::acc_type(dtype);
+  const int64_t N = target.numel(), V = weight.size(0), H = weight.size(1);
+  const at::Tensor x2d = x.reshape({N, H});
+  const at::Tensor z = at::linear(x2d, weight, optional_tensor(bias)).to(acc);
+  const at::Tensor lse = at::logsumexp(z, {1});
+  const at::Tensor t = target.reshape({-1});
+  const at::Tensor valid = t != o.ignore_index;
+  const at::Tensor zero = at::zeros({}, z.options());
+  at::Tensor c = at::zeros({N}, z.options());
+  if (grad_loss.defined()) {
+    const linear_ce::Reduction reduction = linear_ce::parse_reduction(o.reduction);
+    c = reduction == linear_ce::Reduction::None ? grad_loss.reshape({-1}).to(acc)
+                                                : grad_loss.to(acc).expand({N});
+    if (reduction == linear_ce::Reduction::Mean) c = c / valid.sum().to(acc);
+    c = at::where(valid, c, zero);
+  }
+  at::Tensor coef = c * (lse * (2.0 * o.z_loss) + 1.0);
+  if (grad_lse.defined()) coef = coef + grad_lse.reshape({-1}).to(acc);
+  const at::Tensor onehot = at::one_hot(at::where(valid, t, at::zeros({}, t.options())), V).to(acc);
+  at::Tensor dz = at::softmax(z, 1) * coef.unsqueeze(1) -
+                  (c * (1.0 - o.smoothing)).unsqueeze(1) * onehot;
+  if (o.smoothing != 0.0) dz = dz - (c * (o.smoothing / static_cast<double>(V))).unsqueeze(1);
+  const at::Tensor dz_in = dz.to(dtype);
+  return {needs[0] ? dz_in.mm(weight).view(x.sizes()) : at::Tensor(),
+          needs[1] ? dz_in.t().mm(x2d) : at::Tensor(),
+          needs[2] ? dz.sum(0).to(dtype) : at::Tensor()};
+}
+
 struct FusedLinearCrossEntropyFunction
     : public torch::autograd::Function<FusedLinearCrossEntropyFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -159,10 +190,11 @@ struct FusedLinearCrossEntropyFunction
                                int64_t ignore_index, c10::string_view reduction, double smoothing,
                                double z_loss, int64_t chunk_size, Mask grad_mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, lse, grad_x, grad_w, grad_b] = linear_ce_op(
+    auto [loss, lse, lse_lo, grad_x, grad_w, grad_b] = op_calls::linear_ce(
         x, weight, target, bias, ignore_index, reduction, smoothing, z_loss, chunk_size, grad_mask);
-    ctx->mark_non_differentiable({lse, grad_x, grad_w, grad_b});
-    ctx->set_materialize_grads(false);  // an unused loss gets no gradient, not a zero one
+    // loss and lse are differentiable (d lse_i / d z_ij = softmax_ij); the rest is not.
+    ctx->mark_non_differentiable({lse_lo, grad_x, grad_w, grad_b});
+    ctx->set_materialize_grads(false);  // an unused output gets no gradient, not a zero one
     const bool in_forward = linear_ce::grads_in_forward(
         x.scalar_type(), linear_ce::parse_reduction(reduction), grad_mask);
     const Mask precomputed = in_forward ? grad_mask : Mask{false, false, false};
@@ -174,39 +206,59 @@ struct FusedLinearCrossEntropyFunction
     ctx->saved_data["label_smoothing"] = smoothing;
     ctx->saved_data["z_loss"] = z_loss;
     ctx->saved_data["chunk_size"] = chunk_size;
-    ctx->save_for_backward(
-        {x, weight, target, bias.value_or(at::Tensor()), lse, grad_x, grad_w, grad_b});
-    return {loss, lse, grad_x, grad_w, grad_b};
+    ctx->save_for_backward({x, weight, target, bias.value_or(at::Tensor()), lse, lse_lo, grad_x,
+                            grad_w, grad_b});
+    return {loss, lse, lse_lo, grad_x, grad_w, grad_b};
   }
 
   // Gradients for (x, weight, target, bias, and the six non-tensor arguments).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list result(10);
     const at::Tensor& grad_loss = grads[0];
+    const at::Tensor& grad_lse = grads[1];
     // needs_input_grad counts tensor inputs only: x 0, weight 1, target 2, bias 3 when given.
     const Mask needs = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                         ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)};
-    if (!grad_loss.defined() || !any(needs)) return result;
+    if ((!grad_loss.defined() && !grad_lse.defined()) || !any(needs)) return result;
     const variable_list saved = ctx->get_saved_variables();
-    const Mask precomputed = to_mask(ctx->saved_data["precomputed"]);
-    const Mask missing = {needs[0] && !precomputed[0], needs[1] && !precomputed[1],
-                          needs[2] && !precomputed[2]};
+    const LinearCeOptions o = LinearCeOptions::of(ctx);
     std::array<at::Tensor, 3> out;
-    if (any(missing)) {
-      std::tie(out[0], out[1], out[2]) = linear_ce_backward_op(
-          grad_loss, saved[0], saved[1], saved[2], optional_tensor(saved[3]), saved[4],
-          ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["reduction"].toStringRef(),
-          ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["z_loss"].toDouble(),
-          ctx->saved_data["chunk_size"].toInt(), missing);
+    if (at::GradMode::is_enabled()) {
+      const variable_list g = composite_linear_ce_backward(grad_loss, grad_lse, saved[0], saved[1],
+                                                           saved[2], saved[3], o, needs);
+      std::copy(g.begin(), g.end(), out.begin());
+    } else if (grad_lse.defined()) {
+      // The lse is used: its softmax term is computed with the loss's, in one backward op (the
+      // gradients precomputed in forward are the loss's alone).
+      const at::Tensor& lse = saved[4];
+      const at::Tensor loss_grad =
+          grad_loss.defined()
+              ? grad_loss
+              : (o.reduction == "none" ? at::zeros_like(lse) : at::zeros({}, lse.options()));
+      std::tie(out[0], out[1], out[2]) = op_calls::linear_ce_backward(
+          loss_grad, grad_lse, saved[0], saved[1], saved[2], optional_tensor(saved[3]), lse,
+          saved[5], o.ignore_index, o.reduction, o.smoothing, o.z_loss, o.chunk_size, needs);
+    } else {
+      const Mask precomputed = to_mask(ctx->saved_data["precomputed"]);
+      const Mask missing = {needs[0] && !precomputed[0], needs[1] && !precomputed[1],
+                            needs[2] && !precomputed[2]};
+      if (any(missing)) {
+        std::tie(out[0], out[1], out[2]) = op_calls::linear_ce_backward(
+            grad_loss, c10::nullopt, saved[0], saved[1], saved[2], optional_tensor(saved[3]),
+            saved[4], saved[5], o.ignore_index, o.reduction, o.smoothing, o.z_loss, o.chunk_size,
+            missing);
+      }
+      // The saved gradients are those of the loss itself. Scaled by grad_loss out of place: a
+      // graph kept with retain_graph=True must give the same gradients again. For
+      // grad_loss == 1 they are returned as they are, so no second (V, H) buffer is made.
+      const Mask reuse = {needs[0] && precomputed[0], needs[1] && precomputed[1],
+                          needs[2] && precomputed[2]};
+      const bool unit = any(reuse) && is_unit(grad_loss, saved[1]);
+      for (size_t i = 0; i < 3; ++i) {
+        if (reuse[i]) out[i] = unit ? saved[6 + i] : saved[6 + i] * grad_loss;
+      }
     }
-    // The saved gradients are those of the loss itself. Scaled by grad_loss out of place: a
-    // graph kept with retain_graph=True must give the same gradients again. For grad_loss == 1
-    // they are returned as they are, so no second (V, H) buffer is made.
-    const Mask reuse = {needs[0] && precomputed[0], needs[1] && precomputed[1],
-                        needs[2] && precomputed[2]};
-    const bool unit = any(reuse) && is_unit(grad_loss, saved[1]);
     for (size_t i = 0; i < 3; ++i) {
-      if (reuse[i]) out[i] = unit ? saved[5 + i] : saved[5 + i] * grad_loss;
       if (!needs[i]) out[i] = at::Tensor();
     }
     result[0] = out[0];
@@ -216,15 +268,13 @@ struct FusedLinearCrossEntropyFunction
   }
 };
 
-LinearCeOutputs fused_linear_cross_entropy_autograd(const at::Tensor& x, const at::Tensor& weight,
-                                                    const at::Tensor& target, const OptTensor& bias,
-                                                    int64_t ignore_index,
-                                                    c10::string_view reduction, double smoothing,
-                                                    double z_loss, int64_t chunk_size,
-                                                    Mask grad_mask) {
+op_calls::LinearCeOutputs fused_linear_cross_entropy_autograd(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target, const OptTensor& bias,
+    int64_t ignore_index, c10::string_view reduction, double smoothing, double z_loss,
+    int64_t chunk_size, Mask grad_mask) {
   const variable_list out = FusedLinearCrossEntropyFunction::apply(
       x, weight, target, bias, ignore_index, reduction, smoothing, z_loss, chunk_size, grad_mask);
-  return {out[0], out[1], out[2], out[3], out[4]};
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
 }
 
 }  // namespace

@@ -1,18 +1,26 @@
 // fused_linear_cross_entropy: loss = cross_entropy(x @ weight.T + bias, target) without ever
-// holding the (N, V) logits. The chunk loops, GEMMs and per-row bookkeeping live here, shared by
-// the CPU (linear_ce.cpp) and CUDA (cuda/linear_ce.cu) implementations; each of those supplies
-// two row-wise kernels over one chunk of logits z (rows x cols, contiguous):
+// holding the (N, V) logits. The chunk loops, GEMMs and per-row bookkeeping shared by the CUDA
+// kernels (cuda/linear_ce.cu) and the CPU's bf16/fp16 path and explicit chunk_size path
+// (linear_ce.cpp) live here; each supplies two row-wise kernels over one chunk of logits z
+// (rows x cols, contiguous):
 //
-//   Kernels::stats(z, rows, cols, col0, target, ignore_index, V, m, s, zt, zsum)
-//       online log-sum-exp over columns [col0, col0 + cols) of each row: running max m and
-//       running sum s of exp(z - m), the target's logit zt (when it falls in this block) and the
-//       sum of the logits zsum (for label smoothing). All in the accumulation type (fp32 for
-//       half inputs). Raises on a target outside [0, V) other than ignore_index.
-//   Kernels::grad(z, rows, cols, col0, target, ignore_index, V, lse, scale, scale_stride,
-//                 label_smoothing, z_loss)
-//       overwrites z in place with d loss / d z:
-//           scale_i * (softmax_ij * (1 + 2 z_loss lse_i) - eps / V - (1 - eps) [j == t_i])
-//       and zero on ignored rows.
+//   Kernels::stats(z, col0, target, ignore_index, V, smoothing, stats)
+//       online log-sum-exp over columns [col0, col0 + cols) of each row (RowStats below): the
+//       running max m, the running sum s of exp(z - m), the target's logit zt (when it falls in
+//       this block) and, with smoothing, zrel = sum of (z - m) over the columns seen so far
+//       (stats of earlier blocks cover exactly the columns [0, col0)). All in the accumulation
+//       type (fp32 for half inputs).
+//   Kernels::grad(z, col0, target, ignore_index, V, lse, lse_lo, scale, scale_per_row,
+//                 grad_lse, label_smoothing, z_loss)
+//       overwrites z in place with d (sum_i scale_i loss_i + grad_lse_i lse_i) / d z:
+//           softmax_ij * (c_i (1 + 2 z_loss lse_i) + g_i) - c_i eps / V - c_i (1 - eps) [j == t_i]
+//       with c_i = scale_i (0 on ignored rows), g_i = grad_lse_i (0 when undefined) and
+//       softmax_ij = exp((z_ij - lse_i) - lse_lo_i).
+//
+// Precision with a large common logit (all logits near 1e5, say): the loss is formed from
+// z - m (log s - (1 - eps) (zt - m) - eps/V zrel), never as (m + log s) - zt, and backward's
+// softmax from (z - lse) - lse_lo, where lse + lse_lo is the log-sum-exp to twice the precision
+// of lse alone (lse_lo is what rounding m + log s to lse lost).
 //
 // Two strategies:
 //   row chunks (fp32/fp64): chunk the rows, each chunk sees the whole vocabulary. For a scalar
@@ -23,8 +31,7 @@
 //       grad_weight with one GEMM over all N rows, so grad_weight is accumulated in fp32 inside
 //       the GEMM and rounded once, with no (V, H) fp32 accumulator; grad_x (N, H) is the only
 //       cross-block sum and accumulates in fp32.
-// The CPU's fp32/fp64 forward (linear_ce.cpp) has its own loops and may also take vocabulary
-// blocks, still computing the gradients in forward (see cpu_plan()).
+// The loss and lse are returned in the accumulation type: fp32 for bf16/fp16 inputs.
 #pragma once
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
@@ -40,8 +47,10 @@
 #include <c10/util/string_view.h>
 
 #include <array>
+#include <limits>
 #include <tuple>
 
+#include "autocast.h"
 #include "checks.h"
 
 namespace gpufit {
@@ -65,7 +74,7 @@ inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Gradients are computed in forward only on the row-chunk path and only for a scalar loss.
+// Gradients are computed in forward only for fp32/fp64 and only for a scalar loss.
 // gpufit/ops.py repeats this rule in the fake kernel: keep the two the same.
 inline bool grads_in_forward(at::ScalarType dtype, Reduction reduction,
                              std::array<bool, 3> grad_mask) {
@@ -79,13 +88,16 @@ inline int64_t floor_pow2(int64_t v) {
   return p;
 }
 
-// Rows per chunk (fp32/fp64) or classes per block (half types). The chunk of logits is kept near
-// `budget` bytes: large enough that each GEMM runs near peak (the weight is re-read once per row
-// chunk), small next to the (N, V) logits that eager PyTorch holds several times over.
-// Measured on one CPU core (N=2048, H=512, fp32): at V=32000, 128-row chunks took 3.8 s and
-// 64-row chunks 6.1 s (the budget picks 128 there); at V=128256, 64-row chunks were no slower
-// than 128-row ones (16 s vs 21 s, on a loaded machine) and save 31 MiB, so the CPU floor is
-// 64 rows.
+inline int64_t next_pow2(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+// Rows per chunk (fp32/fp64) or classes per block (half types) where the caller gives no
+// chunk_size (CUDA, and the CPU's half types). The chunk of logits is kept near `budget` bytes:
+// large enough that each GEMM runs near peak (the weight is re-read once per row chunk), small
+// next to the (N, V) logits that eager PyTorch holds several times over.
 inline int64_t auto_chunk(bool half, bool cuda, int64_t N, int64_t V, int64_t elem) {
   const int64_t budget = cuda ? (half ? (32LL << 20) : (128LL << 20)) : (16LL << 20);
   if (half) {
@@ -95,42 +107,6 @@ inline int64_t auto_chunk(bool half, bool cuda, int64_t N, int64_t V, int64_t el
   const int64_t min_rows = cuda ? 8 : 64;
   const int64_t rows = floor_pow2(std::max<int64_t>(1, budget / (std::max<int64_t>(V, 1) * elem)));
   return std::max<int64_t>(1, std::min(std::max<int64_t>(N, 1), std::max<int64_t>(rows, min_rows)));
-}
-
-// How the CPU splits fp32/fp64 work (see linear_ce.cpp): row chunks of `size` rows, or
-// vocabulary blocks of `size` classes.
-struct CpuPlan {
-  bool vocab_blocks;
-  int64_t size;
-};
-
-inline int64_t next_pow2(int64_t v) {
-  int64_t p = 1;
-  while (p < v) p *= 2;
-  return p;
-}
-
-// Below this many rows per chunk the CPU GEMMs fall off peak: each chunk re-reads the (V, H)
-// weight and re-writes grad_weight. Measured on one core (N=2048, H=512, V=32000, fp32):
-// 32-row chunks 6.9 s, 64 rows 4.6 s, 128 rows 3.5 s, eager PyTorch 4.0-4.7 s.
-constexpr int64_t kCpuMinRows = 64;
-
-// The CPU plan for fp32/fp64 when the caller gives no chunk_size. The scratch is never larger
-// than PyTorch's own chunked linear_cross_entropy uses (its "aspect_ratio" rule: a chunk of
-// logits about as large as x, next_pow2(ceil(N / ceil(V / H))) rows). Where that allows
-// kCpuMinRows rows or more, row chunks (3 GEMMs); otherwise vocabulary blocks of the same or
-// smaller size (4 GEMMs, but each over all N rows). Measured on one core (N=2048, H=512,
-// V=128256): rows of 64 took 21.0 s and 287 MiB, blocks of 512 classes 20.6 s and 259 MiB,
-// eager 19.1-19.5 s and 3006 MiB.
-inline CpuPlan cpu_plan(int64_t N, int64_t V, int64_t H, int64_t chunk_size) {
-  if (chunk_size > 0) return {false, std::max<int64_t>(1, std::min(N, chunk_size))};
-  if (N <= 0) return {false, 1};
-  const int64_t per_row = (V + std::max<int64_t>(H, 1) - 1) / std::max<int64_t>(H, 1);
-  const int64_t rows = next_pow2((N + per_row - 1) / per_row);
-  if (rows >= N) return {false, N};
-  if (rows >= kCpuMinRows) return {false, rows};
-  const int64_t cols = floor_pow2(std::max<int64_t>(1, rows * V / N));
-  return {true, std::min(V, std::max<int64_t>(cols, 64))};
 }
 
 inline void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
@@ -185,12 +161,38 @@ inline Flat flatten(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   return f;
 }
 
-// Per-row loss from the online statistics: lse - (1 - eps) z_t - eps/V sum_j z_j + z_loss lse^2,
-// zero on ignored rows.
-inline at::Tensor row_losses(const at::Tensor& lse, const at::Tensor& zt, const at::Tensor& zsum,
-                             const at::Tensor& valid, int64_t V, double eps, double z_loss) {
-  at::Tensor loss = lse - zt * (1.0 - eps);
-  if (eps != 0.0) loss = loss - zsum * (eps / static_cast<double>(V));
+// The online softmax statistics of N rows (see Kernels::stats above), in the accumulation type.
+struct RowStats {
+  at::Tensor m, s, zt, zrel;
+
+  static RowStats start(int64_t N, const at::TensorOptions& acc_opts) {
+    return {at::full({N}, -std::numeric_limits<double>::infinity(), acc_opts),
+            at::zeros({N}, acc_opts), at::zeros({N}, acc_opts), at::zeros({N}, acc_opts)};
+  }
+  RowStats narrow(int64_t start, int64_t length) const {
+    return {m.narrow(0, start, length), s.narrow(0, start, length), zt.narrow(0, start, length),
+            zrel.narrow(0, start, length)};
+  }
+};
+
+// lse = m + log s rounded, and lse_lo = (m + log s) - lse exactly (Knuth's two-sum; each ATen
+// op rounds once). Rows whose lse is not finite get lse_lo = 0.
+inline std::tuple<at::Tensor, at::Tensor> lse_parts(const at::Tensor& m, const at::Tensor& s) {
+  const at::Tensor ls = s.log();
+  const at::Tensor lse = m + ls;
+  const at::Tensor back = lse - m;
+  const at::Tensor lo = (m - (lse - back)) + (ls - back);
+  return {lse, at::where(lse.isfinite(), lo, at::zeros({}, lo.options()))};
+}
+
+// Per-row loss from the statistics, zero on ignored rows:
+//   log s - (1 - eps) (zt - m) - eps/V zrel + z_loss lse^2
+// (= lse - (1 - eps) zt - eps/V sum_j z_j + z_loss lse^2). The smoothing term only for eps != 0:
+// a -inf logit (a masked class) makes zrel -inf, and 0 * -inf would be nan.
+inline at::Tensor row_losses(const RowStats& st, const at::Tensor& lse, const at::Tensor& valid,
+                             int64_t V, double eps, double z_loss) {
+  at::Tensor loss = st.s.log() - (st.zt - st.m) * (1.0 - eps);
+  if (eps != 0.0) loss = loss - st.zrel * (eps / static_cast<double>(V));
   if (z_loss != 0.0) loss = loss + lse * lse * z_loss;
   return at::where(valid, loss, at::zeros({}, loss.options()));
 }
@@ -202,11 +204,17 @@ inline at::Tensor reduce(const at::Tensor& loss, const at::Tensor& count, Reduct
   return reduction == Reduction::Mean ? total / count : total;
 }
 
+// The outputs of the forward op: loss and lse in the accumulation type, lse_lo (see above) and
+// the gradients computed in forward (empty where not).
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
 template <typename Kernels>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
-    const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& target_in,
-    const c10::optional<at::Tensor>& bias_in, int64_t ignore_index, c10::string_view reduction_s,
-    double eps, double z_loss, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+Outputs forward(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& target_in,
+                const c10::optional<at::Tensor>& bias_in, int64_t ignore_index,
+                c10::string_view reduction_s, double eps, double z_loss, int64_t chunk_size,
+                std::array<bool, 3> grad_mask) {
+  NoAutocast no_autocast;
   check_inputs(x_in, weight_in, target_in, bias_in, eps, z_loss);
   const Reduction reduction = parse_reduction(reduction_s);
   const Flat f = flatten(x_in, weight_in, target_in, bias_in);
@@ -217,13 +225,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
   const auto acc_opts = f.x.options().dtype(acc_type(dtype));
   const bool with_grads = grads_in_forward(dtype, reduction, grad_mask);
   const bool want_bias_grad = with_grads && grad_mask[2] && f.bias.defined();
+  const bool smoothing = eps != 0.0;
   const int64_t chunk =
       chunk_size > 0 ? chunk_size : auto_chunk(half, cuda, N, V, f.x.element_size());
 
-  at::Tensor m = at::full({N}, -std::numeric_limits<double>::infinity(), acc_opts);
-  at::Tensor s = at::zeros({N}, acc_opts);
-  at::Tensor zt = at::zeros({N}, acc_opts);
-  at::Tensor zsum = at::zeros({N}, acc_opts);
+  RowStats stats = RowStats::start(N, acc_opts);
   const at::Tensor valid = f.target != ignore_index;
   const at::Tensor count = valid.sum().to(acc_type(dtype));
 
@@ -249,13 +255,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
         at::Tensor tc = f.target.narrow(0, r0, rows);
         at::Tensor z = chunk_view(buf, rows, V);
         logits_into(z, xc, f.weight, f.bias);
-        at::Tensor mc = m.narrow(0, r0, rows), sc = s.narrow(0, r0, rows);
-        at::Tensor ztc = zt.narrow(0, r0, rows), zsc = zsum.narrow(0, r0, rows);
-        Kernels::stats(z, 0, tc, ignore_index, V, mc, sc, ztc, zsc);
+        RowStats sc = stats.narrow(r0, rows);
+        Kernels::stats(z, 0, tc, ignore_index, V, smoothing, sc);
         if (!with_grads) continue;
-        at::Tensor lse_c = mc + sc.log();
-        Kernels::grad(z, 0, tc, ignore_index, V, lse_c, scale, /*scale_per_row=*/false, eps,
-                      z_loss);
+        auto [lse_c, lse_lo_c] = lse_parts(sc.m, sc.s);
+        Kernels::grad(z, 0, tc, ignore_index, V, lse_c, lse_lo_c, scale, /*per_row=*/false,
+                      at::Tensor(), eps, z_loss);
         if (grad_mask[0]) {
           at::Tensor gx = grad_x.narrow(0, r0, rows);
           at::mm_out(gx, z, f.weight);
@@ -272,24 +277,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
         at::Tensor z = chunk_view(buf, N, cols);
         logits_into(z, f.x, f.weight.narrow(0, c0, cols),
                     f.bias.defined() ? f.bias.narrow(0, c0, cols) : at::Tensor());
-        Kernels::stats(z, c0, f.target, ignore_index, V, m, s, zt, zsum);
+        Kernels::stats(z, c0, f.target, ignore_index, V, smoothing, stats);
       }
     }
   }
-  at::Tensor lse = m + s.log();
-  at::Tensor per_row = row_losses(lse, zt, zsum, valid, V, eps, z_loss);
-  at::Tensor loss = reduction == Reduction::None ? per_row.to(dtype).view(target_in.sizes())
-                                                 : reduce(per_row, count, reduction).to(dtype);
+  auto [lse, lse_lo] = lse_parts(stats.m, stats.s);
+  at::Tensor per_row = row_losses(stats, lse, valid, V, eps, z_loss);
+  at::Tensor loss = reduction == Reduction::None ? per_row.view(target_in.sizes())
+                                                 : reduce(per_row, count, reduction);
   if (with_grads && grad_mask[0]) grad_x = grad_x.view(x_in.sizes());
-  return {loss, lse.view(target_in.sizes()), grad_x, grad_w, grad_b};
+  return {loss, lse.view(target_in.sizes()), lse_lo.view(target_in.sizes()), grad_x, grad_w,
+          grad_b};
+}
+
+// Checks of the backward op's own arguments; returns (per-row scale of the loss, grad_lse or
+// undefined, lse, lse_lo), each (N,) contiguous in the accumulation type (the scale is 0-dim for
+// a reduced loss).
+struct BackwardRows {
+  at::Tensor scale, grad_lse, lse, lse_lo;
+  bool per_row;
+};
+
+inline BackwardRows backward_rows(const at::Tensor& grad_loss,
+                                  const c10::optional<at::Tensor>& grad_lse,
+                                  const at::Tensor& target_in, const Flat& f,
+                                  const at::Tensor& lse_in, const at::Tensor& lse_lo_in,
+                                  int64_t ignore_index, Reduction reduction) {
+  const at::ScalarType acc = acc_type(f.x.scalar_type());
+  TORCH_CHECK(lse_in.sizes() == target_in.sizes() && lse_lo_in.sizes() == target_in.sizes(), kOp,
+              "_backward: lse and lse_lo must have the target's shape ", target_in.sizes(),
+              ", got ", lse_in.sizes(), " and ", lse_lo_in.sizes());
+  TORCH_CHECK(lse_in.device() == f.x.device() && lse_lo_in.device() == f.x.device() &&
+                  grad_loss.device() == f.x.device(),
+              kOp, "_backward: lse, lse_lo and grad_loss must be on ", f.x.device());
+  BackwardRows out;
+  out.per_row = reduction == Reduction::None;
+  if (out.per_row) {
+    TORCH_CHECK(grad_loss.sizes() == target_in.sizes(), kOp, "_backward: grad_loss must have ",
+                "the target's shape ", target_in.sizes(), " for reduction='none', got ",
+                grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.dim() == 0, kOp, "_backward: grad_loss must be a scalar for a ",
+                "reduced loss, got shape ", grad_loss.sizes());
+  }
+  const bool has_grad_lse = grad_lse.has_value() && grad_lse->defined();
+  if (has_grad_lse) {
+    TORCH_CHECK(grad_lse->sizes() == target_in.sizes() && grad_lse->device() == f.x.device(),
+                kOp, "_backward: grad_lse must have the target's shape ", target_in.sizes(),
+                " on ", f.x.device(), ", got ", grad_lse->sizes(), " on ", grad_lse->device());
+    out.grad_lse = grad_lse->reshape({-1}).to(acc).contiguous();
+  }
+  out.lse = lse_in.reshape({-1}).to(acc).contiguous();
+  out.lse_lo = lse_lo_in.reshape({-1}).to(acc).contiguous();
+  // d loss / d (row loss): grad_loss per row, or grad_loss (/ count for the mean) for all rows.
+  out.scale = (out.per_row ? grad_loss.reshape({-1}) : grad_loss).to(acc).contiguous();
+  if (reduction == Reduction::Mean) {
+    out.scale = out.scale / (f.target != ignore_index).sum().to(acc);
+  }
+  return out;
 }
 
 template <typename Kernels>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_loss, const at::Tensor& x_in, const at::Tensor& weight_in,
-    const at::Tensor& target_in, const c10::optional<at::Tensor>& bias_in, const at::Tensor& lse_in,
-    int64_t ignore_index, c10::string_view reduction_s, double eps, double z_loss,
-    int64_t chunk_size, std::array<bool, 3> grad_mask) {
+Grads backward(const at::Tensor& grad_loss, const c10::optional<at::Tensor>& grad_lse_in,
+               const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& target_in,
+               const c10::optional<at::Tensor>& bias_in, const at::Tensor& lse_in,
+               const at::Tensor& lse_lo_in, int64_t ignore_index, c10::string_view reduction_s,
+               double eps, double z_loss, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+  NoAutocast no_autocast;
   check_inputs(x_in, weight_in, target_in, bias_in, eps, z_loss);
   const Reduction reduction = parse_reduction(reduction_s);
   const Flat f = flatten(x_in, weight_in, target_in, bias_in);
@@ -298,24 +352,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const at::ScalarType acc = acc_type(dtype);
   const bool half = is_half(dtype);
   const bool cuda = f.x.is_cuda();
-  TORCH_CHECK(lse_in.sizes() == target_in.sizes(), kOp, "_backward: lse shape ", lse_in.sizes(),
-              " must equal the target shape ", target_in.sizes());
-  TORCH_CHECK(lse_in.device() == f.x.device() && grad_loss.device() == f.x.device(), kOp,
-              "_backward: lse and grad_loss must be on ", f.x.device());
-  const bool per_row = reduction == Reduction::None;
-  if (per_row) {
-    TORCH_CHECK(grad_loss.sizes() == target_in.sizes(), kOp, "_backward: grad_loss must have ",
-                "the target's shape ", target_in.sizes(), " for reduction='none', got ",
-                grad_loss.sizes());
-  } else {
-    TORCH_CHECK(grad_loss.dim() == 0, kOp, "_backward: grad_loss must be a scalar for a ",
-                "reduced loss, got shape ", grad_loss.sizes());
-  }
-  const at::Tensor lse = lse_in.reshape({-1}).to(acc).contiguous();
-  const at::Tensor valid = f.target != ignore_index;
-  // d loss / d (row loss): grad_loss per row, or grad_loss (/ count for the mean) for all rows.
-  at::Tensor scale = (per_row ? grad_loss.reshape({-1}) : grad_loss).to(acc).contiguous();
-  if (reduction == Reduction::Mean) scale = scale / valid.sum().to(acc);
+  const BackwardRows r =
+      backward_rows(grad_loss, grad_lse_in, target_in, f, lse_in, lse_lo_in, ignore_index,
+                    reduction);
   const bool want_bias_grad = grad_mask[2] && f.bias.defined();
   const int64_t chunk =
       chunk_size > 0 ? chunk_size : auto_chunk(half, cuda, N, V, f.x.element_size());
@@ -334,8 +373,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       at::Tensor xc = f.x.narrow(0, r0, rows);
       at::Tensor z = chunk_view(buf, rows, V);
       logits_into(z, xc, f.weight, f.bias);
-      Kernels::grad(z, 0, f.target.narrow(0, r0, rows), ignore_index, V, lse.narrow(0, r0, rows),
-                    per_row ? scale.narrow(0, r0, rows) : scale, per_row, eps, z_loss);
+      Kernels::grad(z, 0, f.target.narrow(0, r0, rows), ignore_index, V,
+                    r.lse.narrow(0, r0, rows), r.lse_lo.narrow(0, r0, rows),
+                    r.per_row ? r.scale.narrow(0, r0, rows) : r.scale, r.per_row,
+                    r.grad_lse.defined() ? r.grad_lse.narrow(0, r0, rows) : at::Tensor(), eps,
+                    z_loss);
       if (grad_mask[0]) {
         at::Tensor gx = grad_x.narrow(0, r0, rows);
         at::mm_out(gx, z, f.weight);
@@ -354,7 +396,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       at::Tensor z = chunk_view(buf, N, cols);
       at::Tensor wb = f.weight.narrow(0, c0, cols);
       logits_into(z, f.x, wb, f.bias.defined() ? f.bias.narrow(0, c0, cols) : at::Tensor());
-      Kernels::grad(z, c0, f.target, ignore_index, V, lse, scale, per_row, eps, z_loss);
+      Kernels::grad(z, c0, f.target, ignore_index, V, r.lse, r.lse_lo, r.scale, r.per_row,
+                    r.grad_lse, eps, z_loss);
       if (grad_mask[0]) grad_x_acc.add_(at::mm(z, wb));
       if (grad_mask[1]) {
         at::Tensor gw = grad_w.narrow(0, c0, cols);

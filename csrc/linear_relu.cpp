@@ -14,6 +14,7 @@
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
+#include "autocast.h"
 #include "checks.h"
 
 namespace gpufit {
@@ -53,7 +54,9 @@ void bias_relu_(at::Tensor& out, const c10::optional<at::Tensor>& bias) {
   });
 }
 
-// grad_z = grad_out * (out > 0) and grad_bias = sum over rows of grad_z, in one pass.
+// grad_z = (out <= 0 ? 0 : grad_out), PyTorch's threshold_backward on relu's output (so a nan
+// pre-activation, whose output is nan, passes its gradient on as torch.relu does), and
+// grad_bias = sum over rows of grad_z, in one pass.
 // Columns are split into fixed blocks so the reduction order, and so the result, does not
 // depend on the number of threads; within a block the rows are walked in order and the inner
 // loop runs along contiguous columns, which the compiler vectorises.
@@ -78,7 +81,7 @@ void relu_backward_bias_grad(const at::Tensor& grad_out, const at::Tensor& out,
           scalar_t* gzi = gz + i * N + j0;
           for (int64_t j = 0; j < width; ++j) {
             const scalar_t gv = gi[j];  // loaded unconditionally: a select, not a branch
-            const scalar_t v = yi[j] > scalar_t(0) ? gv : scalar_t(0);
+            const scalar_t v = yi[j] <= scalar_t(0) ? scalar_t(0) : gv;
             gzi[j] = v;
             acc[j] += static_cast<acc_t>(v);
           }
@@ -91,6 +94,7 @@ void relu_backward_bias_grad(const at::Tensor& grad_out, const at::Tensor& out,
 
 at::Tensor fused_linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias) {
+  NoAutocast no_autocast;
   check_linear_inputs(kOp, x, weight, bias);
   TORCH_CHECK(x.device().is_cpu(), kOp, ": the CPU kernel got a tensor on ", x.device());
   const int64_t N = weight.size(0);
@@ -110,6 +114,7 @@ at::Tensor fused_linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_relu_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& out, bool needs_input_grad) {
+  NoAutocast no_autocast;
   TORCH_CHECK(x.device().is_cpu(), kOp, "_backward: the CPU kernel got a tensor on ",
               x.device());
   const int64_t N = weight.size(0);

@@ -1,8 +1,9 @@
 // The one place where gpufit's operator schemas are declared.
 //
 // Kernels register themselves per backend (CPU in the .cpp files, CUDA in the .cu files) with
-// TORCH_LIBRARY_IMPL, and so does the autograd of both devices (autograd.cpp, Autograd key);
-// the fake kernels are registered from Python (gpufit/ops.py).
+// TORCH_LIBRARY_IMPL, and so do the autograd of both devices (autograd.cpp, Autograd key) and
+// the autocast casts (autocast.cpp, AutocastCPU and AutocastCUDA keys); the fake kernels are
+// registered from Python (gpufit/ops.py).
 // gpufit/_schema.py holds the same schema strings for the pure-PyTorch fallback, and a test
 // checks that both agree.
 #include <Python.h>
@@ -22,17 +23,19 @@ TORCH_LIBRARY(gpufit, m) {
   m.def(
       "fused_linear_relu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out, "
       "bool needs_input_grad) -> (Tensor, Tensor, Tensor)");
-  // Returns (loss, lse, grad_x, grad_weight, grad_bias); the gradients (of the loss itself, for
-  // grad_loss = 1) are filled in forward only where linear_ce.h's grads_in_forward() says so,
-  // else they are empty.
+  // Returns (loss, lse, lse_lo, grad_x, grad_weight, grad_bias): loss and lse in the
+  // accumulation type (fp32 for half inputs), lse + lse_lo the log-sum-exp to twice lse's
+  // precision (for backward), and the gradients (of the loss itself, for grad_loss = 1) filled
+  // in forward only where linear_ce.h's grads_in_forward() says so, else empty.
   m.def(
       "fused_linear_cross_entropy(Tensor x, Tensor weight, Tensor target, Tensor? bias, "
       "int ignore_index, str reduction, float label_smoothing, float z_loss, int chunk_size, "
-      "bool[3] grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool[3] grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The gradients of grad_loss . loss + grad_lse . lse (grad_lse None: lse unused).
   m.def(
-      "fused_linear_cross_entropy_backward(Tensor grad_loss, Tensor x, Tensor weight, "
-      "Tensor target, Tensor? bias, Tensor lse, int ignore_index, str reduction, "
-      "float label_smoothing, float z_loss, int chunk_size, bool[3] grad_mask) "
+      "fused_linear_cross_entropy_backward(Tensor grad_loss, Tensor? grad_lse, Tensor x, "
+      "Tensor weight, Tensor target, Tensor? bias, Tensor lse, Tensor lse_lo, int ignore_index, "
+      "str reduction, float label_smoothing, float z_loss, int chunk_size, bool[3] grad_mask) "
       "-> (Tensor, Tensor, Tensor)");
 }
 

@@ -15,11 +15,12 @@ SCHEMAS: dict[str, str] = {
     "fused_linear_cross_entropy": (
         "(Tensor x, Tensor weight, Tensor target, Tensor? bias, int ignore_index, str reduction,"
         " float label_smoothing, float z_loss, int chunk_size, bool[3] grad_mask)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "fused_linear_cross_entropy_backward": (
-        "(Tensor grad_loss, Tensor x, Tensor weight, Tensor target, Tensor? bias, Tensor lse,"
-        " int ignore_index, str reduction, float label_smoothing, float z_loss, int chunk_size,"
-        " bool[3] grad_mask) -> (Tensor, Tensor, Tensor)"
+        "(Tensor grad_loss, Tensor? grad_lse, Tensor x, Tensor weight, Tensor target,"
+        " Tensor? bias, Tensor lse, Tensor lse_lo, int ignore_index, str reduction,"
+        " float label_smoothing, float z_loss, int chunk_size, bool[3] grad_mask)"
+        " -> (Tensor, Tensor, Tensor)"
     ),
 }

@@ -12,7 +12,8 @@ class FusedLinearReLU(nn.Linear):
     """``nn.Sequential(nn.Linear(i, o), nn.ReLU())`` as one module and one fused op.
 
     It is an ``nn.Linear`` (same constructor, parameter names ``weight``/``bias`` and
-    initialisation), so a plain Linear's state_dict loads into it unchanged.
+    initialisation), so a plain Linear's state_dict loads into it unchanged, and under
+    ``torch.autocast`` it casts as ``nn.Linear`` does.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,8 @@ class FusedLinearCrossEntropyLoss(nn.Module):
     computed by ``gpufit.ops.fused_linear_cross_entropy`` without the (N, V) logits.
 
     It owns no parameters: pass the head's ``weight`` (and ``bias``) in forward, e.g.
-    ``loss_fn(hidden, model.lm_head.weight, labels, model.lm_head.bias)``.
+    ``loss_fn(hidden, model.lm_head.weight, labels, model.lm_head.bias)``. The loss is fp32 for
+    bf16/fp16 inputs (and under autocast), float64 for float64 ones.
     """
 
     def __init__(

@@ -1,10 +1,13 @@
 """gpufit's operators: thin wrappers over torch.ops.gpufit.*, with their fake kernels (for
 torch.compile and meta tensors). The kernels come from the backend that gpufit._backend picked
-(compiled, JIT or pure-PyTorch reference); the compiled ones bring their autograd along, the
-reference backend gets the Python autograd formulas here.
+(compiled, JIT or pure-PyTorch reference); the compiled ones bring their autograd and autocast
+rule along (csrc/autograd.cpp, csrc/autocast.cpp), the reference backend gets both here.
 """
 
 from __future__ import annotations
+
+import numbers
+import operator
 
 import torch
 
@@ -36,7 +39,7 @@ def _linear_inputs_fit(x: object, weight: object, bias: object) -> bool:
     x_shape, w_shape, dtype, device = x.shape, weight.shape, x.dtype, x.device
     return (
         dtype in _FLOAT_DTYPES
-        and weight.dtype == dtype
+        and (weight.dtype == dtype or _op_dtype(weight) == _op_dtype(x))
         and len(x_shape) >= 1
         and len(w_shape) == 2
         and x_shape[-1] == w_shape[1]
@@ -45,12 +48,29 @@ def _linear_inputs_fit(x: object, weight: object, bias: object) -> bool:
             bias is None
             or (
                 isinstance(bias, torch.Tensor)
-                and bias.dtype == dtype
+                and (bias.dtype == dtype or _op_dtype(bias) == _op_dtype(x))
                 and bias.shape == (w_shape[0],)
                 and bias.device == device
             )
         )
     )
+
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _op_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype t has inside the op: the autocast dtype where autocast is on for t's device and
+    t is a floating tensor other than float64 (the rule of csrc/autocast.cpp, which is
+    F.linear's), else t's own."""
+    device = t.device.type
+    if (
+        t.dtype in _AUTOCAST_ELIGIBLE
+        and device in ("cpu", "cuda")
+        and torch.is_autocast_enabled(device)
+    ):
+        return torch.get_autocast_dtype(device)
+    return t.dtype
 
 
 def check_linear_inputs(
@@ -75,8 +95,11 @@ def _explain_linear_inputs(op, x, weight, bias) -> None:
             f"{op}: shape mismatch, x has {x.shape[-1]} features in its last dimension but "
             f"weight {tuple(weight.shape)} expects {weight.shape[1]}"
         )
-    if x.dtype != weight.dtype:
-        raise TypeError(f"{op}: dtype mismatch, x is {x.dtype} but weight is {weight.dtype}")
+    if _op_dtype(x) != _op_dtype(weight):
+        raise TypeError(
+            f"{op}: dtype mismatch, x is {x.dtype} but weight is {weight.dtype} (under "
+            "torch.autocast, floating inputs are cast to the autocast dtype, as for F.linear)"
+        )
     if x.device != weight.device:
         raise ValueError(
             f"{op}: device mismatch, x is on {x.device} but weight is on {weight.device}"
@@ -87,7 +110,7 @@ def _explain_linear_inputs(op, x, weight, bias) -> None:
             raise ValueError(
                 f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"
             )
-        if bias.dtype != x.dtype:
+        if _op_dtype(bias) != _op_dtype(x):
             raise TypeError(f"{op}: dtype mismatch, x is {x.dtype} but bias is {bias.dtype}")
         if bias.device != x.device:
             raise ValueError(
@@ -103,8 +126,11 @@ def fused_linear_relu(
 ) -> torch.Tensor:
     """relu(x @ weight.T + bias) in one op: x (..., K), weight (N, K), bias (N,) -> (..., N).
 
-    Same result as ``torch.relu(torch.nn.functional.linear(x, weight, bias))``; backward
-    reuses the output as the ReLU mask and fuses dReLU with the bias-gradient reduction.
+    Same result as ``torch.relu(torch.nn.functional.linear(x, weight, bias))``, also under
+    ``torch.autocast`` (x, weight and bias are cast to the autocast dtype, as F.linear's are, and
+    the output has that dtype). Backward reuses the output as the ReLU mask and fuses dReLU with
+    the bias-gradient reduction; with ``create_graph=True`` it is computed with differentiable
+    ATen ops instead, so double backward (hessians, gradient penalties) is right.
     """
     check_linear_inputs("fused_linear_relu", x, weight, bias)
     return torch.ops.gpufit.fused_linear_relu.default(x, weight, bias)
@@ -131,9 +157,13 @@ def _fused_linear_relu_setup_context(ctx, inputs, output):
 def _fused_linear_relu_backward(ctx, grad_out):
     x, weight, out = ctx.saved_tensors
     needs_x, needs_w, needs_b = ctx.needs_input_grad
-    grad_x, grad_w, grad_b = torch.ops.gpufit.fused_linear_relu_backward.default(
-        grad_out, x, weight, out, needs_x
-    )
+    if torch.is_grad_enabled():  # create_graph=True: the differentiable formula
+        grads = reference.fused_linear_relu_backward(grad_out, x, weight, out, needs_x)
+    else:
+        grads = torch.ops.gpufit.fused_linear_relu_backward.default(
+            grad_out, x, weight, out, needs_x
+        )
+    grad_x, grad_w, grad_b = grads
     return (
         grad_x if needs_x else None,
         grad_w if needs_w else None,
@@ -153,24 +183,64 @@ if _PYTHON_KERNELS:
 
 _REDUCTIONS = ("mean", "sum", "none")
 _LINEAR_CE = "fused_linear_cross_entropy"
+_INT64_MAX = 2**63 - 1
 
 
-def _check_linear_ce_inputs(x, weight, target, bias, ignore_index, reduction, label_smoothing,
-                            z_loss, chunk_size):  # fmt: skip
-    args = (x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size)
-    if not _linear_ce_inputs_fit(*args):
-        _explain_linear_ce_inputs(*args)
-    # A data-dependent check, done on CPU only: on CUDA it would wait for the GPU every step, so
-    # there (and under torch.compile) the kernels refuse such a target themselves (CUDA: a
-    # device-side assert, as PyTorch's own cross_entropy does). The compiled CPU kernel checks
-    # every target before any GEMM (a ValueError), so only the reference needs it here.
-    if _PYTHON_KERNELS and target.device.type == "cpu" and not torch.compiler.is_compiling():
-        _check_target_range(target, weight.shape[0], ignore_index)
+def _index_arg(name: str, value: object) -> int:
+    """An integer argument as F.cross_entropy takes one: an int, numpy integer or integer 0-dim
+    tensor within int64 (not a bool or a float)."""
+    if not isinstance(value, bool):
+        try:
+            index = operator.index(value)
+        except TypeError:
+            pass
+        else:
+            if -_INT64_MAX - 1 <= index <= _INT64_MAX:
+                return index
+            raise ValueError(f"{_LINEAR_CE}: {name}={index} does not fit in int64")
+    raise TypeError(f"{_LINEAR_CE}: {name} must be an int, got {value!r}")
 
 
-def _linear_ce_inputs_fit(x, weight, target, bias, ignore_index, reduction, label_smoothing,
-                          z_loss, chunk_size) -> bool:  # fmt: skip
-    """As _linear_inputs_fit, for all of fused_linear_cross_entropy's arguments."""
+def _float_arg(name: str, value: object) -> float:
+    """A float argument as F.cross_entropy takes one: a real number (a bool, int, float, numpy
+    scalar or 0-dim tensor), not a string; nan is refused."""
+    number = isinstance(value, numbers.Real) or (
+        isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex()
+    )
+    if not number:
+        raise TypeError(f"{_LINEAR_CE}: {name} must be a float, got {value!r}")
+    result = float(value)
+    if result != result:
+        raise ValueError(f"{_LINEAR_CE}: {name} must be a number, got nan")
+    return result
+
+
+def _chunk_arg(value: object) -> int:
+    """chunk_size as the op takes it: 0 for None (the op's own plan), else a positive integer
+    (any count of rows or classes above the input's means one chunk)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool):
+        raise TypeError(f"{_LINEAR_CE}: chunk_size must be a positive int or None, got {value!r}")
+    try:
+        size = operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{_LINEAR_CE}: chunk_size must be a positive int or None, got {value!r}"
+        ) from None
+    if size < 1:
+        raise ValueError(f"{_LINEAR_CE}: chunk_size must be a positive int or None, got {size}")
+    return min(size, _INT64_MAX)
+
+
+def _check_linear_ce_inputs(x, weight, target, bias, reduction, label_smoothing, z_loss):
+    if not _linear_ce_inputs_fit(x, weight, target, bias, reduction, label_smoothing, z_loss):
+        _explain_linear_ce_inputs(x, weight, target, bias, reduction, label_smoothing, z_loss)
+
+
+def _linear_ce_inputs_fit(x, weight, target, bias, reduction, label_smoothing, z_loss) -> bool:
+    """As _linear_inputs_fit, for all of fused_linear_cross_entropy's arguments (the numbers
+    already converted by _index_arg / _float_arg / _chunk_arg)."""
     return (
         _linear_inputs_fit(x, weight, bias)
         and isinstance(target, torch.Tensor)
@@ -178,23 +248,20 @@ def _linear_ce_inputs_fit(x, weight, target, bias, ignore_index, reduction, labe
         and target.shape == x.shape[:-1]
         and target.device == x.device
         and weight.shape[0] >= 1
-        and type(ignore_index) is int
         and reduction in _REDUCTIONS
-        and 0.0 <= float(label_smoothing) <= 1.0
-        and float(z_loss) >= 0.0
-        and (chunk_size is None or (type(chunk_size) is int and chunk_size >= 1))
+        and 0.0 <= label_smoothing <= 1.0
+        and z_loss >= 0.0
     )
 
 
-def _explain_linear_ce_inputs(x, weight, target, bias, ignore_index, reduction, label_smoothing,
-                              z_loss, chunk_size):  # fmt: skip
+def _explain_linear_ce_inputs(x, weight, target, bias, reduction, label_smoothing, z_loss):
     op = _LINEAR_CE
     check_linear_inputs(op, x, weight, bias)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{op}: target must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype != torch.int64:
         raise TypeError(
-            f"{op}: target must hold int64 class indices, got dtype {target.dtype} "
+            f"{op}: target must hold int64 (or uint8) class indices, got dtype {target.dtype} "
             "(class-probability targets are not supported)"
         )
     if target.shape != x.shape[:-1]:
@@ -208,18 +275,12 @@ def _explain_linear_ce_inputs(x, weight, target, bias, ignore_index, reduction, 
         )
     if weight.shape[0] < 1:
         raise ValueError(f"{op}: weight must have at least one class (row), got {weight.shape}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
+    if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not float(z_loss) >= 0.0:
+    if not z_loss >= 0.0:
         raise ValueError(f"{op}: z_loss must be >= 0, got {z_loss}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
 def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -249,10 +310,12 @@ def fused_linear_cross_entropy(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``cross_entropy(x @ weight.T + bias, target)`` without materialising the logits.
 
-    x (..., H), weight (V, H), bias (V,) or None, target (...) int64 class indices. The result
-    equals ``torch.nn.functional.cross_entropy(F.linear(x, weight, bias).flatten(0, -2),
-    target.flatten(), ignore_index=..., reduction=..., label_smoothing=...)`` (reshaped to
-    ``target.shape`` for ``reduction="none"``), plus the z-loss below. Its dtype is x's.
+    x (..., H), weight (V, H), bias (V,) or None, target (...) int64 (or uint8) class indices.
+    The result equals ``torch.nn.functional.cross_entropy(F.linear(x, weight, bias).flatten(0,
+    -2), target.flatten(), ignore_index=..., reduction=..., label_smoothing=...)`` (reshaped to
+    ``target.shape`` for ``reduction="none"``), plus the z-loss below. The loss (and lse) is
+    float64 for float64 inputs and float32 otherwise: bf16/fp16 inputs get an fp32 loss, as
+    Liger-Kernel and Cut Cross-Entropy return it and as autocast runs cross_entropy.
 
     - ``ignore_index``: rows with this target contribute neither loss nor gradient. With
       ``reduction="mean"`` and every row ignored the loss is nan (0/0), as in PyTorch, and the
@@ -261,36 +324,48 @@ def fused_linear_cross_entropy(
       ``lse_i = logsumexp(logits_i)`` (PaLM's auxiliary loss; same definition as Liger-Kernel).
     - ``chunk_size``: rows per chunk for fp32/fp64 (peak extra memory about chunk_size x V
       logits); for bf16/fp16 the vocabulary is blocked instead and it is the number of classes
-      per block (peak about N x chunk_size). None picks it from N, V, H and the dtype; on CPU,
-      fp32/fp64 then never take more scratch than PyTorch's own chunked
-      ``F.linear_cross_entropy`` (vocabulary blocks where its rule gives under 64 rows).
-    - ``return_lse``: also return the per-row log-sum-exp (shape ``target.shape``, float32 for
-      half inputs, else x's dtype). It is for monitoring: no gradient flows through it.
+      per block (peak about N x chunk_size). None picks the split from N, V, H and the dtype; on
+      CPU, fp32/fp64 then never take more scratch than PyTorch's own chunked
+      ``F.linear_cross_entropy`` (or 1 MiB of logits, where that is more).
+    - ``return_lse``: also return the per-row log-sum-exp ``lse_i`` (shape ``target.shape``,
+      dtype as the loss's, computed for ignored rows too). It is differentiable
+      (d lse_i / d logit_ij = softmax_ij), so a term built from it trains.
 
-    bf16/fp16 inputs accumulate in fp32 (softmax statistics, the loss, grad_weight inside one
-    GEMM per vocabulary block, grad_x across blocks).
+    Under ``torch.autocast`` x, weight and bias are cast to the autocast dtype as F.linear's are
+    (bf16 hidden states with an fp32 head work as in eager PyTorch); the gradients come back in
+    each input's own dtype. Backward reuses the gradients forward computed (fp32/fp64 with a
+    scalar loss) or recomputes the logits chunk by chunk; with ``create_graph=True`` it uses
+    differentiable ATen ops on the full logits instead (so hessians and gradient penalties are
+    right, at eager PyTorch's memory cost). bf16/fp16 inputs accumulate in fp32 (softmax
+    statistics, the loss, grad_weight inside one GEMM per vocabulary block, grad_x across
+    blocks).
     """
-    _check_linear_ce_inputs(
-        x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size
-    )
+    if type(ignore_index) is not int or not -_INT64_MAX - 1 <= ignore_index <= _INT64_MAX:
+        ignore_index = _index_arg("ignore_index", ignore_index)
+    if type(label_smoothing) is not float or label_smoothing != label_smoothing:
+        label_smoothing = _float_arg("label_smoothing", label_smoothing)
+    if type(z_loss) is not float or z_loss != z_loss:
+        z_loss = _float_arg("z_loss", z_loss)
+    chunk = _chunk_arg(chunk_size)
+    if isinstance(target, torch.Tensor) and target.dtype == torch.uint8:
+        target = target.long()  # F.cross_entropy takes uint8 class indices too
+    _check_linear_ce_inputs(x, weight, target, bias, reduction, label_smoothing, z_loss)
+    # A data-dependent check, done on CPU only: on CUDA it would wait for the GPU every step, so
+    # there (and under torch.compile) the kernels refuse such a target themselves (CUDA: a
+    # device-side assert, as PyTorch's own cross_entropy does). The compiled CPU kernel checks
+    # every target before any GEMM (a ValueError), so only the reference needs it here.
+    if _PYTHON_KERNELS and target.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_target_range(target, weight.shape[0], ignore_index)
     grad_on = torch.is_grad_enabled()
     grad_mask = [grad_on and t is not None and t.requires_grad for t in (x, weight, bias)]
     loss, lse, *_ = torch.ops.gpufit.fused_linear_cross_entropy.default(
-        x,
-        weight,
-        target,
-        bias,
-        ignore_index,
-        reduction,
-        float(label_smoothing),
-        float(z_loss),
-        chunk_size or 0,
+        x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk,
         grad_mask,
-    )
+    )  # fmt: skip
     return (loss, lse) if return_lse else loss
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -300,12 +375,15 @@ def _fused_linear_cross_entropy_fake(
     grad_mask,
 ):  # fmt: skip
     torch._check(x.shape[-1] == weight.shape[1], lambda: "x and weight: in_features differ")
-    loss = x.new_empty(target.shape if reduction == "none" else ())
-    lse = x.new_empty(target.shape, dtype=_lse_dtype(x.dtype))
+    acc = _loss_dtype(x.dtype)
+    loss = x.new_empty(target.shape if reduction == "none" else (), dtype=acc)
+    lse = x.new_empty(target.shape, dtype=acc)
+    lse_lo = x.new_empty(target.shape, dtype=acc)
     in_forward = reference.linear_ce_grads_in_forward(x.dtype, reduction, grad_mask)
     return (
         loss,
         lse,
+        lse_lo,
         *_linear_ce_grads_fake(x, weight, bias, grad_mask if in_forward else [False] * 3),
     )
 
@@ -321,16 +399,16 @@ def _linear_ce_grads_fake(x, weight, bias, grad_mask):
 
 @torch.library.register_fake("gpufit::fused_linear_cross_entropy_backward")
 def _fused_linear_cross_entropy_backward_fake(
-    grad_loss, x, weight, target, bias, lse, ignore_index, reduction, label_smoothing, z_loss,
-    chunk_size, grad_mask,
+    grad_loss, grad_lse, x, weight, target, bias, lse, lse_lo, ignore_index, reduction,
+    label_smoothing, z_loss, chunk_size, grad_mask,
 ):  # fmt: skip
     return _linear_ce_grads_fake(x, weight, bias, grad_mask)
 
 
 def _fused_linear_cross_entropy_setup_context(ctx, inputs, output):
     x, weight, target, bias, ignore_index, reduction, smoothing, z_loss, chunk, grad_mask = inputs
-    loss, lse, grad_x, grad_w, grad_b = output
-    ctx.mark_non_differentiable(lse, grad_x, grad_w, grad_b)
+    loss, lse, lse_lo, grad_x, grad_w, grad_b = output
+    ctx.mark_non_differentiable(lse_lo, grad_x, grad_w, grad_b)
     ctx.set_materialize_grads(False)
     ctx.options = (ignore_index, reduction, smoothing, z_loss, chunk)
     ctx.has_bias = bias is not None
@@ -339,7 +417,7 @@ def _fused_linear_cross_entropy_setup_context(ctx, inputs, output):
         if reference.linear_ce_grads_in_forward(x.dtype, reduction, grad_mask)
         else [False, False, False]
     )
-    ctx.save_for_backward(x, weight, target, bias, lse, grad_x, grad_w, grad_b)
+    ctx.save_for_backward(x, weight, target, bias, lse, lse_lo, grad_x, grad_w, grad_b)
 
 
 # weights of 4M+ elements: 16 MiB+ of fp32 gradient to copy (csrc/autograd.cpp: the same rule)
@@ -356,42 +434,58 @@ def _is_plain_eager(t: torch.Tensor) -> bool:
     )
 
 
-def _fused_linear_cross_entropy_backward(ctx, grad_loss, _grad_lse, _gx, _gw, _gb):
-    x, weight, target, bias, lse, grad_x, grad_w, grad_b = ctx.saved_tensors
+def _fused_linear_cross_entropy_backward(ctx, grad_loss, grad_lse, _lo, _gx, _gw, _gb):
+    """The reference backend's autograd; csrc/autograd.cpp does the same for the compiled ones."""
+    x, weight, target, bias, lse, lse_lo, grad_x, grad_w, grad_b = ctx.saved_tensors
     needs = [
         ctx.needs_input_grad[0],
         ctx.needs_input_grad[1],
         ctx.has_bias and ctx.needs_input_grad[3],
     ]
-    result = [None, None, None]
-    if grad_loss is None or not any(needs):
+    if (grad_loss is None and grad_lse is None) or not any(needs):
         return (None,) * 10
-    missing = [need and not done for need, done in zip(needs, ctx.precomputed, strict=True)]
-    if any(missing):
-        ignore_index, reduction, smoothing, z_loss, chunk = ctx.options
+    ignore_index, reduction, smoothing, z_loss, chunk = ctx.options
+    result = [None, None, None]
+    if torch.is_grad_enabled() or grad_lse is not None:
+        # create_graph=True: the reference's formula is made of differentiable ops. A used lse:
+        # its softmax term goes with the loss's, in one backward op.
+        if grad_loss is None:
+            grad_loss = torch.zeros_like(lse) if reduction == "none" else lse.new_zeros(())
+        backward = (
+            reference.fused_linear_cross_entropy_backward
+            if torch.is_grad_enabled()
+            else torch.ops.gpufit.fused_linear_cross_entropy_backward.default
+        )
         result = list(
-            torch.ops.gpufit.fused_linear_cross_entropy_backward.default(
-                grad_loss, x, weight, target, bias, lse, ignore_index, reduction, smoothing,
-                z_loss, chunk, missing,
+            backward(
+                grad_loss, grad_lse, x, weight, target, bias, lse, lse_lo, ignore_index,
+                reduction, smoothing, z_loss, chunk, needs,
             )
         )  # fmt: skip
-    # The saved gradients are those of the loss itself; scale them by grad_loss. Not in place:
-    # a graph kept with retain_graph=True must give the same gradients again. For the usual
-    # loss.backward() (grad_loss == 1, checked outside compile) they are returned as they are,
-    # so no second (V, H) buffer is needed.
-    # Reading grad_loss on a GPU waits for it, which pays only when the copy it saves is big.
-    unit = (
-        _is_plain_eager(grad_loss)
-        and grad_loss.numel() == 1
-        and (grad_loss.device.type == "cpu" or weight.numel() >= _UNIT_CHECK_MIN_NUMEL)
-        and bool(grad_loss == 1)
-    )
-    for i, saved in enumerate((grad_x, grad_w, grad_b)):
-        if needs[i] and ctx.precomputed[i]:
-            result[i] = saved if unit else saved * grad_loss
-        elif not needs[i]:
-            result[i] = None
-    grad_x, grad_w, grad_b = result
+    else:
+        missing = [need and not done for need, done in zip(needs, ctx.precomputed, strict=True)]
+        if any(missing):
+            result = list(
+                torch.ops.gpufit.fused_linear_cross_entropy_backward.default(
+                    grad_loss, None, x, weight, target, bias, lse, lse_lo, ignore_index,
+                    reduction, smoothing, z_loss, chunk, missing,
+                )
+            )  # fmt: skip
+        # The saved gradients are those of the loss itself; scale them by grad_loss. Not in
+        # place: a graph kept with retain_graph=True must give the same gradients again. For the
+        # usual loss.backward() (grad_loss == 1, checked outside compile) they are returned as
+        # they are, so no second (V, H) buffer is needed. Reading grad_loss on a GPU waits for
+        # it, which pays only when the copy it saves is big.
+        unit = (
+            _is_plain_eager(grad_loss)
+            and grad_loss.numel() == 1
+            and (grad_loss.device.type == "cpu" or weight.numel() >= _UNIT_CHECK_MIN_NUMEL)
+            and bool(grad_loss == 1)
+        )
+        for i, saved in enumerate((grad_x, grad_w, grad_b)):
+            if needs[i] and ctx.precomputed[i]:
+                result[i] = saved if unit else saved * grad_loss
+    grad_x, grad_w, grad_b = (r if need else None for r, need in zip(result, needs, strict=True))
     return grad_x, grad_w, None, grad_b, None, None, None, None, None, None
 
 
@@ -401,3 +495,38 @@ if _PYTHON_KERNELS:
         _fused_linear_cross_entropy_backward,
         setup_context=_fused_linear_cross_entropy_setup_context,
     )
+
+
+# ---------------------------------------------------------------- autocast (reference backend)
+# The compiled backends register their autocast rule in C++ (csrc/autocast.cpp); the same rule
+# for the reference backend's Python-registered ops.
+
+
+def _autocast_kernel(op, device_type: str):
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+    def cast(arg, dtype):
+        eligible = (
+            isinstance(arg, torch.Tensor)
+            and arg.dtype in _AUTOCAST_ELIGIBLE
+            and arg.device.type == device_type
+        )
+        return arg.to(dtype) if eligible else arg
+
+    def kernel(*args):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*(cast(a, dtype) for a in args))
+
+    return kernel, key.name
+
+
+_AUTOCAST_LIBRARIES: list[torch.library.Library] = []
+
+if _PYTHON_KERNELS:
+    _library = torch.library.Library("gpufit", "IMPL")
+    for _name in ("fused_linear_relu", "fused_linear_cross_entropy"):
+        for _device in ("cpu", "cuda"):
+            _kernel, _key = _autocast_kernel(getattr(torch.ops.gpufit, _name).default, _device)
+            _library.impl(_name, _kernel, _key)
+    _AUTOCAST_LIBRARIES.append(_library)  # a Library deregisters its kernels when collected

@@ -7,18 +7,38 @@ they are the kernels of the fallback backend when no compiled library can be had
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
+_AUTOCAST_KEYS = torch._C.DispatchKeySet(
+    torch._C.DispatchKey.AutocastCPU
+) | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA)
 
+
+def _without_autocast(kernel):
+    """As the compiled kernels (csrc/autocast.h): nothing inside an op is autocast, also when it
+    runs with autocast on (a backward op in the autograd engine); the op's own autocast rule
+    has cast the inputs already."""
+
+    @functools.wraps(kernel)
+    def run(*args):
+        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+            return kernel(*args)
+
+    return run
+
+
+@_without_autocast
 def fused_linear_relu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     return torch.relu(F.linear(x, weight, bias))
 
 
+@_without_autocast
 def fused_linear_relu_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -28,7 +48,8 @@ def fused_linear_relu_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # explicit sizes, not -1: a reshape of zero rows cannot infer its width
     rows = math.prod(x.shape[:-1])
-    grad_z = torch.where(out > 0, grad_out, torch.zeros_like(grad_out))
+    # relu's own backward (threshold_backward on its output): a nan output passes grad_out on
+    grad_z = torch.where(out <= 0, torch.zeros_like(grad_out), grad_out)
     grad_z = grad_z.reshape(rows, grad_out.shape[-1])
     grad_weight = grad_z.t().mm(x.reshape(rows, x.shape[-1]))
     grad_bias = grad_z.sum(0, dtype=torch.promote_types(grad_z.dtype, torch.float32))
@@ -39,7 +60,8 @@ def fused_linear_relu_backward(
 # ---------------------------------------------------------------- fused_linear_cross_entropy
 # The reference materialises the (N, V) logits: it defines the results, it does not save memory.
 # Its gradient formulas are written out (no autograd inside a kernel), and the tests check them
-# against autograd through torch.nn.functional.cross_entropy.
+# against autograd through torch.nn.functional.cross_entropy. They are made of differentiable
+# ops, so they are also the double backward of the reference backend.
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -48,7 +70,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def linear_ce_grads_in_forward(dtype: torch.dtype, reduction: str, grad_mask) -> bool:
     """Whether the forward op also returns the gradients (mirrors csrc/linear_ce.h): only for a
-    scalar loss, only on the fp32/fp64 row-chunk path, only if some gradient is wanted."""
+    scalar loss, only for fp32/fp64, only if some gradient is wanted."""
     half = dtype in (torch.bfloat16, torch.float16)
     return not half and reduction != "none" and any(grad_mask)
 
@@ -60,14 +82,34 @@ def _linear_ce_logits(x, weight, target, bias):
     return logits, target.reshape(-1)
 
 
-def _linear_ce_grads(x, weight, bias, logits, target, lse, scale, ignore_index, eps, z_loss, mask):
-    """Gradients of sum_i scale_i * loss_i w.r.t. x, weight, bias from the full logits."""
+def _lse_parts(logits):
+    """The rows' log-sum-exp as lse + lse_lo (csrc/linear_ce.h: lse rounded, lse_lo what the
+    rounding of max + log(sum exp(z - max)) lost)."""
+    m = logits.amax(-1) if logits.shape[-1] else logits.new_full(logits.shape[:-1], -math.inf)
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    ls = torch.exp(logits - shift[:, None]).sum(-1).log()
+    lse = shift + ls
+    back = lse - shift
+    lo = (shift - (lse - back)) + (ls - back)
+    return lse, torch.where(torch.isfinite(lse), lo, torch.zeros_like(lo))
+
+
+def _linear_ce_grads(x, weight, bias, logits, target, scale, grad_lse, ignore_index, eps,
+                     z_loss, mask):  # fmt: skip
+    """Gradients of sum_i (scale_i loss_i + grad_lse_i lse_i) w.r.t. x, weight, bias from the
+    full logits."""
     v, h = weight.shape
     valid = target != ignore_index
-    p = torch.exp(logits - lse[:, None])
-    dz = p * (1 + 2 * z_loss * lse)[:, None] - eps / v
+    lse = torch.logsumexp(logits, dim=-1)
+    c = torch.where(valid, scale, 0)
+    coef = c * (1 + 2 * z_loss * lse)
+    if grad_lse is not None:
+        coef = coef + grad_lse
+    dz = torch.softmax(logits, dim=-1) * coef[:, None]
+    if eps != 0:
+        dz = dz - (c * (eps / v))[:, None]
     onehot = F.one_hot(torch.where(valid, target, 0), v).to(dz.dtype)
-    dz = (dz - (1 - eps) * onehot) * torch.where(valid, scale, 0)[:, None]
+    dz = dz - (c * (1 - eps))[:, None] * onehot
     dz_in = dz.to(x.dtype)
     # separate empty tensors: outputs of an op must not alias each other
     grad_x = dz_in.mm(weight).reshape(x.shape) if mask[0] else x.new_empty(0)
@@ -76,6 +118,7 @@ def _linear_ce_grads(x, weight, bias, logits, target, lse, scale, ignore_index, 
     return grad_x, grad_w, grad_b
 
 
+@_without_autocast
 def fused_linear_cross_entropy(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -87,9 +130,9 @@ def fused_linear_cross_entropy(
     z_loss: float,
     chunk_size: int,
     grad_mask: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     logits, flat_target = _linear_ce_logits(x, weight, target, bias)
-    lse = torch.logsumexp(logits, dim=-1)
+    lse, lse_lo = _lse_parts(logits)
     valid = flat_target != ignore_index
     per_row = F.cross_entropy(
         logits,
@@ -98,31 +141,35 @@ def fused_linear_cross_entropy(
         reduction="none",
         label_smoothing=label_smoothing,
     )
-    per_row = per_row + torch.where(valid, z_loss * lse * lse, 0)
+    if z_loss:
+        per_row = per_row + torch.where(valid, z_loss * lse * lse, 0)
     count = valid.sum().to(logits.dtype)
     if reduction == "none":
-        loss = per_row.to(x.dtype).reshape(target.shape)
+        loss = per_row.reshape(target.shape)
     else:
         total = per_row.sum()
-        loss = (total / count if reduction == "mean" else total).to(x.dtype)
+        loss = total / count if reduction == "mean" else total
     if linear_ce_grads_in_forward(x.dtype, reduction, grad_mask):
         scale = (1 / count if reduction == "mean" else torch.ones_like(count)).expand_as(lse)
         grads = _linear_ce_grads(
-            x, weight, bias, logits, flat_target, lse, scale, ignore_index,
+            x, weight, bias, logits, flat_target, scale, None, ignore_index,
             label_smoothing, z_loss, grad_mask,
         )  # fmt: skip
     else:
         grads = (x.new_empty(0), x.new_empty(0), x.new_empty(0))
-    return (loss, lse.reshape(target.shape), *grads)
+    return (loss, lse.reshape(target.shape), lse_lo.reshape(target.shape), *grads)
 
 
+@_without_autocast
 def fused_linear_cross_entropy_backward(
     grad_loss: torch.Tensor,
+    grad_lse: torch.Tensor | None,
     x: torch.Tensor,
     weight: torch.Tensor,
     target: torch.Tensor,
     bias: torch.Tensor | None,
     lse: torch.Tensor,
+    lse_lo: torch.Tensor,
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
@@ -130,16 +177,18 @@ def fused_linear_cross_entropy_backward(
     chunk_size: int,
     grad_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # lse and lse_lo are recomputed from the logits (so that the result is differentiable in
+    # x, weight and bias); the kernels use the saved ones
     logits, flat_target = _linear_ce_logits(x, weight, target, bias)
     acc = logits.dtype
-    lse = lse.reshape(-1).to(acc)
     if reduction == "none":
         scale = grad_loss.reshape(-1).to(acc)
     else:
-        scale = grad_loss.to(acc).expand_as(lse)
+        scale = grad_loss.to(acc).expand(flat_target.shape)
         if reduction == "mean":
             scale = scale / (flat_target != ignore_index).sum()
+    g = None if grad_lse is None else grad_lse.reshape(-1).to(acc)
     return _linear_ce_grads(
-        x, weight, bias, logits, flat_target, lse, scale, ignore_index,
+        x, weight, bias, logits, flat_target, scale, g, ignore_index,
         label_smoothing, z_loss, grad_mask,
     )  # fmt: skip

@@ -3,9 +3,11 @@ logits: loss, log-sum-exp and every gradient, each option, odd shapes, registrat
 (opcheck, torch.compile), the module, bad input, and peak memory."""
 
 import itertools
+import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,11 @@ def make_inputs(lead, h, v, dtype, device="cpu", bias=True, seed=0, ignore=None,
         t.view(-1)[:: max(2, t.numel() // 3)] = ignore  # some ignored rows, never all
     cast = lambda a: None if a is None else a.to(dtype=dtype, device=device)  # noqa: E731
     return cast(x), cast(w), t.to(device), cast(b)
+
+
+def loss_dtype(dtype):
+    """The documented dtype of the loss and lse: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def torch_loss(x, w, t, b, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0):
@@ -84,7 +91,7 @@ def assert_matches_torch(x, w, t, b, **kwargs):
     up = [None if a is None else a.double() for a in (x, w, b)]
     kwargs.pop("chunk_size", None)
     ref_loss, ref_grads = run(torch_loss, up[0], up[1], t, up[2], **kwargs)
-    assert loss.dtype == x.dtype and loss.shape == ref_loss.shape
+    assert loss.dtype == loss_dtype(x.dtype) and loss.shape == ref_loss.shape
     assert torch.isfinite(loss).all() or not torch.isfinite(ref_loss).all()
     torch.testing.assert_close(loss.double(), ref_loss, atol=atol, rtol=rtol, equal_nan=True)
     for name, got, want in zip(("x", "weight", "bias"), grads, ref_grads, strict=False):
@@ -114,10 +121,10 @@ def test_matches_torch_cpu(dtype, reduction, ignore_index, label_smoothing, z_lo
 @pytest.mark.parametrize("ignore_index,label_smoothing,z_loss", OPTIONS)
 def test_matches_torch_cpu_vocabulary_blocks(dtype, reduction, ignore_index, label_smoothing,
                                              z_loss):  # fmt: skip
-    # With no chunk_size, a vocabulary this much larger than H leaves PyTorch's chunk rule less
-    # than 64 rows, so the CPU takes vocabulary blocks (64 classes here; V = 1000 ends on a short
-    # block) and still computes the gradients in forward.
-    x, w, t, b = make_inputs((130,), 4, 1000, dtype, ignore=ignore_index)
+    # With no chunk_size, a vocabulary this much larger than H leaves PyTorch's chunk rule one
+    # row, and the logits (390K) are over the one-chunk floor, so the CPU takes vocabulary blocks
+    # (V = 3000 ends on a short block) and still computes the gradients in forward.
+    x, w, t, b = make_inputs((130,), 4, 3000, dtype, ignore=ignore_index)
     assert_matches_torch(
         x, w, t, b, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, z_loss=z_loss,
@@ -186,7 +193,7 @@ def test_return_lse(dtype):
     loss, lse = ops.fused_linear_cross_entropy(x, w, t, b, return_lse=True, chunk_size=3)
     want = F.linear(x.double(), w.double(), b.double()).logsumexp(-1)
     assert lse.shape == t.shape
-    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert lse.dtype == loss_dtype(dtype)
     torch.testing.assert_close(
         lse.double(), want, atol=1e-5 if dtype == torch.float64 else 2e-2, rtol=1e-3
     )
@@ -295,7 +302,11 @@ def test_forward_runs_no_tensor_op_but_the_kernel():
     x, w, t, b = make_inputs((9,), 5, 13, torch.float32, ignore=-100)
     with Record():
         ops.fused_linear_cross_entropy(x.requires_grad_(), w, t, b)
-    assert seen == ["gpufit.fused_linear_cross_entropy.default"]
+    # autograd saves the differentiable lse output for backward; under a Python dispatch mode
+    # as a detached alias (no data is read)
+    assert [op for op in seen if op != "aten.detach.default"] == [
+        "gpufit.fused_linear_cross_entropy.default"
+    ]
 
 
 def test_no_grad_forward_matches():
@@ -318,14 +329,15 @@ def test_compiled_op_equals_the_fallback_reference():
             for a, c in zip(got, want, strict=True):
                 assert a.shape == c.shape
                 torch.testing.assert_close(a, c, atol=1e-12, rtol=1e-10)
-            lse = got[1]
+            lse, lse_lo = got[1], got[2]
             g = torch.rand(t.shape if reduction == "none" else (), dtype=x.dtype)
-            bargs = (g, x, w, t, b, lse, 2, reduction, 0.1, 1e-3, 4, mask)
-            got = torch.ops.gpufit.fused_linear_cross_entropy_backward.default(*bargs)
-            want = reference.fused_linear_cross_entropy_backward(*bargs)
-            for a, c in zip(got, want, strict=True):
-                assert a.shape == c.shape
-                torch.testing.assert_close(a, c, atol=1e-12, rtol=1e-10)
+            for g_lse in (None, torch.rand(t.shape, dtype=x.dtype)):
+                bargs = (g, g_lse, x, w, t, b, lse, lse_lo, 2, reduction, 0.1, 1e-3, 4, mask)
+                got_b = torch.ops.gpufit.fused_linear_cross_entropy_backward.default(*bargs)
+                want_b = reference.fused_linear_cross_entropy_backward(*bargs)
+                for a, c in zip(got_b, want_b, strict=True):
+                    assert a.shape == c.shape
+                    torch.testing.assert_close(a, c, atol=1e-12, rtol=1e-10)
 
 
 def test_gradcheck_float64():
@@ -337,6 +349,315 @@ def test_gradcheck_float64():
             chunk_size=2,
         )  # fmt: skip
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- cases from the field's suites
+# Re-expressed from PyTorch's own linear_cross_entropy / cross_entropy tests, Liger-Kernel's and
+# Cut Cross-Entropy's suites, on each CPU path: (name, leading shape, H, V, chunk_size, dtype),
+# and on CUDA where a GPU is visible (the same shapes through the CUDA kernels' chunk loops).
+PLANS = [
+    ("one chunk", (12,), 16, 10, None, torch.float32),
+    ("row chunks", (12,), 8, 30, 4, torch.float32),
+    ("vocabulary blocks", (40,), 4, 8000, None, torch.float32),
+    ("vocabulary blocks, many row tiles", (300,), 4, 3000, None, torch.float32),
+    ("vocabulary blocks, two workers", (512,), 64, 4096, None, torch.float32),
+    ("bf16 blocks", (12,), 8, 30, 16, torch.bfloat16),
+    ("fp64", (12,), 8, 30, None, torch.float64),
+]
+PLAN_IDS = [p[0] for p in PLANS]
+FP_PLANS = [p for p in PLANS if p[5] != torch.bfloat16]
+FP_PLAN_IDS = [p[0] for p in FP_PLANS]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,lead,h,v,chunk,dtype", PLANS, ids=PLAN_IDS)
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_masked_vocabulary_minus_inf_logits(name, lead, h, v, chunk, dtype, z_loss, device):
+    """A vocabulary masked through the bias (padding classes at -inf, never a target) gives a
+    finite loss and gradients, as F.cross_entropy does: no 0 * -inf in the smoothing term."""
+    x, w, t, b = make_inputs(lead, h, v, dtype, device=device, ignore=-100)
+    b[v - v // 3 :] = -float("inf")
+    t = torch.where(t >= v - v // 3, t % (v // 2), t)
+    loss, grads = run(ops.fused_linear_cross_entropy, x, w, t, b, chunk_size=chunk, z_loss=z_loss)
+    assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads), name
+    assert_matches_torch(x, w, t, b, chunk_size=chunk, z_loss=z_loss, reduction="none")
+    assert_matches_torch(x, w, t, b, chunk_size=chunk, z_loss=z_loss)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,lead,h,v,chunk,dtype", PLANS, ids=PLAN_IDS)
+def test_masked_vocabulary_with_label_smoothing_is_inf_like_pytorch(name, lead, h, v, chunk,
+                                                                   dtype, device):  # fmt: skip
+    # With smoothing every class gets target mass, and a -inf logit makes the loss inf, in
+    # PyTorch too.
+    x, w, t, b = make_inputs(lead, h, v, dtype, device=device)
+    b[-1] = -float("inf")
+    t = t % (v - 1)
+    loss = ops.fused_linear_cross_entropy(x, w, t, b, chunk_size=chunk, label_smoothing=0.1)
+    want = torch_loss(x.double(), w.double(), t, b.double(), label_smoothing=0.1)
+    assert torch.isinf(want) and torch.isinf(loss), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_large_common_logit_pytorch_case(dtype, chunk, device):
+    """PyTorch's own case: every logit equals 4096 * 4096, so the loss is log(8) and grad_x is
+    0; a loss formed as (max + log s) - z_target rounds to 2.0 in fp32."""
+    x = torch.full((4, 1), 4096.0, dtype=dtype, device=device, requires_grad=True)
+    w = torch.full((8, 1), 4096.0, dtype=dtype, device=device, requires_grad=True)
+    t = torch.tensor([0, 3, 5, 7], device=device)
+    loss = ops.fused_linear_cross_entropy(x, w, t, chunk_size=chunk)
+    loss.backward()
+    torch.testing.assert_close(loss.double().cpu(), torch.tensor(math.log(8), dtype=torch.float64))
+    assert x.grad.abs().max() <= 1e-3, x.grad
+
+
+def dyadic_inputs(lead, h, v, offset, seed=0):
+    """x, weight and bias whose logits are exact in fp32 in any order of summation: multiples
+    of 1/64 around `offset` (a power of two up to 2**17, where 1/64 is fp32's spacing)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, (*lead, h), generator=g).double() / 8
+    w = torch.randint(-4, 5, (v, h), generator=g).double() / 8
+    b = offset + torch.randint(-64, 65, (v,), generator=g).double() / 64
+    t = torch.randint(0, v, lead, generator=g)
+    return x, w, t, b
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,lead,h,v,chunk,dtype", FP_PLANS, ids=FP_PLAN_IDS)
+@pytest.mark.parametrize("offset", [2.0**17, -(2.0**17)])
+def test_large_bias_offset(name, lead, h, v, chunk, dtype, offset, device):
+    """Logits sharing an offset of 1.3e5 (fp32 spacing there: 1/64), exact in fp32: loss and
+    gradients as precise as without the offset, as PyTorch's log_softmax is (forming them from
+    a rounded lse errs by up to 1/128)."""
+    x, w, t, b = (a.to(device) for a in dyadic_inputs(lead, h, v, offset))
+    t.view(-1)[::5] = -100
+    cast = [a.to(dtype) for a in (x, w, b)]
+    opts = dict(reduction="none", label_smoothing=0.1, z_loss=0.0)
+    loss, grads = run(ops.fused_linear_cross_entropy, *cast[:2], t, cast[2], chunk_size=chunk,
+                      **opts)  # fmt: skip
+    ref_loss, ref_grads = run(torch_loss, x, w, t, b, **opts)
+    torch.testing.assert_close(loss.double(), ref_loss, atol=2e-5, rtol=0)
+    for got, want, what in zip(grads, ref_grads, ("x", "weight", "bias"), strict=True):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4, msg=what)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,lead,h,v,chunk,dtype", PLANS, ids=PLAN_IDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_lse_is_differentiable(name, lead, h, v, chunk, dtype, reduction, device):
+    """A z-loss built from the returned lse trains, as Cut Cross-Entropy's lse does: its
+    gradient is that of torch.logsumexp of the eager logits (also for ignored rows)."""
+    x, w, t, b = make_inputs(lead, h, v, dtype, device=device, ignore=-100)
+
+    def fused(x, w, t, b):
+        loss, lse = ops.fused_linear_cross_entropy(
+            x, w, t, b, chunk_size=chunk, reduction=reduction, return_lse=True
+        )
+        return loss.sum() + 0.3 * (lse**2).mean()
+
+    def eager(x, w, t, b):
+        lse = F.linear(x, w, b).logsumexp(-1)
+        return torch_loss(x, w, t, b, reduction=reduction).sum() + 0.3 * (lse**2).mean()
+
+    loss, grads = run(fused, x, w, t, b)
+    up = [a.double() for a in (x, w, b)]
+    ref_loss, ref_grads = run(eager, up[0], up[1], t, up[2])
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(loss.double(), ref_loss, atol=atol, rtol=rtol)
+    for got, want, what in zip(grads, ref_grads, ("x", "weight", "bias"), strict=True):
+        torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol, msg=what)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,lead,h,v,chunk,dtype", PLANS, ids=PLAN_IDS)
+def test_lse_alone_gets_its_gradient(name, lead, h, v, chunk, dtype, device):
+    x, w, t, b = make_inputs(lead, h, v, dtype, device=device)
+
+    def lse_only(x, w, t, b):
+        return ops.fused_linear_cross_entropy(x, w, t, b, chunk_size=chunk, return_lse=True)[1]
+
+    _, grads = run(lse_only, x, w, t, b)
+    up = [a.double() for a in (x, w, b)]
+    _, want = run(lambda x, w, t, b: F.linear(x, w, b).logsumexp(-1), up[0], up[1], t, up[2])
+    atol, rtol = TOLERANCES[dtype]
+    for got, ref in zip(grads, want, strict=True):
+        torch.testing.assert_close(got.double(), ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_inputs_give_fp32_loss_and_lse(dtype, device):
+    """Per-token loss and lse of half inputs come back in fp32, not rounded to 8 (bf16) or 11
+    (fp16) bits."""
+    x, w, t, b = make_inputs((64,), 16, 50, dtype, device=device, scale=3.0)
+    loss, lse = ops.fused_linear_cross_entropy(x, w, t, b, reduction="none", return_lse=True)
+    assert loss.dtype == lse.dtype == torch.float32
+    for values in (loss, lse):
+        rounded = values.to(dtype).float()
+        assert (values != rounded).float().mean() > 0.5, "values carry only the input's bits"
+    logits = F.linear(x, w, b).double()  # the op's logits are rounded to dtype, as eager's
+    want = F.cross_entropy(logits, t, reduction="none")
+    torch.testing.assert_close(loss.double(), want, atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_long_rows_sum_in_fp32_precision(threads):
+    """fp32 exp-sums over V = 2**20 classes, on every path: pairwise / blocked, so the lse of
+    each row is as precise as eager PyTorch's (a serial sum lost 1.6e-3)."""
+    torch.manual_seed(0)
+    n, h, v = 3, 4, 1 << 20
+    x = torch.randn(n, h)
+    w = torch.randn(v, h) * 2
+    t = torch.randint(0, v, (n,))
+    want = F.linear(x.double(), w.double()).logsumexp(-1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for chunk in (None, 2):
+            _, lse = ops.fused_linear_cross_entropy(x, w, t, chunk_size=chunk, return_lse=True)
+            err = ((lse.double() - want).abs() / want.abs()).max()
+            assert err < 2e-6, (chunk, float(err))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_vocabulary_blocks_give_the_same_result_on_any_thread_count(reduction):
+    """The parallel phases split the work by tiles, never a sum across threads: 1, 2 and 3
+    threads agree to fp32 rounding (and each with PyTorch)."""
+    x, w, t, b = make_inputs((512,), 64, 4096, torch.float32, ignore=-100)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(run(ops.fused_linear_cross_entropy, x, w, t, b, reduction=reduction))
+    finally:
+        torch.set_num_threads(before)
+    (loss, grads), others = results[0], results[1:]
+    for other_loss, other_grads in others:
+        torch.testing.assert_close(other_loss, loss, atol=1e-6, rtol=1e-6)
+        for got, want in zip(other_grads, grads, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- autocast
+
+
+def eager_loss(x, w, t, b, **kwargs):
+    return F.cross_entropy(F.linear(x, w, b), t, **kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,lead,h,v,chunk,dtype", PLANS[:4], ids=PLAN_IDS[:4])
+@pytest.mark.parametrize("hidden", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_runs_like_eager(name, lead, h, v, chunk, dtype, hidden, autocast_dtype, device):
+    """Under torch.autocast the op casts x, weight and bias as F.linear does (a bf16 hidden
+    state with an fp32 head runs, as a Hugging Face model under autocast passes it), returns an
+    fp32 loss, and each parameter gets its gradient in its own dtype, close to eager's."""
+    x, w, t, b = make_inputs(lead, h, v, torch.float32, device=device, ignore=-100)
+    x = x.to(hidden)
+    fused = [a.clone().requires_grad_() for a in (x, w, b)]
+    eager = [a.clone().requires_grad_() for a in (x, w, b)]
+    with torch.autocast(device, dtype=autocast_dtype):
+        loss = ops.fused_linear_cross_entropy(*fused[:2], t, fused[2], chunk_size=chunk)
+        want = eager_loss(eager[0], eager[1], t, eager[2])
+    assert loss.dtype == want.dtype == torch.float32
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(loss, want, atol=2e-2, rtol=2e-2)
+    for got, ref in zip(fused, eager, strict=True):
+        assert got.grad is not None and got.grad.dtype == got.dtype
+        torch.testing.assert_close(got.grad.float(), ref.grad.float(), atol=2e-2, rtol=5e-2)
+
+
+def test_autocast_leaves_float64_alone():
+    x, w, t, b = make_inputs((9,), 5, 13, torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ops.fused_linear_cross_entropy(x, w, t, b)
+        want = eager_loss(x, w, t, b)
+    assert loss.dtype == want.dtype == torch.float64
+    torch.testing.assert_close(loss, want)
+
+
+def test_autocast_weight_gradient_does_not_depend_on_the_plan():
+    """The MNIST head under autocast: one chunk or many, the same rule casts the inputs and no
+    GEMM inside the op is cast again, so the weight gradients agree far below bf16's spacing."""
+    x, w, t, b = make_inputs((64,), 256, 10, torch.float32)
+    grads = []
+    for chunk in (None, 4):
+        wr = w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ops.fused_linear_cross_entropy(x, wr, t, b, chunk_size=chunk)
+        loss.backward()
+        grads.append(wr.grad)
+    assert (grads[0] - grads[1]).norm() <= 1e-3 * grads[1].norm()
+
+
+@pytest.mark.parametrize("name,lead,h,v,chunk,dtype", PLANS[:4], ids=PLAN_IDS[:4])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_inside_autocast_keeps_fp32(name, lead, h, v, chunk, dtype, reduction):
+    """A forward outside autocast and a backward inside it (the autograd engine runs backward
+    with the thread's autocast state): the gradients keep fp32 precision on every path."""
+    x, w, t, b = make_inputs(lead, h, v, torch.float32, ignore=-100)
+    leaves = [a.clone().requires_grad_() for a in (x, w, b)]
+    loss = ops.fused_linear_cross_entropy(*leaves[:2], t, leaves[2], chunk_size=chunk,
+                                          reduction=reduction)  # fmt: skip
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss.sum().backward()
+    up = [a.double().requires_grad_() for a in (x, w, b)]
+    torch_loss(up[0], up[1], t, up[2], reduction=reduction).sum().backward()
+    for got, ref in zip(leaves, up, strict=True):
+        assert (got.grad.double() - ref.grad).norm() <= 1e-5 * ref.grad.norm()
+
+
+# ---------------------------------------------------------------- double backward
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_hessian_matches_the_unfused_op(reduction, chunk, device):
+    """torch.autograd.functional.hessian through the op (create_graph=True) equals the
+    unfused one's, in float64: double backward is computed, never a silent zero."""
+    x, w, t, b = make_inputs((5,), 3, 4, torch.float64, device=device, ignore=1)
+    opts = dict(ignore_index=1, reduction=reduction, label_smoothing=0.2, z_loss=0.01)
+
+    def fused(x, w, b):
+        loss, lse = ops.fused_linear_cross_entropy(x, w, t, b, chunk_size=chunk,
+                                                   return_lse=True, **opts)  # fmt: skip
+        return loss.sum() + 0.1 * (lse**2).sum()
+
+    def eager(x, w, b):
+        lse = F.linear(x, w, b).logsumexp(-1)
+        return torch_loss(x, w, t, b, **opts).sum() + 0.1 * (lse**2).sum()
+
+    got = torch.autograd.functional.hessian(fused, (x, w, b))
+    want = torch.autograd.functional.hessian(eager, (x, w, b))
+    for row_got, row_want in zip(got, want, strict=True):
+        for a, c in zip(row_got, row_want, strict=True):
+            assert c.abs().max() > 0
+            torch.testing.assert_close(a, c, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_gradient_penalty_trains(dtype):
+    """A gradient penalty on d loss / d x (WGAN-GP style) reaches the head's parameters."""
+    x, w, t, b = make_inputs((6,), 4, 7, dtype)
+    grads = {}
+    for name, fn in (("fused", ops.fused_linear_cross_entropy), ("eager", torch_loss)):
+        leaves = [a.clone().requires_grad_() for a in (x, w, b)]
+        loss = fn(leaves[0], leaves[1], t, leaves[2])
+        (gx,) = torch.autograd.grad(loss, leaves[0], create_graph=True)
+        assert gx.requires_grad
+        (gx**2).sum().backward()
+        grads[name] = [a.grad for a in leaves[1:]]
+    for got, want in zip(grads["fused"], grads["eager"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- registration
@@ -353,11 +674,15 @@ def test_opcheck(dtype, reduction):
         args = (x, w, t, b, -100, reduction, 0.1, 1e-3, 4, mask)
         torch.library.opcheck(torch.ops.gpufit.fused_linear_cross_entropy.default, args)
     with torch.no_grad():
-        lse = ops.fused_linear_cross_entropy(x, w, t, b, return_lse=True)[1]
-    g = torch.rand(t.shape if reduction == "none" else (), dtype=dtype)
-    for mask in ([True, True, True], [True, False, False]):
-        bargs = (g, x.detach(), w.detach(), t, b.detach(), lse, -100, reduction, 0.1, 1e-3, 4, mask)
-        torch.library.opcheck(torch.ops.gpufit.fused_linear_cross_entropy_backward.default, bargs)
+        _, lse, lse_lo, *_ = torch.ops.gpufit.fused_linear_cross_entropy.default(*args)
+    g = torch.rand(t.shape if reduction == "none" else (), dtype=loss_dtype(dtype))
+    for g_lse in (None, torch.rand(t.shape, dtype=loss_dtype(dtype))):
+        for mask in ([True, True, True], [True, False, False]):
+            bargs = (g, g_lse, x.detach(), w.detach(), t, b.detach(), lse, lse_lo, -100,
+                     reduction, 0.1, 1e-3, 4, mask)  # fmt: skip
+            torch.library.opcheck(
+                torch.ops.gpufit.fused_linear_cross_entropy_backward.default, bargs
+            )
 
 
 class Head(torch.nn.Module):
@@ -386,6 +711,33 @@ def test_torch_compile_fullgraph():
     out.backward()
     torch.testing.assert_close(out, eager)
     for got, want in zip([p.grad for p in model.parameters()], eager_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_torch_compile_fullgraph_under_autocast():
+    """A fused MLP and head under autocast, compiled: the same loss and gradients as eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    body = gpufit.fuse(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()))
+    head = torch.nn.Linear(16, 37)
+    params = [*body.parameters(), *head.parameters()]
+
+    def step(x, target):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ops.fused_linear_cross_entropy(body(x), head.weight, target, head.bias)
+
+    x, target = torch.randn(9, 8), torch.randint(0, 37, (9,))
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        loss = fn(x, target)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in params]))
+        for p in params:
+            p.grad = None
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert compiled.dtype == eager.dtype == torch.float32
+    torch.testing.assert_close(compiled, eager)
+    for got, want in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -422,8 +774,8 @@ def _good():
             ValueError,
             "target -1 is out of range",
         ),
-        (lambda x, w, t, b: (x, w, t.int(), b), TypeError, "int64 class indices"),
-        (lambda x, w, t, b: (x, w, t.float(), b), TypeError, "int64 class indices"),
+        (lambda x, w, t, b: (x, w, t.int(), b), TypeError, r"int64 \(or uint8\) class indices"),
+        (lambda x, w, t, b: (x, w, t.float(), b), TypeError, r"int64 \(or uint8\) class indices"),
         (lambda x, w, t, b: (x, w, t[:3], b), ValueError, "target shape"),
         (lambda x, w, t, b: (x, w, t[:, None], b), ValueError, "target shape"),
         (lambda x, w, t, b: (x, w, [0, 1, 2, 3], b), TypeError, "must be a torch.Tensor"),
@@ -458,6 +810,55 @@ def test_bad_input_is_refused_clearly(change, error, pattern):
 def test_bad_options_are_refused_clearly(kwargs, pattern):
     with pytest.raises((ValueError, TypeError), match=pattern):
         ops.fused_linear_cross_entropy(*_good(), **kwargs)
+
+
+# Argument edges: what F.cross_entropy does with the same values, or a clear error naming the
+# argument (chunk_size is gpufit's own: any positive integer, a numpy one too).
+@pytest.mark.parametrize(
+    "kwargs,error,pattern",
+    [
+        ({"ignore_index": 2**63}, ValueError, "ignore_index=9223372036854775808 does not fit"),
+        ({"ignore_index": -(2**63) - 1}, ValueError, "ignore_index=.* does not fit in int64"),
+        ({"ignore_index": True}, TypeError, "ignore_index must be an int"),
+        ({"ignore_index": "1"}, TypeError, "ignore_index must be an int"),
+        ({"label_smoothing": "0.1"}, TypeError, "label_smoothing must be a float, got '0.1'"),
+        ({"label_smoothing": None}, TypeError, "label_smoothing must be a float"),
+        ({"label_smoothing": float("nan")}, ValueError, "label_smoothing must be a number"),
+        ({"z_loss": "1e-4"}, TypeError, "z_loss must be a float"),
+        ({"chunk_size": 1.5}, TypeError, "chunk_size must be a positive int or None"),
+        ({"chunk_size": True}, TypeError, "chunk_size must be a positive int or None"),
+        ({"chunk_size": -(2**63)}, ValueError, "chunk_size must be a positive int or None"),
+    ],
+)
+def test_argument_edges_are_refused_clearly(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        ops.fused_linear_cross_entropy(*_good(), **kwargs)
+
+
+def test_argument_edges_pytorch_accepts_are_accepted():
+    x, w, t, b = _good()
+    want = F.cross_entropy(F.linear(x, w, b), t, ignore_index=2, label_smoothing=0.1)
+    same = [
+        {"ignore_index": np.int64(2), "label_smoothing": np.float32(0.1)},
+        {"ignore_index": torch.tensor(2), "label_smoothing": torch.tensor(0.1)},
+        {"ignore_index": 2, "label_smoothing": 0.1, "chunk_size": 2**63},
+        {"ignore_index": 2, "label_smoothing": 0.1, "chunk_size": np.int64(2)},
+        {"ignore_index": 2, "label_smoothing": 0.1, "chunk_size": 2**100},
+    ]
+    for kwargs in same:
+        got = ops.fused_linear_cross_entropy(x, w, t, b, **kwargs)
+        torch.testing.assert_close(got, want, msg=str(kwargs))
+    # an int smoothing, and uint8 class indices (which F.cross_entropy takes too)
+    torch.testing.assert_close(
+        ops.fused_linear_cross_entropy(x, w, t.to(torch.uint8), b, label_smoothing=1),
+        F.cross_entropy(F.linear(x, w, b), t.to(torch.uint8), label_smoothing=1),
+    )
+    u8 = t.to(torch.uint8)
+    u8[0] = 255
+    torch.testing.assert_close(
+        ops.fused_linear_cross_entropy(x, w, u8, b, ignore_index=255),
+        F.cross_entropy(F.linear(x, w, b), u8, ignore_index=255),
+    )
 
 
 def test_ignore_index_target_is_not_out_of_range():

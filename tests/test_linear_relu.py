@@ -163,6 +163,118 @@ def test_nan_propagates_like_torch_relu():
     )
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def eager_linear_relu(x, w, b):
+    return torch.relu(F.linear(x, w, b))
+
+
+def grads_of(fn, x, w, b, grad):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b) if t is not None]
+    out = fn(*leaves[:2], leaves[2] if b is not None else None)
+    out.backward(grad)
+    return out.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_nan_pre_activation_backward_matches_torch(bias, device):
+    """relu(nan) is nan, and torch's relu backward (threshold_backward on the output) passes
+    the gradient of a nan on: the fused backward does the same."""
+    x = torch.tensor([[float("nan"), 1.0], [2.0, -1.0]], device=device)
+    w = torch.tensor([[1.0, -1.0], [0.5, 0.5]], device=device)
+    b = torch.tensor([0.0, -4.0], device=device) if bias else None
+    grad = torch.tensor([[1.0, 2.0], [3.0, 4.0]], device=device)
+    out, grads = grads_of(ops.fused_linear_relu, x, w, b, grad)
+    ref, ref_grads = grads_of(eager_linear_relu, x, w, b, grad)
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_autocast_like_torch_relu_linear(dtype, bias, device):
+    """Under torch.autocast the op casts x, weight and bias to the autocast dtype as F.linear
+    does: output in that dtype, backward outside the region works, fp32 gradients for the fp32
+    parameters."""
+    x, w, b = make_inputs((16,), 32, 24, torch.float32, device=device, bias=bias)
+    grad = torch.randn(16, 24, device=device)
+    with torch.autocast(device, dtype=dtype):
+        out, grads = grads_of(ops.fused_linear_relu, x, w, b, grad)
+        ref, ref_grads = grads_of(eager_linear_relu, x, w, b, grad)
+    assert out.dtype == ref.dtype == dtype
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+
+
+def test_fused_model_runs_under_autocast_where_the_plain_one_does():
+    torch.manual_seed(0)
+    plain = tutorial_mlp()
+    fused = gpufit.fuse(tutorial_mlp())
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(8, 1, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = fused(x), plain(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
+    out.float().square().sum().backward()
+    ref.float().square().sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        assert p.grad.dtype == torch.float32, name
+        torch.testing.assert_close(p.grad, q.grad, atol=0.1, rtol=0.1, msg=name)
+
+
+def test_backward_inside_autocast_keeps_fp32():
+    """Forward outside autocast, backward inside it: the autograd engine runs backward with the
+    thread's autocast state, and the op's GEMMs must not be cast to bf16 there."""
+    x, w, b = make_inputs((64,), 128, 96, torch.float32)
+    grad = torch.randn(64, 96)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    out = ops.fused_linear_relu(*leaves)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out.backward(grad)
+    up = [t.double().requires_grad_() for t in (x, w, b)]
+    eager_linear_relu(*up).backward(grad.double())
+    for got, want in zip(leaves, up, strict=True):
+        assert (got.grad.double() - want.grad).norm() <= 1e-5 * want.grad.norm()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_hessian_matches_torch(bias, device):
+    """Double backward (create_graph=True) is computed, never a silent zero."""
+    x, w, b = make_inputs((4,), 3, 5, torch.float64, device=device, bias=bias, seed=2)
+    inputs = tuple(t for t in (x, w, b) if t is not None)
+
+    def loss(fn):
+        return lambda *a: (fn(a[0], a[1], a[2] if bias else None) ** 2).sum()
+
+    got = torch.autograd.functional.hessian(loss(ops.fused_linear_relu), inputs)
+    want = torch.autograd.functional.hessian(loss(eager_linear_relu), inputs)
+    for row_got, row_want in zip(got, want, strict=True):
+        for a, c in zip(row_got, row_want, strict=True):
+            torch.testing.assert_close(a, c, atol=1e-12, rtol=1e-10)
+    assert any(c.abs().max() > 0 for row in want for c in row)
+
+
+def test_gradient_penalty_reaches_the_weights():
+    x, w, b = make_inputs((6,), 5, 4, torch.float64, seed=4)
+    result = {}
+    for name, fn in (("fused", ops.fused_linear_relu), ("eager", eager_linear_relu)):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        out = fn(*leaves).square().sum()
+        (gx,) = torch.autograd.grad(out, leaves[0], create_graph=True)
+        (gx**2).sum().backward()
+        result[name] = [t.grad for t in leaves[1:]]
+    for got, want in zip(result["fused"], result["eager"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("lead", [(5,), (2, 3)])
 def test_gradcheck_float64(lead, bias):

@@ -1,7 +1,8 @@
 // fused_linear_relu on CUDA. GEMMs go through ATen (cuBLAS); the kernels here are the epilogues:
 //   forward:  out = relu(out + bias) in place on the GEMM output (the output doubles as the
 //             ReLU mask for backward),
-//   backward: grad_z = grad_out * (out > 0) fused with grad_bias = sum_rows(grad_z).
+//   backward: grad_z = (out <= 0 ? 0 : grad_out) (threshold_backward) fused with
+//             grad_bias = sum_rows(grad_z).
 // The bias reduction is deterministic: per-block partial sums in a fixed order, then one
 // reduction over the partials, no atomics. Accumulation is fp32 for half types.
 //
@@ -18,6 +19,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "autocast.h"
 #include "checks.h"
 
 namespace gpufit {
@@ -60,7 +62,8 @@ __global__ void relu_backward_partial_kernel(const scalar_t* __restrict__ grad_o
   if (col < cols) {
     for (int64_t row = row_begin + threadIdx.y; row < row_end; row += kRowLanes) {
       const int64_t i = row * cols + col;
-      const scalar_t v = static_cast<acc_t>(out[i]) > acc_t(0) ? grad_out[i] : scalar_t(0);
+      // threshold_backward on relu's output: a nan output passes its gradient on, as in torch
+      const scalar_t v = static_cast<acc_t>(out[i]) <= acc_t(0) ? scalar_t(0) : grad_out[i];
       grad_z[i] = v;
       acc += static_cast<acc_t>(v);
     }
@@ -86,6 +89,7 @@ __global__ void sum_partials_kernel(const acc_t* __restrict__ partial, scalar_t*
 
 at::Tensor fused_linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight,
                                   const c10::optional<at::Tensor>& bias) {
+  NoAutocast no_autocast;
   check_linear_inputs(kOp, x, weight, bias);
   TORCH_CHECK(x.is_cuda(), kOp, ": the CUDA kernel got a tensor on ", x.device());
   c10::cuda::CUDAGuard guard(x.device());
@@ -115,6 +119,7 @@ at::Tensor fused_linear_relu_cuda(const at::Tensor& x, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_relu_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& out, bool needs_input_grad) {
+  NoAutocast no_autocast;
   TORCH_CHECK(x.is_cuda(), kOp, "_backward: the CUDA kernel got a tensor on ", x.device());
   TORCH_CHECK(grad_out.sizes() == out.sizes(), kOp, "_backward: grad_out shape ",
               grad_out.sizes(), " does not match the output shape ", out.sizes());
