@@ -40,6 +40,7 @@ namespace gpufit {
 namespace {
 
 using linear_ce::kOp;
+using linear_ce::Options;
 using linear_ce::Reduction;
 
 inline void check_target(int64_t t, int64_t ignore_index, int64_t V) {
@@ -116,9 +117,11 @@ acc_t row_max(const scalar_t* row, int64_t cols) {
 // ---------------------------------------------------------------- row kernels of linear_ce.h
 
 struct CpuKernels {
-  static void stats(const at::Tensor& z, int64_t col0, const at::Tensor& target,
-                    int64_t ignore_index, int64_t V, bool smoothing, linear_ce::RowStats& st) {
+  static void stats(const at::Tensor& z, int64_t col0, const at::Tensor& target, int64_t V,
+                    const Options& o, linear_ce::RowStats& st) {
     const int64_t rows = z.size(0), cols = z.size(1);
+    const int64_t ignore_index = o.ignore_index;
+    const bool smoothing = o.smoothing();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), kOp, [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* zp = z.const_data_ptr<scalar_t>();
@@ -156,11 +159,12 @@ struct CpuKernels {
     });
   }
 
-  static void grad(at::Tensor& z, int64_t col0, const at::Tensor& target, int64_t ignore_index,
-                   int64_t V, const at::Tensor& lse, const at::Tensor& lse_lo,
-                   const at::Tensor& scale, bool per_row, const at::Tensor& grad_lse, double eps,
-                   double z_loss) {
+  static void grad(at::Tensor& z, int64_t col0, const at::Tensor& target, int64_t V,
+                   const at::Tensor& lse, const at::Tensor& lse_lo, const at::Tensor& scale,
+                   bool per_row, const at::Tensor& grad_lse, const Options& o) {
     const int64_t rows = z.size(0), cols = z.size(1);
+    const int64_t ignore_index = o.ignore_index;
+    const double eps = o.label_smoothing, z_loss = o.z_loss;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), kOp, [&] {
       using acc_t = at::opmath_type<scalar_t>;
       scalar_t* zp = z.data_ptr<scalar_t>();
@@ -311,9 +315,8 @@ struct RowPass {
 };
 
 // All rows in one chunk (3 GEMMs).
-Partial one_chunk_forward(const linear_ce::Flat& f, int64_t count, int64_t ignore_index,
-                          Reduction reduction, double eps, double z_loss, bool with_grads,
-                          std::array<bool, 3> grad_mask) {
+Partial one_chunk_forward(const linear_ce::Flat& f, int64_t count, const Options& o,
+                          bool with_grads, std::array<bool, 3> grad_mask) {
   const int64_t N = f.N, V = f.V;
   Partial out;
   out.lse = at::empty({N}, f.x.options());
@@ -331,10 +334,11 @@ Partial one_chunk_forward(const linear_ce::Flat& f, int64_t count, int64_t ignor
   at::Tensor z = at::empty({N, V}, f.x.options());
   linear_ce::logits_into(z, f.x, f.weight, f.bias);
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), kOp, [&] {
-    const double scale = reduction == Reduction::Mean ? 1.0 / static_cast<double>(count) : 1.0;
-    const RowPass<scalar_t> pass{f.target.const_data_ptr<int64_t>(), ignore_index, V,
-                                 static_cast<scalar_t>(eps), static_cast<scalar_t>(z_loss),
-                                 static_cast<scalar_t>(scale), with_grads};
+    const double scale = o.reduction == Reduction::Mean ? 1.0 / static_cast<double>(count) : 1.0;
+    const RowPass<scalar_t> pass{f.target.const_data_ptr<int64_t>(), o.ignore_index, V,
+                                 static_cast<scalar_t>(o.label_smoothing),
+                                 static_cast<scalar_t>(o.z_loss), static_cast<scalar_t>(scale),
+                                 with_grads};
     scalar_t* lp = out.lse.data_ptr<scalar_t>();
     scalar_t* lop = out.lse_lo.data_ptr<scalar_t>();
     scalar_t* rp = out.row_loss.data_ptr<scalar_t>();
@@ -403,9 +407,11 @@ struct GradRows {
 };
 
 template <typename scalar_t>
-GradRows<scalar_t> grad_rows(const int64_t* target, int64_t N, int64_t ignore_index, int64_t V,
-                             const scalar_t* lse, const scalar_t* lse_lo, const scalar_t* scale,
-                             bool per_row, const scalar_t* grad_lse, double eps, double z_loss) {
+GradRows<scalar_t> grad_rows(const int64_t* target, int64_t N, int64_t V, const scalar_t* lse,
+                             const scalar_t* lse_lo, const scalar_t* scale, bool per_row,
+                             const scalar_t* grad_lse, const Options& o) {
+  const int64_t ignore_index = o.ignore_index;
+  const double eps = o.label_smoothing, z_loss = o.z_loss;
   GradRows<scalar_t> r{std::vector<scalar_t>(N), std::vector<scalar_t>(N),
                        std::vector<scalar_t>(N)};
   for (int64_t i = 0; i < N; ++i) {
@@ -424,11 +430,11 @@ struct BlockEngine {
   const linear_ce::Flat& f;
   EnginePlan plan;
   int64_t ignore_index;
-  double eps, z_loss;
+  double eps, z_loss;  // the options' label_smoothing and z_loss
   at::Tensor buffers;  // (workers, tile)
 
-  BlockEngine(const linear_ce::Flat& flat, const EnginePlan& p, int64_t ignore, double e, double zl)
-      : f(flat), plan(p), ignore_index(ignore), eps(e), z_loss(zl),
+  BlockEngine(const linear_ce::Flat& flat, const EnginePlan& p, const Options& o)
+      : f(flat), plan(p), ignore_index(o.ignore_index), eps(o.label_smoothing), z_loss(o.z_loss),
         buffers(at::empty({p.workers, p.tile}, flat.x.options())) {}
 
   at::Tensor logits(int64_t worker, int64_t r0, int64_t rows, int64_t c0, int64_t cols) const {
@@ -605,8 +611,7 @@ struct BlockEngine {
 };
 
 Partial blocks_forward(const linear_ce::Flat& f, const CpuPlan& cp, int64_t count,
-                       int64_t ignore_index, Reduction reduction, double eps, double z_loss,
-                       bool with_grads, std::array<bool, 3> grad_mask) {
+                       const Options& o, bool with_grads, std::array<bool, 3> grad_mask) {
   const int64_t N = f.N, H = f.H, V = f.V;
   const auto opts = f.x.options();
   Partial out{at::empty({N}, opts), at::empty({N}, opts), at::empty({N}, opts),
@@ -618,19 +623,17 @@ Partial blocks_forward(const linear_ce::Flat& f, const CpuPlan& cp, int64_t coun
   if (want_w) out.grad_w = at::empty({V, H}, opts);
   if (want_b) out.grad_b = at::empty({V}, opts);
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), kOp, [&] {
-    const BlockEngine<scalar_t> engine(f, engine_plan(N, V, H, cp.budget), ignore_index, eps,
-                                       z_loss);
+    const BlockEngine<scalar_t> engine(f, engine_plan(N, V, H, cp.budget), o);
     const scalar_t scale =
-        reduction == Reduction::Mean ? scalar_t(1.0 / static_cast<double>(count)) : scalar_t(1);
+        o.reduction == Reduction::Mean ? scalar_t(1.0 / static_cast<double>(count)) : scalar_t(1);
     scalar_t* lse = out.lse.data_ptr<scalar_t>();
     engine.row_tiles_forward(lse, out.lse_lo.data_ptr<scalar_t>(),
                              out.row_loss.data_ptr<scalar_t>(), scale,
                              want_x ? &out.grad_x : nullptr);
     if (want_w || want_b) {
       const GradRows<scalar_t> g =
-          grad_rows<scalar_t>(f.target.const_data_ptr<int64_t>(), N, ignore_index, V, lse,
-                              out.lse_lo.const_data_ptr<scalar_t>(), &scale, false, nullptr, eps,
-                              z_loss);
+          grad_rows<scalar_t>(f.target.const_data_ptr<int64_t>(), N, V, lse,
+                              out.lse_lo.const_data_ptr<scalar_t>(), &scale, false, nullptr, o);
       engine.class_blocks(lse, g, want_w ? &out.grad_w : nullptr, want_b ? &out.grad_b : nullptr);
     }
   });
@@ -638,8 +641,8 @@ Partial blocks_forward(const linear_ce::Flat& f, const CpuPlan& cp, int64_t coun
 }
 
 linear_ce::Grads blocks_backward(const linear_ce::Flat& f, const CpuPlan& cp,
-                                 const linear_ce::BackwardRows& r, int64_t ignore_index,
-                                 double eps, double z_loss, std::array<bool, 3> grad_mask) {
+                                 const linear_ce::BackwardRows& r, const Options& o,
+                                 std::array<bool, 3> grad_mask) {
   const int64_t N = f.N, H = f.H, V = f.V;
   const auto opts = f.x.options();
   at::Tensor grad_x = grad_mask[0] ? at::empty({N, H}, opts) : none_like(f.x);
@@ -647,13 +650,12 @@ linear_ce::Grads blocks_backward(const linear_ce::Flat& f, const CpuPlan& cp,
   const bool want_b = grad_mask[2] && f.bias.defined();
   at::Tensor grad_b = want_b ? at::empty({V}, opts) : none_like(f.x);
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), kOp, [&] {
-    const BlockEngine<scalar_t> engine(f, engine_plan(N, V, H, cp.budget), ignore_index, eps,
-                                       z_loss);
+    const BlockEngine<scalar_t> engine(f, engine_plan(N, V, H, cp.budget), o);
     const scalar_t* lse = r.lse.const_data_ptr<scalar_t>();
     const GradRows<scalar_t> g = grad_rows<scalar_t>(
-        f.target.const_data_ptr<int64_t>(), N, ignore_index, V, lse,
-        r.lse_lo.const_data_ptr<scalar_t>(), r.scale.const_data_ptr<scalar_t>(), r.per_row,
-        r.grad_lse.defined() ? r.grad_lse.const_data_ptr<scalar_t>() : nullptr, eps, z_loss);
+        f.target.const_data_ptr<int64_t>(), N, V, lse, r.lse_lo.const_data_ptr<scalar_t>(),
+        r.scale.const_data_ptr<scalar_t>(), r.per_row,
+        r.grad_lse.defined() ? r.grad_lse.const_data_ptr<scalar_t>() : nullptr, o);
     if (grad_mask[0]) engine.row_tiles_backward(lse, g, grad_x);
     if (grad_mask[1] || want_b) {
       engine.class_blocks(lse, g, grad_mask[1] ? &grad_w : nullptr, want_b ? &grad_b : nullptr);
@@ -678,38 +680,36 @@ bool serial_half_blocks(const linear_ce::Flat& f, int64_t chunk_size) {
 
 linear_ce::Outputs forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                                const at::Tensor& target_in,
-                               const c10::optional<at::Tensor>& bias_in, int64_t ignore_index,
-                               c10::string_view reduction_s, double eps, double z_loss,
-                               int64_t chunk_size, std::array<bool, 3> grad_mask) {
+                               const c10::optional<at::Tensor>& bias_in,
+                               GPUFIT_LINEAR_CE_OPTION_PARAMS, std::array<bool, 3> grad_mask) {
   NoAutocast no_autocast;
-  linear_ce::check_inputs(x_in, weight_in, target_in, bias_in, eps, z_loss);
+  const Options o = Options::parse(GPUFIT_LINEAR_CE_OPTION_ARGS);
+  linear_ce::check_inputs(x_in, weight_in, target_in, bias_in);
   const linear_ce::Flat f = linear_ce::flatten(x_in, weight_in, target_in, bias_in);
-  const int64_t count = count_valid(f.target, ignore_index, f.V);
+  const int64_t count = count_valid(f.target, o.ignore_index, f.V);
   if (linear_ce::is_half(f.x.scalar_type())) {
     std::optional<cpu_threads::OneThread> serial;
-    if (serial_half_blocks(f, chunk_size)) serial.emplace();
-    return linear_ce::forward<CpuKernels>(x_in, weight_in, target_in, bias_in, ignore_index,
-                                          reduction_s, eps, z_loss, chunk_size, grad_mask);
+    if (serial_half_blocks(f, o.chunk_size)) serial.emplace();
+    return linear_ce::forward<CpuKernels>(x_in, weight_in, target_in, bias_in, o, grad_mask);
   }
-  const CpuPlan plan = cpu_plan(f.N, f.V, f.H, chunk_size);
+  const CpuPlan plan = cpu_plan(f.N, f.V, f.H, o.chunk_size);
   if (plan.kind == CpuPlan::Kind::RowChunks) {
-    return linear_ce::forward<CpuKernels>(x_in, weight_in, target_in, bias_in, ignore_index,
-                                          reduction_s, eps, z_loss, plan.rows, grad_mask);
+    Options chunked = o;
+    chunked.chunk_size = plan.rows;
+    return linear_ce::forward<CpuKernels>(x_in, weight_in, target_in, bias_in, chunked,
+                                          grad_mask);
   }
-  const Reduction reduction = linear_ce::parse_reduction(reduction_s);
-  const bool with_grads = linear_ce::grads_in_forward(f.x.scalar_type(), reduction, grad_mask);
+  const bool with_grads = linear_ce::grads_in_forward(f.x.scalar_type(), o.reduction, grad_mask);
   Partial out = plan.kind == CpuPlan::Kind::Blocks
-                    ? blocks_forward(f, plan, count, ignore_index, reduction, eps, z_loss,
-                                     with_grads, grad_mask)
-                    : one_chunk_forward(f, count, ignore_index, reduction, eps, z_loss,
-                                        with_grads, grad_mask);
+                    ? blocks_forward(f, plan, count, o, with_grads, grad_mask)
+                    : one_chunk_forward(f, count, o, with_grads, grad_mask);
   at::Tensor loss;
-  if (reduction == Reduction::None) {
+  if (o.reduction == Reduction::None) {
     loss = out.row_loss.view(target_in.sizes());
   } else {
     // a double sum of the row losses; mean over zero valid rows is 0/0 = nan, as in PyTorch
     const double total = sum_as_double(out.row_loss);
-    loss = at::full({}, reduction == Reduction::Mean ? total / static_cast<double>(count) : total,
+    loss = at::full({}, o.reduction == Reduction::Mean ? total / static_cast<double>(count) : total,
                     f.x.options());
   }
   if (with_grads && grad_mask[0]) out.grad_x = out.grad_x.view(x_in.sizes());
@@ -721,30 +721,29 @@ linear_ce::Grads backward_cpu(const at::Tensor& grad_loss,
                               const c10::optional<at::Tensor>& grad_lse, const at::Tensor& x_in,
                               const at::Tensor& weight_in, const at::Tensor& target_in,
                               const c10::optional<at::Tensor>& bias_in, const at::Tensor& lse,
-                              const at::Tensor& lse_lo, int64_t ignore_index,
-                              c10::string_view reduction_s, double eps, double z_loss,
-                              int64_t chunk_size, std::array<bool, 3> grad_mask) {
+                              const at::Tensor& lse_lo, GPUFIT_LINEAR_CE_OPTION_PARAMS,
+                              std::array<bool, 3> grad_mask) {
   NoAutocast no_autocast;
-  linear_ce::check_inputs(x_in, weight_in, target_in, bias_in, eps, z_loss);
+  const Options o = Options::parse(GPUFIT_LINEAR_CE_OPTION_ARGS);
+  linear_ce::check_inputs(x_in, weight_in, target_in, bias_in);
   const linear_ce::Flat f = linear_ce::flatten(x_in, weight_in, target_in, bias_in);
-  count_valid(f.target, ignore_index, f.V);
+  count_valid(f.target, o.ignore_index, f.V);
   const auto shared = [&](int64_t chunk) {
+    Options chunked = o;
+    chunked.chunk_size = chunk;
     return linear_ce::backward<CpuKernels>(grad_loss, grad_lse, x_in, weight_in, target_in,
-                                           bias_in, lse, lse_lo, ignore_index, reduction_s, eps,
-                                           z_loss, chunk, grad_mask);
+                                           bias_in, lse, lse_lo, chunked, grad_mask);
   };
   if (linear_ce::is_half(f.x.scalar_type())) {
     std::optional<cpu_threads::OneThread> serial;
-    if (serial_half_blocks(f, chunk_size)) serial.emplace();
-    return shared(chunk_size);
+    if (serial_half_blocks(f, o.chunk_size)) serial.emplace();
+    return shared(o.chunk_size);
   }
-  const CpuPlan plan = cpu_plan(f.N, f.V, f.H, chunk_size);
+  const CpuPlan plan = cpu_plan(f.N, f.V, f.H, o.chunk_size);
   if (plan.kind != CpuPlan::Kind::Blocks) return shared(std::max<int64_t>(1, plan.rows));
   const linear_ce::BackwardRows r =
-      linear_ce::backward_rows(grad_loss, grad_lse, target_in, f, lse, lse_lo, ignore_index,
-                               linear_ce::parse_reduction(reduction_s));
-  auto [grad_x, grad_w, grad_b] =
-      blocks_backward(f, plan, r, ignore_index, eps, z_loss, grad_mask);
+      linear_ce::backward_rows(grad_loss, grad_lse, target_in, f, lse, lse_lo, o);
+  auto [grad_x, grad_w, grad_b] = blocks_backward(f, plan, r, o, grad_mask);
   if (grad_mask[0]) grad_x = grad_x.view(x_in.sizes());
   return {grad_x, grad_w, grad_b};
 }

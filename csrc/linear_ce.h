@@ -4,14 +4,13 @@
 // (linear_ce.cpp) live here; each supplies two row-wise kernels over one chunk of logits z
 // (rows x cols, contiguous):
 //
-//   Kernels::stats(z, col0, target, ignore_index, V, smoothing, stats)
+//   Kernels::stats(z, col0, target, V, options, stats)
 //       online log-sum-exp over columns [col0, col0 + cols) of each row (RowStats below): the
 //       running max m, the running sum s of exp(z - m), the target's logit zt (when it falls in
 //       this block) and, with smoothing, zrel = sum of (z - m) over the columns seen so far
 //       (stats of earlier blocks cover exactly the columns [0, col0)). All in the accumulation
 //       type (fp32 for half inputs).
-//   Kernels::grad(z, col0, target, ignore_index, V, lse, lse_lo, scale, scale_per_row,
-//                 grad_lse, label_smoothing, z_loss)
+//   Kernels::grad(z, col0, target, V, lse, lse_lo, scale, scale_per_row, grad_lse, options)
 //       overwrites z in place with d (sum_i scale_i loss_i + grad_lse_i lse_i) / d z:
 //           softmax_ij * (c_i (1 + 2 z_loss lse_i) + g_i) - c_i eps / V - c_i (1 - eps) [j == t_i]
 //       with c_i = scale_i (0 on ignored rows), g_i = grad_lse_i (0 when undefined) and
@@ -52,21 +51,10 @@
 
 #include "autocast.h"
 #include "checks.h"
+#include "linear_ce_options.h"
 
 namespace gpufit {
 namespace linear_ce {
-
-constexpr const char* kOp = "fused_linear_cross_entropy";
-
-enum class Reduction { None, Mean, Sum };
-
-inline Reduction parse_reduction(c10::string_view reduction) {
-  if (reduction == "mean") return Reduction::Mean;
-  if (reduction == "sum") return Reduction::Sum;
-  if (reduction == "none") return Reduction::None;
-  TORCH_CHECK(false, kOp, ": reduction must be 'mean', 'sum' or 'none', got '",
-              std::string(reduction.data(), reduction.size()), "'");
-}
 
 inline bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
@@ -110,8 +98,7 @@ inline int64_t auto_chunk(bool half, bool cuda, int64_t N, int64_t V, int64_t el
 }
 
 inline void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
-                         const c10::optional<at::Tensor>& bias, double label_smoothing,
-                         double z_loss) {
+                         const c10::optional<at::Tensor>& bias) {
   check_linear_inputs(kOp, x, weight, bias);
   TORCH_CHECK(target.scalar_type() == at::kLong, kOp, ": target must be int64 class indices, got ",
               target.scalar_type());
@@ -120,9 +107,6 @@ inline void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at
   TORCH_CHECK(target.sizes() == x.sizes().slice(0, x.dim() - 1), kOp, ": target shape ",
               target.sizes(), " must equal the leading dimensions of x ", x.sizes());
   TORCH_CHECK(weight.size(0) >= 1, kOp, ": weight must have at least one class (row)");
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, kOp,
-              ": label_smoothing must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK(z_loss >= 0.0, kOp, ": z_loss must be >= 0, got ", z_loss);
 }
 
 // The GEMM chunk buffers are flat so that a short last chunk is still a contiguous (r, c) view.
@@ -190,7 +174,8 @@ inline std::tuple<at::Tensor, at::Tensor> lse_parts(const at::Tensor& m, const a
 // (= lse - (1 - eps) zt - eps/V sum_j z_j + z_loss lse^2). The smoothing term only for eps != 0:
 // a -inf logit (a masked class) makes zrel -inf, and 0 * -inf would be nan.
 inline at::Tensor row_losses(const RowStats& st, const at::Tensor& lse, const at::Tensor& valid,
-                             int64_t V, double eps, double z_loss) {
+                             int64_t V, const Options& o) {
+  const double eps = o.label_smoothing, z_loss = o.z_loss;
   at::Tensor loss = st.s.log() - (st.zt - st.m) * (1.0 - eps);
   if (eps != 0.0) loss = loss - st.zrel * (eps / static_cast<double>(V));
   if (z_loss != 0.0) loss = loss + lse * lse * z_loss;
@@ -211,12 +196,11 @@ using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 template <typename Kernels>
 Outputs forward(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& target_in,
-                const c10::optional<at::Tensor>& bias_in, int64_t ignore_index,
-                c10::string_view reduction_s, double eps, double z_loss, int64_t chunk_size,
+                const c10::optional<at::Tensor>& bias_in, const Options& o,
                 std::array<bool, 3> grad_mask) {
   NoAutocast no_autocast;
-  check_inputs(x_in, weight_in, target_in, bias_in, eps, z_loss);
-  const Reduction reduction = parse_reduction(reduction_s);
+  check_inputs(x_in, weight_in, target_in, bias_in);
+  const Reduction reduction = o.reduction;
   const Flat f = flatten(x_in, weight_in, target_in, bias_in);
   const int64_t N = f.N, H = f.H, V = f.V;
   const at::ScalarType dtype = f.x.scalar_type();
@@ -225,12 +209,11 @@ Outputs forward(const at::Tensor& x_in, const at::Tensor& weight_in, const at::T
   const auto acc_opts = f.x.options().dtype(acc_type(dtype));
   const bool with_grads = grads_in_forward(dtype, reduction, grad_mask);
   const bool want_bias_grad = with_grads && grad_mask[2] && f.bias.defined();
-  const bool smoothing = eps != 0.0;
   const int64_t chunk =
-      chunk_size > 0 ? chunk_size : auto_chunk(half, cuda, N, V, f.x.element_size());
+      o.chunk_size > 0 ? o.chunk_size : auto_chunk(half, cuda, N, V, f.x.element_size());
 
   RowStats stats = RowStats::start(N, acc_opts);
-  const at::Tensor valid = f.target != ignore_index;
+  const at::Tensor valid = f.target != o.ignore_index;
   const at::Tensor count = valid.sum().to(acc_type(dtype));
 
   at::Tensor grad_x = at::empty({0}, f.x.options());
@@ -256,11 +239,10 @@ Outputs forward(const at::Tensor& x_in, const at::Tensor& weight_in, const at::T
         at::Tensor z = chunk_view(buf, rows, V);
         logits_into(z, xc, f.weight, f.bias);
         RowStats sc = stats.narrow(r0, rows);
-        Kernels::stats(z, 0, tc, ignore_index, V, smoothing, sc);
+        Kernels::stats(z, 0, tc, V, o, sc);
         if (!with_grads) continue;
         auto [lse_c, lse_lo_c] = lse_parts(sc.m, sc.s);
-        Kernels::grad(z, 0, tc, ignore_index, V, lse_c, lse_lo_c, scale, /*per_row=*/false,
-                      at::Tensor(), eps, z_loss);
+        Kernels::grad(z, 0, tc, V, lse_c, lse_lo_c, scale, /*per_row=*/false, at::Tensor(), o);
         if (grad_mask[0]) {
           at::Tensor gx = grad_x.narrow(0, r0, rows);
           at::mm_out(gx, z, f.weight);
@@ -277,12 +259,12 @@ Outputs forward(const at::Tensor& x_in, const at::Tensor& weight_in, const at::T
         at::Tensor z = chunk_view(buf, N, cols);
         logits_into(z, f.x, f.weight.narrow(0, c0, cols),
                     f.bias.defined() ? f.bias.narrow(0, c0, cols) : at::Tensor());
-        Kernels::stats(z, c0, f.target, ignore_index, V, smoothing, stats);
+        Kernels::stats(z, c0, f.target, V, o, stats);
       }
     }
   }
   auto [lse, lse_lo] = lse_parts(stats.m, stats.s);
-  at::Tensor per_row = row_losses(stats, lse, valid, V, eps, z_loss);
+  at::Tensor per_row = row_losses(stats, lse, valid, V, o);
   at::Tensor loss = reduction == Reduction::None ? per_row.view(target_in.sizes())
                                                  : reduce(per_row, count, reduction);
   if (with_grads && grad_mask[0]) grad_x = grad_x.view(x_in.sizes());
@@ -302,7 +284,8 @@ inline BackwardRows backward_rows(const at::Tensor& grad_loss,
                                   const c10::optional<at::Tensor>& grad_lse,
                                   const at::Tensor& target_in, const Flat& f,
                                   const at::Tensor& lse_in, const at::Tensor& lse_lo_in,
-                                  int64_t ignore_index, Reduction reduction) {
+                                  const Options& o) {
+  const Reduction reduction = o.reduction;
   const at::ScalarType acc = acc_type(f.x.scalar_type());
   TORCH_CHECK(lse_in.sizes() == target_in.sizes() && lse_lo_in.sizes() == target_in.sizes(), kOp,
               "_backward: lse and lse_lo must have the target's shape ", target_in.sizes(),
@@ -332,7 +315,7 @@ inline BackwardRows backward_rows(const at::Tensor& grad_loss,
   // d loss / d (row loss): grad_loss per row, or grad_loss (/ count for the mean) for all rows.
   out.scale = (out.per_row ? grad_loss.reshape({-1}) : grad_loss).to(acc).contiguous();
   if (reduction == Reduction::Mean) {
-    out.scale = out.scale / (f.target != ignore_index).sum().to(acc);
+    out.scale = out.scale / (f.target != o.ignore_index).sum().to(acc);
   }
   return out;
 }
@@ -341,23 +324,19 @@ template <typename Kernels>
 Grads backward(const at::Tensor& grad_loss, const c10::optional<at::Tensor>& grad_lse_in,
                const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& target_in,
                const c10::optional<at::Tensor>& bias_in, const at::Tensor& lse_in,
-               const at::Tensor& lse_lo_in, int64_t ignore_index, c10::string_view reduction_s,
-               double eps, double z_loss, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+               const at::Tensor& lse_lo_in, const Options& o, std::array<bool, 3> grad_mask) {
   NoAutocast no_autocast;
-  check_inputs(x_in, weight_in, target_in, bias_in, eps, z_loss);
-  const Reduction reduction = parse_reduction(reduction_s);
+  check_inputs(x_in, weight_in, target_in, bias_in);
   const Flat f = flatten(x_in, weight_in, target_in, bias_in);
   const int64_t N = f.N, H = f.H, V = f.V;
   const at::ScalarType dtype = f.x.scalar_type();
   const at::ScalarType acc = acc_type(dtype);
   const bool half = is_half(dtype);
   const bool cuda = f.x.is_cuda();
-  const BackwardRows r =
-      backward_rows(grad_loss, grad_lse_in, target_in, f, lse_in, lse_lo_in, ignore_index,
-                    reduction);
+  const BackwardRows r = backward_rows(grad_loss, grad_lse_in, target_in, f, lse_in, lse_lo_in, o);
   const bool want_bias_grad = grad_mask[2] && f.bias.defined();
   const int64_t chunk =
-      chunk_size > 0 ? chunk_size : auto_chunk(half, cuda, N, V, f.x.element_size());
+      o.chunk_size > 0 ? o.chunk_size : auto_chunk(half, cuda, N, V, f.x.element_size());
 
   at::Tensor grad_x = at::empty({0}, f.x.options());
   at::Tensor grad_w = at::empty({0}, f.x.options());
@@ -373,11 +352,10 @@ Grads backward(const at::Tensor& grad_loss, const c10::optional<at::Tensor>& gra
       at::Tensor xc = f.x.narrow(0, r0, rows);
       at::Tensor z = chunk_view(buf, rows, V);
       logits_into(z, xc, f.weight, f.bias);
-      Kernels::grad(z, 0, f.target.narrow(0, r0, rows), ignore_index, V,
-                    r.lse.narrow(0, r0, rows), r.lse_lo.narrow(0, r0, rows),
+      Kernels::grad(z, 0, f.target.narrow(0, r0, rows), V, r.lse.narrow(0, r0, rows),
+                    r.lse_lo.narrow(0, r0, rows),
                     r.per_row ? r.scale.narrow(0, r0, rows) : r.scale, r.per_row,
-                    r.grad_lse.defined() ? r.grad_lse.narrow(0, r0, rows) : at::Tensor(), eps,
-                    z_loss);
+                    r.grad_lse.defined() ? r.grad_lse.narrow(0, r0, rows) : at::Tensor(), o);
       if (grad_mask[0]) {
         at::Tensor gx = grad_x.narrow(0, r0, rows);
         at::mm_out(gx, z, f.weight);
@@ -396,8 +374,7 @@ Grads backward(const at::Tensor& grad_loss, const c10::optional<at::Tensor>& gra
       at::Tensor z = chunk_view(buf, N, cols);
       at::Tensor wb = f.weight.narrow(0, c0, cols);
       logits_into(z, f.x, wb, f.bias.defined() ? f.bias.narrow(0, c0, cols) : at::Tensor());
-      Kernels::grad(z, c0, f.target, ignore_index, V, r.lse, r.lse_lo, r.scale, r.per_row,
-                    r.grad_lse, eps, z_loss);
+      Kernels::grad(z, c0, f.target, V, r.lse, r.lse_lo, r.scale, r.per_row, r.grad_lse, o);
       if (grad_mask[0]) grad_x_acc.add_(at::mm(z, wb));
       if (grad_mask[1]) {
         at::Tensor gw = grad_w.narrow(0, c0, cols);

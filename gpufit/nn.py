@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -78,11 +80,13 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.chunk_size = chunk_size
+        self.options = ops.LinearCEOptions(
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            chunk_size=chunk_size,
+        )
 
     def forward(
         self,
@@ -91,21 +95,10 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         target: torch.Tensor,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return ops.fused_linear_cross_entropy(
-            x,
-            weight,
-            target,
-            bias,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            chunk_size=self.chunk_size,
-        )
+        return ops.run_fused_linear_cross_entropy(self.options, x, weight, target, bias)
 
     def extra_repr(self) -> str:
-        return (
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
-            f"chunk_size={self.chunk_size}"
+        return ", ".join(
+            f"{field.name}={getattr(self.options, field.name)!r}"
+            for field in dataclasses.fields(self.options)
         )

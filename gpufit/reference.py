@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from gpufit._linear_ce_options import LinearCEOptions
+
 _AUTOCAST_KEYS = torch._C.DispatchKeySet(
     torch._C.DispatchKey.AutocastCPU
 ) | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA)
@@ -94,12 +96,12 @@ def _lse_parts(logits):
     return lse, torch.where(torch.isfinite(lse), lo, torch.zeros_like(lo))
 
 
-def _linear_ce_grads(x, weight, bias, logits, target, scale, grad_lse, ignore_index, eps,
-                     z_loss, mask):  # fmt: skip
+def _linear_ce_grads(x, weight, bias, logits, target, scale, grad_lse, o, mask):
     """Gradients of sum_i (scale_i loss_i + grad_lse_i lse_i) w.r.t. x, weight, bias from the
-    full logits."""
+    full logits, for the options o."""
     v, h = weight.shape
-    valid = target != ignore_index
+    eps, z_loss = o.label_smoothing, o.z_loss
+    valid = target != o.ignore_index
     lse = torch.logsumexp(logits, dim=-1)
     c = torch.where(valid, scale, 0)
     coef = c * (1 + 2 * z_loss * lse)
@@ -118,42 +120,42 @@ def _linear_ce_grads(x, weight, bias, logits, target, scale, grad_lse, ignore_in
     return grad_x, grad_w, grad_b
 
 
+def _options_and_mask(args) -> tuple[LinearCEOptions, list[bool]]:
+    return LinearCEOptions.from_schema_args(args[:-1]), args[-1]
+
+
 @_without_autocast
 def fused_linear_cross_entropy(
     x: torch.Tensor,
     weight: torch.Tensor,
     target: torch.Tensor,
     bias: torch.Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    chunk_size: int,
-    grad_mask: list[bool],
+    *args,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """args: the options (in schema order, LinearCEOptions.schema_args) and grad_mask."""
+    o, grad_mask = _options_and_mask(args)
     logits, flat_target = _linear_ce_logits(x, weight, target, bias)
     lse, lse_lo = _lse_parts(logits)
-    valid = flat_target != ignore_index
+    valid = flat_target != o.ignore_index
     per_row = F.cross_entropy(
         logits,
         flat_target,
-        ignore_index=ignore_index,
+        ignore_index=o.ignore_index,
         reduction="none",
-        label_smoothing=label_smoothing,
+        label_smoothing=o.label_smoothing,
     )
-    if z_loss:
-        per_row = per_row + torch.where(valid, z_loss * lse * lse, 0)
+    if o.z_loss:
+        per_row = per_row + torch.where(valid, o.z_loss * lse * lse, 0)
     count = valid.sum().to(logits.dtype)
-    if reduction == "none":
+    if o.reduction == "none":
         loss = per_row.reshape(target.shape)
     else:
         total = per_row.sum()
-        loss = total / count if reduction == "mean" else total
-    if linear_ce_grads_in_forward(x.dtype, reduction, grad_mask):
-        scale = (1 / count if reduction == "mean" else torch.ones_like(count)).expand_as(lse)
+        loss = total / count if o.reduction == "mean" else total
+    if linear_ce_grads_in_forward(x.dtype, o.reduction, grad_mask):
+        scale = (1 / count if o.reduction == "mean" else torch.ones_like(count)).expand_as(lse)
         grads = _linear_ce_grads(
-            x, weight, bias, logits, flat_target, scale, None, ignore_index,
-            label_smoothing, z_loss, grad_mask,
+            x, weight, bias, logits, flat_target, scale, None, o, grad_mask
         )  # fmt: skip
     else:
         grads = (x.new_empty(0), x.new_empty(0), x.new_empty(0))
@@ -170,25 +172,19 @@ def fused_linear_cross_entropy_backward(
     bias: torch.Tensor | None,
     lse: torch.Tensor,
     lse_lo: torch.Tensor,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    chunk_size: int,
-    grad_mask: list[bool],
+    *args,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """args: the options (in schema order) and grad_mask."""
+    o, grad_mask = _options_and_mask(args)
     # lse and lse_lo are recomputed from the logits (so that the result is differentiable in
     # x, weight and bias); the kernels use the saved ones
     logits, flat_target = _linear_ce_logits(x, weight, target, bias)
     acc = logits.dtype
-    if reduction == "none":
+    if o.reduction == "none":
         scale = grad_loss.reshape(-1).to(acc)
     else:
         scale = grad_loss.to(acc).expand(flat_target.shape)
-        if reduction == "mean":
-            scale = scale / (flat_target != ignore_index).sum()
+        if o.reduction == "mean":
+            scale = scale / (flat_target != o.ignore_index).sum()
     g = None if grad_lse is None else grad_lse.reshape(-1).to(acc)
-    return _linear_ce_grads(
-        x, weight, bias, logits, flat_target, scale, g, ignore_index,
-        label_smoothing, z_loss, grad_mask,
-    )  # fmt: skip
+    return _linear_ce_grads(x, weight, bias, logits, flat_target, scale, g, o, grad_mask)

@@ -26,6 +26,7 @@ namespace gpufit {
 namespace {
 
 using linear_ce::kOp;
+using linear_ce::Options;
 
 constexpr int kMaxThreads = 1024;
 
@@ -158,9 +159,9 @@ __global__ void grad_kernel(scalar_t* __restrict__ z, int64_t cols, int64_t col0
 }
 
 struct CudaKernels {
-  static void stats(const at::Tensor& z, int64_t col0, const at::Tensor& target,
-                    int64_t ignore_index, int64_t V, bool /*smoothing: zrel is kept anyway*/,
-                    linear_ce::RowStats& st) {
+  // zrel is kept whether or not the options smooth the labels
+  static void stats(const at::Tensor& z, int64_t col0, const at::Tensor& target, int64_t V,
+                    const Options& o, linear_ce::RowStats& st) {
     const int64_t rows = z.size(0), cols = z.size(1);
     if (rows == 0) return;
     auto stream = c10::cuda::getCurrentCUDAStream();
@@ -168,54 +169,54 @@ struct CudaKernels {
       using acc_t = at::opmath_type<scalar_t>;
       stats_kernel<scalar_t, acc_t><<<rows, threads_for(cols), 0, stream>>>(
           z.const_data_ptr<scalar_t>(), cols, col0, target.const_data_ptr<int64_t>(),
-          ignore_index, V, st.m.data_ptr<acc_t>(), st.s.data_ptr<acc_t>(),
+          o.ignore_index, V, st.m.data_ptr<acc_t>(), st.s.data_ptr<acc_t>(),
           st.zt.data_ptr<acc_t>(), st.zrel.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 
-  static void grad(at::Tensor& z, int64_t col0, const at::Tensor& target, int64_t ignore_index,
-                   int64_t V, const at::Tensor& lse, const at::Tensor& lse_lo,
-                   const at::Tensor& scale, bool per_row, const at::Tensor& grad_lse, double eps,
-                   double z_loss) {
+  static void grad(at::Tensor& z, int64_t col0, const at::Tensor& target, int64_t V,
+                   const at::Tensor& lse, const at::Tensor& lse_lo, const at::Tensor& scale,
+                   bool per_row, const at::Tensor& grad_lse, const Options& o) {
+    const double eps = o.label_smoothing;
     const int64_t rows = z.size(0), cols = z.size(1);
     if (rows == 0) return;
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), kOp, [&] {
       using acc_t = at::opmath_type<scalar_t>;
       grad_kernel<scalar_t, acc_t><<<rows, threads_for(cols), 0, stream>>>(
-          z.data_ptr<scalar_t>(), cols, col0, target.const_data_ptr<int64_t>(), ignore_index, V,
+          z.data_ptr<scalar_t>(), cols, col0, target.const_data_ptr<int64_t>(), o.ignore_index, V,
           lse.const_data_ptr<acc_t>(), lse_lo.const_data_ptr<acc_t>(),
           scale.const_data_ptr<acc_t>(), per_row,
           grad_lse.defined() ? grad_lse.const_data_ptr<acc_t>() : nullptr,
           static_cast<acc_t>(eps / static_cast<double>(V)), static_cast<acc_t>(1.0 - eps),
-          static_cast<acc_t>(2.0 * z_loss));
+          static_cast<acc_t>(2.0 * o.z_loss));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 };
 
-linear_ce::Outputs fused_linear_cross_entropy_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
-    const c10::optional<at::Tensor>& bias, int64_t ignore_index, c10::string_view reduction,
-    double eps, double z_loss, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+linear_ce::Outputs fused_linear_cross_entropy_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                  const at::Tensor& target,
+                                                  const c10::optional<at::Tensor>& bias,
+                                                  GPUFIT_LINEAR_CE_OPTION_PARAMS,
+                                                  std::array<bool, 3> grad_mask) {
+  const Options o = Options::parse(GPUFIT_LINEAR_CE_OPTION_ARGS);
   TORCH_CHECK(x.is_cuda(), kOp, ": the CUDA kernel got a tensor on ", x.device());
   c10::cuda::CUDAGuard guard(x.device());
-  return linear_ce::forward<CudaKernels>(x, weight, target, bias, ignore_index, reduction, eps,
-                                         z_loss, chunk_size, grad_mask);
+  return linear_ce::forward<CudaKernels>(x, weight, target, bias, o, grad_mask);
 }
 
 linear_ce::Grads fused_linear_cross_entropy_backward_cuda(
     const at::Tensor& grad_loss, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& target, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& lse, const at::Tensor& lse_lo, int64_t ignore_index,
-    c10::string_view reduction, double eps, double z_loss, int64_t chunk_size,
+    const at::Tensor& lse, const at::Tensor& lse_lo, GPUFIT_LINEAR_CE_OPTION_PARAMS,
     std::array<bool, 3> grad_mask) {
+  const Options o = Options::parse(GPUFIT_LINEAR_CE_OPTION_ARGS);
   TORCH_CHECK(x.is_cuda(), kOp, "_backward: the CUDA kernel got a tensor on ", x.device());
   c10::cuda::CUDAGuard guard(x.device());
   return linear_ce::backward<CudaKernels>(grad_loss, grad_lse, x, weight, target, bias, lse,
-                                          lse_lo, ignore_index, reduction, eps, z_loss, chunk_size,
-                                          grad_mask);
+                                          lse_lo, o, grad_mask);
 }
 
 }  // namespace
