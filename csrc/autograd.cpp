@@ -158,25 +158,41 @@ variable_list composite_linear_ce_backward(const at::Tensor& grad_loss, const at
   const at::ScalarType acc = linear_ce::acc_type(dtype);
   const int64_t N = target.numel(), V = weight.size(0), H = weight.size(1);
   const at::Tensor x2d = x.reshape({N, H});
-  const at::Tensor z = at::linear(x2d, weight, optional_tensor(bias)).to(acc);
+  const at::Tensor raw = at::linear(x2d, weight, optional_tensor(bias)).to(acc);
+  const at::Tensor z = o.capped() ? (raw / o.softcap).tanh() * o.softcap : raw;
   const at::Tensor lse = at::logsumexp(z, {1});
   const at::Tensor t = target.reshape({-1});
   const at::Tensor valid = t != o.ignore_index;
   const at::Tensor zero = at::zeros({}, z.options());
+  const linear_ce::ClassWeights cw = linear_ce::ClassWeights::of(o, z.options());
+  const double eps = o.label_smoothing;
   at::Tensor c = at::zeros({N}, z.options());
   if (grad_loss.defined()) {
-    const linear_ce::Reduction reduction = o.reduction;
-    c = reduction == linear_ce::Reduction::None ? grad_loss.reshape({-1}).to(acc)
-                                                : grad_loss.to(acc).expand({N});
-    if (reduction == linear_ce::Reduction::Mean) c = c / valid.sum().to(acc);
+    c = o.reduction == linear_ce::Reduction::None ? grad_loss.reshape({-1}).to(acc)
+                                                  : grad_loss.to(acc).expand({N});
+    if (o.reduction != linear_ce::Reduction::None) {
+      const at::Tensor count = o.reduction == linear_ce::Reduction::Mean
+                                   ? linear_ce::mean_denominator(t, valid, cw, acc)
+                                   : at::Tensor();
+      c = c * linear_ce::reduced_scale(o, count, z.options());
+    }
     c = at::where(valid, c, zero);
   }
-  at::Tensor coef = c * (lse * (2.0 * o.z_loss) + 1.0);
+  // d row loss / d z = softmax A - eps/V w - (1 - eps) w_t onehot (linear_ce.h)
+  const at::Tensor wt = cw.defined() ? linear_ce::target_weights(t, valid, cw) : at::Tensor();
+  at::Tensor coef = cw.defined()
+                        ? c * (wt * (1.0 - eps) + cw.prefix.narrow(0, V, 1) * (eps / V) +
+                               lse * (2.0 * o.z_loss))
+                        : c * (lse * (2.0 * o.z_loss) + 1.0);
   if (grad_lse.defined()) coef = coef + grad_lse.reshape({-1}).to(acc);
   const at::Tensor onehot = at::one_hot(at::where(valid, t, at::zeros({}, t.options())), V).to(acc);
-  at::Tensor dz = at::softmax(z, 1) * coef.unsqueeze(1) -
-                  (c * (1.0 - o.label_smoothing)).unsqueeze(1) * onehot;
-  if (o.smoothing()) dz = dz - (c * (o.label_smoothing / static_cast<double>(V))).unsqueeze(1);
+  const at::Tensor target_coef = cw.defined() ? c * wt * (1.0 - eps) : c * (1.0 - eps);
+  at::Tensor dz = at::softmax(z, 1) * coef.unsqueeze(1) - target_coef.unsqueeze(1) * onehot;
+  if (o.smoothing()) {
+    const at::Tensor smooth = (c * (eps / static_cast<double>(V))).unsqueeze(1);
+    dz = dz - (cw.defined() ? smooth * cw.w.unsqueeze(0) : smooth);
+  }
+  if (o.capped()) dz = dz * (1.0 - (z / o.softcap).pow(2));
   const at::Tensor dz_in = dz.to(dtype);
   return {needs[0] ? dz_in.mm(weight).view(x.sizes()) : at::Tensor(),
           needs[1] ? dz_in.t().mm(x2d) : at::Tensor(),
@@ -189,10 +205,10 @@ struct FusedLinearCrossEntropyFunction
                                const at::Tensor& target, const OptTensor& bias,
                                const linear_ce::Options& o, Mask grad_mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, lse, lse_lo, grad_x, grad_w, grad_b] =
+    auto [loss, lse, lse_lo, predicted, grad_x, grad_w, grad_b] =
         op_calls::linear_ce(x, weight, target, bias, o, grad_mask);
     // loss and lse are differentiable (d lse_i / d z_ij = softmax_ij); the rest is not.
-    ctx->mark_non_differentiable({lse_lo, grad_x, grad_w, grad_b});
+    ctx->mark_non_differentiable({lse_lo, predicted, grad_x, grad_w, grad_b});
     ctx->set_materialize_grads(false);  // an unused output gets no gradient, not a zero one
     const bool in_forward = linear_ce::grads_in_forward(x.scalar_type(), o.reduction, grad_mask);
     const Mask precomputed = in_forward ? grad_mask : Mask{false, false, false};
@@ -202,7 +218,7 @@ struct FusedLinearCrossEntropyFunction
     SavedOptions::save(ctx, o);
     ctx->save_for_backward({x, weight, target, bias.value_or(at::Tensor()), lse, lse_lo, grad_x,
                             grad_w, grad_b});
-    return {loss, lse, lse_lo, grad_x, grad_w, grad_b};
+    return {loss, lse, lse_lo, predicted, grad_x, grad_w, grad_b};
   }
 
   // Gradients for (x, weight, target, bias, options, grad_mask).
@@ -267,7 +283,7 @@ op_calls::LinearCeOutputs fused_linear_cross_entropy_autograd(
     GPUFIT_LINEAR_CE_OPTION_PARAMS, Mask grad_mask) {
   const variable_list out = FusedLinearCrossEntropyFunction::apply(
       x, weight, target, bias, linear_ce::Options::parse(GPUFIT_LINEAR_CE_OPTION_ARGS), grad_mask);
-  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6]};
 }
 
 }  // namespace

@@ -17,9 +17,9 @@ namespace op_calls {
 using OptTensor = c10::optional<at::Tensor>;
 using Mask = std::array<bool, 3>;
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-// loss, lse, lse_lo, grad_x, grad_weight, grad_bias
+// loss, lse, lse_lo, predicted, grad_x, grad_weight, grad_bias
 using LinearCeOutputs =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> find_op(const char* name) {

@@ -70,13 +70,62 @@ def _chunk_arg(value: object) -> int | None:
     return min(size, _INT64_MAX)
 
 
+def _softcap_arg(value: object) -> float | None:
+    if value is None:
+        return None
+    cap = _float_arg("softcap", value)
+    if not 0.0 < cap < float("inf"):
+        raise ValueError(f"{OP}: softcap must be a positive finite number or None, got {cap}")
+    return cap
+
+
+def _class_weight_arg(value: object) -> torch.Tensor | None:
+    """class_weight as F.cross_entropy's weight=: None or a 1-D floating tensor (its length and
+    device are checked against the inputs). Like F.cross_entropy, no gradient flows into it."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{OP}: class_weight must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{OP}: class_weight must be a floating-point tensor, got {value.dtype}")
+    if value.dim() != 1:
+        raise ValueError(f"{OP}: class_weight must be 1-D (one weight per class), got shape "
+                         f"{tuple(value.shape)}")  # fmt: skip
+    if value.requires_grad:
+        raise ValueError(f"{OP}: class_weight requires grad, but no gradient is computed for it "
+                         "(as in F.cross_entropy); pass class_weight.detach()")  # fmt: skip
+    return value
+
+
+def _num_items_arg(value: object) -> int | torch.Tensor | None:
+    """num_items: None, an int >= 1 or a 0-dim tensor (any device; its value is never read on
+    the host)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{OP}: num_items must be an int or a 0-dim real tensor, got a "
+                             f"{value.dtype} tensor of shape {tuple(value.shape)}")  # fmt: skip
+        return value
+    message = f"{OP}: num_items must be an int or a 0-dim tensor, got {value!r}"
+    if isinstance(value, bool):
+        raise TypeError(message)
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise TypeError(message) from None
+    if count < 1:
+        raise ValueError(f"{OP}: num_items must be >= 1, got {count}")
+    return count
+
+
 def _flag_arg(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{OP}: {name} must be a bool, got {value!r}")
     return value
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class LinearCEOptions:
     """Everything about a fused_linear_cross_entropy call but its tensors x, weight, target and
     bias (see gpufit.ops.fused_linear_cross_entropy for what each option means)."""
@@ -85,8 +134,12 @@ class LinearCEOptions:
     reduction: str = "mean"
     label_smoothing: float = 0.0
     z_loss: float = 0.0
+    softcap: float | None = None
+    class_weight: torch.Tensor | None = None
+    num_items: int | torch.Tensor | None = None
     chunk_size: int | None = None
     return_lse: bool = False
+    return_predicted: bool = False
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -101,24 +154,51 @@ class LinearCEOptions:
         if not z_loss >= 0.0:
             raise ValueError(f"{OP}: z_loss must be >= 0, got {z_loss}")
         put(self, "z_loss", z_loss)
+        put(self, "softcap", _softcap_arg(self.softcap))
+        put(self, "class_weight", _class_weight_arg(self.class_weight))
+        put(self, "num_items", _num_items_arg(self.num_items))
+        if self.num_items is not None and self.reduction != "sum":
+            raise ValueError(f"{OP}: num_items goes with reduction='sum' only (the loss is the "
+                             f"sum / num_items), got reduction={self.reduction!r}")  # fmt: skip
         put(self, "chunk_size", _chunk_arg(self.chunk_size))
         put(self, "return_lse", _flag_arg("return_lse", self.return_lse))
+        put(self, "return_predicted", _flag_arg("return_predicted", self.return_predicted))
 
-    def schema_args(self) -> tuple:
-        """The op's option arguments, in schema order (chunk_size None is 0: the op's plan)."""
+    def schema_args(self, device: torch.device | str = "cpu") -> tuple:
+        """The op's option arguments, in schema order, for inputs on ``device``: chunk_size None
+        is 0 (the op's plan); an int num_items becomes a 0-dim tensor made on that device (a fill,
+        no copy from the host)."""
+        num_items = self.num_items
+        if num_items is not None and not isinstance(num_items, torch.Tensor):
+            num_items = torch.full((), num_items, dtype=torch.float64, device=device)
         return (
             self.ignore_index,
             self.reduction,
             self.label_smoothing,
             self.z_loss,
+            self.softcap,
+            self.class_weight,
+            num_items,
             self.chunk_size or 0,
+            self.return_predicted,
         )
 
     @classmethod
     def from_schema_args(cls, args) -> LinearCEOptions:
-        """The options that ``schema_args`` turned into ``args`` (the return flags aside)."""
-        ignore_index, reduction, label_smoothing, z_loss, chunk_size = args
-        return cls(ignore_index, reduction, label_smoothing, z_loss, chunk_size or None)
+        """The options that ``schema_args`` turned into ``args`` (return_lse aside)."""
+        (ignore_index, reduction, label_smoothing, z_loss, softcap, class_weight, num_items,
+         chunk_size, return_predicted) = args  # fmt: skip
+        return cls(
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            class_weight=class_weight,
+            num_items=num_items,
+            chunk_size=chunk_size or None,
+            return_predicted=return_predicted,
+        )
 
 
 SCHEMA_ARG_COUNT = len(LinearCEOptions().schema_args())

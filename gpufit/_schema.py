@@ -9,7 +9,8 @@ NAMESPACE = "gpufit"
 # The option arguments of both fused_linear_cross_entropy schemas, in the order of
 # gpufit._linear_ce_options.LinearCEOptions.schema_args (csrc/linear_ce_options.h: the same).
 LINEAR_CE_OPTIONS = (
-    "int ignore_index, str reduction, float label_smoothing, float z_loss, int chunk_size"
+    "int ignore_index, str reduction, float label_smoothing, float z_loss, float? softcap,"
+    " Tensor? class_weight, Tensor? num_items, int chunk_size, bool return_predicted"
 )
 
 SCHEMAS: dict[str, str] = {
@@ -21,7 +22,7 @@ SCHEMAS: dict[str, str] = {
     "fused_linear_cross_entropy": (
         "(Tensor x, Tensor weight, Tensor target, Tensor? bias, "
         f"{LINEAR_CE_OPTIONS}, bool[3] grad_mask)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "fused_linear_cross_entropy_backward": (
         "(Tensor grad_loss, Tensor? grad_lse, Tensor x, Tensor weight, Tensor target,"

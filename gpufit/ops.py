@@ -252,8 +252,12 @@ def fused_linear_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    softcap: float | None = None,
+    class_weight: torch.Tensor | None = None,
+    num_items: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
     return_lse: bool = False,
+    return_predicted: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``cross_entropy(x @ weight.T + bias, target)`` without materialising the logits.
 
@@ -288,8 +292,17 @@ def fused_linear_cross_entropy(
     blocks).
     """
     options = LinearCEOptions(
-        ignore_index, reduction, label_smoothing, z_loss, chunk_size, return_lse
-    )  # fmt: skip
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        class_weight=class_weight,
+        num_items=num_items,
+        chunk_size=chunk_size,
+        return_lse=return_lse,
+        return_predicted=return_predicted,
+    )
     return run_fused_linear_cross_entropy(options, x, weight, target, bias)
 
 
@@ -305,6 +318,8 @@ def run_fused_linear_cross_entropy(
     if isinstance(target, torch.Tensor) and target.dtype == torch.uint8:
         target = target.long()  # F.cross_entropy takes uint8 class indices too
     _check_linear_ce_inputs(x, weight, target, bias)
+    if options.class_weight is not None:
+        _check_class_weight(options.class_weight, x, weight)
     # A data-dependent check, done on CPU only: on CUDA it would wait for the GPU every step, so
     # there (and under torch.compile) the kernels refuse such a target themselves (CUDA: a
     # device-side assert, as PyTorch's own cross_entropy does). The compiled CPU kernel checks
@@ -313,10 +328,29 @@ def run_fused_linear_cross_entropy(
         _check_target_range(target, weight.shape[0], options.ignore_index)
     grad_on = torch.is_grad_enabled()
     grad_mask = [grad_on and t is not None and t.requires_grad for t in (x, weight, bias)]
-    loss, lse, *_ = torch.ops.gpufit.fused_linear_cross_entropy.default(
-        x, weight, target, bias, *options.schema_args(), grad_mask
+    loss, lse, _lo, predicted, *_ = torch.ops.gpufit.fused_linear_cross_entropy.default(
+        x, weight, target, bias, *options.schema_args(x.device), grad_mask
     )
-    return (loss, lse) if options.return_lse else loss
+    if not (options.return_lse or options.return_predicted):
+        return loss
+    return (
+        loss,
+        *((lse,) if options.return_lse else ()),
+        *((predicted,) if options.return_predicted else ()),
+    )
+
+
+def _check_class_weight(class_weight: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    if class_weight.shape != (weight.shape[0],):
+        raise ValueError(
+            f"{_LINEAR_CE}: class_weight must have shape ({weight.shape[0]},), one weight per "
+            f"class, got {tuple(class_weight.shape)}"
+        )
+    if class_weight.device != x.device:
+        raise ValueError(
+            f"{_LINEAR_CE}: device mismatch, x is on {x.device} but class_weight is on "
+            f"{class_weight.device}"
+        )
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -336,11 +370,13 @@ def _fused_linear_cross_entropy_fake(x, weight, target, bias, *args):
     loss = x.new_empty(target.shape if options.reduction == "none" else (), dtype=acc)
     lse = x.new_empty(target.shape, dtype=acc)
     lse_lo = x.new_empty(target.shape, dtype=acc)
+    predicted = target.new_empty(target.shape if options.return_predicted else 0)
     in_forward = reference.linear_ce_grads_in_forward(x.dtype, options.reduction, grad_mask)
     return (
         loss,
         lse,
         lse_lo,
+        predicted,
         *_linear_ce_grads_fake(x, weight, bias, grad_mask if in_forward else [False] * 3),
     )
 
@@ -364,8 +400,8 @@ def _fused_linear_cross_entropy_backward_fake(grad_loss, grad_lse, x, weight, ta
 def _fused_linear_cross_entropy_setup_context(ctx, inputs, output):
     x, weight, target, bias, *args = inputs
     options, grad_mask = _options_and_mask(args)
-    loss, lse, lse_lo, grad_x, grad_w, grad_b = output
-    ctx.mark_non_differentiable(lse_lo, grad_x, grad_w, grad_b)
+    loss, lse, lse_lo, predicted, grad_x, grad_w, grad_b = output
+    ctx.mark_non_differentiable(lse_lo, predicted, grad_x, grad_w, grad_b)
     ctx.set_materialize_grads(False)
     ctx.options = options
     ctx.has_bias = bias is not None
@@ -391,7 +427,7 @@ def _is_plain_eager(t: torch.Tensor) -> bool:
     )
 
 
-def _fused_linear_cross_entropy_backward(ctx, grad_loss, grad_lse, _lo, _gx, _gw, _gb):
+def _fused_linear_cross_entropy_backward(ctx, grad_loss, grad_lse, _lo, _pred, _gx, _gw, _gb):
     """The reference backend's autograd; csrc/autograd.cpp does the same for the compiled ones."""
     x, weight, target, bias, lse, lse_lo, grad_x, grad_w, grad_b = ctx.saved_tensors
     needs = [
@@ -403,7 +439,7 @@ def _fused_linear_cross_entropy_backward(ctx, grad_loss, grad_lse, _lo, _gx, _gw
     if (grad_loss is None and grad_lse is None) or not any(needs):
         return no_grads
     options = ctx.options
-    option_args = options.schema_args()
+    option_args = options.schema_args(x.device)
     result = [None, None, None]
     if torch.is_grad_enabled() or grad_lse is not None:
         # create_graph=True: the reference's formula is made of differentiable ops. A used lse:

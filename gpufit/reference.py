@@ -77,11 +77,37 @@ def linear_ce_grads_in_forward(dtype: torch.dtype, reduction: str, grad_mask) ->
     return not half and reduction != "none" and any(grad_mask)
 
 
-def _linear_ce_logits(x, weight, target, bias):
+def _linear_ce_logits(x, weight, target, bias, o):
+    """The (N, V) logits in the accumulation type, capped where o.softcap says, and the flat
+    target."""
     v, h = weight.shape
     acc = _acc_dtype(x.dtype)
     logits = F.linear(x.reshape(target.numel(), h), weight, bias).to(acc)
+    if o.softcap is not None:
+        logits = torch.tanh(logits / o.softcap) * o.softcap
     return logits, target.reshape(-1)
+
+
+def _class_weights(o, logits):
+    return None if o.class_weight is None else o.class_weight.to(logits.dtype)
+
+
+def _target_weights(w, target, valid):
+    """w_t of the kept rows, 0 on ignored ones."""
+    return torch.where(valid, w[torch.where(valid, target, 0)], 0)
+
+
+def _reduced_scale(o, logits, target, valid):
+    """d loss / d (row loss) of a reduced loss: 1 / mean's denominator (kept rows, or the sum
+    of their targets' class weights), 1 / num_items for a sum with it, else 1 (0-dim)."""
+    if o.reduction == "mean":
+        w = _class_weights(o, logits)
+        if w is None:
+            return 1 / valid.sum().to(logits.dtype)
+        return 1 / _target_weights(w, target, valid).sum()
+    if o.num_items is not None:
+        return 1 / o.num_items.to(device=logits.device, dtype=logits.dtype)
+    return logits.new_ones(())
 
 
 def _lse_parts(logits):
@@ -104,14 +130,26 @@ def _linear_ce_grads(x, weight, bias, logits, target, scale, grad_lse, o, mask):
     valid = target != o.ignore_index
     lse = torch.logsumexp(logits, dim=-1)
     c = torch.where(valid, scale, 0)
-    coef = c * (1 + 2 * z_loss * lse)
+    w = _class_weights(o, logits)
+    # d row loss / d z = softmax A - eps/V w - (1 - eps) w_t onehot (csrc/linear_ce.h), all
+    # weights 1 without class weights
+    if w is None:
+        coef = c * (1 + 2 * z_loss * lse)
+        target_coef = c * (1 - eps)
+    else:
+        wt = _target_weights(w, target, valid)
+        coef = c * ((1 - eps) * wt + eps / v * w.sum() + 2 * z_loss * lse)
+        target_coef = c * (1 - eps) * wt
     if grad_lse is not None:
         coef = coef + grad_lse
     dz = torch.softmax(logits, dim=-1) * coef[:, None]
     if eps != 0:
-        dz = dz - (c * (eps / v))[:, None]
+        smooth = (c * (eps / v))[:, None]
+        dz = dz - (smooth if w is None else smooth * w[None, :])
     onehot = F.one_hot(torch.where(valid, target, 0), v).to(dz.dtype)
-    dz = dz - (c * (1 - eps))[:, None] * onehot
+    dz = dz - target_coef[:, None] * onehot
+    if o.softcap is not None:
+        dz = dz * (1 - (logits / o.softcap) ** 2)
     dz_in = dz.to(x.dtype)
     # separate empty tensors: outputs of an op must not alias each other
     grad_x = dz_in.mm(weight).reshape(x.shape) if mask[0] else x.new_empty(0)
@@ -131,35 +169,39 @@ def fused_linear_cross_entropy(
     target: torch.Tensor,
     bias: torch.Tensor | None,
     *args,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """args: the options (in schema order, LinearCEOptions.schema_args) and grad_mask."""
     o, grad_mask = _options_and_mask(args)
-    logits, flat_target = _linear_ce_logits(x, weight, target, bias)
+    logits, flat_target = _linear_ce_logits(x, weight, target, bias, o)
     lse, lse_lo = _lse_parts(logits)
     valid = flat_target != o.ignore_index
     per_row = F.cross_entropy(
         logits,
         flat_target,
+        weight=_class_weights(o, logits),
         ignore_index=o.ignore_index,
         reduction="none",
         label_smoothing=o.label_smoothing,
     )
     if o.z_loss:
         per_row = per_row + torch.where(valid, o.z_loss * lse * lse, 0)
-    count = valid.sum().to(logits.dtype)
     if o.reduction == "none":
         loss = per_row.reshape(target.shape)
+        scale = None
     else:
-        total = per_row.sum()
-        loss = total / count if o.reduction == "mean" else total
+        scale = _reduced_scale(o, logits, flat_target, valid)
+        loss = per_row.sum() * scale
+    if o.return_predicted:
+        predicted = torch.where(valid, logits.argmax(-1), o.ignore_index).reshape(target.shape)
+    else:
+        predicted = target.new_empty(0)
     if linear_ce_grads_in_forward(x.dtype, o.reduction, grad_mask):
-        scale = (1 / count if o.reduction == "mean" else torch.ones_like(count)).expand_as(lse)
         grads = _linear_ce_grads(
-            x, weight, bias, logits, flat_target, scale, None, o, grad_mask
+            x, weight, bias, logits, flat_target, scale.expand_as(lse), None, o, grad_mask
         )  # fmt: skip
     else:
         grads = (x.new_empty(0), x.new_empty(0), x.new_empty(0))
-    return (loss, lse.reshape(target.shape), lse_lo.reshape(target.shape), *grads)
+    return (loss, lse.reshape(target.shape), lse_lo.reshape(target.shape), predicted, *grads)
 
 
 @_without_autocast
@@ -178,13 +220,13 @@ def fused_linear_cross_entropy_backward(
     o, grad_mask = _options_and_mask(args)
     # lse and lse_lo are recomputed from the logits (so that the result is differentiable in
     # x, weight and bias); the kernels use the saved ones
-    logits, flat_target = _linear_ce_logits(x, weight, target, bias)
+    logits, flat_target = _linear_ce_logits(x, weight, target, bias, o)
     acc = logits.dtype
     if o.reduction == "none":
         scale = grad_loss.reshape(-1).to(acc)
     else:
-        scale = grad_loss.to(acc).expand(flat_target.shape)
-        if o.reduction == "mean":
-            scale = scale / (flat_target != o.ignore_index).sum()
+        valid = flat_target != o.ignore_index
+        scale = grad_loss.to(acc) * _reduced_scale(o, logits, flat_target, valid)
+        scale = scale.expand(flat_target.shape)
     g = None if grad_lse is None else grad_lse.reshape(-1).to(acc)
     return _linear_ce_grads(x, weight, bias, logits, flat_target, scale, g, o, grad_mask)
