@@ -130,7 +130,7 @@ def to_repodata_records(packages: Sequence[LockedDependency]):
     """conda-lock packages → ``rattler.RepoDataRecord`` (the file's url, md5, sha256)."""
     try:
         return _records(packages)
-    except (ValueError, TypeError, AttributeError) as exc:
+    except Exception as exc:  # ValueError, TypeError, rattler's InvalidVersionError, ...
         raise LockgenError(f"a package of the lock cannot be installed: {exc}") from None
 
 

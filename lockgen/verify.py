@@ -262,6 +262,32 @@ def _check_hashes(report: Report, lock: Lockfile) -> None:
             report.error("hash", f"{where}: sha256 {sha!r} is missing or malformed")
 
 
+def _check_packages(report: Report, lock: Lockfile) -> None:
+    """Every package is of a platform of the lock, and a conda package's version and
+    dependency specs are ones conda can read."""
+    import rattler
+
+    for p in lock.package:
+        where = f"{p.platform}: {p.name} {p.version}"
+        if p.platform not in lock.metadata.platforms:
+            report.error(
+                "platform",
+                f"{where}: {p.platform} is not a platform of the lock "
+                f"({', '.join(lock.metadata.platforms)})",
+            )
+        if p.manager != "conda":
+            continue
+        try:
+            rattler.Version(p.version)
+        except Exception as exc:  # rattler's InvalidVersionError
+            report.error("package", f"{where}: not a conda version ({exc})")
+        for name, spec in p.dependencies.items():
+            try:
+                rattler.MatchSpec(f"{name} {spec}".strip())
+            except Exception as exc:  # rattler's InvalidMatchSpecError
+                report.error("package", f"{where}: dependency {name} {spec!r} ({exc})")
+
+
 def check_channel_hashes(lock: Lockfile, report: Report) -> None:
     """Compare each conda package's md5/sha256 with its channel's repodata (network or
     ``file://``)."""
@@ -390,6 +416,7 @@ def verify_lock(
         _check_torch(report, target, platform, pkgs)
         _check_cuda_selector(report, target, platform, pkgs)
     _check_hashes(report, lock)
+    _check_packages(report, lock)
     if check_channels:
         check_channel_hashes(lock, report)
     _check_content_hash(report, lock, target, envs_dir, matrix)

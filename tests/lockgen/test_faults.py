@@ -20,6 +20,7 @@ import yaml
 
 from gpufit import _atomic
 from lockgen.cli import main
+from lockgen.errors import LockgenError
 from lockgen.install import InstallRefused, install_lockfile
 from lockgen.matrix import default_envs_dir, load_matrix
 from lockgen.probe import parse_torch_probe
@@ -625,3 +626,79 @@ def test_pip_verify_of_an_unreadable_file_is_a_clean_error(tmp_path, content, sa
         path.write_bytes(content)
     rc, _, err = _cli("verify", path)
     assert says in _usage_error(rc, err)
+
+
+def _set(name: str, key: str, value):
+    def edit(data):
+        target = _package(data, name)
+        for k in key.split(".")[:-1]:
+            target = target[k]
+        target[key.split(".")[-1]] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        _set("numpy", "hash.sha256", "xyz"),
+        _set("numpy", "hash.sha256", "ab"),
+        _set("numpy", "hash.md5", "0" * 31 + "g"),
+        _set("numpy", "url", "nourl"),
+        _set("numpy", "url", "ftp://example.invalid/linux-64/numpy.tar.bz2"),
+        _set("numpy", "build", ""),
+        _set("numpy", "version", ""),
+        _set("numpy", "version", "not a version!"),
+        _set("numpy", "platform", "amiga-64"),
+        _set("numpy", "dependencies", {"python": ">=3.11 ]["}),
+        _set("numpy", "manager", "npm"),
+        _set("numpy", "hash", "sha256"),
+        lambda data: data["package"].append("not a package"),
+        lambda data: data.pop("metadata"),
+    ],
+    ids=[
+        "sha256 not hex",
+        "sha256 too short",
+        "md5 not hex",
+        "url: nourl",
+        "ftp url",
+        "empty build",
+        "empty version",
+        "bad version",
+        "unknown platform",
+        "bad dependency spec",
+        "unknown manager",
+        "hash a string",
+        "package a string",
+        "no metadata",
+    ],
+)
+def test_install_of_a_malformed_lock_is_a_lockgen_error(matrix, envs, tmp_path, edit):
+    lock = envs / "cpu-conda.lock"
+    _edit_lock(lock, edit)
+    prefix = tmp_path / "env"
+    try:
+        _install(lock, prefix, matrix, tmp_path)
+    except LockgenError as exc:  # before: ValueError, IndexError, rattler's own errors, ...
+        assert str(exc)
+        assert not (prefix / "conda-meta").exists() or not list(prefix.rglob("*.txt"))
+    else:
+        pytest.fail("installed a malformed lock")
+
+
+@pytest.mark.parametrize("fault", ["a folder in the way", "full disk"])
+def test_writing_a_lock_that_cannot_be_written_is_a_clean_error(
+    locked, tmp_path, monkeypatch, fault
+):
+    from lockgen import lockfile as lf
+    from lockgen.output import CannotWrite
+
+    lock = lf.read_lockfile(locked / "cu121.lock")
+    path = tmp_path / "cu121.lock"
+    if fault == "a folder in the way":
+        path.mkdir()
+    else:
+        monkeypatch.setattr(_atomic.os, "fsync", _fail(errno.ENOSPC))
+    with pytest.raises(CannotWrite, match=f"cannot write {path}"):
+        lf.write_lockfile(lock, path)  # before: IsADirectoryError / OSError
+    assert _leftovers(tmp_path) == []
