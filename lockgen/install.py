@@ -110,13 +110,13 @@ def _open_archive(url: str):
 
 def check_archive(p: LockedDependency) -> None:
     """Read the package file of ``p`` and compare its sha256 and md5 with the lock's."""
-    sha256, md5 = hashlib.sha256(), hashlib.md5()
+    sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
     try:
         with _open_archive(p.url) as f:
             while chunk := f.read(1 << 20):
                 sha256.update(chunk)
                 md5.update(chunk)
-    except OSError as exc:  # URLError and HTTPError are OSErrors
+    except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
         raise LockgenError(f"{p.name} {p.version}: cannot read {p.url}: {exc}") from None
     for what, want, got in (("sha256", p.hash.sha256, sha256), ("md5", p.hash.md5, md5)):
         if want and got.hexdigest() != want.lower():

@@ -266,6 +266,7 @@ def _check_packages(report: Report, lock: Lockfile) -> None:
     """Every package is of a platform of the lock, and a conda package's version and
     dependency specs are ones conda can read."""
     import rattler
+    from rattler.exceptions import InvalidMatchSpecError, InvalidVersionError
 
     for p in lock.package:
         where = f"{p.platform}: {p.name} {p.version}"
@@ -279,12 +280,12 @@ def _check_packages(report: Report, lock: Lockfile) -> None:
             continue
         try:
             rattler.Version(p.version)
-        except Exception as exc:  # rattler's InvalidVersionError
+        except InvalidVersionError as exc:
             report.error("package", f"{where}: not a conda version ({exc})")
         for name, spec in p.dependencies.items():
             try:
                 rattler.MatchSpec(f"{name} {spec}".strip())
-            except Exception as exc:  # rattler's InvalidMatchSpecError
+            except InvalidMatchSpecError as exc:
                 report.error("package", f"{where}: dependency {name} {spec!r} ({exc})")
 
 
