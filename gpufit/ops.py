@@ -278,6 +278,19 @@ def fused_linear_cross_entropy(
       per block (peak about N x chunk_size). None picks the split from N, V, H and the dtype; on
       CPU, fp32/fp64 then never take more scratch than PyTorch's own chunked
       ``F.linear_cross_entropy`` (or 1 MiB of logits, where that is more).
+    - ``softcap``: logits become ``softcap * tanh(z / softcap)`` before the softmax (Gemma 2's
+      final_logit_softcapping); lse, z-loss and argmax are those of the capped logits.
+    - ``class_weight``: (V,) tensor, as F.cross_entropy's ``weight=`` (label smoothing too); with
+      ``reduction="mean"`` the denominator is the sum of the kept targets' weights. No gradient
+      flows into it. The z-loss term is not weighted.
+    - ``num_items``: only with ``reduction="sum"``: the loss (and its gradient) is the sum /
+      num_items (transformers' ``num_items_in_batch``); an int >= 1 or a 0-dim tensor on any
+      device, never read on the host.
+    - ``return_predicted``: also return each row's argmax over the (capped) logits, int64 of
+      target's shape, ``ignore_index`` on ignored rows (token accuracy:
+      ``(predicted == target)[target != ignore_index].float().mean()``).
+    - Return: the loss alone, or with ``return_lse`` / ``return_predicted`` the tuple
+      ``(loss, lse, predicted)`` of the ones asked for, in that order.
     - ``return_lse``: also return the per-row log-sum-exp ``lse_i`` (shape ``target.shape``,
       dtype as the loss's, computed for ignored rows too). It is differentiable
       (d lse_i / d logit_ij = softmax_ij), so a term built from it trains.
