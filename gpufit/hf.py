@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -44,7 +45,8 @@ SUPPORTED = {
     "GPT2LMHeadModel": None,
 }
 
-_PATCHED = "_gpufit_earlier_forward"  # set on a fused instance: what unfuse() restores
+# set on a fused instance: (an instance-level forward it had before, or None; chunk_size)
+_FUSED = "_gpufit_fused"
 
 
 class UnsupportedModelError(ValueError):
@@ -239,11 +241,40 @@ def _without_logits(output):
 
 
 def _labels_position(forward) -> int | None:
-    params = list(inspect.signature(forward).parameters.values())
+    """Where ``labels`` sits among the positional arguments of a bound call (self excluded)."""
+    params = list(inspect.signature(forward).parameters.values())[1:]  # the class's function
     for position, param in enumerate(params):
         if param.name == "labels":
             return position if param.kind == param.POSITIONAL_OR_KEYWORD else None
     return None
+
+
+@functools.cache
+def _fused_forward(cls: type) -> Callable:
+    """The fused forward of a model class, bound to each fused instance. It reads everything
+    from the instance (no closure over it), so a deepcopy of a fused model is fused itself,
+    bound to the copy; functools.wraps gives it the stock signature, whose names Trainer keeps
+    as dataset columns."""
+    stock = cls.forward
+    labels_at = _labels_position(stock)
+
+    @functools.wraps(stock)
+    def forward(self, *args, **kwargs):
+        earlier, chunk_size = vars(self)[_FUSED]
+        run = earlier if earlier is not None else stock.__get__(self)
+        labels = kwargs.get("labels")
+        if labels is None and labels_at is not None and len(args) > labels_at:
+            labels = args[labels_at]
+        if labels is None or not self.training:
+            return run(*args, **kwargs)
+        saved = _enter_fused(self, chunk_size)
+        try:
+            output = run(*args, **kwargs)
+        finally:
+            _leave_fused(self, saved)
+        return _without_logits(output)
+
+    return forward
 
 
 def fuse(model: nn.Module, *, chunk_size: int | None = None) -> nn.Module:
@@ -253,40 +284,24 @@ def fuse(model: nn.Module, *, chunk_size: int | None = None) -> nn.Module:
     ``model``: an instance of a class in ``SUPPORTED`` or a PEFT model around one; calling
     ``fuse`` again is a no-op. A head the fused loss cannot read (LoRA on lm_head itself, a
     quantized, FSDP-sharded or offloaded head) is refused with UnsupportedModelError, here and
-    at every training forward (an adapter may be added later).
+    at every training forward (an adapter may be added later). ``chunk_size`` goes to
+    ``fused_linear_cross_entropy`` (None: its own plan).
     """
     causal_lm = _causal_lm(model)
     head_linear(causal_lm.get_output_embeddings())
-    if _PATCHED in vars(causal_lm):
+    if _FUSED in vars(causal_lm):
         return model
-    stock = causal_lm.forward  # the bound method of the class (or of an earlier wrapper)
     earlier = vars(causal_lm).get("forward")  # an instance-level wrapper put there before us
-    labels_at = _labels_position(stock)
-
-    @functools.wraps(stock)  # the stock signature: Trainer keeps the columns it names
-    def forward(*args, **kwargs):
-        labels = kwargs.get("labels")
-        if labels is None and labels_at is not None and len(args) > labels_at:
-            labels = args[labels_at]
-        if labels is None or not causal_lm.training:
-            return stock(*args, **kwargs)
-        saved = _enter_fused(causal_lm, chunk_size)
-        try:
-            output = stock(*args, **kwargs)
-        finally:
-            _leave_fused(causal_lm, saved)
-        return _without_logits(output)
-
-    causal_lm.forward = forward
-    setattr(causal_lm, _PATCHED, earlier)
+    setattr(causal_lm, _FUSED, (earlier, chunk_size))
+    causal_lm.forward = types.MethodType(_fused_forward(type(causal_lm)), causal_lm)
     return model
 
 
 def unfuse(model: nn.Module) -> nn.Module:
     """Undo ``fuse``: the instance's forward is the stock one again; returns ``model``."""
     causal_lm = _causal_lm(model)
-    if _PATCHED in vars(causal_lm):
-        earlier = vars(causal_lm).pop(_PATCHED)
+    if _FUSED in vars(causal_lm):
+        earlier, _ = vars(causal_lm).pop(_FUSED)
         if earlier is None:
             del causal_lm.forward
         else:
