@@ -130,6 +130,19 @@ class Workload:
         return peak_cpu_bytes(self.step, fn)
 
 
+OPTIONAL = {"cce": "cut_cross_entropy", "liger": "liger_kernel"}  # variant -> its package
+
+
+def _installed(variant: str) -> bool:
+    import importlib.util
+
+    package = OPTIONAL.get(variant)
+    if package is None or importlib.util.find_spec(package) is not None:
+        return True
+    print(f"{package} is not installed: skipping {variant}")
+    return False
+
+
 def measure_memory(args, dtype) -> dict:
     """In this (fresh) process: one variant's loss after a warm-up step, and its peak."""
     work = Workload(args.device, dtype, args.vocab[0], QUICK_SHAPE if args.quick else SHAPE)
@@ -219,13 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks import report as report_out
 
-    names = list(VARIANTS[args.device])
-    if args.device == "cuda":
-        try:
-            import liger_kernel  # noqa: F401
-        except ImportError:
-            print("liger_kernel is not installed: skipping liger")
-            names.remove("liger")
+    names = [name for name in VARIANTS[args.device] if _installed(name)]
     vocabs = [32000] if args.quick else args.vocab
     rounds = 1 if args.quick else args.rounds
     shape = QUICK_SHAPE if args.quick else SHAPE
