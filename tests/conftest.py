@@ -21,6 +21,7 @@ EXTRA_OF = {
     "accelerate": "hf",
     "peft": "lm",
     "sentencepiece": "lm",
+    "mistral_common": "lm",
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip(
-    "transformers", reason="needs the hf extra (transformers): pip install -e '.[hf]'"
+    "transformers", reason="needs gpufit[hf] (transformers): pip install -e '.[hf]'"
 )
 
 import gpufit  # noqa: E402

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip(
-    "transformers", reason="needs the hf extra (transformers): pip install -e '.[hf]'"
+    "transformers", reason="needs gpufit[hf] (transformers): pip install -e '.[hf]'"
 )
-peft = pytest.importorskip("peft", reason="needs the lm extra (peft): pip install -e '.[lm]'")
+peft = pytest.importorskip("peft", reason="needs gpufit[lm] (peft): pip install -e '.[lm]'")
 
 import gpufit  # noqa: E402
 from gpufit import hf  # noqa: E402

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="needs the lm extra: pip install -e '.[lm]'")
-pytest.importorskip("sentencepiece", reason="needs the lm extra: pip install -e '.[lm]'")
-pytest.importorskip("mistral_common", reason="tiny model tokenizer: pip install mistral-common")
+pytest.importorskip("transformers", reason="needs gpufit[lm]: pip install -e '.[lm]'")
+pytest.importorskip("sentencepiece", reason="needs gpufit[lm]: pip install -e '.[lm]'")
+pytest.importorskip("mistral_common", reason="needs gpufit[lm] (mistral-common)")
 
 from gpufit.__main__ import main  # noqa: E402
 from gpufit.examples import lm  # noqa: E402
