@@ -29,16 +29,15 @@ at::Tensor linear_relu_autocast(const at::Tensor& x, const at::Tensor& weight,
 template <c10::DeviceType device>
 op_calls::LinearCeOutputs linear_ce_autocast(const at::Tensor& x, const at::Tensor& weight,
                                              const at::Tensor& target, const OptTensor& bias,
-                                             int64_t ignore_index, c10::string_view reduction,
-                                             double smoothing, double z_loss, int64_t chunk_size,
+                                             GPUFIT_LINEAR_CE_OPTION_PARAMS,
                                              op_calls::Mask grad_mask) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device));
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
   return op_calls::linear_ce(at::autocast::cached_cast(dtype, x, device),
                              at::autocast::cached_cast(dtype, weight, device), target,
-                             at::autocast::cached_cast(dtype, bias, device), ignore_index,
-                             reduction, smoothing, z_loss, chunk_size, grad_mask);
+                             at::autocast::cached_cast(dtype, bias, device),
+                             linear_ce::Options::parse(GPUFIT_LINEAR_CE_OPTION_ARGS), grad_mask);
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 // saving for differentiability, only where the caller asked for a graph of the backward.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/logsumexp.h>
 #include <ATen/ops/mm.h>
@@ -133,17 +134,16 @@ Mask to_mask(const c10::IValue& v) {
   return {list[0], list[1], list[2]};
 }
 
-// The options of one call, as saved for backward.
-struct LinearCeOptions {
-  int64_t ignore_index;
-  std::string reduction;
-  double smoothing, z_loss;
-  int64_t chunk_size;
+// The options of one call, saved for backward in the context.
+struct SavedOptions : torch::CustomClassHolder {
+  explicit SavedOptions(const linear_ce::Options& o) : options(o) {}
+  linear_ce::Options options;
 
-  static LinearCeOptions of(AutogradContext* ctx) {
-    return {ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["reduction"].toStringRef(),
-            ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["z_loss"].toDouble(),
-            ctx->saved_data["chunk_size"].toInt()};
+  static void save(AutogradContext* ctx, const linear_ce::Options& o) {
+    ctx->saved_data["options"] = c10::IValue::make_capsule(c10::make_intrusive<SavedOptions>(o));
+  }
+  static const linear_ce::Options& of(AutogradContext* ctx) {
+    return static_cast<const SavedOptions*>(ctx->saved_data["options"].toCapsule().get())->options;
   }
 };
 
@@ -152,31 +152,47 @@ struct LinearCeOptions {
 variable_list composite_linear_ce_backward(const at::Tensor& grad_loss, const at::Tensor& grad_lse,
                                            const at::Tensor& x, const at::Tensor& weight,
                                            const at::Tensor& target, const at::Tensor& bias,
-                                           const LinearCeOptions& o, const Mask& needs) {
+                                           const linear_ce::Options& o, const Mask& needs) {
   NoAutocast no_autocast;
   const at::ScalarType dtype = x.scalar_type();
   const at::ScalarType acc = linear_ce::acc_type(dtype);
   const int64_t N = target.numel(), V = weight.size(0), H = weight.size(1);
   const at::Tensor x2d = x.reshape({N, H});
-  const at::Tensor z = at::linear(x2d, weight, optional_tensor(bias)).to(acc);
+  const at::Tensor raw = at::linear(x2d, weight, optional_tensor(bias)).to(acc);
+  const at::Tensor z = o.capped() ? (raw / o.softcap).tanh() * o.softcap : raw;
   const at::Tensor lse = at::logsumexp(z, {1});
   const at::Tensor t = target.reshape({-1});
   const at::Tensor valid = t != o.ignore_index;
   const at::Tensor zero = at::zeros({}, z.options());
+  const linear_ce::ClassWeights cw = linear_ce::ClassWeights::of(o, z.options());
+  const double eps = o.label_smoothing;
   at::Tensor c = at::zeros({N}, z.options());
   if (grad_loss.defined()) {
-    const linear_ce::Reduction reduction = linear_ce::parse_reduction(o.reduction);
-    c = reduction == linear_ce::Reduction::None ? grad_loss.reshape({-1}).to(acc)
-                                                : grad_loss.to(acc).expand({N});
-    if (reduction == linear_ce::Reduction::Mean) c = c / valid.sum().to(acc);
+    c = o.reduction == linear_ce::Reduction::None ? grad_loss.reshape({-1}).to(acc)
+                                                  : grad_loss.to(acc).expand({N});
+    if (o.reduction != linear_ce::Reduction::None) {
+      const at::Tensor count = o.reduction == linear_ce::Reduction::Mean
+                                   ? linear_ce::mean_denominator(t, valid, cw, acc)
+                                   : at::Tensor();
+      c = c * linear_ce::reduced_scale(o, count, z.options());
+    }
     c = at::where(valid, c, zero);
   }
-  at::Tensor coef = c * (lse * (2.0 * o.z_loss) + 1.0);
+  // d row loss / d z = softmax A - eps/V w - (1 - eps) w_t onehot (linear_ce.h)
+  const at::Tensor wt = cw.defined() ? linear_ce::target_weights(t, valid, cw) : at::Tensor();
+  at::Tensor coef = cw.defined()
+                        ? c * (wt * (1.0 - eps) + cw.prefix.narrow(0, V, 1) * (eps / V) +
+                               lse * (2.0 * o.z_loss))
+                        : c * (lse * (2.0 * o.z_loss) + 1.0);
   if (grad_lse.defined()) coef = coef + grad_lse.reshape({-1}).to(acc);
   const at::Tensor onehot = at::one_hot(at::where(valid, t, at::zeros({}, t.options())), V).to(acc);
-  at::Tensor dz = at::softmax(z, 1) * coef.unsqueeze(1) -
-                  (c * (1.0 - o.smoothing)).unsqueeze(1) * onehot;
-  if (o.smoothing != 0.0) dz = dz - (c * (o.smoothing / static_cast<double>(V))).unsqueeze(1);
+  const at::Tensor target_coef = cw.defined() ? c * wt * (1.0 - eps) : c * (1.0 - eps);
+  at::Tensor dz = at::softmax(z, 1) * coef.unsqueeze(1) - target_coef.unsqueeze(1) * onehot;
+  if (o.smoothing()) {
+    const at::Tensor smooth = (c * (eps / static_cast<double>(V))).unsqueeze(1);
+    dz = dz - (cw.defined() ? smooth * cw.w.unsqueeze(0) : smooth);
+  }
+  if (o.capped()) dz = dz * (1.0 - (z / o.softcap).pow(2));
   const at::Tensor dz_in = dz.to(dtype);
   return {needs[0] ? dz_in.mm(weight).view(x.sizes()) : at::Tensor(),
           needs[1] ? dz_in.t().mm(x2d) : at::Tensor(),
@@ -187,33 +203,27 @@ struct FusedLinearCrossEntropyFunction
     : public torch::autograd::Function<FusedLinearCrossEntropyFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& target, const OptTensor& bias,
-                               int64_t ignore_index, c10::string_view reduction, double smoothing,
-                               double z_loss, int64_t chunk_size, Mask grad_mask) {
+                               const linear_ce::Options& o, Mask grad_mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, lse, lse_lo, grad_x, grad_w, grad_b] = op_calls::linear_ce(
-        x, weight, target, bias, ignore_index, reduction, smoothing, z_loss, chunk_size, grad_mask);
+    auto [loss, lse, lse_lo, predicted, grad_x, grad_w, grad_b] =
+        op_calls::linear_ce(x, weight, target, bias, o, grad_mask);
     // loss and lse are differentiable (d lse_i / d z_ij = softmax_ij); the rest is not.
-    ctx->mark_non_differentiable({lse_lo, grad_x, grad_w, grad_b});
+    ctx->mark_non_differentiable({lse_lo, predicted, grad_x, grad_w, grad_b});
     ctx->set_materialize_grads(false);  // an unused output gets no gradient, not a zero one
-    const bool in_forward = linear_ce::grads_in_forward(
-        x.scalar_type(), linear_ce::parse_reduction(reduction), grad_mask);
+    const bool in_forward = linear_ce::grads_in_forward(x.scalar_type(), o.reduction, grad_mask);
     const Mask precomputed = in_forward ? grad_mask : Mask{false, false, false};
     ctx->saved_data["precomputed"] =
         c10::List<bool>({precomputed[0], precomputed[1], precomputed[2]});
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["reduction"] = std::string(reduction);
-    ctx->saved_data["label_smoothing"] = smoothing;
-    ctx->saved_data["z_loss"] = z_loss;
-    ctx->saved_data["chunk_size"] = chunk_size;
+    SavedOptions::save(ctx, o);
     ctx->save_for_backward({x, weight, target, bias.value_or(at::Tensor()), lse, lse_lo, grad_x,
                             grad_w, grad_b});
-    return {loss, lse, lse_lo, grad_x, grad_w, grad_b};
+    return {loss, lse, lse_lo, predicted, grad_x, grad_w, grad_b};
   }
 
-  // Gradients for (x, weight, target, bias, and the six non-tensor arguments).
+  // Gradients for (x, weight, target, bias, options, grad_mask).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list result(10);
+    variable_list result(6);
     const at::Tensor& grad_loss = grads[0];
     const at::Tensor& grad_lse = grads[1];
     // needs_input_grad counts tensor inputs only: x 0, weight 1, target 2, bias 3 when given.
@@ -221,7 +231,7 @@ struct FusedLinearCrossEntropyFunction
                         ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)};
     if ((!grad_loss.defined() && !grad_lse.defined()) || !any(needs)) return result;
     const variable_list saved = ctx->get_saved_variables();
-    const LinearCeOptions o = LinearCeOptions::of(ctx);
+    const linear_ce::Options& o = SavedOptions::of(ctx);
     std::array<at::Tensor, 3> out;
     if (at::GradMode::is_enabled()) {
       const variable_list g = composite_linear_ce_backward(grad_loss, grad_lse, saved[0], saved[1],
@@ -234,10 +244,11 @@ struct FusedLinearCrossEntropyFunction
       const at::Tensor loss_grad =
           grad_loss.defined()
               ? grad_loss
-              : (o.reduction == "none" ? at::zeros_like(lse) : at::zeros({}, lse.options()));
-      std::tie(out[0], out[1], out[2]) = op_calls::linear_ce_backward(
-          loss_grad, grad_lse, saved[0], saved[1], saved[2], optional_tensor(saved[3]), lse,
-          saved[5], o.ignore_index, o.reduction, o.smoothing, o.z_loss, o.chunk_size, needs);
+              : (o.reduction == linear_ce::Reduction::None ? at::zeros_like(lse)
+                                                           : at::zeros({}, lse.options()));
+      std::tie(out[0], out[1], out[2]) =
+          op_calls::linear_ce_backward(loss_grad, grad_lse, saved[0], saved[1], saved[2],
+                                       optional_tensor(saved[3]), lse, saved[5], o, needs);
     } else {
       const Mask precomputed = to_mask(ctx->saved_data["precomputed"]);
       const Mask missing = {needs[0] && !precomputed[0], needs[1] && !precomputed[1],
@@ -245,8 +256,7 @@ struct FusedLinearCrossEntropyFunction
       if (any(missing)) {
         std::tie(out[0], out[1], out[2]) = op_calls::linear_ce_backward(
             grad_loss, c10::nullopt, saved[0], saved[1], saved[2], optional_tensor(saved[3]),
-            saved[4], saved[5], o.ignore_index, o.reduction, o.smoothing, o.z_loss, o.chunk_size,
-            missing);
+            saved[4], saved[5], o, missing);
       }
       // The saved gradients are those of the loss itself. Scaled by grad_loss out of place: a
       // graph kept with retain_graph=True must give the same gradients again. For
@@ -270,11 +280,10 @@ struct FusedLinearCrossEntropyFunction
 
 op_calls::LinearCeOutputs fused_linear_cross_entropy_autograd(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target, const OptTensor& bias,
-    int64_t ignore_index, c10::string_view reduction, double smoothing, double z_loss,
-    int64_t chunk_size, Mask grad_mask) {
+    GPUFIT_LINEAR_CE_OPTION_PARAMS, Mask grad_mask) {
   const variable_list out = FusedLinearCrossEntropyFunction::apply(
-      x, weight, target, bias, ignore_index, reduction, smoothing, z_loss, chunk_size, grad_mask);
-  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+      x, weight, target, bias, linear_ce::Options::parse(GPUFIT_LINEAR_CE_OPTION_ARGS), grad_mask);
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6]};
 }
 
 }  // namespace

@@ -40,6 +40,7 @@ namespace gpufit {
 namespace {
 
 using linear_ce::kOp;
+using linear_ce::Options;
 using linear_ce::Reduction;
 
 inline void check_target(int64_t t, int64_t ignore_index, int64_t V) {
@@ -113,12 +114,30 @@ acc_t row_max(const scalar_t* row, int64_t cols) {
   return m;
 }
 
+// The row's max, and in *arg the first column that holds it (0 when every column is -inf).
+template <typename scalar_t, typename acc_t>
+acc_t row_max(const scalar_t* row, int64_t cols, int64_t* arg) {
+  acc_t m = neg_inf<acc_t>();
+  *arg = 0;
+  for (int64_t j = 0; j < cols; ++j) {
+    const acc_t v = static_cast<acc_t>(row[j]);
+    if (v > m) {
+      m = v;
+      *arg = j;
+    }
+  }
+  return m;
+}
+
 // ---------------------------------------------------------------- row kernels of linear_ce.h
 
 struct CpuKernels {
-  static void stats(const at::Tensor& z, int64_t col0, const at::Tensor& target,
-                    int64_t ignore_index, int64_t V, bool smoothing, linear_ce::RowStats& st) {
+  static void stats(const at::Tensor& z, int64_t col0, const at::Tensor& target, int64_t V,
+                    const Options& o, const linear_ce::ClassWeights& cw,
+                    linear_ce::RowStats& st) {
     const int64_t rows = z.size(0), cols = z.size(1);
+    const int64_t ignore_index = o.ignore_index;
+    const bool smoothing = o.smoothing();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), kOp, [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* zp = z.const_data_ptr<scalar_t>();
@@ -127,6 +146,11 @@ struct CpuKernels {
       acc_t* sp = st.s.data_ptr<acc_t>();
       acc_t* ztp = st.zt.data_ptr<acc_t>();
       acc_t* zrp = st.zrel.data_ptr<acc_t>();
+      int64_t* pp = st.pred.defined() ? st.pred.data_ptr<int64_t>() : nullptr;
+      // the class weights of this block's columns, and the weight of the columns before it
+      const acc_t* wp = cw.defined() ? cw.w.const_data_ptr<acc_t>() + col0 : nullptr;
+      const acc_t before_weight =
+          cw.defined() ? cw.prefix.const_data_ptr<acc_t>()[col0] : static_cast<acc_t>(col0);
       parallel_rows(rows, grain(cols), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const scalar_t* row = zp + i * cols;
@@ -134,7 +158,10 @@ struct CpuKernels {
           check_target(t, ignore_index, V);
           if (t >= col0 && t < col0 + cols) ztp[i] = static_cast<acc_t>(row[t - col0]);
           const acc_t m_old = mp[i];
-          const acc_t bmax = row_max<scalar_t, acc_t>(row, cols);
+          int64_t arg = 0;
+          const acc_t bmax = pp != nullptr ? row_max<scalar_t, acc_t>(row, cols, &arg)
+                                           : row_max<scalar_t, acc_t>(row, cols);
+          if (pp != nullptr && bmax > m_old) pp[i] = col0 + arg;
           const acc_t m = bmax > m_old ? bmax : m_old;
           if (m == neg_inf<acc_t>()) {  // every column so far is -inf: s stays 0
             if (smoothing && cols > 0) zrp[i] = neg_inf<acc_t>();
@@ -144,10 +171,14 @@ struct CpuKernels {
               0, cols, [&](int64_t j) { return std::exp(static_cast<acc_t>(row[j]) - m); });
           sp[i] = (m_old == neg_inf<acc_t>() ? acc_t(0) : sp[i] * std::exp(m_old - m)) + sum;
           if (smoothing) {
-            const acc_t rel = pairwise_sum<acc_t>(
-                0, cols, [&](int64_t j) { return static_cast<acc_t>(row[j]) - m; });
-            // the earlier blocks' sum re-expressed relative to the new max (col0 columns)
-            const acc_t before = col0 == 0 ? acc_t(0) : zrp[i] + acc_t(col0) * (m_old - m);
+            const acc_t rel =
+                wp != nullptr
+                    ? pairwise_sum<acc_t>(
+                          0, cols, [&](int64_t j) { return wp[j] * (static_cast<acc_t>(row[j]) - m); })
+                    : pairwise_sum<acc_t>(
+                          0, cols, [&](int64_t j) { return static_cast<acc_t>(row[j]) - m; });
+            // the earlier blocks' sum re-expressed relative to the new max
+            const acc_t before = col0 == 0 ? acc_t(0) : zrp[i] + before_weight * (m_old - m);
             zrp[i] = before + rel;
           }
           mp[i] = m;
@@ -156,11 +187,13 @@ struct CpuKernels {
     });
   }
 
-  static void grad(at::Tensor& z, int64_t col0, const at::Tensor& target, int64_t ignore_index,
-                   int64_t V, const at::Tensor& lse, const at::Tensor& lse_lo,
-                   const at::Tensor& scale, bool per_row, const at::Tensor& grad_lse, double eps,
-                   double z_loss) {
+  static void grad(at::Tensor& z, int64_t col0, const at::Tensor& target, int64_t V,
+                   const at::Tensor& lse, const at::Tensor& lse_lo, const at::Tensor& scale,
+                   bool per_row, const at::Tensor& grad_lse, const Options& o,
+                   const linear_ce::ClassWeights& cw) {
     const int64_t rows = z.size(0), cols = z.size(1);
+    const int64_t ignore_index = o.ignore_index;
+    const double eps = o.label_smoothing;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), kOp, [&] {
       using acc_t = at::opmath_type<scalar_t>;
       scalar_t* zp = z.data_ptr<scalar_t>();
@@ -169,7 +202,13 @@ struct CpuKernels {
       const acc_t* lop = lse_lo.const_data_ptr<acc_t>();
       const acc_t* cp = scale.const_data_ptr<acc_t>();
       const acc_t* gp = grad_lse.defined() ? grad_lse.const_data_ptr<acc_t>() : nullptr;
+      const acc_t* wp = cw.defined() ? cw.w.const_data_ptr<acc_t>() : nullptr;
+      const acc_t total_weight = wp != nullptr ? cw.prefix.const_data_ptr<acc_t>()[V] : acc_t(V);
       const acc_t smooth = static_cast<acc_t>(eps / static_cast<double>(V));
+      const acc_t keep = static_cast<acc_t>(1.0 - eps);
+      const acc_t two_z_loss = static_cast<acc_t>(2.0 * o.z_loss);
+      const acc_t cap = static_cast<acc_t>(o.softcap);
+      const bool capped = o.capped();
       parallel_rows(rows, grain(cols), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           scalar_t* row = zp + i * cols;
@@ -184,17 +223,28 @@ struct CpuKernels {
           const acc_t c = ignored ? acc_t(0) : cp[per_row ? i : 0];
           const acc_t l = lp[i];
           const acc_t lo = lop[i];
-          const acc_t a = c * (acc_t(1) + acc_t(2 * z_loss) * l) + g;
+          const acc_t wt = wp != nullptr && !ignored ? wp[t] : acc_t(1);
+          const acc_t a =
+              wp != nullptr
+                  ? c * (keep * wt + smooth * total_weight + two_z_loss * l) + g
+                  : c * (acc_t(1) + two_z_loss * l) + g;
           const acc_t b = c * smooth;
           const bool has_target = !ignored && t >= col0 && t < col0 + cols;
           const acc_t z_target = has_target ? static_cast<acc_t>(row[t - col0]) : acc_t(0);
+          // d loss / d z_j from the (capped) logit v = z_j, without the one-hot term
+          const auto dz = [&](acc_t v, int64_t j) {
+            acc_t d = std::exp((v - l) - lo) * a - (wp != nullptr ? b * wp[col0 + j] : b);
+            return capped ? d * (acc_t(1) - (v / cap) * (v / cap)) : d;
+          };
           for (int64_t j = 0; j < cols; ++j) {
-            row[j] = static_cast<scalar_t>(std::exp((static_cast<acc_t>(row[j]) - l) - lo) * a - b);
+            row[j] = static_cast<scalar_t>(dz(static_cast<acc_t>(row[j]), j));
           }
           // The one-hot term, computed from the saved logit so half types round only once.
           if (has_target) {
-            row[t - col0] = static_cast<scalar_t>(std::exp((z_target - l) - lo) * a - b -
-                                                  c * static_cast<acc_t>(1.0 - eps));
+            const acc_t onehot = c * keep * wt;
+            const acc_t factor =
+                capped ? acc_t(1) - (z_target / cap) * (z_target / cap) : acc_t(1);
+            row[t - col0] = static_cast<scalar_t>(dz(z_target, t - col0) - onehot * factor);
           }
         }
       });
@@ -214,7 +264,7 @@ inline int64_t torch_chunk_rows(int64_t N, int64_t V, int64_t H) {
 
 struct CpuPlan {
   enum class Kind { OneChunk, RowChunks, Blocks } kind;
-  int64_t rows;    // RowChunks: rows per chunk
+  int64_t rows;    // rows per chunk (Blocks: of a row chunk within the same scratch)
   int64_t budget;  // Blocks: scratch elements for all threads together
 };
 
@@ -230,7 +280,22 @@ inline CpuPlan cpu_plan(int64_t N, int64_t V, int64_t H, int64_t chunk_size) {
   }
   const int64_t rows = torch_chunk_rows(N, V, H);
   if (N <= 0 || rows >= N || N * V <= kOneChunkMax) return {Kind::OneChunk, N, 0};
-  return {Kind::Blocks, 0, rows * V};
+  return {Kind::Blocks, rows, rows * V};
+}
+
+// softcap, class weights and return_predicted run in the row kernels (CpuKernels, through
+// linear_ce.h's chunk loops) for fp32/fp64 too, in row chunks of the plan's scratch: the
+// one-chunk pass and the block engine know only the other options.
+inline bool needs_row_kernels(const Options& o) {
+  return o.capped() || o.weighted() || o.return_predicted;
+}
+
+// d loss / d (row loss) of a reduced loss on the CPU: 1/count (mean), 1/num_items (sum with it;
+// read here, a CPU tensor's value costs no wait) or 1.
+inline double cpu_scale(const Options& o, int64_t count) {
+  if (o.reduction == Reduction::Mean) return 1.0 / static_cast<double>(count);
+  if (o.num_items.defined()) return 1.0 / o.num_items.to(at::kCPU, at::kDouble).item<double>();
+  return 1.0;
 }
 
 // Number of rows whose target is not ignore_index; also rejects out-of-range targets before any
@@ -311,9 +376,8 @@ struct RowPass {
 };
 
 // All rows in one chunk (3 GEMMs).
-Partial one_chunk_forward(const linear_ce::Flat& f, int64_t count, int64_t ignore_index,
-                          Reduction reduction, double eps, double z_loss, bool with_grads,
-                          std::array<bool, 3> grad_mask) {
+Partial one_chunk_forward(const linear_ce::Flat& f, int64_t count, const Options& o,
+                          bool with_grads, std::array<bool, 3> grad_mask) {
   const int64_t N = f.N, V = f.V;
   Partial out;
   out.lse = at::empty({N}, f.x.options());
@@ -331,10 +395,11 @@ Partial one_chunk_forward(const linear_ce::Flat& f, int64_t count, int64_t ignor
   at::Tensor z = at::empty({N, V}, f.x.options());
   linear_ce::logits_into(z, f.x, f.weight, f.bias);
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), kOp, [&] {
-    const double scale = reduction == Reduction::Mean ? 1.0 / static_cast<double>(count) : 1.0;
-    const RowPass<scalar_t> pass{f.target.const_data_ptr<int64_t>(), ignore_index, V,
-                                 static_cast<scalar_t>(eps), static_cast<scalar_t>(z_loss),
-                                 static_cast<scalar_t>(scale), with_grads};
+    const double scale = cpu_scale(o, count);
+    const RowPass<scalar_t> pass{f.target.const_data_ptr<int64_t>(), o.ignore_index, V,
+                                 static_cast<scalar_t>(o.label_smoothing),
+                                 static_cast<scalar_t>(o.z_loss), static_cast<scalar_t>(scale),
+                                 with_grads};
     scalar_t* lp = out.lse.data_ptr<scalar_t>();
     scalar_t* lop = out.lse_lo.data_ptr<scalar_t>();
     scalar_t* rp = out.row_loss.data_ptr<scalar_t>();
@@ -403,9 +468,11 @@ struct GradRows {
 };
 
 template <typename scalar_t>
-GradRows<scalar_t> grad_rows(const int64_t* target, int64_t N, int64_t ignore_index, int64_t V,
-                             const scalar_t* lse, const scalar_t* lse_lo, const scalar_t* scale,
-                             bool per_row, const scalar_t* grad_lse, double eps, double z_loss) {
+GradRows<scalar_t> grad_rows(const int64_t* target, int64_t N, int64_t V, const scalar_t* lse,
+                             const scalar_t* lse_lo, const scalar_t* scale, bool per_row,
+                             const scalar_t* grad_lse, const Options& o) {
+  const int64_t ignore_index = o.ignore_index;
+  const double eps = o.label_smoothing, z_loss = o.z_loss;
   GradRows<scalar_t> r{std::vector<scalar_t>(N), std::vector<scalar_t>(N),
                        std::vector<scalar_t>(N)};
   for (int64_t i = 0; i < N; ++i) {
@@ -424,11 +491,11 @@ struct BlockEngine {
   const linear_ce::Flat& f;
   EnginePlan plan;
   int64_t ignore_index;
-  double eps, z_loss;
+  double eps, z_loss;  // the options' label_smoothing and z_loss
   at::Tensor buffers;  // (workers, tile)
 
-  BlockEngine(const linear_ce::Flat& flat, const EnginePlan& p, int64_t ignore, double e, double zl)
-      : f(flat), plan(p), ignore_index(ignore), eps(e), z_loss(zl),
+  BlockEngine(const linear_ce::Flat& flat, const EnginePlan& p, const Options& o)
+      : f(flat), plan(p), ignore_index(o.ignore_index), eps(o.label_smoothing), z_loss(o.z_loss),
         buffers(at::empty({p.workers, p.tile}, flat.x.options())) {}
 
   at::Tensor logits(int64_t worker, int64_t r0, int64_t rows, int64_t c0, int64_t cols) const {
@@ -605,8 +672,7 @@ struct BlockEngine {
 };
 
 Partial blocks_forward(const linear_ce::Flat& f, const CpuPlan& cp, int64_t count,
-                       int64_t ignore_index, Reduction reduction, double eps, double z_loss,
-                       bool with_grads, std::array<bool, 3> grad_mask) {
+                       const Options& o, bool with_grads, std::array<bool, 3> grad_mask) {
   const int64_t N = f.N, H = f.H, V = f.V;
   const auto opts = f.x.options();
   Partial out{at::empty({N}, opts), at::empty({N}, opts), at::empty({N}, opts),
@@ -618,19 +684,16 @@ Partial blocks_forward(const linear_ce::Flat& f, const CpuPlan& cp, int64_t coun
   if (want_w) out.grad_w = at::empty({V, H}, opts);
   if (want_b) out.grad_b = at::empty({V}, opts);
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), kOp, [&] {
-    const BlockEngine<scalar_t> engine(f, engine_plan(N, V, H, cp.budget), ignore_index, eps,
-                                       z_loss);
-    const scalar_t scale =
-        reduction == Reduction::Mean ? scalar_t(1.0 / static_cast<double>(count)) : scalar_t(1);
+    const BlockEngine<scalar_t> engine(f, engine_plan(N, V, H, cp.budget), o);
+    const scalar_t scale = static_cast<scalar_t>(cpu_scale(o, count));
     scalar_t* lse = out.lse.data_ptr<scalar_t>();
     engine.row_tiles_forward(lse, out.lse_lo.data_ptr<scalar_t>(),
                              out.row_loss.data_ptr<scalar_t>(), scale,
                              want_x ? &out.grad_x : nullptr);
     if (want_w || want_b) {
       const GradRows<scalar_t> g =
-          grad_rows<scalar_t>(f.target.const_data_ptr<int64_t>(), N, ignore_index, V, lse,
-                              out.lse_lo.const_data_ptr<scalar_t>(), &scale, false, nullptr, eps,
-                              z_loss);
+          grad_rows<scalar_t>(f.target.const_data_ptr<int64_t>(), N, V, lse,
+                              out.lse_lo.const_data_ptr<scalar_t>(), &scale, false, nullptr, o);
       engine.class_blocks(lse, g, want_w ? &out.grad_w : nullptr, want_b ? &out.grad_b : nullptr);
     }
   });
@@ -638,8 +701,8 @@ Partial blocks_forward(const linear_ce::Flat& f, const CpuPlan& cp, int64_t coun
 }
 
 linear_ce::Grads blocks_backward(const linear_ce::Flat& f, const CpuPlan& cp,
-                                 const linear_ce::BackwardRows& r, int64_t ignore_index,
-                                 double eps, double z_loss, std::array<bool, 3> grad_mask) {
+                                 const linear_ce::BackwardRows& r, const Options& o,
+                                 std::array<bool, 3> grad_mask) {
   const int64_t N = f.N, H = f.H, V = f.V;
   const auto opts = f.x.options();
   at::Tensor grad_x = grad_mask[0] ? at::empty({N, H}, opts) : none_like(f.x);
@@ -647,13 +710,12 @@ linear_ce::Grads blocks_backward(const linear_ce::Flat& f, const CpuPlan& cp,
   const bool want_b = grad_mask[2] && f.bias.defined();
   at::Tensor grad_b = want_b ? at::empty({V}, opts) : none_like(f.x);
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), kOp, [&] {
-    const BlockEngine<scalar_t> engine(f, engine_plan(N, V, H, cp.budget), ignore_index, eps,
-                                       z_loss);
+    const BlockEngine<scalar_t> engine(f, engine_plan(N, V, H, cp.budget), o);
     const scalar_t* lse = r.lse.const_data_ptr<scalar_t>();
     const GradRows<scalar_t> g = grad_rows<scalar_t>(
-        f.target.const_data_ptr<int64_t>(), N, ignore_index, V, lse,
-        r.lse_lo.const_data_ptr<scalar_t>(), r.scale.const_data_ptr<scalar_t>(), r.per_row,
-        r.grad_lse.defined() ? r.grad_lse.const_data_ptr<scalar_t>() : nullptr, eps, z_loss);
+        f.target.const_data_ptr<int64_t>(), N, V, lse, r.lse_lo.const_data_ptr<scalar_t>(),
+        r.scale.const_data_ptr<scalar_t>(), r.per_row,
+        r.grad_lse.defined() ? r.grad_lse.const_data_ptr<scalar_t>() : nullptr, o);
     if (grad_mask[0]) engine.row_tiles_backward(lse, g, grad_x);
     if (grad_mask[1] || want_b) {
       engine.class_blocks(lse, g, grad_mask[1] ? &grad_w : nullptr, want_b ? &grad_b : nullptr);
@@ -678,73 +740,70 @@ bool serial_half_blocks(const linear_ce::Flat& f, int64_t chunk_size) {
 
 linear_ce::Outputs forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                                const at::Tensor& target_in,
-                               const c10::optional<at::Tensor>& bias_in, int64_t ignore_index,
-                               c10::string_view reduction_s, double eps, double z_loss,
-                               int64_t chunk_size, std::array<bool, 3> grad_mask) {
+                               const c10::optional<at::Tensor>& bias_in,
+                               GPUFIT_LINEAR_CE_OPTION_PARAMS, std::array<bool, 3> grad_mask) {
   NoAutocast no_autocast;
-  linear_ce::check_inputs(x_in, weight_in, target_in, bias_in, eps, z_loss);
+  const Options o = Options::parse(GPUFIT_LINEAR_CE_OPTION_ARGS);
+  linear_ce::check_inputs(x_in, weight_in, target_in, bias_in, o);
   const linear_ce::Flat f = linear_ce::flatten(x_in, weight_in, target_in, bias_in);
-  const int64_t count = count_valid(f.target, ignore_index, f.V);
+  const int64_t count = count_valid(f.target, o.ignore_index, f.V);
   if (linear_ce::is_half(f.x.scalar_type())) {
     std::optional<cpu_threads::OneThread> serial;
-    if (serial_half_blocks(f, chunk_size)) serial.emplace();
-    return linear_ce::forward<CpuKernels>(x_in, weight_in, target_in, bias_in, ignore_index,
-                                          reduction_s, eps, z_loss, chunk_size, grad_mask);
+    if (serial_half_blocks(f, o.chunk_size)) serial.emplace();
+    return linear_ce::forward<CpuKernels>(x_in, weight_in, target_in, bias_in, o, grad_mask);
   }
-  const CpuPlan plan = cpu_plan(f.N, f.V, f.H, chunk_size);
-  if (plan.kind == CpuPlan::Kind::RowChunks) {
-    return linear_ce::forward<CpuKernels>(x_in, weight_in, target_in, bias_in, ignore_index,
-                                          reduction_s, eps, z_loss, plan.rows, grad_mask);
+  const CpuPlan plan = cpu_plan(f.N, f.V, f.H, o.chunk_size);
+  if (plan.kind == CpuPlan::Kind::RowChunks || needs_row_kernels(o)) {
+    Options chunked = o;
+    chunked.chunk_size = std::max<int64_t>(1, plan.rows);
+    return linear_ce::forward<CpuKernels>(x_in, weight_in, target_in, bias_in, chunked,
+                                          grad_mask);
   }
-  const Reduction reduction = linear_ce::parse_reduction(reduction_s);
-  const bool with_grads = linear_ce::grads_in_forward(f.x.scalar_type(), reduction, grad_mask);
+  const bool with_grads = linear_ce::grads_in_forward(f.x.scalar_type(), o.reduction, grad_mask);
   Partial out = plan.kind == CpuPlan::Kind::Blocks
-                    ? blocks_forward(f, plan, count, ignore_index, reduction, eps, z_loss,
-                                     with_grads, grad_mask)
-                    : one_chunk_forward(f, count, ignore_index, reduction, eps, z_loss,
-                                        with_grads, grad_mask);
+                    ? blocks_forward(f, plan, count, o, with_grads, grad_mask)
+                    : one_chunk_forward(f, count, o, with_grads, grad_mask);
   at::Tensor loss;
-  if (reduction == Reduction::None) {
+  if (o.reduction == Reduction::None) {
     loss = out.row_loss.view(target_in.sizes());
   } else {
     // a double sum of the row losses; mean over zero valid rows is 0/0 = nan, as in PyTorch
-    const double total = sum_as_double(out.row_loss);
-    loss = at::full({}, reduction == Reduction::Mean ? total / static_cast<double>(count) : total,
-                    f.x.options());
+    loss = at::full({}, sum_as_double(out.row_loss) * cpu_scale(o, count), f.x.options());
   }
   if (with_grads && grad_mask[0]) out.grad_x = out.grad_x.view(x_in.sizes());
-  return {loss, out.lse.view(target_in.sizes()), out.lse_lo.view(target_in.sizes()), out.grad_x,
-          out.grad_w, out.grad_b};
+  return {loss,       out.lse.view(target_in.sizes()), out.lse_lo.view(target_in.sizes()),
+          at::empty({0}, f.target.options()), out.grad_x, out.grad_w, out.grad_b};
 }
 
 linear_ce::Grads backward_cpu(const at::Tensor& grad_loss,
                               const c10::optional<at::Tensor>& grad_lse, const at::Tensor& x_in,
                               const at::Tensor& weight_in, const at::Tensor& target_in,
                               const c10::optional<at::Tensor>& bias_in, const at::Tensor& lse,
-                              const at::Tensor& lse_lo, int64_t ignore_index,
-                              c10::string_view reduction_s, double eps, double z_loss,
-                              int64_t chunk_size, std::array<bool, 3> grad_mask) {
+                              const at::Tensor& lse_lo, GPUFIT_LINEAR_CE_OPTION_PARAMS,
+                              std::array<bool, 3> grad_mask) {
   NoAutocast no_autocast;
-  linear_ce::check_inputs(x_in, weight_in, target_in, bias_in, eps, z_loss);
+  const Options o = Options::parse(GPUFIT_LINEAR_CE_OPTION_ARGS);
+  linear_ce::check_inputs(x_in, weight_in, target_in, bias_in, o);
   const linear_ce::Flat f = linear_ce::flatten(x_in, weight_in, target_in, bias_in);
-  count_valid(f.target, ignore_index, f.V);
+  count_valid(f.target, o.ignore_index, f.V);
   const auto shared = [&](int64_t chunk) {
+    Options chunked = o;
+    chunked.chunk_size = chunk;
     return linear_ce::backward<CpuKernels>(grad_loss, grad_lse, x_in, weight_in, target_in,
-                                           bias_in, lse, lse_lo, ignore_index, reduction_s, eps,
-                                           z_loss, chunk, grad_mask);
+                                           bias_in, lse, lse_lo, chunked, grad_mask);
   };
   if (linear_ce::is_half(f.x.scalar_type())) {
     std::optional<cpu_threads::OneThread> serial;
-    if (serial_half_blocks(f, chunk_size)) serial.emplace();
-    return shared(chunk_size);
+    if (serial_half_blocks(f, o.chunk_size)) serial.emplace();
+    return shared(o.chunk_size);
   }
-  const CpuPlan plan = cpu_plan(f.N, f.V, f.H, chunk_size);
-  if (plan.kind != CpuPlan::Kind::Blocks) return shared(std::max<int64_t>(1, plan.rows));
+  const CpuPlan plan = cpu_plan(f.N, f.V, f.H, o.chunk_size);
+  if (plan.kind != CpuPlan::Kind::Blocks || needs_row_kernels(o)) {
+    return shared(std::max<int64_t>(1, plan.rows));
+  }
   const linear_ce::BackwardRows r =
-      linear_ce::backward_rows(grad_loss, grad_lse, target_in, f, lse, lse_lo, ignore_index,
-                               linear_ce::parse_reduction(reduction_s));
-  auto [grad_x, grad_w, grad_b] =
-      blocks_backward(f, plan, r, ignore_index, eps, z_loss, grad_mask);
+      linear_ce::backward_rows(grad_loss, grad_lse, target_in, f, lse, lse_lo, o);
+  auto [grad_x, grad_w, grad_b] = blocks_backward(f, plan, r, o, grad_mask);
   if (grad_mask[0]) grad_x = grad_x.view(x_in.sizes());
   return {grad_x, grad_w, grad_b};
 }

@@ -4,18 +4,22 @@
 // (linear_ce.cpp) live here; each supplies two row-wise kernels over one chunk of logits z
 // (rows x cols, contiguous):
 //
-//   Kernels::stats(z, col0, target, ignore_index, V, smoothing, stats)
+//   Kernels::stats(z, col0, target, V, options, class_weights, stats)
 //       online log-sum-exp over columns [col0, col0 + cols) of each row (RowStats below): the
 //       running max m, the running sum s of exp(z - m), the target's logit zt (when it falls in
-//       this block) and, with smoothing, zrel = sum of (z - m) over the columns seen so far
-//       (stats of earlier blocks cover exactly the columns [0, col0)). All in the accumulation
-//       type (fp32 for half inputs).
-//   Kernels::grad(z, col0, target, ignore_index, V, lse, lse_lo, scale, scale_per_row,
-//                 grad_lse, label_smoothing, z_loss)
+//       this block), with smoothing zrel = sum of w_j (z - m) over the columns seen so far
+//       (w_j the class weights, all 1 without them; stats of earlier blocks cover exactly the
+//       columns [0, col0)) and, for return_predicted, the first column of the largest logit.
+//       All in the accumulation type (fp32 for half inputs).
+//   Kernels::grad(z, col0, target, V, lse, lse_lo, scale, scale_per_row, grad_lse, options,
+//                 class_weights)
 //       overwrites z in place with d (sum_i scale_i loss_i + grad_lse_i lse_i) / d z:
-//           softmax_ij * (c_i (1 + 2 z_loss lse_i) + g_i) - c_i eps / V - c_i (1 - eps) [j == t_i]
-//       with c_i = scale_i (0 on ignored rows), g_i = grad_lse_i (0 when undefined) and
-//       softmax_ij = exp((z_ij - lse_i) - lse_lo_i).
+//           softmax_ij * (c_i A_i + g_i) - c_i w_j eps / V - c_i (1 - eps) w_t [j == t_i]
+//       with A_i = (1 - eps) w_t + eps W / V + 2 z_loss lse_i (= 1 + 2 z_loss lse_i without
+//       class weights), W = sum_j w_j, c_i = scale_i (0 on ignored rows), g_i = grad_lse_i (0
+//       when undefined) and softmax_ij = exp((z_ij - lse_i) - lse_lo_i); with a softcap, z is
+//       the capped logit (apply_softcap runs before both kernels) and the result is multiplied
+//       by 1 - (z_ij / softcap)^2.
 //
 // Precision with a large common logit (all logits near 1e5, say): the loss is formed from
 // z - m (log s - (1 - eps) (zt - m) - eps/V zrel), never as (m + log s) - zt, and backward's
@@ -36,6 +40,7 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
@@ -52,21 +57,10 @@
 
 #include "autocast.h"
 #include "checks.h"
+#include "linear_ce_options.h"
 
 namespace gpufit {
 namespace linear_ce {
-
-constexpr const char* kOp = "fused_linear_cross_entropy";
-
-enum class Reduction { None, Mean, Sum };
-
-inline Reduction parse_reduction(c10::string_view reduction) {
-  if (reduction == "mean") return Reduction::Mean;
-  if (reduction == "sum") return Reduction::Sum;
-  if (reduction == "none") return Reduction::None;
-  TORCH_CHECK(false, kOp, ": reduction must be 'mean', 'sum' or 'none', got '",
-              std::string(reduction.data(), reduction.size()), "'");
-}
 
 inline bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
@@ -110,8 +104,7 @@ inline int64_t auto_chunk(bool half, bool cuda, int64_t N, int64_t V, int64_t el
 }
 
 inline void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
-                         const c10::optional<at::Tensor>& bias, double label_smoothing,
-                         double z_loss) {
+                         const c10::optional<at::Tensor>& bias, const Options& o) {
   check_linear_inputs(kOp, x, weight, bias);
   TORCH_CHECK(target.scalar_type() == at::kLong, kOp, ": target must be int64 class indices, got ",
               target.scalar_type());
@@ -120,9 +113,58 @@ inline void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at
   TORCH_CHECK(target.sizes() == x.sizes().slice(0, x.dim() - 1), kOp, ": target shape ",
               target.sizes(), " must equal the leading dimensions of x ", x.sizes());
   TORCH_CHECK(weight.size(0) >= 1, kOp, ": weight must have at least one class (row)");
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, kOp,
-              ": label_smoothing must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK(z_loss >= 0.0, kOp, ": z_loss must be >= 0, got ", z_loss);
+  if (o.weighted()) {
+    TORCH_CHECK(o.class_weight.size(0) == weight.size(0), kOp, ": class_weight must have shape (",
+                weight.size(0), ",), got ", o.class_weight.sizes());
+    TORCH_CHECK(o.class_weight.device() == x.device(), kOp, ": device mismatch, x is on ",
+                x.device(), " but class_weight is on ", o.class_weight.device());
+  }
+}
+
+// The class weights in the accumulation type, w (V,), and their exclusive prefix sums (V + 1,):
+// prefix[c] = w_0 + ... + w_{c-1}, prefix[V] = W, the sum of all. Undefined without weights
+// (every weight 1: prefix[c] = c).
+struct ClassWeights {
+  at::Tensor w, prefix;
+
+  static ClassWeights of(const Options& o, const at::TensorOptions& acc_opts) {
+    if (!o.weighted()) return {};
+    const at::Tensor w = o.class_weight.to(acc_opts.dtype().toScalarType()).contiguous();
+    return {w, at::cat({at::zeros({1}, acc_opts), w.cumsum(0)})};
+  }
+  bool defined() const { return w.defined(); }
+};
+
+// Gemma 2's final logit softcapping, in place: z = softcap * tanh(z / softcap). The gradient
+// kernels multiply by d z' / d z = 1 - (z' / softcap)^2, from the capped z' they overwrite.
+inline void apply_softcap(at::Tensor& z, const Options& o) {
+  if (o.capped()) z.div_(o.softcap).tanh_().mul_(o.softcap);
+}
+
+// w_{t_i} for kept rows, 0 for ignored ones.
+inline at::Tensor target_weights(const at::Tensor& target, const at::Tensor& valid,
+                                 const ClassWeights& cw) {
+  const at::Tensor safe = at::where(valid, target, at::zeros({}, target.options()));
+  return at::where(valid, cw.w.index_select(0, safe), at::zeros({}, cw.w.options()));
+}
+
+// The denominator of reduction="mean": the number of kept rows or, with class weights, the sum
+// of their targets' weights (F.cross_entropy's), in the accumulation type.
+inline at::Tensor mean_denominator(const at::Tensor& target, const at::Tensor& valid,
+                                   const ClassWeights& cw, at::ScalarType acc) {
+  if (!cw.defined()) return valid.sum().to(acc);
+  return target_weights(target, valid, cw).sum();
+}
+
+// d loss / d (row loss) of a reduced loss, as a 0-dim tensor: 1 / mean's denominator, or for
+// "sum" 1 / num_items (1 without it).
+inline at::Tensor reduced_scale(const Options& o, const at::Tensor& count,
+                                const at::TensorOptions& acc_opts) {
+  if (o.reduction == Reduction::Mean) return count.reciprocal();
+  if (o.num_items.defined()) {
+    return o.num_items.to(acc_opts.device(), acc_opts.dtype().toScalarType()).reciprocal();
+  }
+  return at::ones({}, acc_opts);
 }
 
 // The GEMM chunk buffers are flat so that a short last chunk is still a contiguous (r, c) view.
@@ -162,16 +204,20 @@ inline Flat flatten(const at::Tensor& x, const at::Tensor& weight, const at::Ten
 }
 
 // The online softmax statistics of N rows (see Kernels::stats above), in the accumulation type.
+// With class weights zrel is sum_j w_j (z_j - m). pred (int64, only for return_predicted) is the
+// first column of the largest logit so far.
 struct RowStats {
-  at::Tensor m, s, zt, zrel;
+  at::Tensor m, s, zt, zrel, pred;
 
-  static RowStats start(int64_t N, const at::TensorOptions& acc_opts) {
+  static RowStats start(int64_t N, const at::TensorOptions& acc_opts, bool predicted) {
     return {at::full({N}, -std::numeric_limits<double>::infinity(), acc_opts),
-            at::zeros({N}, acc_opts), at::zeros({N}, acc_opts), at::zeros({N}, acc_opts)};
+            at::zeros({N}, acc_opts), at::zeros({N}, acc_opts), at::zeros({N}, acc_opts),
+            predicted ? at::zeros({N}, acc_opts.dtype(at::kLong)) : at::Tensor()};
   }
   RowStats narrow(int64_t start, int64_t length) const {
     return {m.narrow(0, start, length), s.narrow(0, start, length), zt.narrow(0, start, length),
-            zrel.narrow(0, start, length)};
+            zrel.narrow(0, start, length),
+            pred.defined() ? pred.narrow(0, start, length) : at::Tensor()};
   }
 };
 
@@ -188,35 +234,59 @@ inline std::tuple<at::Tensor, at::Tensor> lse_parts(const at::Tensor& m, const a
 // Per-row loss from the statistics, zero on ignored rows:
 //   log s - (1 - eps) (zt - m) - eps/V zrel + z_loss lse^2
 // (= lse - (1 - eps) zt - eps/V sum_j z_j + z_loss lse^2). The smoothing term only for eps != 0:
-// a -inf logit (a masked class) makes zrel -inf, and 0 * -inf would be nan.
+// a -inf logit (a masked class) makes zrel -inf, and 0 * -inf would be nan. With class weights
+// w (sum W), as F.cross_entropy's weight=:
+//   (1 - eps) w_t (log s - (zt - m)) + eps/V (W log s - zrel) + z_loss lse^2.
 inline at::Tensor row_losses(const RowStats& st, const at::Tensor& lse, const at::Tensor& valid,
-                             int64_t V, double eps, double z_loss) {
-  at::Tensor loss = st.s.log() - (st.zt - st.m) * (1.0 - eps);
-  if (eps != 0.0) loss = loss - st.zrel * (eps / static_cast<double>(V));
-  if (z_loss != 0.0) loss = loss + lse * lse * z_loss;
+                             const at::Tensor& target, int64_t V, const Options& o,
+                             const ClassWeights& cw) {
+  const double eps = o.label_smoothing;
+  at::Tensor loss;
+  if (cw.defined()) {
+    const at::Tensor log_s = st.s.log();
+    loss = (log_s - (st.zt - st.m)) * target_weights(target, valid, cw) * (1.0 - eps);
+    if (eps != 0.0) {
+      loss = loss + (log_s * cw.prefix.narrow(0, cw.prefix.size(0) - 1, 1) - st.zrel) *
+                        (eps / static_cast<double>(V));
+    }
+  } else {
+    loss = st.s.log() - (st.zt - st.m) * (1.0 - eps);
+    if (eps != 0.0) loss = loss - st.zrel * (eps / static_cast<double>(V));
+  }
+  if (o.z_loss != 0.0) loss = loss + lse * lse * o.z_loss;
   return at::where(valid, loss, at::zeros({}, loss.options()));
 }
 
 // Scalar loss = sum or mean over non-ignored rows, as cross_entropy does (mean over zero rows is
-// 0/0 = nan, as in PyTorch).
-inline at::Tensor reduce(const at::Tensor& loss, const at::Tensor& count, Reduction reduction) {
+// 0/0 = nan, as in PyTorch); a sum divided by num_items where given.
+inline at::Tensor reduce(const at::Tensor& loss, const at::Tensor& count, const Options& o) {
   at::Tensor total = loss.sum();
-  return reduction == Reduction::Mean ? total / count : total;
+  if (o.reduction == Reduction::Mean) return total / count;
+  if (o.num_items.defined()) return total / o.num_items.to(total.device(), total.scalar_type());
+  return total;
 }
 
-// The outputs of the forward op: loss and lse in the accumulation type, lse_lo (see above) and
-// the gradients computed in forward (empty where not).
-using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// Each row's argmax as returned: ignore_index on ignored rows; empty without return_predicted.
+inline at::Tensor predicted_output(const RowStats& st, const at::Tensor& valid, const Options& o,
+                                   const at::Tensor& target_in) {
+  if (!st.pred.defined()) return at::empty({0}, target_in.options());
+  return at::where(valid, st.pred, at::full({}, o.ignore_index, st.pred.options()))
+      .view(target_in.sizes());
+}
+
+// The outputs of the forward op: loss and lse in the accumulation type, lse_lo (see above), the
+// predicted classes (or empty) and the gradients computed in forward (empty where not).
+using Outputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 template <typename Kernels>
 Outputs forward(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& target_in,
-                const c10::optional<at::Tensor>& bias_in, int64_t ignore_index,
-                c10::string_view reduction_s, double eps, double z_loss, int64_t chunk_size,
+                const c10::optional<at::Tensor>& bias_in, const Options& o,
                 std::array<bool, 3> grad_mask) {
   NoAutocast no_autocast;
-  check_inputs(x_in, weight_in, target_in, bias_in, eps, z_loss);
-  const Reduction reduction = parse_reduction(reduction_s);
+  check_inputs(x_in, weight_in, target_in, bias_in, o);
+  const Reduction reduction = o.reduction;
   const Flat f = flatten(x_in, weight_in, target_in, bias_in);
   const int64_t N = f.N, H = f.H, V = f.V;
   const at::ScalarType dtype = f.x.scalar_type();
@@ -225,13 +295,13 @@ Outputs forward(const at::Tensor& x_in, const at::Tensor& weight_in, const at::T
   const auto acc_opts = f.x.options().dtype(acc_type(dtype));
   const bool with_grads = grads_in_forward(dtype, reduction, grad_mask);
   const bool want_bias_grad = with_grads && grad_mask[2] && f.bias.defined();
-  const bool smoothing = eps != 0.0;
   const int64_t chunk =
-      chunk_size > 0 ? chunk_size : auto_chunk(half, cuda, N, V, f.x.element_size());
+      o.chunk_size > 0 ? o.chunk_size : auto_chunk(half, cuda, N, V, f.x.element_size());
 
-  RowStats stats = RowStats::start(N, acc_opts);
-  const at::Tensor valid = f.target != ignore_index;
-  const at::Tensor count = valid.sum().to(acc_type(dtype));
+  RowStats stats = RowStats::start(N, acc_opts, o.return_predicted);
+  const ClassWeights cw = ClassWeights::of(o, acc_opts);
+  const at::Tensor valid = f.target != o.ignore_index;
+  const at::Tensor count = mean_denominator(f.target, valid, cw, acc_type(dtype));
 
   at::Tensor grad_x = at::empty({0}, f.x.options());
   at::Tensor grad_w = at::empty({0}, f.x.options());
@@ -241,7 +311,7 @@ Outputs forward(const at::Tensor& x_in, const at::Tensor& weight_in, const at::T
     if (grad_mask[0]) grad_x = at::empty({N, H}, f.x.options());
     if (grad_mask[1]) grad_w = at::zeros({V, H}, f.x.options());
     if (want_bias_grad) grad_b = at::zeros({V}, f.x.options());
-    scale = reduction == Reduction::Mean ? count.reciprocal() : at::ones({}, acc_opts);
+    scale = reduced_scale(o, count, acc_opts);
   }
 
   if (N > 0) {
@@ -255,12 +325,13 @@ Outputs forward(const at::Tensor& x_in, const at::Tensor& weight_in, const at::T
         at::Tensor tc = f.target.narrow(0, r0, rows);
         at::Tensor z = chunk_view(buf, rows, V);
         logits_into(z, xc, f.weight, f.bias);
+        apply_softcap(z, o);
         RowStats sc = stats.narrow(r0, rows);
-        Kernels::stats(z, 0, tc, ignore_index, V, smoothing, sc);
+        Kernels::stats(z, 0, tc, V, o, cw, sc);
         if (!with_grads) continue;
         auto [lse_c, lse_lo_c] = lse_parts(sc.m, sc.s);
-        Kernels::grad(z, 0, tc, ignore_index, V, lse_c, lse_lo_c, scale, /*per_row=*/false,
-                      at::Tensor(), eps, z_loss);
+        Kernels::grad(z, 0, tc, V, lse_c, lse_lo_c, scale, /*per_row=*/false, at::Tensor(), o,
+                      cw);
         if (grad_mask[0]) {
           at::Tensor gx = grad_x.narrow(0, r0, rows);
           at::mm_out(gx, z, f.weight);
@@ -277,16 +348,22 @@ Outputs forward(const at::Tensor& x_in, const at::Tensor& weight_in, const at::T
         at::Tensor z = chunk_view(buf, N, cols);
         logits_into(z, f.x, f.weight.narrow(0, c0, cols),
                     f.bias.defined() ? f.bias.narrow(0, c0, cols) : at::Tensor());
-        Kernels::stats(z, c0, f.target, ignore_index, V, smoothing, stats);
+        apply_softcap(z, o);
+        Kernels::stats(z, c0, f.target, V, o, cw, stats);
       }
     }
   }
   auto [lse, lse_lo] = lse_parts(stats.m, stats.s);
-  at::Tensor per_row = row_losses(stats, lse, valid, V, eps, z_loss);
+  at::Tensor per_row = row_losses(stats, lse, valid, f.target, V, o, cw);
   at::Tensor loss = reduction == Reduction::None ? per_row.view(target_in.sizes())
-                                                 : reduce(per_row, count, reduction);
+                                                 : reduce(per_row, count, o);
   if (with_grads && grad_mask[0]) grad_x = grad_x.view(x_in.sizes());
-  return {loss, lse.view(target_in.sizes()), lse_lo.view(target_in.sizes()), grad_x, grad_w,
+  return {loss,
+          lse.view(target_in.sizes()),
+          lse_lo.view(target_in.sizes()),
+          predicted_output(stats, valid, o, target_in),
+          grad_x,
+          grad_w,
           grad_b};
 }
 
@@ -302,7 +379,8 @@ inline BackwardRows backward_rows(const at::Tensor& grad_loss,
                                   const c10::optional<at::Tensor>& grad_lse,
                                   const at::Tensor& target_in, const Flat& f,
                                   const at::Tensor& lse_in, const at::Tensor& lse_lo_in,
-                                  int64_t ignore_index, Reduction reduction) {
+                                  const Options& o) {
+  const Reduction reduction = o.reduction;
   const at::ScalarType acc = acc_type(f.x.scalar_type());
   TORCH_CHECK(lse_in.sizes() == target_in.sizes() && lse_lo_in.sizes() == target_in.sizes(), kOp,
               "_backward: lse and lse_lo must have the target's shape ", target_in.sizes(),
@@ -329,10 +407,16 @@ inline BackwardRows backward_rows(const at::Tensor& grad_loss,
   }
   out.lse = lse_in.reshape({-1}).to(acc).contiguous();
   out.lse_lo = lse_lo_in.reshape({-1}).to(acc).contiguous();
-  // d loss / d (row loss): grad_loss per row, or grad_loss (/ count for the mean) for all rows.
+  // d loss / d (row loss): grad_loss per row, or for all rows grad_loss / mean's denominator
+  // (mean) or / num_items (sum).
   out.scale = (out.per_row ? grad_loss.reshape({-1}) : grad_loss).to(acc).contiguous();
-  if (reduction == Reduction::Mean) {
-    out.scale = out.scale / (f.target != ignore_index).sum().to(acc);
+  if (!out.per_row) {
+    const auto acc_opts = f.x.options().dtype(acc);
+    const at::Tensor valid = f.target != o.ignore_index;
+    const at::Tensor count = o.reduction == Reduction::Mean
+                                 ? mean_denominator(f.target, valid, ClassWeights::of(o, acc_opts), acc)
+                                 : at::Tensor();
+    out.scale = out.scale * reduced_scale(o, count, acc_opts);
   }
   return out;
 }
@@ -341,23 +425,20 @@ template <typename Kernels>
 Grads backward(const at::Tensor& grad_loss, const c10::optional<at::Tensor>& grad_lse_in,
                const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& target_in,
                const c10::optional<at::Tensor>& bias_in, const at::Tensor& lse_in,
-               const at::Tensor& lse_lo_in, int64_t ignore_index, c10::string_view reduction_s,
-               double eps, double z_loss, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+               const at::Tensor& lse_lo_in, const Options& o, std::array<bool, 3> grad_mask) {
   NoAutocast no_autocast;
-  check_inputs(x_in, weight_in, target_in, bias_in, eps, z_loss);
-  const Reduction reduction = parse_reduction(reduction_s);
+  check_inputs(x_in, weight_in, target_in, bias_in, o);
   const Flat f = flatten(x_in, weight_in, target_in, bias_in);
   const int64_t N = f.N, H = f.H, V = f.V;
   const at::ScalarType dtype = f.x.scalar_type();
   const at::ScalarType acc = acc_type(dtype);
   const bool half = is_half(dtype);
   const bool cuda = f.x.is_cuda();
-  const BackwardRows r =
-      backward_rows(grad_loss, grad_lse_in, target_in, f, lse_in, lse_lo_in, ignore_index,
-                    reduction);
+  const BackwardRows r = backward_rows(grad_loss, grad_lse_in, target_in, f, lse_in, lse_lo_in, o);
+  const ClassWeights cw = ClassWeights::of(o, f.x.options().dtype(acc));
   const bool want_bias_grad = grad_mask[2] && f.bias.defined();
   const int64_t chunk =
-      chunk_size > 0 ? chunk_size : auto_chunk(half, cuda, N, V, f.x.element_size());
+      o.chunk_size > 0 ? o.chunk_size : auto_chunk(half, cuda, N, V, f.x.element_size());
 
   at::Tensor grad_x = at::empty({0}, f.x.options());
   at::Tensor grad_w = at::empty({0}, f.x.options());
@@ -373,11 +454,11 @@ Grads backward(const at::Tensor& grad_loss, const c10::optional<at::Tensor>& gra
       at::Tensor xc = f.x.narrow(0, r0, rows);
       at::Tensor z = chunk_view(buf, rows, V);
       logits_into(z, xc, f.weight, f.bias);
-      Kernels::grad(z, 0, f.target.narrow(0, r0, rows), ignore_index, V,
-                    r.lse.narrow(0, r0, rows), r.lse_lo.narrow(0, r0, rows),
+      apply_softcap(z, o);
+      Kernels::grad(z, 0, f.target.narrow(0, r0, rows), V, r.lse.narrow(0, r0, rows),
+                    r.lse_lo.narrow(0, r0, rows),
                     r.per_row ? r.scale.narrow(0, r0, rows) : r.scale, r.per_row,
-                    r.grad_lse.defined() ? r.grad_lse.narrow(0, r0, rows) : at::Tensor(), eps,
-                    z_loss);
+                    r.grad_lse.defined() ? r.grad_lse.narrow(0, r0, rows) : at::Tensor(), o, cw);
       if (grad_mask[0]) {
         at::Tensor gx = grad_x.narrow(0, r0, rows);
         at::mm_out(gx, z, f.weight);
@@ -396,8 +477,8 @@ Grads backward(const at::Tensor& grad_loss, const c10::optional<at::Tensor>& gra
       at::Tensor z = chunk_view(buf, N, cols);
       at::Tensor wb = f.weight.narrow(0, c0, cols);
       logits_into(z, f.x, wb, f.bias.defined() ? f.bias.narrow(0, c0, cols) : at::Tensor());
-      Kernels::grad(z, c0, f.target, ignore_index, V, r.lse, r.lse_lo, r.scale, r.per_row,
-                    r.grad_lse, eps, z_loss);
+      apply_softcap(z, o);
+      Kernels::grad(z, c0, f.target, V, r.lse, r.lse_lo, r.scale, r.per_row, r.grad_lse, o, cw);
       if (grad_mask[0]) grad_x_acc.add_(at::mm(z, wb));
       if (grad_mask[1]) {
         at::Tensor gw = grad_w.narrow(0, c0, cols);

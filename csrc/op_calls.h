@@ -9,15 +9,17 @@
 #include <array>
 #include <tuple>
 
+#include "linear_ce_options.h"
+
 namespace gpufit {
 namespace op_calls {
 
 using OptTensor = c10::optional<at::Tensor>;
 using Mask = std::array<bool, 3>;
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-// loss, lse, lse_lo, grad_x, grad_weight, grad_bias
+// loss, lse, lse_lo, predicted, grad_x, grad_weight, grad_bias
 using LinearCeOutputs =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> find_op(const char* name) {
@@ -40,32 +42,33 @@ inline Grads linear_relu_backward(const at::Tensor& grad_out, const at::Tensor& 
   return op.call(grad_out, x, weight, out, needs_x);
 }
 
+// The schemas' function types; the options travel as one linear_ce::Options.
+using LinearCeForward = LinearCeOutputs(const at::Tensor& x, const at::Tensor& weight,
+                                        const at::Tensor& target, const OptTensor& bias,
+                                        GPUFIT_LINEAR_CE_OPTION_PARAMS, Mask grad_mask);
+using LinearCeBackward = Grads(const at::Tensor& grad_loss, const OptTensor& grad_lse,
+                               const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& target, const OptTensor& bias,
+                               const at::Tensor& lse, const at::Tensor& lse_lo,
+                               GPUFIT_LINEAR_CE_OPTION_PARAMS, Mask grad_mask);
+
 inline LinearCeOutputs linear_ce(const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& target, const OptTensor& bias,
-                                 int64_t ignore_index, c10::string_view reduction,
-                                 double smoothing, double z_loss, int64_t chunk_size,
-                                 Mask grad_mask) {
-  static const auto op =
-      find_op<LinearCeOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const OptTensor&, int64_t, c10::string_view, double, double, int64_t,
-                              Mask)>("gpufit::fused_linear_cross_entropy");
-  return op.call(x, weight, target, bias, ignore_index, reduction, smoothing, z_loss, chunk_size,
-                 grad_mask);
+                                 const linear_ce::Options& options, Mask grad_mask) {
+  static const auto op = find_op<LinearCeForward>("gpufit::fused_linear_cross_entropy");
+  return options.call(
+      [&](auto&&... args) { return op.call(x, weight, target, bias, args..., grad_mask); });
 }
 
 inline Grads linear_ce_backward(const at::Tensor& grad_loss, const OptTensor& grad_lse,
                                 const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& target, const OptTensor& bias,
                                 const at::Tensor& lse, const at::Tensor& lse_lo,
-                                int64_t ignore_index, c10::string_view reduction, double smoothing,
-                                double z_loss, int64_t chunk_size, Mask grad_mask) {
-  static const auto op =
-      find_op<Grads(const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
-                    const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
-                    int64_t, c10::string_view, double, double, int64_t, Mask)>(
-          "gpufit::fused_linear_cross_entropy_backward");
-  return op.call(grad_loss, grad_lse, x, weight, target, bias, lse, lse_lo, ignore_index,
-                 reduction, smoothing, z_loss, chunk_size, grad_mask);
+                                const linear_ce::Options& options, Mask grad_mask) {
+  static const auto op = find_op<LinearCeBackward>("gpufit::fused_linear_cross_entropy_backward");
+  return options.call([&](auto&&... args) {
+    return op.call(grad_loss, grad_lse, x, weight, target, bias, lse, lse_lo, args..., grad_mask);
+  });
 }
 
 }  // namespace op_calls

@@ -1,25 +1,36 @@
-"""Write a file so that no reader ever sees half of it: a temporary file beside the target,
-renamed over it once complete.
+"""Write files so that no reader ever sees half of one: a temporary file beside each target,
+renamed over it once complete. The one writer of both packages (lockgen imports it too; it
+needs nothing but the standard library).
 
   * A crash or kill before the rename leaves the target as it was.
   * Temporary names carry the host and process id (``.<name>.<host>.<pid>.<random>.tmp``), so
     several processes can write the same target at once: each renames its own complete file,
     and the last rename wins.
-  * Cleanup touches only this process's own temporary file, and leftovers of writers on this
+  * Cleanup touches only this process's own temporary files, and leftovers of writers on this
     host that are no longer running (killed mid-write); never a live writer's file.
   * The file gets the permissions of any new file (0666 minus the umask), not mkstemp's 0600.
+  * Each file is flushed and fsync-ed before its rename, and the folder after it.
+  * ``write_all_atomic`` writes several files all-or-nothing: every temporary file is complete
+    before the first rename, and a failed rename puts back what the earlier ones replaced.
+  * Only a regular file (or nothing) is ever replaced: a folder, device or pipe at the target
+    is refused (``/dev/full`` as an output is an error, not a device swapped for a file).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import shutil
 import socket
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
 _HOST = socket.gethostname().replace(os.sep, "_") or "localhost"
+
+Writer = Callable[[BinaryIO], object]
 
 
 def temp_name(path: Path) -> Path:
@@ -62,11 +73,22 @@ def sweep_leftovers(path: Path) -> list[Path]:
     return removed
 
 
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write(file)`` on a new temporary file beside ``path``, flush it to disk and
-    rename it over ``path``. On any error the temporary file is removed and ``path`` is left
-    as it was; the error propagates."""
-    path = Path(path)
+def _check_replaceable(path: Path) -> None:
+    """Refuse a target that is not a regular file (a folder, a device, a pipe)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+    if not stat.S_ISREG(mode):
+        raise OSError(errno.EINVAL, "is not a regular file", str(path))
+
+
+def _write_temp(path: Path, write: Writer) -> Path:
+    """``write(file)`` into a new temporary file beside ``path``, flushed to disk; on error
+    the temporary file is removed and the error propagates."""
+    _check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
@@ -75,6 +97,19 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_atomic(path: str | Path, write: Writer) -> Path:
+    """Call ``write(file)`` on a new temporary file beside ``path``, flush it to disk and
+    rename it over ``path``. On any error the temporary file is removed and ``path`` is left
+    as it was; the error propagates."""
+    path = Path(path)
+    tmp = _write_temp(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -82,6 +117,80 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     _sync_folder(path.parent)
     sweep_leftovers(path)
     return path
+
+
+def text_writer(text: str | Callable[[], str]) -> Writer:
+    """A ``write`` for :func:`write_atomic` of UTF-8 text (or of what calling ``text`` gives,
+    computed only once the temporary file is open)."""
+    return lambda f: f.write((text() if callable(text) else text).encode("utf-8"))
+
+
+def write_text_atomic(path: str | Path, text: str | Callable[[], str]) -> Path:
+    """:func:`write_atomic` of UTF-8 text."""
+    return write_atomic(path, text_writer(text))
+
+
+def write_all_atomic(files: Mapping[str | Path, Writer]) -> list[Path]:
+    """Write every file of ``{path: write}`` or none of them.
+
+    All temporary files are written and synced first; only then are they renamed, one by
+    one. If a rename fails, the targets already renamed get their previous content back (a
+    hard link kept beside each until the end) or are removed when they did not exist."""
+    targets = [Path(p) for p in files]
+    temps: list[Path] = []
+    try:
+        for path, write in zip(targets, files.values(), strict=True):
+            temps.append(_write_temp(path, write))
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    done: list[tuple[Path, Path | None]] = []  # (target, a link to its previous file)
+    try:
+        for path, tmp in zip(targets, temps, strict=True):
+            backup = _keep_previous(path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if backup is not None:
+                    backup.unlink(missing_ok=True)
+                raise
+            done.append((path, backup))
+    except BaseException:
+        _put_back(done)
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    for _, backup in done:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
+    for folder in dict.fromkeys(p.parent for p in targets):
+        _sync_folder(folder)
+    for path in targets:
+        sweep_leftovers(path)
+    return targets
+
+
+def _keep_previous(path: Path) -> Path | None:
+    """A hard link to (else a copy of) the file at ``path``, to undo its rename; None when
+    there is no file."""
+    if not path.exists():
+        return None
+    backup = temp_name(path)
+    try:
+        os.link(path, backup)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(path, backup)
+    return backup
+
+
+def _put_back(done: list[tuple[Path, Path | None]]) -> None:
+    """Undo the renames of ``done``: the previous file back, or none where there was none."""
+    for path, backup in reversed(done):
+        if backup is not None:
+            os.replace(backup, path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _sync_folder(folder: Path) -> None:

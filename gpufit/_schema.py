@@ -6,6 +6,13 @@ tests/test_backend.py checks that both say the same thing.
 
 NAMESPACE = "gpufit"
 
+# The option arguments of both fused_linear_cross_entropy schemas, in the order of
+# gpufit._linear_ce_options.LinearCEOptions.schema_args (csrc/linear_ce_options.h: the same).
+LINEAR_CE_OPTIONS = (
+    "int ignore_index, str reduction, float label_smoothing, float z_loss, float? softcap,"
+    " Tensor? class_weight, Tensor? num_items, int chunk_size, bool return_predicted"
+)
+
 SCHEMAS: dict[str, str] = {
     "fused_linear_relu": "(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
     "fused_linear_relu_backward": (
@@ -13,14 +20,13 @@ SCHEMAS: dict[str, str] = {
         " -> (Tensor, Tensor, Tensor)"
     ),
     "fused_linear_cross_entropy": (
-        "(Tensor x, Tensor weight, Tensor target, Tensor? bias, int ignore_index, str reduction,"
-        " float label_smoothing, float z_loss, int chunk_size, bool[3] grad_mask)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "(Tensor x, Tensor weight, Tensor target, Tensor? bias, "
+        f"{LINEAR_CE_OPTIONS}, bool[3] grad_mask)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "fused_linear_cross_entropy_backward": (
         "(Tensor grad_loss, Tensor? grad_lse, Tensor x, Tensor weight, Tensor target,"
-        " Tensor? bias, Tensor lse, Tensor lse_lo, int ignore_index, str reduction,"
-        " float label_smoothing, float z_loss, int chunk_size, bool[3] grad_mask)"
+        f" Tensor? bias, Tensor lse, Tensor lse_lo, {LINEAR_CE_OPTIONS}, bool[3] grad_mask)"
         " -> (Tensor, Tensor, Tensor)"
     ),
 }

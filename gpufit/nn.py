@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -74,7 +76,10 @@ class FusedLinearCrossEntropyLoss(nn.Module):
 
     It owns no parameters: pass the head's ``weight`` (and ``bias``) in forward, e.g.
     ``loss_fn(hidden, model.lm_head.weight, labels, model.lm_head.bias)``. The loss is fp32 for
-    bf16/fp16 inputs (and under autocast), float64 for float64 ones.
+    bf16/fp16 inputs (and under autocast), float64 for float64 ones. The options are those of
+    the op, kept as one ``gpufit.ops.LinearCEOptions`` (``self.options``); ``class_weight`` is
+    also a buffer (so ``.to(device)`` moves it), and ``num_items`` (transformers'
+    ``num_items_in_batch``, with ``reduction="sum"``) is given per call, in forward.
     """
 
     def __init__(
@@ -83,14 +88,25 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
+        softcap: float | None = None,
+        class_weight: torch.Tensor | None = None,
         chunk_size: int | None = None,
+        return_lse: bool = False,
+        return_predicted: bool = False,
     ) -> None:
         super().__init__()
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.chunk_size = chunk_size
+        self.options = ops.LinearCEOptions(
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            class_weight=class_weight,
+            chunk_size=chunk_size,
+            return_lse=return_lse,
+            return_predicted=return_predicted,
+        )
+        self.register_buffer("class_weight", class_weight)
 
     def forward(
         self,
@@ -98,22 +114,19 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         weight: torch.Tensor,
         target: torch.Tensor,
         bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return ops.fused_linear_cross_entropy(
-            x,
-            weight,
-            target,
-            bias,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            chunk_size=self.chunk_size,
-        )
+        *,
+        num_items: int | torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        options = self.options
+        if num_items is not None or self.class_weight is not options.class_weight:
+            options = dataclasses.replace(
+                options, class_weight=self.class_weight, num_items=num_items
+            )
+        return ops.run_fused_linear_cross_entropy(options, x, weight, target, bias)
 
     def extra_repr(self) -> str:
-        return (
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
-            f"chunk_size={self.chunk_size}"
+        return ", ".join(
+            f"{field.name}={getattr(self.options, field.name)!r}"
+            for field in dataclasses.fields(self.options)
+            if field.name not in ("class_weight", "num_items")
         )

@@ -6,12 +6,18 @@ rule along (csrc/autograd.cpp, csrc/autocast.cpp), the reference backend gets bo
 
 from __future__ import annotations
 
-import numbers
-import operator
-
 import torch
 
-from gpufit import _backend, reference
+from gpufit import _backend, _linear_ce_options, reference
+from gpufit._linear_ce_options import LinearCEOptions
+
+__all__ = [
+    "LinearCEOptions",
+    "check_linear_inputs",
+    "fused_linear_cross_entropy",
+    "fused_linear_relu",
+    "run_fused_linear_cross_entropy",
+]
 
 BACKEND = _backend.load()
 # The compiled backends bring their autograd (csrc/autograd.cpp: far cheaper per call than
@@ -181,66 +187,16 @@ if _PYTHON_KERNELS:
 
 # ---------------------------------------------------------------- fused_linear_cross_entropy
 
-_REDUCTIONS = ("mean", "sum", "none")
-_LINEAR_CE = "fused_linear_cross_entropy"
-_INT64_MAX = 2**63 - 1
+_LINEAR_CE = _linear_ce_options.OP
 
 
-def _index_arg(name: str, value: object) -> int:
-    """An integer argument as F.cross_entropy takes one: an int, numpy integer or integer 0-dim
-    tensor within int64 (not a bool or a float)."""
-    if not isinstance(value, bool):
-        try:
-            index = operator.index(value)
-        except TypeError:
-            pass
-        else:
-            if -_INT64_MAX - 1 <= index <= _INT64_MAX:
-                return index
-            raise ValueError(f"{_LINEAR_CE}: {name}={index} does not fit in int64")
-    raise TypeError(f"{_LINEAR_CE}: {name} must be an int, got {value!r}")
+def _check_linear_ce_inputs(x, weight, target, bias) -> None:
+    if not _linear_ce_inputs_fit(x, weight, target, bias):
+        _explain_linear_ce_inputs(x, weight, target, bias)
 
 
-def _float_arg(name: str, value: object) -> float:
-    """A float argument as F.cross_entropy takes one: a real number (a bool, int, float, numpy
-    scalar or 0-dim tensor), not a string; nan is refused."""
-    number = isinstance(value, numbers.Real) or (
-        isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex()
-    )
-    if not number:
-        raise TypeError(f"{_LINEAR_CE}: {name} must be a float, got {value!r}")
-    result = float(value)
-    if result != result:
-        raise ValueError(f"{_LINEAR_CE}: {name} must be a number, got nan")
-    return result
-
-
-def _chunk_arg(value: object) -> int:
-    """chunk_size as the op takes it: 0 for None (the op's own plan), else a positive integer
-    (any count of rows or classes above the input's means one chunk)."""
-    if value is None:
-        return 0
-    if isinstance(value, bool):
-        raise TypeError(f"{_LINEAR_CE}: chunk_size must be a positive int or None, got {value!r}")
-    try:
-        size = operator.index(value)
-    except TypeError:
-        raise TypeError(
-            f"{_LINEAR_CE}: chunk_size must be a positive int or None, got {value!r}"
-        ) from None
-    if size < 1:
-        raise ValueError(f"{_LINEAR_CE}: chunk_size must be a positive int or None, got {size}")
-    return min(size, _INT64_MAX)
-
-
-def _check_linear_ce_inputs(x, weight, target, bias, reduction, label_smoothing, z_loss):
-    if not _linear_ce_inputs_fit(x, weight, target, bias, reduction, label_smoothing, z_loss):
-        _explain_linear_ce_inputs(x, weight, target, bias, reduction, label_smoothing, z_loss)
-
-
-def _linear_ce_inputs_fit(x, weight, target, bias, reduction, label_smoothing, z_loss) -> bool:
-    """As _linear_inputs_fit, for all of fused_linear_cross_entropy's arguments (the numbers
-    already converted by _index_arg / _float_arg / _chunk_arg)."""
+def _linear_ce_inputs_fit(x, weight, target, bias) -> bool:
+    """As _linear_inputs_fit, for fused_linear_cross_entropy's tensors."""
     return (
         _linear_inputs_fit(x, weight, bias)
         and isinstance(target, torch.Tensor)
@@ -248,13 +204,10 @@ def _linear_ce_inputs_fit(x, weight, target, bias, reduction, label_smoothing, z
         and target.shape == x.shape[:-1]
         and target.device == x.device
         and weight.shape[0] >= 1
-        and reduction in _REDUCTIONS
-        and 0.0 <= label_smoothing <= 1.0
-        and z_loss >= 0.0
     )
 
 
-def _explain_linear_ce_inputs(x, weight, target, bias, reduction, label_smoothing, z_loss):
+def _explain_linear_ce_inputs(x, weight, target, bias) -> None:
     op = _LINEAR_CE
     check_linear_inputs(op, x, weight, bias)
     if not isinstance(target, torch.Tensor):
@@ -275,12 +228,6 @@ def _explain_linear_ce_inputs(x, weight, target, bias, reduction, label_smoothin
         )
     if weight.shape[0] < 1:
         raise ValueError(f"{op}: weight must have at least one class (row), got {weight.shape}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not z_loss >= 0.0:
-        raise ValueError(f"{op}: z_loss must be >= 0, got {z_loss}")
 
 
 def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -305,9 +252,13 @@ def fused_linear_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    softcap: float | None = None,
+    class_weight: torch.Tensor | None = None,
+    num_items: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
     return_lse: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return_predicted: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``cross_entropy(x @ weight.T + bias, target)`` without materialising the logits.
 
     x (..., H), weight (V, H), bias (V,) or None, target (...) int64 (or uint8) class indices.
@@ -340,50 +291,92 @@ def fused_linear_cross_entropy(
     statistics, the loss, grad_weight inside one GEMM per vocabulary block, grad_x across
     blocks).
     """
-    if type(ignore_index) is not int or not -_INT64_MAX - 1 <= ignore_index <= _INT64_MAX:
-        ignore_index = _index_arg("ignore_index", ignore_index)
-    if type(label_smoothing) is not float or label_smoothing != label_smoothing:
-        label_smoothing = _float_arg("label_smoothing", label_smoothing)
-    if type(z_loss) is not float or z_loss != z_loss:
-        z_loss = _float_arg("z_loss", z_loss)
-    chunk = _chunk_arg(chunk_size)
+    options = LinearCEOptions(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        class_weight=class_weight,
+        num_items=num_items,
+        chunk_size=chunk_size,
+        return_lse=return_lse,
+        return_predicted=return_predicted,
+    )
+    return run_fused_linear_cross_entropy(options, x, weight, target, bias)
+
+
+def run_fused_linear_cross_entropy(
+    options: LinearCEOptions,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """fused_linear_cross_entropy with its options as one LinearCEOptions (validated when it
+    was made; a module keeps one)."""
     if isinstance(target, torch.Tensor) and target.dtype == torch.uint8:
         target = target.long()  # F.cross_entropy takes uint8 class indices too
-    _check_linear_ce_inputs(x, weight, target, bias, reduction, label_smoothing, z_loss)
+    _check_linear_ce_inputs(x, weight, target, bias)
+    if options.class_weight is not None:
+        _check_class_weight(options.class_weight, x, weight)
     # A data-dependent check, done on CPU only: on CUDA it would wait for the GPU every step, so
     # there (and under torch.compile) the kernels refuse such a target themselves (CUDA: a
     # device-side assert, as PyTorch's own cross_entropy does). The compiled CPU kernel checks
     # every target before any GEMM (a ValueError), so only the reference needs it here.
     if _PYTHON_KERNELS and target.device.type == "cpu" and not torch.compiler.is_compiling():
-        _check_target_range(target, weight.shape[0], ignore_index)
+        _check_target_range(target, weight.shape[0], options.ignore_index)
     grad_on = torch.is_grad_enabled()
     grad_mask = [grad_on and t is not None and t.requires_grad for t in (x, weight, bias)]
-    loss, lse, *_ = torch.ops.gpufit.fused_linear_cross_entropy.default(
-        x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk,
-        grad_mask,
-    )  # fmt: skip
-    return (loss, lse) if return_lse else loss
+    loss, lse, _lo, predicted, *_ = torch.ops.gpufit.fused_linear_cross_entropy.default(
+        x, weight, target, bias, *options.schema_args(x.device), grad_mask
+    )
+    if not (options.return_lse or options.return_predicted):
+        return loss
+    return (
+        loss,
+        *((lse,) if options.return_lse else ()),
+        *((predicted,) if options.return_predicted else ()),
+    )
+
+
+def _check_class_weight(class_weight: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    if class_weight.shape != (weight.shape[0],):
+        raise ValueError(
+            f"{_LINEAR_CE}: class_weight must have shape ({weight.shape[0]},), one weight per "
+            f"class, got {tuple(class_weight.shape)}"
+        )
+    if class_weight.device != x.device:
+        raise ValueError(
+            f"{_LINEAR_CE}: device mismatch, x is on {x.device} but class_weight is on "
+            f"{class_weight.device}"
+        )
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _options_and_mask(args) -> tuple[LinearCEOptions, list[bool]]:
+    """The options and grad_mask from an op's arguments after its tensors."""
+    return LinearCEOptions.from_schema_args(args[:-1]), args[-1]
+
+
 @torch.library.register_fake("gpufit::fused_linear_cross_entropy")
-def _fused_linear_cross_entropy_fake(
-    x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, chunk_size,
-    grad_mask,
-):  # fmt: skip
+def _fused_linear_cross_entropy_fake(x, weight, target, bias, *args):
+    options, grad_mask = _options_and_mask(args)
     torch._check(x.shape[-1] == weight.shape[1], lambda: "x and weight: in_features differ")
     acc = _loss_dtype(x.dtype)
-    loss = x.new_empty(target.shape if reduction == "none" else (), dtype=acc)
+    loss = x.new_empty(target.shape if options.reduction == "none" else (), dtype=acc)
     lse = x.new_empty(target.shape, dtype=acc)
     lse_lo = x.new_empty(target.shape, dtype=acc)
-    in_forward = reference.linear_ce_grads_in_forward(x.dtype, reduction, grad_mask)
+    predicted = target.new_empty(target.shape if options.return_predicted else 0)
+    in_forward = reference.linear_ce_grads_in_forward(x.dtype, options.reduction, grad_mask)
     return (
         loss,
         lse,
         lse_lo,
+        predicted,
         *_linear_ce_grads_fake(x, weight, bias, grad_mask if in_forward else [False] * 3),
     )
 
@@ -398,23 +391,23 @@ def _linear_ce_grads_fake(x, weight, bias, grad_mask):
 
 
 @torch.library.register_fake("gpufit::fused_linear_cross_entropy_backward")
-def _fused_linear_cross_entropy_backward_fake(
-    grad_loss, grad_lse, x, weight, target, bias, lse, lse_lo, ignore_index, reduction,
-    label_smoothing, z_loss, chunk_size, grad_mask,
-):  # fmt: skip
+def _fused_linear_cross_entropy_backward_fake(grad_loss, grad_lse, x, weight, target, bias, *args):
+    _lse, _lse_lo, *args = args
+    _, grad_mask = _options_and_mask(args)
     return _linear_ce_grads_fake(x, weight, bias, grad_mask)
 
 
 def _fused_linear_cross_entropy_setup_context(ctx, inputs, output):
-    x, weight, target, bias, ignore_index, reduction, smoothing, z_loss, chunk, grad_mask = inputs
-    loss, lse, lse_lo, grad_x, grad_w, grad_b = output
-    ctx.mark_non_differentiable(lse_lo, grad_x, grad_w, grad_b)
+    x, weight, target, bias, *args = inputs
+    options, grad_mask = _options_and_mask(args)
+    loss, lse, lse_lo, predicted, grad_x, grad_w, grad_b = output
+    ctx.mark_non_differentiable(lse_lo, predicted, grad_x, grad_w, grad_b)
     ctx.set_materialize_grads(False)
-    ctx.options = (ignore_index, reduction, smoothing, z_loss, chunk)
+    ctx.options = options
     ctx.has_bias = bias is not None
     ctx.precomputed = (
         list(grad_mask)
-        if reference.linear_ce_grads_in_forward(x.dtype, reduction, grad_mask)
+        if reference.linear_ce_grads_in_forward(x.dtype, options.reduction, grad_mask)
         else [False, False, False]
     )
     ctx.save_for_backward(x, weight, target, bias, lse, lse_lo, grad_x, grad_w, grad_b)
@@ -434,7 +427,7 @@ def _is_plain_eager(t: torch.Tensor) -> bool:
     )
 
 
-def _fused_linear_cross_entropy_backward(ctx, grad_loss, grad_lse, _lo, _gx, _gw, _gb):
+def _fused_linear_cross_entropy_backward(ctx, grad_loss, grad_lse, _lo, _pred, _gx, _gw, _gb):
     """The reference backend's autograd; csrc/autograd.cpp does the same for the compiled ones."""
     x, weight, target, bias, lse, lse_lo, grad_x, grad_w, grad_b = ctx.saved_tensors
     needs = [
@@ -442,15 +435,17 @@ def _fused_linear_cross_entropy_backward(ctx, grad_loss, grad_lse, _lo, _gx, _gw
         ctx.needs_input_grad[1],
         ctx.has_bias and ctx.needs_input_grad[3],
     ]
+    no_grads = (None,) * (4 + _linear_ce_options.SCHEMA_ARG_COUNT + 1)
     if (grad_loss is None and grad_lse is None) or not any(needs):
-        return (None,) * 10
-    ignore_index, reduction, smoothing, z_loss, chunk = ctx.options
+        return no_grads
+    options = ctx.options
+    option_args = options.schema_args(x.device)
     result = [None, None, None]
     if torch.is_grad_enabled() or grad_lse is not None:
         # create_graph=True: the reference's formula is made of differentiable ops. A used lse:
         # its softmax term goes with the loss's, in one backward op.
         if grad_loss is None:
-            grad_loss = torch.zeros_like(lse) if reduction == "none" else lse.new_zeros(())
+            grad_loss = torch.zeros_like(lse) if options.reduction == "none" else lse.new_zeros(())
         backward = (
             reference.fused_linear_cross_entropy_backward
             if torch.is_grad_enabled()
@@ -458,19 +453,17 @@ def _fused_linear_cross_entropy_backward(ctx, grad_loss, grad_lse, _lo, _gx, _gw
         )
         result = list(
             backward(
-                grad_loss, grad_lse, x, weight, target, bias, lse, lse_lo, ignore_index,
-                reduction, smoothing, z_loss, chunk, needs,
+                grad_loss, grad_lse, x, weight, target, bias, lse, lse_lo, *option_args, needs
             )
-        )  # fmt: skip
+        )
     else:
         missing = [need and not done for need, done in zip(needs, ctx.precomputed, strict=True)]
         if any(missing):
             result = list(
                 torch.ops.gpufit.fused_linear_cross_entropy_backward.default(
-                    grad_loss, None, x, weight, target, bias, lse, lse_lo, ignore_index,
-                    reduction, smoothing, z_loss, chunk, missing,
+                    grad_loss, None, x, weight, target, bias, lse, lse_lo, *option_args, missing
                 )
-            )  # fmt: skip
+            )
         # The saved gradients are those of the loss itself; scale them by grad_loss. Not in
         # place: a graph kept with retain_graph=True must give the same gradients again. For the
         # usual loss.backward() (grad_loss == 1, checked outside compile) they are returned as
@@ -486,7 +479,7 @@ def _fused_linear_cross_entropy_backward(ctx, grad_loss, grad_lse, _lo, _gx, _gw
             if needs[i] and ctx.precomputed[i]:
                 result[i] = saved if unit else saved * grad_loss
     grad_x, grad_w, grad_b = (r if need else None for r, need in zip(result, needs, strict=True))
-    return grad_x, grad_w, None, grad_b, None, None, None, None, None, None
+    return (grad_x, grad_w, None, grad_b, *no_grads[4:])
 
 
 if _PYTHON_KERNELS:

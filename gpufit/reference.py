@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from gpufit._linear_ce_options import LinearCEOptions
+
 _AUTOCAST_KEYS = torch._C.DispatchKeySet(
     torch._C.DispatchKey.AutocastCPU
 ) | torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA)
@@ -75,11 +77,37 @@ def linear_ce_grads_in_forward(dtype: torch.dtype, reduction: str, grad_mask) ->
     return not half and reduction != "none" and any(grad_mask)
 
 
-def _linear_ce_logits(x, weight, target, bias):
+def _linear_ce_logits(x, weight, target, bias, o):
+    """The (N, V) logits in the accumulation type, capped where o.softcap says, and the flat
+    target."""
     v, h = weight.shape
     acc = _acc_dtype(x.dtype)
     logits = F.linear(x.reshape(target.numel(), h), weight, bias).to(acc)
+    if o.softcap is not None:
+        logits = torch.tanh(logits / o.softcap) * o.softcap
     return logits, target.reshape(-1)
+
+
+def _class_weights(o, logits):
+    return None if o.class_weight is None else o.class_weight.to(logits.dtype)
+
+
+def _target_weights(w, target, valid):
+    """w_t of the kept rows, 0 on ignored ones."""
+    return torch.where(valid, w[torch.where(valid, target, 0)], 0)
+
+
+def _reduced_scale(o, logits, target, valid):
+    """d loss / d (row loss) of a reduced loss: 1 / mean's denominator (kept rows, or the sum
+    of their targets' class weights), 1 / num_items for a sum with it, else 1 (0-dim)."""
+    if o.reduction == "mean":
+        w = _class_weights(o, logits)
+        if w is None:
+            return 1 / valid.sum().to(logits.dtype)
+        return 1 / _target_weights(w, target, valid).sum()
+    if o.num_items is not None:
+        return 1 / o.num_items.to(device=logits.device, dtype=logits.dtype)
+    return logits.new_ones(())
 
 
 def _lse_parts(logits):
@@ -94,22 +122,34 @@ def _lse_parts(logits):
     return lse, torch.where(torch.isfinite(lse), lo, torch.zeros_like(lo))
 
 
-def _linear_ce_grads(x, weight, bias, logits, target, scale, grad_lse, ignore_index, eps,
-                     z_loss, mask):  # fmt: skip
+def _linear_ce_grads(x, weight, bias, logits, target, scale, grad_lse, o, mask):
     """Gradients of sum_i (scale_i loss_i + grad_lse_i lse_i) w.r.t. x, weight, bias from the
-    full logits."""
+    full logits, for the options o."""
     v, h = weight.shape
-    valid = target != ignore_index
+    eps, z_loss = o.label_smoothing, o.z_loss
+    valid = target != o.ignore_index
     lse = torch.logsumexp(logits, dim=-1)
     c = torch.where(valid, scale, 0)
-    coef = c * (1 + 2 * z_loss * lse)
+    w = _class_weights(o, logits)
+    # d row loss / d z = softmax A - eps/V w - (1 - eps) w_t onehot (csrc/linear_ce.h), all
+    # weights 1 without class weights
+    if w is None:
+        coef = c * (1 + 2 * z_loss * lse)
+        target_coef = c * (1 - eps)
+    else:
+        wt = _target_weights(w, target, valid)
+        coef = c * ((1 - eps) * wt + eps / v * w.sum() + 2 * z_loss * lse)
+        target_coef = c * (1 - eps) * wt
     if grad_lse is not None:
         coef = coef + grad_lse
     dz = torch.softmax(logits, dim=-1) * coef[:, None]
     if eps != 0:
-        dz = dz - (c * (eps / v))[:, None]
+        smooth = (c * (eps / v))[:, None]
+        dz = dz - (smooth if w is None else smooth * w[None, :])
     onehot = F.one_hot(torch.where(valid, target, 0), v).to(dz.dtype)
-    dz = dz - (c * (1 - eps))[:, None] * onehot
+    dz = dz - target_coef[:, None] * onehot
+    if o.softcap is not None:
+        dz = dz * (1 - (logits / o.softcap) ** 2)
     dz_in = dz.to(x.dtype)
     # separate empty tensors: outputs of an op must not alias each other
     grad_x = dz_in.mm(weight).reshape(x.shape) if mask[0] else x.new_empty(0)
@@ -118,46 +158,50 @@ def _linear_ce_grads(x, weight, bias, logits, target, scale, grad_lse, ignore_in
     return grad_x, grad_w, grad_b
 
 
+def _options_and_mask(args) -> tuple[LinearCEOptions, list[bool]]:
+    return LinearCEOptions.from_schema_args(args[:-1]), args[-1]
+
+
 @_without_autocast
 def fused_linear_cross_entropy(
     x: torch.Tensor,
     weight: torch.Tensor,
     target: torch.Tensor,
     bias: torch.Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    chunk_size: int,
-    grad_mask: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    logits, flat_target = _linear_ce_logits(x, weight, target, bias)
+    *args,
+) -> tuple[torch.Tensor, ...]:
+    """args: the options (in schema order, LinearCEOptions.schema_args) and grad_mask."""
+    o, grad_mask = _options_and_mask(args)
+    logits, flat_target = _linear_ce_logits(x, weight, target, bias, o)
     lse, lse_lo = _lse_parts(logits)
-    valid = flat_target != ignore_index
+    valid = flat_target != o.ignore_index
     per_row = F.cross_entropy(
         logits,
         flat_target,
-        ignore_index=ignore_index,
+        weight=_class_weights(o, logits),
+        ignore_index=o.ignore_index,
         reduction="none",
-        label_smoothing=label_smoothing,
+        label_smoothing=o.label_smoothing,
     )
-    if z_loss:
-        per_row = per_row + torch.where(valid, z_loss * lse * lse, 0)
-    count = valid.sum().to(logits.dtype)
-    if reduction == "none":
+    if o.z_loss:
+        per_row = per_row + torch.where(valid, o.z_loss * lse * lse, 0)
+    if o.reduction == "none":
         loss = per_row.reshape(target.shape)
+        scale = None
     else:
-        total = per_row.sum()
-        loss = total / count if reduction == "mean" else total
-    if linear_ce_grads_in_forward(x.dtype, reduction, grad_mask):
-        scale = (1 / count if reduction == "mean" else torch.ones_like(count)).expand_as(lse)
+        scale = _reduced_scale(o, logits, flat_target, valid)
+        loss = per_row.sum() * scale
+    if o.return_predicted:
+        predicted = torch.where(valid, logits.argmax(-1), o.ignore_index).reshape(target.shape)
+    else:
+        predicted = target.new_empty(0)
+    if linear_ce_grads_in_forward(x.dtype, o.reduction, grad_mask):
         grads = _linear_ce_grads(
-            x, weight, bias, logits, flat_target, scale, None, ignore_index,
-            label_smoothing, z_loss, grad_mask,
+            x, weight, bias, logits, flat_target, scale.expand_as(lse), None, o, grad_mask
         )  # fmt: skip
     else:
         grads = (x.new_empty(0), x.new_empty(0), x.new_empty(0))
-    return (loss, lse.reshape(target.shape), lse_lo.reshape(target.shape), *grads)
+    return (loss, lse.reshape(target.shape), lse_lo.reshape(target.shape), predicted, *grads)
 
 
 @_without_autocast
@@ -170,25 +214,19 @@ def fused_linear_cross_entropy_backward(
     bias: torch.Tensor | None,
     lse: torch.Tensor,
     lse_lo: torch.Tensor,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    z_loss: float,
-    chunk_size: int,
-    grad_mask: list[bool],
+    *args,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """args: the options (in schema order) and grad_mask."""
+    o, grad_mask = _options_and_mask(args)
     # lse and lse_lo are recomputed from the logits (so that the result is differentiable in
     # x, weight and bias); the kernels use the saved ones
-    logits, flat_target = _linear_ce_logits(x, weight, target, bias)
+    logits, flat_target = _linear_ce_logits(x, weight, target, bias, o)
     acc = logits.dtype
-    if reduction == "none":
+    if o.reduction == "none":
         scale = grad_loss.reshape(-1).to(acc)
     else:
-        scale = grad_loss.to(acc).expand(flat_target.shape)
-        if reduction == "mean":
-            scale = scale / (flat_target != ignore_index).sum()
+        valid = flat_target != o.ignore_index
+        scale = grad_loss.to(acc) * _reduced_scale(o, logits, flat_target, valid)
+        scale = scale.expand(flat_target.shape)
     g = None if grad_lse is None else grad_lse.reshape(-1).to(acc)
-    return _linear_ce_grads(
-        x, weight, bias, logits, flat_target, scale, g, ignore_index,
-        label_smoothing, z_loss, grad_mask,
-    )  # fmt: skip
+    return _linear_ce_grads(x, weight, bias, logits, flat_target, scale, g, o, grad_mask)

@@ -1,7 +1,5 @@
 """``python -m lockgen`` runs the lockgen command line."""
 
-import sys
+from lockgen.cli import run
 
-from lockgen.cli import main
-
-sys.exit(main())
+run()

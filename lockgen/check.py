@@ -30,6 +30,7 @@ driver=..., gpu=..., platform=...)``
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -96,8 +97,13 @@ class Request:
             # 2.1.2+cu121 says which build it is
             if tv.local == "cpu":
                 cpu = True
-            elif tv.local.startswith("cu"):
+            elif re.fullmatch(r"cu\d{2,3}", tv.local, re.ASCII):
                 cuda_v = parse_cuda(tv.local)
+        if tv is not None and tv.local and not re.fullmatch(r"cpu|cu\d{2,3}", tv.local, re.ASCII):
+            raise LockgenError(
+                f"torch {tv}: the matrix knows the CUDA and CPU builds (+cu121, +cpu) only; "
+                f"+{tv.local} cannot be checked"
+            )
         gpus: tuple[Capability, ...] = ()
         labels: tuple[str, ...] = ()
         unverified: tuple[str, ...] = ()
@@ -160,6 +166,18 @@ class Request:
         if self.platform != "linux-64":
             parts.append(self.platform)
         return " + ".join(parts) or "(nothing)"
+
+    @property
+    def not_checked(self) -> tuple[str, ...]:
+        """What the request leaves open: the verdict holds for some value of each."""
+        given = {
+            "torch": self.torch,
+            "CUDA": self.cuda or self.cpu,
+            "Python": self.python,
+            "driver": self.driver,
+            "GPU": self.gpus,
+        }
+        return tuple(name for name, value in given.items() if not value)
 
 
 # -- candidates and how each rule judges one --------------------------------------------------
@@ -760,6 +778,7 @@ class CheckResult:
     def to_json(self) -> dict:
         return {
             "request": self.request.describe(),
+            "not_checked": list(self.request.not_checked),
             "verdict": self.verdict,
             "ok": self.ok,
             "unverified": list(self.unverified),
@@ -1040,6 +1059,11 @@ def format_check(result: CheckResult, limit: int = 8) -> str:
     if result.unverified:
         head += f"  [unverified: {'; '.join(result.unverified)}]"
     lines = [head]
+    if result.request.not_checked:
+        lines.append(
+            f"  not given, so not checked: {', '.join(result.request.not_checked)} (the verdict "
+            "holds for the builds listed)"
+        )
     for c in result.conflicts:
         lines.append(f"  {c.severity:<7} {c.field:<11} {c.message}")
     if result.matches:

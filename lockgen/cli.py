@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from lockgen.errors import LockgenError
 from lockgen.matrix import PLATFORMS
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 128 + 13  # as a process killed by SIGPIPE
 
 DESCRIPTION = """\
 Reproducible CUDA + PyTorch environments from a reviewed compatibility matrix.
@@ -354,7 +356,7 @@ def _configure_flake(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--output",
         "-o",
-        help="where to write (default: flake.nix at the repository root; '-' for stdout)",
+        help="where to write (default: flake.nix in the current folder; '-' for stdout)",
     )
     p.add_argument(
         "--check",
@@ -372,7 +374,7 @@ def _configure_flake(p: argparse.ArgumentParser) -> None:
 def _run_flake(args: argparse.Namespace, out: TextIO) -> int:
     from pathlib import Path
 
-    from lockgen.flake import default_flake_path, generate, lock_problems, stale, write_flake
+    from lockgen.flake import DEFAULT_FLAKE_PATH, generate, lock_problems, stale, write_flake
     from lockgen.render.nix import load_nix_config
 
     m = _matrix(args)
@@ -388,7 +390,7 @@ def _run_flake(args: argparse.Namespace, out: TextIO) -> int:
     if args.output == "-":
         out.write(text)
         return EXIT_OK
-    path = Path(args.output) if args.output else default_flake_path(m)
+    path = Path(args.output) if args.output else DEFAULT_FLAKE_PATH
     if args.check:
         diff = stale(path, text)
         if diff is None:
@@ -396,8 +398,8 @@ def _run_flake(args: argparse.Namespace, out: TextIO) -> int:
             return EXIT_OK
         out.write(f"{path} is stale; regenerate with `lockgen flake`:\n{diff}\n")
         return EXIT_FAIL
-    changed = write_flake(path, text)
-    out.write(f"{'wrote' if changed else 'unchanged:'} {path} ({len(m.targets)} dev shells)\n")
+    write_flake(path, text)
+    out.write(f"wrote {path} ({len(m.targets)} dev shells)\n")
     return EXIT_OK
 
 
@@ -730,5 +732,21 @@ def main(
         return EXIT_USAGE
 
 
+def run() -> NoReturn:
+    """The ``lockgen`` program: :func:`main`, its output flushed, then ``os._exit`` with its
+    code. Exiting without interpreter finalization keeps the status true: py-rattler's
+    background threads can abort a finalizing interpreter (SIGABRT, exit 134) after a
+    successful install. A reader that closes the pipe early (``lockgen matrix | head``) ends
+    the program quietly, as SIGPIPE ends a C program (exit 141)."""
+    try:
+        rc = main()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        rc = EXIT_BROKEN_PIPE
+    os._exit(rc)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

@@ -1,8 +1,10 @@
-"""``lockgen flake``: write (or check) ``flake.nix`` at the repository root.
+"""``lockgen flake``: write (or check) ``flake.nix``.
 
 ``generate(matrix, nix_config=None) -> str`` renders the flake (see
-:mod:`lockgen.render.nix`); ``default_flake_path(matrix)`` is ``flake.nix`` beside the
-``envs/`` folder; ``write_flake`` writes it only when the text changed; ``stale`` says
+:mod:`lockgen.render.nix`); ``DEFAULT_FLAKE_PATH`` is ``flake.nix`` in the current folder
+(run it from the repository root), whatever folder the matrix lies in; ``write_flake`` writes
+it atomically (a reader or a kill never sees half a flake; the destination is never read
+first, so ``-o /dev/full`` is a clean error); ``stale`` says
 whether a committed file differs from what the matrix gives now; ``lock_problems`` whether a
 ``flake.lock`` (written by a networked Nix) locks every nixpkgs input at the commit and
 narHash ``envs/nix.toml`` pins.
@@ -14,12 +16,12 @@ import difflib
 import json
 from pathlib import Path
 
+from lockgen.errors import LockgenError
 from lockgen.matrix import Matrix
+from lockgen.output import write_text
 from lockgen.render.nix import NixConfig, load_nix_config, render_flake
 
-
-def default_flake_path(matrix: Matrix) -> Path:
-    return Path(matrix.path).resolve().parent.parent / "flake.nix"
+DEFAULT_FLAKE_PATH = Path("flake.nix")
 
 
 def generate(matrix: Matrix, nix_config: NixConfig | str | Path | None = None) -> str:
@@ -28,19 +30,21 @@ def generate(matrix: Matrix, nix_config: NixConfig | str | Path | None = None) -
     return render_flake(matrix, nix_config)
 
 
-def write_flake(path: Path, text: str) -> bool:
-    """Write ``text`` to ``path``; False when it already held exactly that."""
-    if path.exists() and path.read_text() == text:
-        return False
-    path.write_text(text)
-    return True
+def write_flake(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (:class:`lockgen.output.CannotWrite` if not)."""
+    return write_text(path, text)
 
 
 def stale(path: Path, text: str) -> str | None:
     """None when ``path`` holds ``text``; else a short unified diff (or 'missing')."""
     if not path.exists():
         return f"{path} is missing"
-    current = path.read_text()
+    if not path.is_file():
+        raise LockgenError(f"{path} is not a file: --check compares a flake.nix file")
+    try:
+        current = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LockgenError(f"cannot read {path}: {exc}") from None
     if current == text:
         return None
     diff = difflib.unified_diff(

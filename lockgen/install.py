@@ -1,9 +1,16 @@
 """``lockgen install <lockfile> --prefix DIR``: install a conda-lock lockfile without conda.
 
-Uses py-rattler (``rattler.install``) to download, check and link exactly the locked
-packages of the host platform into ``DIR``; nothing is re-solved. Before that, and unlike
-``conda-lock install``, it checks the host's NVIDIA driver against the CUDA the lock was
-solved for (``lockgen.cuda`` in the lock's custom metadata):
+Uses py-rattler (``rattler.install``) to download and link exactly the locked packages of the
+host platform into ``DIR``; nothing is re-solved. Before anything lands in ``DIR``:
+
+* the lock passes ``lockgen verify`` (its target, build, hashes, freshness), else nothing is
+  installed;
+* every package archive is read and its sha256 *and* md5 compared with the lock's, whatever
+  the transport (``file://`` included: rattler checks neither there, and never md5). Over
+  HTTP this reads each archive once more than rattler does (rattler re-checks the sha256 of
+  its own download);
+* unlike ``conda-lock install``, the host's NVIDIA driver is checked against the CUDA the
+  lock was solved for (``lockgen.cuda`` in the lock's custom metadata):
 
 * the driver's own CUDA version (``nvidia-smi``'s ``CUDA Version``), else the newest
   toolkit whose bundled driver it meets, must be at least the lock's ``__cuda`` — OK;
@@ -18,7 +25,10 @@ The driver comes from :class:`lockgen.probe.Prober` (injectable).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,8 +98,43 @@ def check_driver(matrix: Matrix, lock_cuda: str, prober: Prober) -> DriverVerdic
 _BUILD_NUMBER = re.compile(r"_(\d+)$")
 
 
+def _open_archive(url: str):
+    """A binary stream of the package file at ``url`` (``file://``, ``http://``, ``https://``)."""
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme == "file":
+        return open(urllib.request.url2pathname(urllib.parse.urlsplit(url).path), "rb")
+    if scheme in ("http", "https"):
+        return urllib.request.urlopen(url, timeout=60)
+    raise LockgenError(f"{url}: lockgen installs packages from file://, http:// or https:// only")
+
+
+def check_archive(p: LockedDependency) -> None:
+    """Read the package file of ``p`` and compare its sha256 and md5 with the lock's."""
+    sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    try:
+        with _open_archive(p.url) as f:
+            while chunk := f.read(1 << 20):
+                sha256.update(chunk)
+                md5.update(chunk)
+    except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
+        raise LockgenError(f"{p.name} {p.version}: cannot read {p.url}: {exc}") from None
+    for what, want, got in (("sha256", p.hash.sha256, sha256), ("md5", p.hash.md5, md5)):
+        if want and got.hexdigest() != want.lower():
+            raise InstallRefused(
+                f"{p.name} {p.version}: {p.url} has {what} {got.hexdigest()}, the lock records "
+                f"{want}; nothing was installed"
+            )
+
+
 def to_repodata_records(packages: Sequence[LockedDependency]):
     """conda-lock packages → ``rattler.RepoDataRecord`` (the file's url, md5, sha256)."""
+    try:
+        return _records(packages)
+    except Exception as exc:  # ValueError, TypeError, rattler's InvalidVersionError, ...
+        raise LockgenError(f"a package of the lock cannot be installed: {exc}") from None
+
+
+def _records(packages: Sequence[LockedDependency]):
     from rattler import PackageRecord, RepoDataRecord
     from rattler.package import BuildString
 
@@ -152,6 +197,13 @@ def install_lockfile(
             f"{lock_path}: lockgen install installs conda-lock lockfiles; install this lock "
             f"with `{how}`"
         )
+    from lockgen.verify import verify_file
+
+    report = verify_file(lock_path, matrix)
+    if not report.ok:
+        raise InstallRefused(
+            f"{lock_path} fails verification; nothing was installed:\n{report.format()}"
+        )
     lock = lf.read_lockfile(Path(lock_path))
     platform = platform or host_platform()
     if platform not in lock.metadata.platforms:
@@ -196,6 +248,8 @@ def install_lockfile(
     import rattler
 
     records = to_repodata_records(conda_pkgs)
+    for p in conda_pkgs:
+        check_archive(p)
     prefix = Path(prefix).resolve()
 
     async def run():

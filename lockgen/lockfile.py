@@ -24,6 +24,7 @@ kept in ``metadata.custom_metadata`` under the ``lockgen.*`` keys (:data:`META_T
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 import warnings
@@ -31,8 +32,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lockgen.atomic import atomic_write_text
 from lockgen.errors import LockgenError
+from lockgen.output import write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from conda_lock.lockfile.v2prelim.models import LockedDependency, Lockfile
@@ -71,6 +72,7 @@ def lock_spec(env_file: Path, channel_overrides: Sequence[str] = ()) -> LockSpec
             f"{env_file} does not exist: run `lockgen render "
             f"{env_file.name.removesuffix('.yml')}` first"
         )
+    load_yaml(env_file)  # refuses aliases before conda-lock's own reader expands them
     try:
         return make_lock_spec(
             src_files=[env_file],
@@ -83,14 +85,15 @@ def lock_spec(env_file: Path, channel_overrides: Sequence[str] = ()) -> LockSpec
 
 def read_virtual_packages(vp_file: Path) -> dict[str, dict[str, str]]:
     """``{platform: {name: "version[ build]"}}`` from a conda-lock virtual-package spec."""
-    import yaml
-
     if not vp_file.exists():
         raise LockgenError(f"{vp_file} does not exist: run `lockgen render` first")
-    data = yaml.safe_load(vp_file.read_text()) or {}
-    out: dict[str, dict[str, str]] = {}
-    for platform, sub in (data.get("subdirs") or {}).items():
-        out[platform] = {k: str(v) for k, v in ((sub or {}).get("packages") or {}).items()}
+    data = load_yaml(vp_file) or {}
+    try:
+        out: dict[str, dict[str, str]] = {}
+        for platform, sub in (data.get("subdirs") or {}).items():
+            out[platform] = {k: str(v) for k, v in ((sub or {}).get("packages") or {}).items()}
+    except (AttributeError, TypeError) as exc:
+        raise LockgenError(f"{vp_file} is not a virtual-package spec: {exc}") from None
     return out
 
 
@@ -142,20 +145,90 @@ def lockfile_text(lock: Lockfile, name: str) -> str:
 
 def write_lockfile(lock: Lockfile, path: Path) -> Path:
     """Write atomically: on any failure the previous file at ``path`` is left untouched."""
-    return atomic_write_text(path, lambda: lockfile_text(lock, path.name))
+    return write_text(path, lambda: lockfile_text(lock, path.name))
 
 
-def read_lockfile(path: Path) -> Lockfile:
-    _require_conda_lock()
-    from conda_lock.lockfile import parse_conda_lock_file
+_MAX_LOCK_BYTES = 256 * 2**20  # far above any real lock (a CUDA lock is well under 1 MiB)
+
+
+def load_yaml(path: Path) -> object:
+    """The YAML document of a lockfile or spec, read with :func:`no_alias_loader` (no
+    anchors, no aliases: a kilobyte of nested aliases would otherwise expand to gigabytes);
+    any problem is a :class:`LockgenError` naming the file."""
+    import yaml
 
     path = Path(path)
     if not path.exists():
         raise LockgenError(f"{path} does not exist")
+    if not path.is_file():
+        raise LockgenError(f"{path} is not a file")
     try:
-        return parse_conda_lock_file(path)
+        if path.stat().st_size > _MAX_LOCK_BYTES:
+            raise LockgenError(f"{path} is over {_MAX_LOCK_BYTES >> 20} MiB: not a lockfile")
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise LockgenError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise LockgenError(f"{path} is not UTF-8 text: {exc}") from None
+    try:
+        return yaml.load(text, Loader=no_alias_loader())
+    except yaml.YAMLError as exc:
+        raise LockgenError(f"{path} is not readable YAML: {exc}") from None
+    except RecursionError:
+        raise LockgenError(f"{path}: YAML nested too deeply") from None
+
+
+@functools.cache
+def no_alias_loader() -> type:
+    """A ``yaml.SafeLoader`` that refuses anchors and aliases (built on first use: PyYAML
+    comes with the ``lock`` extra)."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        """``yaml.SafeLoader`` that refuses anchors (``&a``) and aliases (``*a``)."""
+
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    "YAML anchors and aliases are not allowed in a lockfile",
+                    event.start_mark,
+                )
+            return super().compose_node(parent, index)
+
+    return _Loader
+
+
+def read_lockfile(path: Path) -> Lockfile:
+    """Parse a conda-lock lockfile as ``conda_lock.lockfile.parse_conda_lock_file`` does
+    (versions 1 and 2), from YAML read by :func:`load_yaml`."""
+    _require_conda_lock()
+    from conda_lock.lockfile import lockfile_v1_to_v2
+    from conda_lock.lockfile.v1.models import Lockfile as LockfileV1
+    from conda_lock.lockfile.v2prelim.models import Lockfile
+
+    path = Path(path)
+    content = load_yaml(path)
+    if not isinstance(content, dict):
+        raise LockgenError(f"{path} is not a conda-lock lockfile: not a YAML mapping")
+    version = content.pop("version", None)
+    try:
+        if version == 1:
+            lock = lockfile_v1_to_v2(LockfileV1.model_validate(content))
+        elif version == 2:
+            lock = Lockfile.model_validate(content)
+        else:
+            raise LockgenError(
+                f"{path} is not a conda-lock lockfile: version {version!r} (lockgen reads 1 and 2)"
+            )
+        lock.toposort_inplace()
+    except LockgenError:
+        raise
     except Exception as exc:
-        raise LockgenError(f"{path} is not a conda-lock lockfile: {exc}") from exc
+        raise LockgenError(f"{path} is not a conda-lock lockfile: {exc}") from None
+    return lock
 
 
 def custom(lock: Lockfile) -> dict[str, str]:

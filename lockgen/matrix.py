@@ -778,6 +778,14 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise MatrixError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise MatrixError(f"{path}: is a folder, not a TOML file") from None
+    except OSError as exc:
+        raise MatrixError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise MatrixError(f"{path}: not UTF-8 text: {exc}") from None
+    except RecursionError:
+        raise MatrixError(f"{path}: not valid TOML: nested too deeply") from None
     except tomllib.TOMLDecodeError as exc:
         raise MatrixError(f"{path}: not valid TOML: {exc}") from None
 
@@ -1036,9 +1044,9 @@ def _load_matrix_data(file: Path, data: dict[str, Any]) -> Matrix:
             e.fail("only the last arch may carry +PTX")
         src, verified, note = e.provenance(sources)
         e.done()
-        arch_lists.append(
-            ArchList(channel, cudas, tmin, tmax, tuple(platforms), archs, src, verified, note)
-        )
+        row = ArchList(channel, cudas, tmin, tmax, tuple(platforms), archs, src, verified, note)
+        _check_arch_overlap(e, row, arch_lists, releases)
+        arch_lists.append(row)
 
     vps: dict[str, dict[str, str]] = {}
     for platform, raw in top.table("virtual_packages", required=False).items():
@@ -1064,6 +1072,26 @@ def _load_matrix_data(file: Path, data: dict[str, Any]) -> Matrix:
         channels,
         vps,
     )
+
+
+def _check_arch_overlap(
+    e: _Entry, row: ArchList, earlier: list[ArchList], releases: list[Release]
+) -> None:
+    """Two [[archs]] rows must not both give the arch list of one channel, torch release,
+    CUDA version and platform: which one holds would depend on the order of the file."""
+    for i, other in enumerate(earlier):
+        if other.channel != row.channel:
+            continue
+        for r in releases:
+            for cuda in row.cuda:
+                for platform in row.platforms:
+                    if row.covers(r.torch, cuda, platform) and other.covers(
+                        r.torch, cuda, platform
+                    ):
+                        e.fail(
+                            f"gives the arch list of {row.channel} torch {r.torch} + CUDA {cuda} "
+                            f"on {platform}, which archs #{i + 1} gives already"
+                        )
 
 
 def _capability(e: _Entry, text: str) -> Capability:
@@ -1143,8 +1171,9 @@ def _load_targets(file: Path, data: dict[str, Any], m: Matrix) -> dict[str, Targ
         torchvision = e.version("torchvision")
         python = e.version("python")
         assert torch is not None and torchvision is not None and python is not None
+        cuda_text = e.text("cuda")
         try:
-            cuda = parse_cuda(e.text("cuda"))
+            cuda = parse_cuda(cuda_text)
         except LockgenError as exc:
             e.fail(str(exc))
         release = m.find_release(torch)

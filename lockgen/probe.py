@@ -475,13 +475,46 @@ def _libraries(raw: object, env: PythonEnvironment | None) -> tuple[LoadedLibrar
     return tuple(out)
 
 
+def _probe_shape_problem(data: object) -> str:
+    """What is wrong with the shape of the torch probe's JSON ("" when nothing)."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {type(data).__name__}"
+
+    def is_strs(v: object) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    rules = {
+        "version": (lambda v: isinstance(v, str), "a string"),
+        "cuda": (lambda v: v is None or isinstance(v, str), "a string or null"),
+        "cudnn": (
+            lambda v: v is None or (isinstance(v, (int, str)) and not isinstance(v, bool)),
+            "a number, a string or null",
+        ),
+        "arch_list": (lambda v: v is None or is_strs(v), "a list of strings"),
+        "devices": (
+            lambda v: (
+                v is None
+                or (isinstance(v, list) and all(isinstance(d, list) and len(d) == 2 for d in v))
+            ),
+            "a list of [name, capability] pairs",
+        ),
+    }
+    for key, (ok, want) in rules.items():
+        if key in data and not ok(data[key]):
+            return f"{key!r} is {data[key]!r}, not {want}"
+    return ""
+
+
 def parse_torch_probe(text: str) -> tuple[TorchInfo | None, str]:
     """The torch probe's JSON → (TorchInfo, "") or (None, why not)."""
     last = next((ln for ln in reversed(text.strip().splitlines()) if ln.startswith("{")), "")
     try:
         data = json.loads(last)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None, "the torch probe printed no result"
+    problem = _probe_shape_problem(data)
+    if problem:
+        return None, f"the torch probe printed a result lockgen cannot read: {problem}"
     if "error" in data:
         return None, str(data["error"])
     cudnn = data.get("cudnn")

@@ -262,6 +262,33 @@ def _check_hashes(report: Report, lock: Lockfile) -> None:
             report.error("hash", f"{where}: sha256 {sha!r} is missing or malformed")
 
 
+def _check_packages(report: Report, lock: Lockfile) -> None:
+    """Every package is of a platform of the lock, and a conda package's version and
+    dependency specs are ones conda can read."""
+    import rattler
+    from rattler.exceptions import InvalidMatchSpecError, InvalidVersionError
+
+    for p in lock.package:
+        where = f"{p.platform}: {p.name} {p.version}"
+        if p.platform not in lock.metadata.platforms:
+            report.error(
+                "platform",
+                f"{where}: {p.platform} is not a platform of the lock "
+                f"({', '.join(lock.metadata.platforms)})",
+            )
+        if p.manager != "conda":
+            continue
+        try:
+            rattler.Version(p.version)
+        except InvalidVersionError as exc:
+            report.error("package", f"{where}: not a conda version ({exc})")
+        for name, spec in p.dependencies.items():
+            try:
+                rattler.MatchSpec(f"{name} {spec}".strip())
+            except InvalidMatchSpecError as exc:
+                report.error("package", f"{where}: dependency {name} {spec!r} ({exc})")
+
+
 def check_channel_hashes(lock: Lockfile, report: Report) -> None:
     """Compare each conda package's md5/sha256 with its channel's repodata (network or
     ``file://``)."""
@@ -352,6 +379,8 @@ def verify_lock(
         target = _resolve_target(matrix, name, report)
         if target is None:
             return report
+        if lock_name:
+            _check_file_name(report, Path(lock_name), ".lock", target)
     report.target = target.name
     if lf.META_CUDA in meta:
         want = target.cuda.raw if target.cuda else ""
@@ -388,6 +417,7 @@ def verify_lock(
         _check_torch(report, target, platform, pkgs)
         _check_cuda_selector(report, target, platform, pkgs)
     _check_hashes(report, lock)
+    _check_packages(report, lock)
     if check_channels:
         check_channel_hashes(lock, report)
     _check_content_hash(report, lock, target, envs_dir, matrix)
@@ -492,11 +522,20 @@ def check_requirements(report: Report, req, target: Target, check_index: bool) -
 
     if not req.entries:
         report.error("hash", "no requirements in the file")
+    seen: set[tuple[str, str]] = set()
     for e in req.entries:
         if not e.pinned:
             report.error("hash", f"{e.name}: not pinned with == ({e.raw})")
-        if not e.hashes or not all(_SHA256.match(h) for h in _sha256s(e.hashes)):
-            report.error("hash", f"{e.name}: missing or malformed --hash")
+        if not e.hashes or not all(
+            h.startswith("sha256:") and _SHA256.match(h.removeprefix("sha256:")) for h in e.hashes
+        ):
+            report.error("hash", f"{e.name}: missing or malformed --hash (sha256:<64 hex>)")
+        key = (canonical_name(e.name), e.marker)
+        if key in seen:
+            report.error(
+                "hash", f"{e.name}: listed twice" + (f" for {e.marker}" if e.marker else "")
+            )
+        seen.add(key)
     want_platforms = ",".join(target.platforms)
     want_pythons = ",".join(p.raw for p in sorted(target.pythons))
     have = (req.meta.get("platforms", "?"), req.meta.get("pythons", "?"))
@@ -507,9 +546,8 @@ def check_requirements(report: Report, req, target: Target, check_index: bool) -
             f"{target.name} needs {want_platforms} x {want_pythons} (re-lock)",
         )
     source = target.pip_source
-    if len(req.index_urls) != 1:
-        report.error("index", f"the file must name one --index-url, it names {len(req.index_urls)}")
-    index = req.index_urls[0] if req.index_urls else ""
+    _check_pip_options(report, req)
+    index = req.index_urls[0] if len(req.index_urls) == 1 else ""
     if index.rstrip("/") != source.url.rstrip("/"):
         report.error(
             "index",
@@ -542,19 +580,65 @@ def check_requirements(report: Report, req, target: Target, check_index: bool) -
         )
 
 
+def _check_pip_options(report: Report, req) -> None:
+    """pip obeys every option line: the file must name one index and nothing else."""
+    for option, value in req.options:
+        if option != "--index-url":
+            report.error(
+                "index",
+                f"{option} {value}".strip() + ": lockgen's pip locks name one --index-url and "
+                "no other option (pip would obey it: another index, file or requirement)",
+            )
+    if len(req.index_urls) != 1:
+        report.error("index", f"the file must name one --index-url, it names {len(req.index_urls)}")
+    elif not req.index_urls[0]:
+        report.error("index", "--index-url names no URL")
+    recorded = req.meta.get("index-url")
+    if recorded and req.index_urls and recorded != req.index_urls[0]:
+        report.error(
+            "index",
+            f"the file says it was resolved from {recorded}, but its --index-url line sends pip "
+            f"to {req.index_urls[0]}",
+        )
+
+
+def _read_text(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise LockgenError(f"{path} is not a file")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise LockgenError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise LockgenError(f"{path} is not a {what} (not UTF-8 text: {exc})") from None
+
+
+def _check_file_name(report: Report, path: Path, suffix: str, target: Target) -> None:
+    """A lock's file name is its target's (``lockgen`` writes ``envs/<target><suffix>``): a
+    copy under another target's name must not pass as that target's lock."""
+    stem = path.name.removesuffix(suffix)
+    if stem != path.name and stem != target.name:
+        report.error(
+            "target",
+            f"the file is named {path.name}, but the lock is for target {target.name} "
+            f"(lockgen writes it as {target.name}{suffix})",
+        )
+
+
 def verify_requirements(
     path: Path, matrix: Matrix, target: Target | None = None, check_index: bool = False
 ) -> Report:
     from lockgen.render.pip import parse_requirements
 
-    text = Path(path).read_text()
-    req = parse_requirements(text)
-    name = req.meta.get("target") or Path(path).name.removesuffix(".requirements.txt")
+    path = Path(path)
+    req = parse_requirements(_read_text(path, "pip requirements file"))
+    name = req.meta.get("target") or path.name.removesuffix(".requirements.txt")
     report = Report(str(path), name)
     if target is None:
         target = _resolve_target(matrix, name, report)
         if target is None:
             return report
+        _check_file_name(report, path, ".requirements.txt", target)
     report.target = target.name
     check_requirements(report, req, target, check_index)
     report.checked = ["pins", "hashes", "platforms x pythons", "index", "torch build", "CUDA"]

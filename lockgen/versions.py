@@ -29,11 +29,14 @@ from functools import cached_property
 
 from lockgen.errors import LockgenError
 
+# ASCII digits only (``re.ASCII``: ``\d`` alone also takes ``٢``), at most 12 to a part
 _VERSION_RE = re.compile(
-    r"^v?(?P<release>\d+(?:\.\d+)*)"
-    r"(?P<suffix>(?:[.-]?(?:a|b|rc|dev|post)\d*)*)"
-    r"(?:\+(?P<local>[A-Za-z0-9]+(?:\.[A-Za-z0-9]+)*))?$"
+    r"^v?(?P<release>\d{1,12}(?:\.\d{1,12})*)"
+    r"(?P<suffix>(?:[.-]?(?:a|b|rc|dev|post)\d{0,12})*)"
+    r"(?:\+(?P<local>[A-Za-z0-9]+(?:\.[A-Za-z0-9]+)*))?$",
+    re.ASCII,
 )
+_MAX_VERSION_CHARS = 100
 
 
 @dataclass(frozen=True, order=True)
@@ -54,9 +57,10 @@ class Version:
             return text
         if not isinstance(text, str):
             raise LockgenError(f"bad {what} {text!r}: expected a string like '2.1' or '2.1.2'")
-        m = _VERSION_RE.match(text.strip())
+        m = _VERSION_RE.match(text.strip()) if len(text) <= _MAX_VERSION_CHARS else None
         if not m:
-            raise LockgenError(f"bad {what} {text!r}: expected dotted numbers like '2.1.2'")
+            shown = text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+            raise LockgenError(f"bad {what} {shown!r}: expected dotted ASCII numbers like '2.1.2'")
         parts = tuple(int(p) for p in m.group("release").split("."))
         return cls(parts, text.strip(), m.group("local"))
 
@@ -96,7 +100,7 @@ class Version:
         return self.parts + (0,) * max(0, n - len(self.parts))
 
 
-_CU_RE = re.compile(r"^cu(\d{2,3})$")
+_CU_RE = re.compile(r"^cu(\d{2,3})$", re.ASCII)
 
 
 def parse_cuda(text: object) -> Version | None:
@@ -133,8 +137,10 @@ JETSON_CAPABILITIES = frozenset({(5, 3), (6, 2), (7, 2), (8, 7)})
 # torch treats sm_101 as an old name of sm_110.
 _CAPABILITY_ALIASES = {(10, 1): (11, 0)}
 
-_SM_RE = re.compile(r"^(?:sm_?|compute_?)?(\d)(\d)(a|f)?$|^(?:sm_?|compute_?)?(1\d)(\d)(a|f)?$")
-_DOTTED_RE = re.compile(r"^(\d{1,2})\.(\d)(a|f)?$")
+_SM_RE = re.compile(
+    r"^(?:sm_?|compute_?)?(\d)(\d)(a|f)?$|^(?:sm_?|compute_?)?(1\d)(\d)(a|f)?$", re.ASCII
+)
+_DOTTED_RE = re.compile(r"^(\d{1,2})\.(\d)(a|f)?$", re.ASCII)
 
 
 @dataclass(frozen=True, order=True)
@@ -240,7 +246,7 @@ class Driver:
         if isinstance(text, Version):
             return cls(text)
         v = Version.parse(text, "driver version")
-        if v.local or not re.fullmatch(r"\d+(\.\d+)*", v.raw):
+        if v.local or not re.fullmatch(r"\d+(\.\d+)*", v.raw, re.ASCII):
             raise LockgenError(f"bad driver version {text!r}: expected e.g. '535.104.05' or '535'")
         return cls(v, branch=len(v.raw.split(".")) == 1)
 

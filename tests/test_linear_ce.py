@@ -321,9 +321,13 @@ def test_no_grad_forward_matches():
 def test_compiled_op_equals_the_fallback_reference():
     """The compiled kernels and gpufit.reference (the fallback) give the same op results."""
     x, w, t, b = make_inputs((10,), 6, 14, torch.float64, ignore=2)
-    for reduction in REDUCTIONS:
+    cw = torch.linspace(0.5, 2.0, 14, dtype=torch.float64)
+    for reduction, new in itertools.product(REDUCTIONS, (False, True)):
+        # the options after z_loss: softcap, class_weight, num_items, chunk_size, return_predicted
+        items = torch.tensor(3.0) if reduction == "sum" else None
+        more = (2.0, cw, items, 4, True) if new else (None, None, None, 4, False)
         for mask in ([True, True, True], [False, True, False], [False, False, False]):
-            args = (x, w, t, b, 2, reduction, 0.1, 1e-3, 4, mask)
+            args = (x, w, t, b, 2, reduction, 0.1, 1e-3, *more, mask)
             got = torch.ops.gpufit.fused_linear_cross_entropy.default(*args)
             want = reference.fused_linear_cross_entropy(*args)
             for a, c in zip(got, want, strict=True):
@@ -332,7 +336,7 @@ def test_compiled_op_equals_the_fallback_reference():
             lse, lse_lo = got[1], got[2]
             g = torch.rand(t.shape if reduction == "none" else (), dtype=x.dtype)
             for g_lse in (None, torch.rand(t.shape, dtype=x.dtype)):
-                bargs = (g, g_lse, x, w, t, b, lse, lse_lo, 2, reduction, 0.1, 1e-3, 4, mask)
+                bargs = (g, g_lse, x, w, t, b, lse, lse_lo, 2, reduction, 0.1, 1e-3, *more, mask)
                 got_b = torch.ops.gpufit.fused_linear_cross_entropy_backward.default(*bargs)
                 want_b = reference.fused_linear_cross_entropy_backward(*bargs)
                 for a, c in zip(got_b, want_b, strict=True):
@@ -671,7 +675,7 @@ def test_opcheck(dtype, reduction):
         for a in (x, w, b):
             a.requires_grad_(requires_grad)
         mask = [requires_grad] * 3
-        args = (x, w, t, b, -100, reduction, 0.1, 1e-3, 4, mask)
+        args = (x, w, t, b, -100, reduction, 0.1, 1e-3, None, None, None, 4, False, mask)
         torch.library.opcheck(torch.ops.gpufit.fused_linear_cross_entropy.default, args)
     with torch.no_grad():
         _, lse, lse_lo, *_ = torch.ops.gpufit.fused_linear_cross_entropy.default(*args)
@@ -679,7 +683,7 @@ def test_opcheck(dtype, reduction):
     for g_lse in (None, torch.rand(t.shape, dtype=loss_dtype(dtype))):
         for mask in ([True, True, True], [True, False, False]):
             bargs = (g, g_lse, x.detach(), w.detach(), t, b.detach(), lse, lse_lo, -100,
-                     reduction, 0.1, 1e-3, 4, mask)  # fmt: skip
+                     reduction, 0.1, 1e-3, None, None, None, 4, False, mask)  # fmt: skip
             torch.library.opcheck(
                 torch.ops.gpufit.fused_linear_cross_entropy_backward.default, bargs
             )
@@ -876,12 +880,17 @@ def test_ignore_index_target_is_not_out_of_range():
         (lambda a: {**a, "target": a["target"].int()}, RuntimeError, "int64"),
         (lambda a: {**a, "reduction": "avg"}, RuntimeError, "reduction must be"),
         (lambda a: {**a, "weight": a["weight"].double()}, RuntimeError, "dtype mismatch"),
+        (lambda a: {**a, "softcap": -1.0}, RuntimeError, "softcap must be a positive"),
+        (lambda a: {**a, "class_weight": torch.ones(4)}, RuntimeError, r"class_weight must have"),
+        (lambda a: {**a, "num_items": torch.tensor(2.0)}, RuntimeError, "reduction='sum' only"),
+        (lambda a: {**a, "reduction": "sum", "num_items": torch.ones(2)}, RuntimeError, "0-dim"),
     ],
 )
 def test_direct_op_call_is_guarded_in_cpp(change, error, pattern):
     x, w, t, b = _good()
     args = dict(x=x, weight=w, target=t, bias=b, ignore_index=-100, reduction="mean",
-                label_smoothing=0.0, z_loss=0.0, chunk_size=0, grad_mask=[False] * 3)  # fmt: skip
+                label_smoothing=0.0, z_loss=0.0, softcap=None, class_weight=None, num_items=None,
+                chunk_size=0, return_predicted=False, grad_mask=[False] * 3)  # fmt: skip
     with pytest.raises(error, match=pattern):
         torch.ops.gpufit.fused_linear_cross_entropy.default(**change(args))
 
@@ -983,7 +992,7 @@ def test_cuda_opcheck_and_compile():
     x, w, t, b = make_inputs((6,), 5, 9, torch.bfloat16, device="cuda")
     for reduction in REDUCTIONS:
         args = (x.requires_grad_(), w.requires_grad_(), t, b.requires_grad_(), -100, reduction,
-                0.1, 1e-3, 4, [True] * 3)  # fmt: skip
+                0.1, 1e-3, None, None, None, 4, False, [True] * 3)  # fmt: skip
         torch.library.opcheck(torch.ops.gpufit.fused_linear_cross_entropy.default, args)
     torch._dynamo.reset()
     model = Head().cuda()

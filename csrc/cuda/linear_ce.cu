@@ -26,6 +26,7 @@ namespace gpufit {
 namespace {
 
 using linear_ce::kOp;
+using linear_ce::Options;
 
 constexpr int kMaxThreads = 1024;
 
@@ -36,13 +37,16 @@ inline int threads_for(int64_t cols) {
 }
 
 // A row's online statistics over the columns one thread (or a group of threads) has seen: max
-// m, sum s of exp(v - m), zrel = sum of (v - m), and how many columns that was.
+// m, sum s of exp(v - m), zrel = sum of w (v - m) (w the class weight, 1 without them), the
+// weight of those columns (their count without class weights) and the first column holding m
+// (-1 while none was seen).
 template <typename acc_t>
 struct RowState {
   acc_t m;
   acc_t s;
   acc_t zrel;
   acc_t count;  // exact in fp32 up to 2^24 columns
+  long long arg;
 };
 
 template <typename acc_t>
@@ -58,37 +62,53 @@ __device__ __forceinline__ acc_t zrel_at(const RowState<acc_t>& a, acc_t m) {
   return a.zrel + a.count * (a.m - m);
 }
 
+// The first column of the larger max (of the smaller column on a tie).
+template <typename acc_t>
+__device__ __forceinline__ long long merged_arg(const RowState<acc_t>& a, const RowState<acc_t>& b) {
+  if (a.arg < 0) return b.arg;
+  if (b.arg < 0) return a.arg;
+  if (a.m > b.m) return a.arg;
+  if (b.m > a.m) return b.arg;
+  return a.arg < b.arg ? a.arg : b.arg;
+}
+
 template <typename acc_t>
 __device__ __forceinline__ RowState<acc_t> merge(const RowState<acc_t>& a,
                                                  const RowState<acc_t>& b) {
   const acc_t m = a.m > b.m ? a.m : b.m;
   const acc_t count = a.count + b.count;
-  if (m == neg_inf<acc_t>()) return {m, acc_t(0), count > acc_t(0) ? m : acc_t(0), count};
+  const long long arg = merged_arg(a, b);
+  if (m == neg_inf<acc_t>()) return {m, acc_t(0), count > acc_t(0) ? m : acc_t(0), count, arg};
   const acc_t s = (a.m == neg_inf<acc_t>() ? acc_t(0) : a.s * ::exp(a.m - m)) +
                   (b.m == neg_inf<acc_t>() ? acc_t(0) : b.s * ::exp(b.m - m));
-  return {m, s, zrel_at(a, m) + zrel_at(b, m), count};
+  return {m, s, zrel_at(a, m) + zrel_at(b, m), count, arg};
 }
 
+// Column j with (capped) logit v and class weight w.
 template <typename acc_t>
-__device__ __forceinline__ void push(RowState<acc_t>& st, acc_t v) {
+__device__ __forceinline__ void push(RowState<acc_t>& st, acc_t v, acc_t w, long long j) {
   if (v > st.m) {
     st.zrel = zrel_at(st, v);
     st.s = st.s * ::exp(st.m - v) + acc_t(1);
     st.m = v;
+    st.arg = j;
   } else if (st.m == neg_inf<acc_t>() && v == neg_inf<acc_t>()) {
     st.zrel = neg_inf<acc_t>();
+    if (st.arg < 0) st.arg = j;
   } else {  // also a nan v: it reaches s and zrel
     st.s += ::exp(v - st.m);
-    st.zrel += v - st.m;
+    st.zrel += w * (v - st.m);
+    if (st.arg < 0) st.arg = j;
   }
-  st.count += acc_t(1);
+  st.count += w;
 }
 
 template <typename acc_t>
 __device__ __forceinline__ RowState<acc_t> shfl_down(const RowState<acc_t>& st, int offset) {
   return {__shfl_down_sync(0xffffffffu, st.m, offset), __shfl_down_sync(0xffffffffu, st.s, offset),
           __shfl_down_sync(0xffffffffu, st.zrel, offset),
-          __shfl_down_sync(0xffffffffu, st.count, offset)};
+          __shfl_down_sync(0xffffffffu, st.count, offset),
+          __shfl_down_sync(0xffffffffu, st.arg, offset)};
 }
 
 // Merge the states of the block's threads; the result is valid in thread 0.
@@ -104,22 +124,44 @@ __device__ void block_reduce(RowState<acc_t>& st) {
   }
 }
 
+// Class weights on the device: w (V,) and its exclusive prefix sums (V + 1,), or null (all 1).
+template <typename acc_t>
+struct DeviceWeights {
+  const acc_t* w;
+  const acc_t* prefix;
+
+  __device__ __forceinline__ acc_t at(int64_t j) const { return w != nullptr ? w[j] : acc_t(1); }
+  __device__ __forceinline__ acc_t before(int64_t col) const {
+    return prefix != nullptr ? prefix[col] : static_cast<acc_t>(col);
+  }
+};
+
+template <typename acc_t>
+DeviceWeights<acc_t> device_weights(const linear_ce::ClassWeights& cw) {
+  if (!cw.defined()) return {nullptr, nullptr};
+  return {cw.w.const_data_ptr<acc_t>(), cw.prefix.const_data_ptr<acc_t>()};
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void stats_kernel(const scalar_t* __restrict__ z, int64_t cols, int64_t col0,
                              const int64_t* __restrict__ target, int64_t ignore_index, int64_t V,
-                             acc_t* __restrict__ m, acc_t* __restrict__ s, acc_t* __restrict__ zt,
-                             acc_t* __restrict__ zrel) {
+                             DeviceWeights<acc_t> weights, acc_t* __restrict__ m,
+                             acc_t* __restrict__ s, acc_t* __restrict__ zt,
+                             acc_t* __restrict__ zrel, int64_t* __restrict__ pred) {
   const int64_t i = blockIdx.x;
   const scalar_t* row = z + i * cols;
   const int64_t t = target[i];
   CUDA_KERNEL_ASSERT(t == ignore_index || (t >= 0 && t < V));
-  RowState<acc_t> st{neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0)};
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) push(st, static_cast<acc_t>(row[j]));
+  RowState<acc_t> st{neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0), -1};
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    push(st, static_cast<acc_t>(row[j]), weights.at(col0 + j), j);
+  }
   block_reduce(st);
   if (threadIdx.x == 0) {
     // the columns before this block: [0, col0)
-    const RowState<acc_t> before{m[i], s[i], zrel[i], static_cast<acc_t>(col0)};
+    const RowState<acc_t> before{m[i], s[i], zrel[i], weights.before(col0), -1};
     const RowState<acc_t> state = merge(before, st);
+    if (pred != nullptr && st.arg >= 0 && st.m > before.m) pred[i] = col0 + st.arg;
     m[i] = state.m;
     s[i] = state.s;
     zrel[i] = state.zrel;
@@ -127,13 +169,22 @@ __global__ void stats_kernel(const scalar_t* __restrict__ z, int64_t cols, int64
   }
 }
 
+// The per-row and per-option constants of grad_kernel.
+template <typename acc_t>
+struct GradConstants {
+  acc_t smooth;      // eps / V
+  acc_t keep;        // 1 - eps
+  acc_t two_z_loss;  // 2 z_loss
+  acc_t cap;         // softcap, 0: none
+};
+
 template <typename scalar_t, typename acc_t>
 __global__ void grad_kernel(scalar_t* __restrict__ z, int64_t cols, int64_t col0,
                             const int64_t* __restrict__ target, int64_t ignore_index, int64_t V,
                             const acc_t* __restrict__ lse, const acc_t* __restrict__ lse_lo,
                             const acc_t* __restrict__ scale, bool per_row,
-                            const acc_t* __restrict__ grad_lse, acc_t smooth,
-                            acc_t one_minus_eps, acc_t two_z_loss) {
+                            const acc_t* __restrict__ grad_lse, DeviceWeights<acc_t> weights,
+                            GradConstants<acc_t> k) {
   const int64_t i = blockIdx.x;
   scalar_t* row = z + i * cols;
   const int64_t t = target[i];
@@ -147,19 +198,25 @@ __global__ void grad_kernel(scalar_t* __restrict__ z, int64_t cols, int64_t col0
   const acc_t c = ignored ? acc_t(0) : scale[per_row ? i : 0];
   const acc_t l = lse[i];
   const acc_t lo = lse_lo[i];
-  const acc_t a = c * (acc_t(1) + two_z_loss * l) + g;
-  const acc_t b = c * smooth;
+  const acc_t wt = ignored ? acc_t(1) : weights.at(t);
+  const acc_t a = weights.w != nullptr
+                      ? c * (k.keep * wt + k.smooth * weights.prefix[V] + k.two_z_loss * l) + g
+                      : c * (acc_t(1) + k.two_z_loss * l) + g;
+  const acc_t b = c * k.smooth;
   const int64_t tj = ignored ? -1 : t - col0;  // the target's column in this block (may be outside)
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    acc_t v = ::exp((static_cast<acc_t>(row[j]) - l) - lo) * a - b;
-    if (j == tj) v -= c * one_minus_eps;
+    const acc_t zj = static_cast<acc_t>(row[j]);
+    acc_t v = ::exp((zj - l) - lo) * a - b * weights.at(col0 + j);
+    if (j == tj) v -= c * k.keep * wt;
+    if (k.cap > acc_t(0)) v *= acc_t(1) - (zj / k.cap) * (zj / k.cap);
     row[j] = static_cast<scalar_t>(v);
   }
 }
 
 struct CudaKernels {
-  static void stats(const at::Tensor& z, int64_t col0, const at::Tensor& target,
-                    int64_t ignore_index, int64_t V, bool /*smoothing: zrel is kept anyway*/,
+  // zrel is kept whether or not the options smooth the labels
+  static void stats(const at::Tensor& z, int64_t col0, const at::Tensor& target, int64_t V,
+                    const Options& o, const linear_ce::ClassWeights& cw,
                     linear_ce::RowStats& st) {
     const int64_t rows = z.size(0), cols = z.size(1);
     if (rows == 0) return;
@@ -168,54 +225,59 @@ struct CudaKernels {
       using acc_t = at::opmath_type<scalar_t>;
       stats_kernel<scalar_t, acc_t><<<rows, threads_for(cols), 0, stream>>>(
           z.const_data_ptr<scalar_t>(), cols, col0, target.const_data_ptr<int64_t>(),
-          ignore_index, V, st.m.data_ptr<acc_t>(), st.s.data_ptr<acc_t>(),
-          st.zt.data_ptr<acc_t>(), st.zrel.data_ptr<acc_t>());
+          o.ignore_index, V, device_weights<acc_t>(cw), st.m.data_ptr<acc_t>(),
+          st.s.data_ptr<acc_t>(), st.zt.data_ptr<acc_t>(), st.zrel.data_ptr<acc_t>(),
+          st.pred.defined() ? st.pred.data_ptr<int64_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 
-  static void grad(at::Tensor& z, int64_t col0, const at::Tensor& target, int64_t ignore_index,
-                   int64_t V, const at::Tensor& lse, const at::Tensor& lse_lo,
-                   const at::Tensor& scale, bool per_row, const at::Tensor& grad_lse, double eps,
-                   double z_loss) {
+  static void grad(at::Tensor& z, int64_t col0, const at::Tensor& target, int64_t V,
+                   const at::Tensor& lse, const at::Tensor& lse_lo, const at::Tensor& scale,
+                   bool per_row, const at::Tensor& grad_lse, const Options& o,
+                   const linear_ce::ClassWeights& cw) {
+    const double eps = o.label_smoothing;
     const int64_t rows = z.size(0), cols = z.size(1);
     if (rows == 0) return;
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), kOp, [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      const GradConstants<acc_t> k{static_cast<acc_t>(eps / static_cast<double>(V)),
+                                   static_cast<acc_t>(1.0 - eps),
+                                   static_cast<acc_t>(2.0 * o.z_loss),
+                                   static_cast<acc_t>(o.softcap)};
       grad_kernel<scalar_t, acc_t><<<rows, threads_for(cols), 0, stream>>>(
-          z.data_ptr<scalar_t>(), cols, col0, target.const_data_ptr<int64_t>(), ignore_index, V,
+          z.data_ptr<scalar_t>(), cols, col0, target.const_data_ptr<int64_t>(), o.ignore_index, V,
           lse.const_data_ptr<acc_t>(), lse_lo.const_data_ptr<acc_t>(),
           scale.const_data_ptr<acc_t>(), per_row,
           grad_lse.defined() ? grad_lse.const_data_ptr<acc_t>() : nullptr,
-          static_cast<acc_t>(eps / static_cast<double>(V)), static_cast<acc_t>(1.0 - eps),
-          static_cast<acc_t>(2.0 * z_loss));
+          device_weights<acc_t>(cw), k);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 };
 
-linear_ce::Outputs fused_linear_cross_entropy_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
-    const c10::optional<at::Tensor>& bias, int64_t ignore_index, c10::string_view reduction,
-    double eps, double z_loss, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+linear_ce::Outputs fused_linear_cross_entropy_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                  const at::Tensor& target,
+                                                  const c10::optional<at::Tensor>& bias,
+                                                  GPUFIT_LINEAR_CE_OPTION_PARAMS,
+                                                  std::array<bool, 3> grad_mask) {
+  const Options o = Options::parse(GPUFIT_LINEAR_CE_OPTION_ARGS);
   TORCH_CHECK(x.is_cuda(), kOp, ": the CUDA kernel got a tensor on ", x.device());
   c10::cuda::CUDAGuard guard(x.device());
-  return linear_ce::forward<CudaKernels>(x, weight, target, bias, ignore_index, reduction, eps,
-                                         z_loss, chunk_size, grad_mask);
+  return linear_ce::forward<CudaKernels>(x, weight, target, bias, o, grad_mask);
 }
 
 linear_ce::Grads fused_linear_cross_entropy_backward_cuda(
     const at::Tensor& grad_loss, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& target, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& lse, const at::Tensor& lse_lo, int64_t ignore_index,
-    c10::string_view reduction, double eps, double z_loss, int64_t chunk_size,
+    const at::Tensor& lse, const at::Tensor& lse_lo, GPUFIT_LINEAR_CE_OPTION_PARAMS,
     std::array<bool, 3> grad_mask) {
+  const Options o = Options::parse(GPUFIT_LINEAR_CE_OPTION_ARGS);
   TORCH_CHECK(x.is_cuda(), kOp, "_backward: the CUDA kernel got a tensor on ", x.device());
   c10::cuda::CUDAGuard guard(x.device());
   return linear_ce::backward<CudaKernels>(grad_loss, grad_lse, x, weight, target, bias, lse,
-                                          lse_lo, ignore_index, reduction, eps, z_loss, chunk_size,
-                                          grad_mask);
+                                          lse_lo, o, grad_mask);
 }
 
 }  // namespace

@@ -24,6 +24,7 @@ The resolver is injectable (``UvResolver(run=...)``); it never touches this envi
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,10 +34,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lockgen.atomic import atomic_write_text
 from lockgen.errors import LockgenError
 from lockgen.index import canonical_name
 from lockgen.matrix import Target
+from lockgen.output import write_text
 from lockgen.versions import Version
 
 if sys.version_info >= (3, 11):
@@ -302,7 +303,7 @@ def lock_pip(
             f"{target.name}: {url} did not give the target's build; not written:\n"
             + "\n".join(f"  {f.message}" for f in build_errors)
         )
-    return atomic_write_text(requirements_path(envs_dir, target), text)
+    return write_text(requirements_path(envs_dir, target), text)
 
 
 @dataclass
@@ -319,12 +320,49 @@ class Requirement:
 class Requirements:
     meta: dict[str, str]
     entries: list[Requirement]
-    index_urls: list[str] = field(default_factory=list)
+    options: list[tuple[str, str]] = field(default_factory=list)  # (option, value) as pip reads
+
+    @property
+    def index_urls(self) -> list[str]:
+        return [v for o, v in self.options if o == "--index-url"]
+
+
+# pip's short option names, and the options of a requirements file that take a value
+_LONG_NAMES = {
+    "-i": "--index-url",
+    "-f": "--find-links",
+    "-r": "--requirement",
+    "-c": "--constraint",
+}
+_TAKES_VALUE = {
+    "--index-url",
+    "--extra-index-url",
+    "--find-links",
+    "--requirement",
+    "--constraint",
+    "--trusted-host",
+    "--editable",
+    "-e",
+}
+
+
+def _option(item: str) -> tuple[str, str]:
+    """``("--index-url", URL)`` of ``--index-url URL``, ``--index-url=URL``, ``-i URL``,
+    ``-iURL``; the value is empty when the line gives none."""
+    head, sep, value = item.partition("=") if item.startswith("--") else (item, "", "")
+    if not sep:
+        head, _, value = item.partition(" ")
+        if head[:2] in _LONG_NAMES and len(head) > 2 and not head.startswith("--"):
+            head, value = head[:2], head[2:] + (" " + value if value else "")
+    name = _LONG_NAMES.get(head, head)
+    return name, value.strip() if name in _TAKES_VALUE or sep else ""
 
 
 def parse_requirements(text: str) -> Requirements:
-    """Enough of the requirements format for lockgen's own hash-locks: ``# lockgen:`` lines,
-    ``--index-url``, and ``name==version [; marker] --hash=...`` entries."""
+    """Enough of the requirements format to check lockgen's own hash-locks as pip reads
+    them: ``# lockgen:`` lines, every option line (``--index-url``, ``-i``,
+    ``--extra-index-url``, ...: pip obeys each, so verify sees each), and ``name==version
+    [; marker] --hash=...`` entries."""
     meta: dict[str, str] = {}
     logical: list[str] = []
     buf = ""
@@ -335,24 +373,26 @@ def parse_requirements(text: str) -> Requirements:
                 k, _, v = part.partition("=")
                 meta[k] = v
             continue
-        if not s or s.startswith("#"):
+        if s.startswith("#"):
             continue
+        s = re.sub(r"\s+#.*$", "", s)  # pip drops a comment after whitespace
         if s.endswith("\\"):
             buf += s[:-1] + " "
             continue
-        logical.append(buf + s)
+        if buf + s:
+            logical.append(buf + s)
         buf = ""
-    if buf:
+    if buf.strip():
         logical.append(buf)
     entries = []
-    index_urls = []
+    options = []
     for item in logical:
+        item = item.strip()
         if item.startswith("-"):
-            if item.startswith("--index-url"):
-                index_urls.append(item.split(None, 1)[1].strip() if " " in item else "")
+            options.append(_option(item))
             continue
         spec, _, rest = item.partition(" --hash=")
-        hashes = [h.split()[0] for h in (" --hash=" + rest).split(" --hash=")[1:]] if rest else []
+        hashes = [h.split()[0] for h in (" --hash=" + rest).split(" --hash=")[1:] if h.split()]
         requirement, _, marker = spec.partition(";")
         requirement = requirement.strip()
         pinned = "==" in requirement
@@ -360,4 +400,4 @@ def parse_requirements(text: str) -> Requirements:
         entries.append(
             Requirement(item, name.strip(), version.strip(), pinned, marker.strip(), hashes)
         )
-    return Requirements(meta, entries, index_urls)
+    return Requirements(meta, entries, options)

@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lockgen.atomic import atomic_write_text
 from lockgen.errors import LockgenError
 from lockgen.matrix import PYPI, Matrix, Target
+from lockgen.output import write_text, write_texts
 from lockgen.render.pip import PIP_PROJECT_REQUIREMENTS, PLATFORM_MARKERS, uv_command
 from lockgen.versions import Version
 
@@ -179,10 +179,9 @@ def python_version_text(target: Target) -> str:
 def render_uv(target: Target, envs_dir: Path) -> list[Path]:
     paths = uv_paths(envs_dir, target.name)
     pyproject = pyproject_text(target)  # raises before anything is written
-    return [
-        atomic_write_text(paths.pyproject, pyproject),
-        atomic_write_text(paths.python_version, python_version_text(target)),
-    ]
+    return write_texts(
+        {paths.pyproject: pyproject, paths.python_version: python_version_text(target)}
+    )
 
 
 def uv_rendered_is_current(target: Target, envs_dir: Path) -> list[str]:
@@ -258,6 +257,6 @@ def lock_uv(
             f"target {target.name}: uv lock gave a lock that fails verification, not "
             f"written:\n{report.format()}"
         )
-    atomic_write_text(paths.lock, text)
+    write_text(paths.lock, text)
     report.path = str(paths.lock)
     return UvLockResult(paths.lock, report)

@@ -38,6 +38,20 @@ def conda_matrix(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def locked_envs(conda_matrix, tmp_path_factory):
+    """An envs/ folder with cu121 and cpu-conda rendered and locked against the local test
+    channel (tests/lockgen/conda_channel.py); copy it before editing."""
+    from conda_channel import build_channel, render_and_lock
+
+    channel = build_channel(tmp_path_factory.mktemp("channel"))
+    envs = tmp_path_factory.mktemp("envs")
+    render_and_lock(
+        conda_matrix, envs, channel, tmp_path_factory.mktemp("cache"), names=["cu121", "cpu-conda"]
+    )
+    return envs
+
+
+@pytest.fixture(scope="session")
 def pypi():
     """Skips the test when PyPI cannot be reached (the tests that need it read metadata and
     small wheels only)."""

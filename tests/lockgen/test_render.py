@@ -9,9 +9,9 @@ import os
 import pytest
 import yaml
 
-from lockgen.atomic import atomic_write_text
 from lockgen.cli import main
 from lockgen.matrix import ArchList
+from lockgen.output import CannotWrite, write_text
 from lockgen.render.conda import (
     NO_CHANNEL,
     SUPPLIED,
@@ -199,29 +199,29 @@ def test_cli_render_needs_a_target_or_all(tmp_path):
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     path = tmp_path / "x.lock"
-    atomic_write_text(path, "old\n")
+    write_text(path, "old\n")
 
     def boom() -> str:
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError):
-        atomic_write_text(path, boom)
+        write_text(path, boom)
     assert path.read_text() == "old\n"
     assert os.listdir(tmp_path) == ["x.lock"]
-    atomic_write_text(path, "new\n")
+    write_text(path, "new\n")
     assert path.read_text() == "new\n" and os.listdir(tmp_path) == ["x.lock"]
 
 
 def test_atomic_write_failure_during_replace(tmp_path, monkeypatch):
     path = tmp_path / "x.lock"
-    atomic_write_text(path, "old\n")
+    write_text(path, "old\n")
 
     def fail(*_a):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError):
-        atomic_write_text(path, "new\n")
+    with pytest.raises(CannotWrite, match="cannot write .*x.lock: disk full"):
+        write_text(path, "new\n")
     assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["x.lock"]
 
 
