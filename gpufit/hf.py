@@ -158,19 +158,13 @@ def causal_lm_loss(
         shift_labels = labels[..., 1:]
     target = shift_labels.reshape(-1).to(hidden_states.device)
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
-    options = {"ignore_index": ignore_index, "chunk_size": chunk_size}
-    if softcap is not None:
-        options["softcap"] = softcap
-    if num_items_in_batch is None:
-        return ops.fused_linear_cross_entropy(
-            x, weight_of.weight, target, weight_of.bias, reduction="mean", **options
-        )
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(x.device)
-    loss = ops.fused_linear_cross_entropy(
-        x, weight_of.weight, target, weight_of.bias, reduction="sum", **options
-    )
-    return loss / num_items_in_batch
+    return ops.fused_linear_cross_entropy(
+        x, weight_of.weight, target, weight_of.bias, ignore_index=ignore_index,
+        reduction="mean" if num_items_in_batch is None else "sum", softcap=softcap,
+        num_items=num_items_in_batch, chunk_size=chunk_size,
+    )  # fmt: skip
 
 
 # ================================================================ the patched forward
@@ -258,18 +252,23 @@ def _fused_forward(cls: type) -> Callable:
     stock = cls.forward
     labels_at = _labels_position(stock)
 
+    def run(self, args, kwargs):
+        # stock(self, ...), not stock.__get__(self) kept in a local: under torch.compile (2.14)
+        # the frame resumed after _enter_fused's graph break called that local and recursed
+        # into this very forward
+        earlier = vars(self)[_FUSED][0]
+        return stock(self, *args, **kwargs) if earlier is None else earlier(*args, **kwargs)
+
     @functools.wraps(stock)
     def forward(self, *args, **kwargs):
-        earlier, chunk_size = vars(self)[_FUSED]
-        run = earlier if earlier is not None else stock.__get__(self)
         labels = kwargs.get("labels")
         if labels is None and labels_at is not None and len(args) > labels_at:
             labels = args[labels_at]
         if labels is None or not self.training:
-            return run(*args, **kwargs)
-        saved = _enter_fused(self, chunk_size)
+            return run(self, args, kwargs)
+        saved = _enter_fused(self, vars(self)[_FUSED][1])
         try:
-            output = run(*args, **kwargs)
+            output = run(self, args, kwargs)
         finally:
             _leave_fused(self, saved)
         return _without_logits(output)
