@@ -25,8 +25,14 @@ def _cmd_mnist(args: argparse.Namespace) -> int:
     return mnist.run_cli(args)
 
 
+def _cmd_lm(args: argparse.Namespace) -> int:
+    from gpufit.examples import lm
+
+    return lm.run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from gpufit.examples import mnist_config
+    from gpufit.examples import lm_config, mnist_config
 
     parser = argparse.ArgumentParser(
         prog="gpufit",
@@ -49,6 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mnist_config.add_arguments(train)
     train.set_defaults(run=_cmd_mnist)
+
+    lm = commands.add_parser(
+        "lm",
+        help="fine-tune a causal LM (a local Hugging Face folder, or a tiny built-in one) on a "
+        "text file, offline",
+        description="Fine-tune a causal LM on a local text file with AdamW, its loss computed "
+        "by gpufit.fuse (no logits) unless --no-fused; --lora trains LoRA adapters only. "
+        "Checkpoints are atomic and a resumed run equals an uninterrupted one. Needs "
+        "gpufit[lm] (transformers; peft for --lora; sentencepiece).",
+    )
+    lm_config.add_arguments(lm)
+    lm.set_defaults(run=_cmd_lm)
     return parser
 
 

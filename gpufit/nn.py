@@ -49,7 +49,15 @@ def fuse(model: nn.Module) -> nn.Module:
     ReLU's slot takes an ``nn.Identity``: state_dict keys and optimizer state stay valid.
     Only Sequential containers are rewritten, because only there is the order of calls known;
     a ReLU applied with ``F.relu`` inside a custom ``forward`` is left alone.
+
+    A transformers causal LM (``LlamaForCausalLM``, ... or a PEFT model around one) is handed
+    to ``gpufit.hf.fuse`` instead: its training loss then runs through
+    ``fused_linear_cross_entropy`` (see gpufit/hf.py); other transformers models are refused.
     """
+    from gpufit import hf
+
+    if hf.is_transformers_model(model):
+        return hf.fuse(model)
     for module in list(model.modules()):
         if not isinstance(module, nn.Sequential):
             continue

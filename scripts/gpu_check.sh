@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build gpufit with CUDA on a GPU machine, run the CUDA tests, the op benchmarks (with the per-op
-# scripts/gpu_check_*.sh) and the MNIST benchmark.
+# scripts/gpu_check_*.sh), the MNIST benchmark and the LM-head benchmark (a tiny Llama in bf16:
+# stock transformers loss vs gpufit.fuse vs torch's chunked loss vs Cut Cross-Entropy's CUDA
+# kernel vs Liger-Kernel).
 #
 #   scripts/gpu_check.sh [OUT_DIR]      (default out/gpu_check; about 3-5 minutes on one GPU)
 #
@@ -33,6 +35,11 @@ step cuda-tests "$PY" -m pytest -m cuda -q -p no:cacheprovider tests
 step linear-relu-bench "$PY" -m benchmarks.linear_relu --device cuda --out "$OUT"
 # the MNIST workload at batch 64; the goal on a GPU is gpufit >= 3x resident eager per step
 step mnist-bench timeout 600 "$PY" -m benchmarks.mnist --device cuda --rounds 2 --out "$OUT"
+# Liger-Kernel is GPU-only (triton kernels), so it is installed here rather than in CI; without
+# a package index the benchmark runs without it (and without CCE, if that is missing too)
+"$PY" -m pip install --quiet --disable-pip-version-check liger-kernel==0.8.5 \
+  cut-cross-entropy==25.1.1 2>&1 | tail -1 || echo "gpu_check: liger-kernel not installed"
+step lm-head-bench timeout 900 "$PY" -m benchmarks.lm_head --device cuda --out "$OUT"
 for extra in scripts/gpu_check_*.sh; do  # per-op checks added beside this script
   [ -e "$extra" ] && step "$(basename "$extra" .sh)" bash "$extra" "$OUT"
 done

@@ -16,6 +16,12 @@ EXTRA_OF = {
     "conda_lock": "lock",
     "torchvision": "mnist",
     "matplotlib": "bench",
+    "cut_cross_entropy": "bench",
+    "transformers": "hf",
+    "accelerate": "hf",
+    "peft": "lm",
+    "sentencepiece": "lm",
+    "mistral_common": "lm",
 }
 
 

@@ -1,0 +1,425 @@
+"""``gpufit lm``: fine-tune a causal LM on a local text file, offline.
+
+The model is a local Hugging Face folder (``--model DIR``: config.json and weights, loaded with
+``local_files_only``) or, for a smoke run, ``--model tiny``: a 2-layer Llama built from a config
+with random weights. The text is tokenized once (the folder's tokenizer, or a SentencePiece
+``.model``: for ``tiny`` the one the mistral-common wheel ships) and cut into sequences of
+``--seq-len`` tokens, drawn in an order fixed by the seed, so step s always trains on the same
+batch. AdamW over the trainable parameters (all of them, or LoRA adapters on the attention and
+MLP projections with ``--lora``); the loss is computed by ``gpufit.fuse`` (no logits) unless
+``--no-fused``. Checkpoints (trainable weights, optimizer, step, random state) are written
+atomically every ``--save-every`` steps and at the end; ``--resume`` continues so that the
+result equals an uninterrupted run. The summary gives tokens/s and peak memory.
+
+What can be checked before training is: flags, the model folder, the text, the output folder
+and a checkpoint to resume; each problem is one line, exit 2 (as ``gpufit mnist``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from gpufit.examples import training
+from gpufit.examples.lm_config import TINY, LMConfig, config_problems
+from gpufit.examples.training import OutputError, UsageError
+
+CHECKPOINT_FORMAT = "gpufit-lm-checkpoint/1"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_RESUME_KEYS = ("model", "text_sha256", "tokens", "batch_size", "seq_len", "lr", "seed",
+                "lora", "lora_rank", "bf16", "fused")  # fmt: skip
+_CHECKPOINT_KEYS = ("format", "run", "step", "trainable", "optimizer", "rng", "losses")
+
+
+# ================================================================ model, tokenizer, text
+
+
+def _transformers():
+    try:
+        import transformers
+    except ModuleNotFoundError:
+        raise UsageError("gpufit lm needs transformers: pip install 'gpufit[lm]'") from None
+    transformers.logging.set_verbosity_error()  # no hub or generation-config chatter
+    return transformers
+
+
+def shipped_tokenizer() -> Path:
+    """The SentencePiece model (32,000 tokens) inside the mistral-common wheel."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files("mistral_common") / "data" / "tokenizer.model.v1"))
+    except ModuleNotFoundError:
+        raise UsageError(
+            "--model tiny needs a tokenizer: pip install mistral-common (it ships a "
+            "SentencePiece model), or pass --tokenizer FILE.model"
+        ) from None
+    if not path.is_file():
+        raise UsageError(f"mistral-common is installed but has no {path.name}; pass --tokenizer")
+    return path
+
+
+class SentencePieceTokenizer:
+    def __init__(self, path: Path):
+        try:
+            import sentencepiece
+        except ModuleNotFoundError:
+            raise UsageError("--tokenizer needs sentencepiece: pip install sentencepiece") from None
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as err:
+            raise UsageError(
+                f"--tokenizer {path}: not a SentencePiece model ({training.first_line(err)})"
+            ) from None
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_token_id = self.sp.bos_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+
+# files of which a model folder's tokenizer is made (one is enough to try loading it)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+class HFTokenizer:
+    def __init__(self, folder: Path):
+        if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+            raise UsageError(
+                f"--model {folder}: no tokenizer could be loaded from it (none of "
+                f"{', '.join(_TOKENIZER_FILES)}); pass --tokenizer FILE.model"
+            )
+        try:
+            self.tok = _transformers().AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, TypeError) as err:
+            raise UsageError(
+                f"--model {folder}: no tokenizer could be loaded from it "
+                f"({training.first_line(err)}); pass --tokenizer FILE.model"
+            ) from None
+        self.vocab_size = len(self.tok)
+        self.bos_token_id = self.tok.bos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+
+def load_tokenizer(cfg: LMConfig):
+    if cfg.tokenizer:
+        path = Path(cfg.tokenizer)
+        if not path.is_file():
+            raise UsageError(f"--tokenizer {path}: no such file")
+        return SentencePieceTokenizer(path)
+    if cfg.model == TINY:
+        return SentencePieceTokenizer(shipped_tokenizer())
+    return HFTokenizer(Path(cfg.model))
+
+
+def check_model_folder(folder: Path) -> None:
+    if not folder.exists():
+        raise UsageError(f"--model {folder}: no such folder (give a local Hugging Face model "
+                         "folder, or --model tiny)")  # fmt: skip
+    if not folder.is_dir():
+        raise UsageError(f"--model {folder} is a file, not a model folder")
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"--model {folder} is not a Hugging Face model folder (no config.json)")
+
+
+def build_model(cfg: LMConfig, vocab_size: int):
+    transformers = _transformers()
+    torch.manual_seed(cfg.seed)
+    if cfg.model == TINY:
+        config = transformers.LlamaConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=cfg.seq_len,
+            tie_word_embeddings=True,
+        )  # fmt: skip
+        return transformers.LlamaForCausalLM(config)
+    folder = Path(cfg.model)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, dtype=torch.float32
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        why = training.first_line(err)
+        raise UsageError(f"--model {folder}: cannot be loaded ({why})") from None
+    if model.get_input_embeddings().num_embeddings < vocab_size:
+        raise UsageError(
+            f"--model {folder} has {model.get_input_embeddings().num_embeddings} token "
+            f"embeddings but the tokenizer {vocab_size} tokens"
+        )
+    return model
+
+
+def read_text(path: str) -> tuple[str, str]:
+    """The text of --text and its sha256; UsageError for a missing, empty or binary file."""
+    file = Path(path)
+    if not file.exists():
+        raise UsageError(f"--text {file}: no such file")
+    if file.is_dir():
+        raise UsageError(f"--text {file} is a folder, not a text file")
+    try:
+        data = file.read_bytes()
+    except OSError as err:
+        raise UsageError(f"--text {file}: cannot read it ({err.strerror or err})") from None
+    if b"\0" in data[:65536]:
+        raise UsageError(f"--text {file} holds binary data (NUL bytes), not text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"--text {file} is not UTF-8 text (byte {err.start})") from None
+    if not text.strip():
+        raise UsageError(f"--text {file} is empty")
+    return text, hashlib.sha256(data).hexdigest()
+
+
+class TokenBatches:
+    """The tokenized text cut into sequences of seq_len tokens; batch ``step`` is fixed by the
+    seed (each pass over the sequences in a permutation seeded by seed + pass)."""
+
+    def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int):
+        count = len(tokens) // seq_len
+        if count < batch_size:
+            raise UsageError(
+                f"--text gives {len(tokens)} tokens, {count} sequences of --seq-len {seq_len}; "
+                f"one batch needs {batch_size} (--batch-size): use a longer text or smaller sizes"
+            )
+        self.sequences = tokens[: count * seq_len].view(count, seq_len)
+        self.batch_size, self.seed = batch_size, seed
+        self.per_pass = count // batch_size
+
+    def batch(self, step: int) -> torch.Tensor:
+        epoch, index = divmod(step, self.per_pass)
+        order = torch.randperm(
+            len(self.sequences), generator=torch.Generator().manual_seed(self.seed + epoch)
+        )
+        rows = order[index * self.batch_size : (index + 1) * self.batch_size]
+        return self.sequences[rows]
+
+
+# ================================================================ checkpoints
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_checkpoint(path: str) -> dict:
+    state = training.read_checkpoint(path)
+    problems = checkpoint_problems(state)
+    if problems:
+        raise UsageError(f"--resume {path}: {'; '.join(problems)}")
+    return state
+
+
+def checkpoint_problems(state) -> list[str]:
+    describe = training.describe
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        what = describe(state.get("format")) if isinstance(state, dict) else describe(state)
+        return [f"it is not a gpufit lm checkpoint (format {what}, expected {CHECKPOINT_FORMAT})"]
+    missing = [k for k in _CHECKPOINT_KEYS if k not in state]
+    if missing:
+        return [f"it lacks {', '.join(missing)}"]
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        return [f"its step is {describe(step)}, not a count of finished steps (>= 1)"]
+    problems = []
+    if not isinstance(state["run"], dict):
+        problems.append(f"its run settings are {describe(state['run'])}, not a dict")
+    losses = state["losses"]
+    if not isinstance(losses, list) or len(losses) != step:
+        problems.append(f"its loss history is {describe(losses)}, not one loss per step")
+    rng = state["rng"]
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
+        problems.append("its random number generator state is missing or damaged")
+    return problems
+
+
+def resume_problems(state: dict, run: dict, model, optimizer) -> list[str]:
+    saved = state["run"]
+    mismatched = [k for k in _RESUME_KEYS if saved.get(k) != run[k]]
+    if mismatched:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {run[k]!r}" for k in mismatched)
+        return [f"it is from a different run ({detail})"]
+    trainable = state["trainable"]
+    if not isinstance(trainable, dict):
+        return [f"its weights are {training.describe(trainable)}, not a dict"]
+    expected = trainable_state(model)
+    missing = [k for k in expected if k not in trainable]
+    if missing or len(trainable) != len(expected):
+        return [f"its weights do not fit this model ({len(missing)} of {len(expected)} missing)"]
+    for key, want in expected.items():
+        have = trainable[key]
+        if not isinstance(have, torch.Tensor) or have.shape != want.shape:
+            return [f"its weight {key} does not fit this model"]
+        if not torch.isfinite(have).all():
+            return [f"its weight {key} holds NaN or infinite values"]
+    return training.adam_state_problems(optimizer, state["optimizer"])
+
+
+# ================================================================ the run
+
+
+def _lora(model, rank: int):
+    try:
+        import peft
+    except ModuleNotFoundError:
+        raise UsageError("--lora needs peft: pip install 'gpufit[lm]'") from None
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [t for t in LORA_TARGETS if t in names] or ["c_attn", "c_proj", "c_fc"]
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                             target_modules=targets, task_type="CAUSAL_LM")  # fmt: skip
+    return peft.get_peft_model(model, config)
+
+
+def _peak_memory(device) -> tuple[str, int]:
+    if device.type == "cuda":
+        return "peak CUDA memory allocated", torch.cuda.max_memory_allocated(device)
+    return "peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def train(cfg: LMConfig) -> dict:
+    """Fine-tune as configured; returns the summary (and 'losses': this run's step losses)."""
+    problems = config_problems(cfg)
+    if problems:
+        raise UsageError("; ".join(problems))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = training.pick_device(cfg.device, training.Distributed())
+    if cfg.model != TINY:
+        check_model_folder(Path(cfg.model))
+    text, text_sha256 = read_text(cfg.text)
+    resume_state = load_checkpoint(cfg.resume) if cfg.resume else None
+    out = Path(cfg.out) if cfg.out else (Path(cfg.resume).parent if cfg.resume else None)
+    if out is not None:
+        training.check_output_dir(out, "--out" if cfg.out else "--resume's folder")
+
+    tokenizer = load_tokenizer(cfg)
+    tokens = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
+    if len(tokens) == 0:
+        raise UsageError(f"--text {cfg.text}: the tokenizer made no tokens of it")
+    batches = TokenBatches(tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
+    model = build_model(cfg, tokenizer.vocab_size)
+    if cfg.lora:
+        model = _lora(model, cfg.lora_rank)
+    if cfg.fused:
+        import gpufit
+        from gpufit import hf
+
+        try:
+            gpufit.fuse(model)
+        except hf.UnsupportedModelError as err:
+            raise UsageError(f"--fused: {err} (or train with --no-fused)") from None
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    run = {
+        "model": cfg.model, "text_sha256": text_sha256, "tokens": len(tokens),
+        "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "lr": cfg.lr, "seed": cfg.seed,
+        "lora": cfg.lora, "lora_rank": cfg.lora_rank if cfg.lora else None, "bf16": cfg.bf16,
+        "fused": cfg.fused,
+    }  # fmt: skip
+    first, losses = 0, []
+    if resume_state is not None:
+        first = resume_state["step"]
+        if first >= cfg.steps:
+            raise UsageError(f"--resume {cfg.resume} has already trained {first} steps; pass "
+                             f"--steps larger than {first} to train on")  # fmt: skip
+        problems = resume_problems(resume_state, run, model, optimizer)
+        if problems:
+            raise UsageError(f"--resume {cfg.resume}: {'; '.join(problems)}")
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            for name, value in resume_state["trainable"].items():
+                named[name].copy_(value)
+        try:
+            optimizer.load_state_dict(resume_state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise UsageError(f"--resume {cfg.resume}: {training.first_line(err)}") from None
+        torch.set_rng_state(resume_state["rng"]["torch"])
+        losses = list(resume_state["losses"])
+    if out is not None:
+        training.check_free_space(out, 2 * 3 * training.state_bytes(trainable_state(model)))
+
+    progress = training.Progress(cfg.quiet)
+    trainable = sum(p.numel() for p in params)
+    progress.line(
+        f"lm: {cfg.model} ({trainable:,} trainable parameters{', LoRA' * cfg.lora}) on "
+        f"{device}, {len(tokens):,} tokens of {cfg.text}, steps {first + 1}..{cfg.steps} of "
+        f"batch {cfg.batch_size} x {cfg.seq_len}, loss {'fused' if cfg.fused else 'stock'}"
+        f"{', bf16 autocast' * cfg.bf16}"
+    )
+    autocast = torch.autocast(device.type, torch.bfloat16) if cfg.bf16 else nullcontext()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    training.sync(device)
+    start = time.perf_counter()
+    for step in range(first, cfg.steps):
+        ids = batches.batch(step).to(device)
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise OutputError(f"step {step + 1}: the loss is {losses[-1]}; lower --lr")
+        done = step + 1
+        progress.update(1, 1, done - first, cfg.steps - first, loss, start, cfg.batch_size)
+        if out is not None and (done % cfg.save_every == 0 or done == cfg.steps):
+            state = {
+                "format": CHECKPOINT_FORMAT, "run": run, "config": asdict(cfg), "step": done,
+                "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                "rng": {"torch": torch.get_rng_state()}, "losses": losses,
+            }  # fmt: skip
+            training.write_or_explain(out / "checkpoint.pt", lambda f, s=state: torch.save(s, f))
+    training.sync(device)
+    seconds = time.perf_counter() - start
+    memory_kind, memory = _peak_memory(device)
+    summary = {
+        "steps": cfg.steps, "trained_steps": cfg.steps - first, "loss": losses[-1],
+        "tokens_per_s": (cfg.steps - first) * cfg.batch_size * cfg.seq_len / seconds,
+        "seconds": seconds, "peak_memory_kind": memory_kind, "peak_memory_bytes": memory,
+        "device": str(device), "fused": cfg.fused,
+    }  # fmt: skip
+    if out is not None:
+        doc = json.dumps({"config": asdict(cfg), "summary": summary, "losses": losses}, indent=2)
+        training.write_or_explain(out / "metrics.json", lambda f: f.write(doc.encode()))
+    return {**summary, "losses": losses, "model": model}
+
+
+def summary_line(s: dict) -> str:
+    return (
+        f"lm: loss {s['loss']:.4f} after {s['steps']} steps | {s['tokens_per_s']:,.0f} tokens/s "
+        f"over {s['trained_steps']} steps | {s['peak_memory_kind']} "
+        f"{s['peak_memory_bytes'] / 2**20:,.0f} MiB | {s['device']}, "
+        f"{'fused' if s['fused'] else 'stock'} loss"
+    )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from gpufit.examples.lm_config import config_from_args
+
+    prog = "gpufit lm"
+    try:
+        summary = train(config_from_args(args))
+    except UsageError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except OutputError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    print(summary_line(summary), flush=True)
+    return 0
