@@ -105,17 +105,9 @@ class Case:
             return float(fn(self.x, self.w, self.t, self.b).float())
 
     def peak_bytes(self, fn) -> int:
-        torch = self.torch
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            self.step(fn)
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - base
-        from benchmarks.memory import peak_cpu_bytes
+        from benchmarks.memory import peak_bytes
 
-        return peak_cpu_bytes(self.step, fn)
+        return peak_bytes(self.device, self.step, fn)
 
 
 class BusyProcesses:

@@ -115,19 +115,11 @@ class Workload:
         return time.perf_counter() - start
 
     def peak_bytes(self, fn) -> int:
-        torch = self.torch
         for model in (self.stock, self.fused):
             model.zero_grad(set_to_none=True)
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            self.step(fn)
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - base
-        from benchmarks.memory import peak_cpu_bytes
+        from benchmarks.memory import peak_bytes
 
-        return peak_cpu_bytes(self.step, fn)
+        return peak_bytes(self.device, self.step, fn)
 
 
 OPTIONAL = {"cce": "cut_cross_entropy", "liger": "liger_kernel"}  # variant -> its package

@@ -1,4 +1,5 @@
-"""Peak memory of a call on the CPU, where torch has no max_memory_allocated."""
+"""Peak memory of a call: on CUDA from the allocator's own statistics, on the CPU (where torch
+has no max_memory_allocated) from the profiler's allocation records."""
 
 from __future__ import annotations
 
@@ -32,3 +33,15 @@ def peak_cpu_bytes(fn, *args) -> int:
             live -= size
         peak = max(peak, live)
     return peak
+
+
+def peak_bytes(device: str, fn, *args) -> int:
+    """Peak bytes allocated beyond those alive before, while fn(*args) runs on ``device``."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(*args)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return peak_cpu_bytes(fn, *args)
