@@ -465,9 +465,7 @@ def _fused_linear_cross_entropy_backward(ctx, grad_loss, grad_lse, _lo, _pred, _
             else torch.ops.gpufit.fused_linear_cross_entropy_backward.default
         )
         result = list(
-            backward(
-                grad_loss, grad_lse, x, weight, target, bias, lse, lse_lo, *option_args, needs
-            )
+            backward(grad_loss, grad_lse, x, weight, target, bias, lse, lse_lo, *option_args, needs)
         )
     else:
         missing = [need and not done for need, done in zip(needs, ctx.precomputed, strict=True)]

@@ -58,16 +58,24 @@ def check_against_unfused(x, w, t, b, chunk=None, **options):
 # each new option alone, with the old ones, and all at once
 CASES = {
     "softcap": dict(softcap=2.0),
-    "softcap, smoothing, z_loss, none": dict(softcap=1.5, label_smoothing=0.1, z_loss=1e-3,
-                                             reduction="none"),  # fmt: skip
+    "softcap, smoothing, z_loss, none": dict(
+        softcap=1.5, label_smoothing=0.1, z_loss=1e-3, reduction="none"
+    ),  # fmt: skip
     "class_weight": dict(class_weight=True),
     "class_weight, smoothing": dict(class_weight=True, label_smoothing=0.2),
-    "class_weight, smoothing, none": dict(class_weight=True, label_smoothing=0.2,
-                                          reduction="none"),  # fmt: skip
+    "class_weight, smoothing, none": dict(
+        class_weight=True, label_smoothing=0.2, reduction="none"
+    ),  # fmt: skip
     "num_items": dict(reduction="sum", num_items=7),
     "num_items tensor": dict(reduction="sum", num_items="tensor"),
-    "all": dict(softcap=3.0, class_weight=True, label_smoothing=0.1, z_loss=1e-3,
-                reduction="sum", num_items="tensor"),  # fmt: skip
+    "all": dict(
+        softcap=3.0,
+        class_weight=True,
+        label_smoothing=0.1,
+        z_loss=1e-3,
+        reduction="sum",
+        num_items="tensor",
+    ),  # fmt: skip
 }
 
 
@@ -98,10 +106,24 @@ def test_class_weight_is_exactly_f_cross_entropy():
     cw = class_weights(9)
     for reduction in ("mean", "sum", "none"):
         for smoothing in (0.0, 0.3):
-            got = ops.fused_linear_cross_entropy(x, w, t, b, class_weight=cw, ignore_index=4,
-                                                 reduction=reduction, label_smoothing=smoothing)
-            want = F.cross_entropy(F.linear(x, w, b), t, weight=cw, ignore_index=4,
-                                   reduction=reduction, label_smoothing=smoothing)
+            got = ops.fused_linear_cross_entropy(
+                x,
+                w,
+                t,
+                b,
+                class_weight=cw,
+                ignore_index=4,
+                reduction=reduction,
+                label_smoothing=smoothing,
+            )
+            want = F.cross_entropy(
+                F.linear(x, w, b),
+                t,
+                weight=cw,
+                ignore_index=4,
+                reduction=reduction,
+                label_smoothing=smoothing,
+            )
             torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
@@ -126,8 +148,9 @@ def test_softcap_bounds_the_logits():
     loss, lse = ops.fused_linear_cross_entropy(x, w, t, b, softcap=5.0, reduction="none",
                                                return_lse=True)  # fmt: skip
     assert (lse <= 5.0 + torch.log(torch.tensor(6.0)) + 1e-5).all()
-    torch.testing.assert_close(loss.double(), unfused(x.double(), w.double(), t, b.double(),
-                                                      softcap=5.0, reduction="none"))
+    torch.testing.assert_close(
+        loss.double(), unfused(x.double(), w.double(), t, b.double(), softcap=5.0, reduction="none")
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -180,6 +203,7 @@ def test_gradcheck_float64(case):
     reductions = [options.pop("reduction")] if "reduction" in options else ["mean", "sum", "none"]
     for reduction in reductions:
         for chunk in (None, 2):
+
             def fn(x, w, b, reduction=reduction, chunk=chunk):
                 return ops.fused_linear_cross_entropy(x, w, t, b, ignore_index=1,
                                                       reduction=reduction, chunk_size=chunk,
