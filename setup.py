@@ -71,4 +71,14 @@ def build_ext_class():
     return BuildExtension.with_options(use_ninja=True)
 
 
-setup(ext_modules=[extension()], cmdclass={"build_ext": build_ext_class()})
+def dependencies():
+    # fsatomic (the atomic file writer gpufit shares with lockgen) is a folder of this
+    # repository, not a published package: it is required by its path.
+    return ["torch>=2.5", "numpy", f"fsatomic @ {(ROOT / 'fsatomic').as_uri()}"]
+
+
+setup(
+    install_requires=dependencies(),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": build_ext_class()},
+)

@@ -7,7 +7,7 @@ import platform
 from collections.abc import Callable
 from pathlib import Path
 
-from gpufit._atomic import write_atomic
+from fsatomic import write_atomic
 
 
 def write(stem: Path, report: dict, plot: Callable[[Path], None]) -> None:

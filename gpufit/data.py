@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpufit._atomic import write_atomic
+from fsatomic import write_atomic
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "examples" / "data" / "mnist_sample"
 

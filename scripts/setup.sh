@@ -23,6 +23,9 @@ echo "setup: installing requirements-dev.txt (torch 2.14.1 and test tools; minut
 # all of torch's thousands of modules up front.
 watch .venv/pip-install.log -- .venv/bin/python -m pip install --disable-pip-version-check \
   --no-compile -r requirements-dev.txt
+# fsatomic (the atomic writer gpufit and lockgen share) came in as lockgen's dependency, by its
+# path; made editable here so that an edit of fsatomic/ is seen without reinstalling.
+.venv/bin/python -m pip install --disable-pip-version-check -q --no-deps -e ./fsatomic
 
 stamp=.venv/.gpufit-build-stamp
 digest=$( (find csrc -type f -print0 | sort -z | xargs -0 cat; cat setup.py pyproject.toml \

@@ -25,9 +25,15 @@ EXTRA_OF = {
 }
 
 
+# extras of lockgen's own distribution (lockgen/pyproject.toml); the others are gpufit's
+LOCKGEN_EXTRAS = ("lock",)
+
+
 def skip_reason(module: str) -> str:
     extra = EXTRA_OF[module]
-    return f"needs the {extra} extra ({module} is not installed): pip install -e '.[{extra}]'"
+    project = "./lockgen" if extra in LOCKGEN_EXTRAS else "."
+    install = f"pip install -e '{project}[{extra}]'"
+    return f"needs the {extra} extra ({module} is not installed): {install}"
 
 
 def missing_optional_module(error: BaseException | None) -> str | None:

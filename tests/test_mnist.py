@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpufit import _atomic
+import fsatomic as _atomic
 from gpufit.examples import mnist, training
 
 pytest.importorskip("torchvision", reason="needs the mnist extra: pip install -e '.[mnist]'")

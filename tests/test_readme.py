@@ -141,7 +141,10 @@ def test_readme_command_works(command, checkout_copy, tmp_path):
         **os.environ,
         "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
         "VIRTUAL_ENV": sys.prefix,
-        "PYTHONPATH": str(checkout_copy),  # the copy's packages, not the editable install's
+        # the copy's packages, not the editable install's
+        "PYTHONPATH": os.pathsep.join(
+            str(checkout_copy / p) for p in (".", "lockgen/src", "fsatomic/src")
+        ),
         "GPUFIT_CACHE_DIR": str(tmp_path / "cache"),
         "LOCKGEN_ENVS": str(checkout_copy / "envs"),
     }

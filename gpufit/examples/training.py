@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpufit._atomic import write_atomic
+from fsatomic import write_atomic
 
 
 class UsageError(RuntimeError):

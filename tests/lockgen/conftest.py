@@ -6,9 +6,10 @@ from __future__ import annotations
 import urllib.request
 
 import pytest
+from checkout import FACTS
 from lockgen_fakes import fake_machine
 
-from lockgen.matrix import default_envs_dir, load_matrix
+from lockgen.matrix import load_matrix
 
 # The real targets have no CPU conda env (conda-forge's torch ends before the CPU target's
 # 2.14 in the matrix); the conda lock/verify/install tests add this one to cover CPU locks.
@@ -33,7 +34,7 @@ def matrix():
 def conda_matrix(tmp_path_factory):
     """The real matrix and targets plus the test-only ``cpu-conda`` target."""
     targets = tmp_path_factory.mktemp("targets") / "targets.toml"
-    targets.write_text((default_envs_dir() / "targets.toml").read_text() + CPU_CONDA_TARGET)
+    targets.write_text((FACTS / "targets.toml").read_text() + CPU_CONDA_TARGET)
     return load_matrix(targets=targets)
 
 

@@ -17,18 +17,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from checkout import ENVS, FACTS, envs_with_facts
 
-from gpufit import _atomic
+import fsatomic as _atomic
 from lockgen.cli import main
 from lockgen.errors import LockgenError
 from lockgen.install import InstallRefused, install_lockfile
-from lockgen.matrix import default_envs_dir, load_matrix
+from lockgen.matrix import load_matrix
 from lockgen.probe import parse_torch_probe
 from lockgen.render.conda import env_yml_text, target_paths, virtual_packages_text
 from lockgen.verify import verify_file
 
 REPO = Path(__file__).resolve().parents[2]
-ENVS = default_envs_dir()
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
 
 
@@ -61,10 +61,8 @@ def _usage_error(rc: int, err: str) -> str:
 
 @pytest.fixture
 def envs_copy(tmp_path):
-    """A copy of envs/ (matrix, targets, gpus, nix facts) free to edit."""
-    dst = tmp_path / "envs"
-    shutil.copytree(ENVS, dst)
-    return dst
+    """A copy of envs/ with the facts (matrix, targets, gpus, nix) beside it, free to edit."""
+    return envs_with_facts(tmp_path / "envs")
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -453,7 +451,7 @@ run()
 def _install_argv(lock: Path, prefix: Path, cache: Path) -> list[str]:
     return [
         "--matrix",
-        str(ENVS / "matrix.toml"),
+        str(FACTS / "matrix.toml"),
         "install",
         str(lock),
         "--prefix",

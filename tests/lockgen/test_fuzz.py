@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from checkout import ENVS, FACTS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lockgen.errors import LockgenError
 from lockgen.install import install_lockfile
-from lockgen.matrix import default_envs_dir, load_matrix
+from lockgen.matrix import load_matrix
 from lockgen.verify import verify_file
 
-ENVS = default_envs_dir()
 FUZZ = settings(
     max_examples=40,
     deadline=None,
@@ -95,8 +95,8 @@ def _mutate_text(data, text: str) -> str:
 def test_fuzz_matrix_and_targets_loaders(tmp_path_factory, name, data):
     envs = tmp_path_factory.mktemp("envs")
     for f in ("matrix.toml", "targets.toml", "gpus.toml"):
-        shutil.copy(ENVS / f, envs / f)
-    (envs / name).write_text(_mutate_text(data, (ENVS / name).read_text()))
+        shutil.copy(FACTS / f, envs / f)
+    (envs / name).write_text(_mutate_text(data, (FACTS / name).read_text()))
     try:
         load_matrix(envs / "matrix.toml")
     except LockgenError:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from checkout import ENVS
 from conda_channel import build_channel, render_and_lock
 
 from lockgen import lockfile as lf
@@ -382,8 +383,7 @@ def test_cli_lock_with_local_channel(matrix, channel, cache, tmp_path):
 def test_defaults_channel_is_expanded_for_rattler(matrix):
     """conda's `defaults` (needed by the legacy pytorch channel) is not a rattler channel name."""
     from lockgen import solve
-    from lockgen.matrix import default_envs_dir
 
-    job = solve.prepare_job(matrix, matrix.target("cu121"), default_envs_dir())
+    job = solve.prepare_job(matrix, matrix.target("cu121"), ENVS)
     assert "defaults" not in job.channels
     assert job.channels == ["pytorch", "nvidia", *solve.DEFAULTS_CHANNELS]

@@ -12,10 +12,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from checkout import ENVS
 
 from lockgen.cli import main
 from lockgen.errors import LockgenError
-from lockgen.matrix import default_envs_dir
 from lockgen.render.pip import (
     UvResolver,
     combo_marker,
@@ -261,7 +261,7 @@ def test_real_uv_against_a_local_index(matrix, tmp_path):
 
 # -- the committed locks, against PyPI itself ------------------------------------------------
 
-COMMITTED = sorted(default_envs_dir().glob("*.requirements.txt"))
+COMMITTED = sorted(ENVS.glob("*.requirements.txt"))
 SMALL = {"filelock", "jinja2", "markupsafe", "typing-extensions", "fsspec"}
 
 

@@ -6,14 +6,14 @@ Each case copies the real envs/ files, breaks one thing, and loads them.
 from pathlib import Path
 
 import pytest
+from checkout import FACTS
 
 from lockgen.cli import main
-from lockgen.matrix import MatrixError, default_envs_dir, load_matrix
+from lockgen.matrix import MatrixError, load_matrix
 
-ENVS = default_envs_dir()
-MATRIX = (ENVS / "matrix.toml").read_text()
-TARGETS = (ENVS / "targets.toml").read_text()
-GPUS = (ENVS / "gpus.toml").read_text()
+MATRIX = (FACTS / "matrix.toml").read_text()
+TARGETS = (FACTS / "targets.toml").read_text()
+GPUS = (FACTS / "gpus.toml").read_text()
 
 REL_21 = 'torch = "2.1"\ntorchvision = "0.16"\n'
 

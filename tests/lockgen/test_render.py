@@ -8,6 +8,7 @@ import os
 
 import pytest
 import yaml
+from checkout import ENVS, FACTS
 
 from lockgen.cli import main
 from lockgen.matrix import ArchList
@@ -167,9 +168,7 @@ def test_cli_render_all_writes_every_flavor_of_every_target(matrix, tmp_path):
 def test_cli_render_all_reports_refusals(tmp_path):
     """A conda channel the matrix says cannot make the build is refused even with
     --allow-unverified; one it has no facts for only without it."""
-    from lockgen.matrix import default_envs_dir
-
-    text = (default_envs_dir() / "targets.toml").read_text()
+    text = (FACTS / "targets.toml").read_text()
     for name in ("cu128", "cu130"):
         block = f"[target.{name}]"
         head, _, tail = text.partition(block)
@@ -228,10 +227,9 @@ def test_atomic_write_failure_during_replace(tmp_path, monkeypatch):
 def test_committed_specs_match_the_matrix(matrix):
     """envs/<target>.yml and its virtual packages, where committed, are what render writes
     now: a matrix or targets change must be re-rendered (and re-locked)."""
-    from lockgen.matrix import default_envs_dir
     from lockgen.render.conda import rendered_is_current
 
-    envs = default_envs_dir()
+    envs = ENVS
     conda = [t for t in matrix.targets.values() if t.has_conda]
     for t in conda:
         assert rendered_is_current(matrix, t, envs) == [], t.name
@@ -242,9 +240,8 @@ def test_committed_specs_match_the_matrix(matrix):
 
 
 def test_committed_pip_locks_verify(matrix):
-    from lockgen.matrix import default_envs_dir
     from lockgen.verify import verify_file
 
-    for path in sorted(default_envs_dir().glob("*.requirements.txt")):
+    for path in sorted(ENVS.glob("*.requirements.txt")):
         report = verify_file(path, matrix)
         assert report.ok, report.format()

@@ -5,11 +5,10 @@ from __future__ import annotations
 import io
 import json
 
-from lockgen.cli import main
-from lockgen.matrix import default_envs_dir
-from lockgen.routes import LOCKED, NO_LOCK, NONE, nix_shells, routes
+from checkout import ENVS
 
-ENVS = default_envs_dir()
+from lockgen.cli import main
+from lockgen.routes import LOCKED, NO_LOCK, NONE, nix_shells, routes
 
 
 def _routes(matrix, name, envs=ENVS):

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from checkout import ENVS
 
 from lockgen.cli import main
 from lockgen.errors import LockgenError
-from lockgen.matrix import default_envs_dir
 from lockgen.render.uv import (
     dependencies,
     lock_uv,
@@ -29,8 +29,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-ENVS = default_envs_dir()
 
 
 def _errors(report, check=None):

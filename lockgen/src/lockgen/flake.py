@@ -7,7 +7,7 @@ it atomically (a reader or a kill never sees half a flake; the destination is ne
 first, so ``-o /dev/full`` is a clean error); ``stale`` says
 whether a committed file differs from what the matrix gives now; ``lock_problems`` whether a
 ``flake.lock`` (written by a networked Nix) locks every nixpkgs input at the commit and
-narHash ``envs/nix.toml`` pins.
+narHash ``lockgen/data/nix.toml`` pins.
 """
 
 from __future__ import annotations
@@ -77,11 +77,12 @@ def lock_problems(config: NixConfig, lock_path: Path) -> list[str]:
         locked = nodes[node_name].get("locked") or {}
         if locked.get("rev") != i.rev:
             problems.append(
-                f"{i.input}: locked at {locked.get('rev') or '?'}, envs/nix.toml pins {i.rev}"
+                f"{i.input}: locked at {locked.get('rev') or '?'}, "
+                f"lockgen/data/nix.toml pins {i.rev}"
             )
         if i.nar_hash and locked.get("narHash") != i.nar_hash:
             problems.append(
                 f"{i.input}: narHash {locked.get('narHash') or '?'} is not the "
-                f"{i.nar_hash} envs/nix.toml records for {i.rev[:12]}"
+                f"{i.nar_hash} lockgen/data/nix.toml records for {i.rev[:12]}"
             )
     return problems

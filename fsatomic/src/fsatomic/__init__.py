@@ -1,6 +1,7 @@
 """Write files so that no reader ever sees half of one: a temporary file beside each target,
-renamed over it once complete. The one writer of both packages (lockgen imports it too; it
-needs nothing but the standard library).
+renamed over it once complete. The one atomic writer of this repository: gpufit and lockgen
+both depend on this small distribution, which needs nothing but the standard library (so
+lockgen installs without torch and neither package imports the other).
 
   * A crash or kill before the rename leaves the target as it was.
   * Temporary names carry the host and process id (``.<name>.<host>.<pid>.<random>.tmp``), so

@@ -1,5 +1,5 @@
 """Every file lockgen writes: atomically, through the project's one writer
-(:mod:`gpufit._atomic`, standard library only), with a failure told as a
+(:mod:`fsatomic`, standard library only), with a failure told as a
 :class:`CannotWrite` that names the file and the reason (read-only or full filesystem, a
 folder or device in the way) instead of a traceback.
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from gpufit._atomic import text_writer, write_all_atomic
+from fsatomic import text_writer, write_all_atomic
 from lockgen.errors import LockgenError
 
 Text = str | Callable[[], str]

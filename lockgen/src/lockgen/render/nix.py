@@ -1,6 +1,6 @@
 """Render ``flake.nix``: one Nix dev shell per target (``nix develop .#cu121``).
 
-Inputs: the validated matrix and targets (:mod:`lockgen.matrix`) and ``envs/nix.toml``, the
+Inputs: the validated matrix and targets (:mod:`lockgen.matrix`) and ``lockgen/data/nix.toml``, the
 Nix facts: which pinned nixpkgs has which ``cudaPackages_X_Y`` and Python, the CUDA pieces a
 shell puts into ``CUDA_HOME``, the unfree licences accepted, the binary caches.
 
@@ -31,7 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lockgen.errors import LockgenError
-from lockgen.matrix import Matrix, MatrixError, Target, _Entry, _read_toml
+from lockgen.matrix import (
+    Matrix,
+    MatrixError,
+    Target,
+    _Entry,
+    _read_toml,
+    fact_label,
+    facts_dir,
+)
 from lockgen.versions import Version
 
 SCHEMA = 1
@@ -101,9 +109,7 @@ class NixConfig:
 def default_nix_config_path(matrix: Matrix | None = None) -> Path:
     if matrix is not None:
         return Path(matrix.path).with_name("nix.toml")
-    from lockgen.matrix import default_envs_dir
-
-    return default_envs_dir() / "nix.toml"
+    return facts_dir() / "nix.toml"
 
 
 def load_nix_config(path: str | Path | None = None, matrix: Matrix | None = None) -> NixConfig:
@@ -264,7 +270,7 @@ class Shell:
 
 def plan_shells(matrix: Matrix, config: NixConfig) -> tuple[Shell, ...]:
     if not matrix.targets:
-        raise LockgenError("no targets loaded: a flake needs envs/targets.toml")
+        raise LockgenError("no targets loaded: a flake needs lockgen/data/targets.toml")
     shells = []
     for t in matrix.targets.values():
         systems = tuple(
@@ -483,12 +489,8 @@ def render_flake(matrix: Matrix, config: NixConfig) -> str:
     for system in systems:
         on = [sh.name for sh in shells if system in sh.systems]
         defaults[system] = config.default if config.default in on else on[0]
-    env_dir = Path(matrix.path).parent.name
-    files = [
-        f"{env_dir}/{Path(p).name}"
-        for p in (matrix.path, matrix.targets_path, config.path)
-        if p is not None
-    ]
+    facts = (matrix.path, matrix.targets_path, config.path)
+    files = [fact_label(p) for p in facts if p is not None]
 
     out: list[str] = []
     w = out.append
@@ -516,8 +518,8 @@ def render_flake(matrix: Matrix, config: NixConfig) -> str:
     w(f"    extra-substituters = {_list([c.url for c in config.caches], '    ')};\n")
     w(f"    extra-trusted-public-keys = {_list([c.public_key for c in config.caches], '    ')};\n")
     w("  };\n\n")
-    w("  # Each nixpkgs is pinned to one commit of its branch (envs/nix.toml says where the\n")
-    w("  # commit is recorded); flake.lock adds the narHash.\n")
+    w("  # Each nixpkgs is pinned to one commit of its branch (lockgen/data/nix.toml says where\n")
+    w("  # the commit is recorded); flake.lock adds the narHash.\n")
     w("  inputs = {\n")
     for i in used:
         cudas = ", ".join(v.raw for v in i.cuda) or "none"
@@ -526,8 +528,8 @@ def render_flake(matrix: Matrix, config: NixConfig) -> str:
     w("  };\n\n")
     w(f"  outputs = {{ self, {', '.join(i.input for i in used)} }}:\n")
     w("    let\n")
-    w("      # One attribute set per target (envs/targets.toml); `env` becomes the shell's\n")
-    w("      # environment.\n")
+    w("      # One attribute set per target (lockgen/data/targets.toml); `env` becomes the\n")
+    w("      # shell's environment.\n")
     w("      targets = {\n")
     for sh in shells:
         w(_target_block(sh, matrix))

@@ -10,7 +10,7 @@ builds that run on these GPUs with this driver and Python, the installed torch r
 
 Verdicts: ``works``, ``works-with-warnings``, ``broken``. Each finding has a ``severity``
 (``ok`` / ``note`` / ``warning`` / ``error``), a stable ``code`` and a message. The fix names
-the target to install (from ``envs/targets.toml``), the driver needed, and a command.
+the target to install (from ``lockgen/data/targets.toml``), the driver needed, and a command.
 
 JSON output (``lockgen doctor --json``; keys are stable, ``schema`` changes if they do)::
 

@@ -1,19 +1,19 @@
 """The compatibility matrix (facts) and the targets (choices), loaded and validated.
 
-``envs/matrix.toml`` holds what is true about PyTorch releases (their platforms and Python
-wheels, torchvision's), their CUDA builds, driver floors, GPU architectures per build and
-channels; ``envs/gpus.toml`` NVIDIA's GPU list (names, compute capabilities, the drivers each
-GPU family needs); ``envs/targets.toml`` names the environments the project generates. All are
-read once, validated at the edge, and turned into frozen dataclasses; the rest of lockgen
-never sees raw TOML.
+``data/matrix.toml`` (lockgen's package data) holds what is true about PyTorch releases
+(their platforms and Python wheels, torchvision's), their CUDA builds, driver floors, GPU
+architectures per build and channels; ``data/gpus.toml`` NVIDIA's GPU list (names, compute
+capabilities, the drivers each GPU family needs); ``data/targets.toml`` names the
+environments the project generates. All are read once, validated at the edge, and turned
+into frozen dataclasses; the rest of lockgen never sees raw TOML.
 
 Public API
 ----------
 ``load_matrix(path=None, targets=None, gpus=None) -> Matrix``
-    Reads the matrix (default: ``envs/matrix.toml`` of this repository, or
-    ``$LOCKGEN_ENVS/matrix.toml``), the targets file beside it (or ``targets``) and NVIDIA's
-    GPU list ``gpus.toml`` beside it (or ``gpus``). A bad file raises :class:`MatrixError`
-    naming the file, the entry and the problem.
+    Reads the matrix (default: ``$LOCKGEN_ENVS/matrix.toml`` when there is one, else
+    lockgen's own ``data/matrix.toml``, installed with it), the targets file beside it (or
+    ``targets``) and NVIDIA's GPU list ``gpus.toml`` beside it (or ``gpus``). A bad file
+    raises :class:`MatrixError` naming the file, the entry and the problem.
 ``Matrix``
     ``releases`` (oldest first), ``release(torch)`` (accepts ``2.1.2`` and maps it onto the
     ``2.1`` row), ``find_release``, ``cuda_toolkit(cuda)``, ``driver_floor(cuda, os)``,
@@ -76,12 +76,40 @@ class MatrixError(LockgenError):
     """A malformed or inconsistent matrix / targets file."""
 
 
-def default_envs_dir() -> Path:
-    """``$LOCKGEN_ENVS`` if set, else the ``envs/`` folder beside the lockgen package."""
+DATA_DIR = Path(__file__).resolve().parent / "data"
+"""lockgen's own facts, installed with it: matrix.toml, targets.toml, gpus.toml, nix.toml."""
+
+
+def facts_dir() -> Path:
+    """Where the facts are read from: ``$LOCKGEN_ENVS`` when it holds a ``matrix.toml``, else
+    lockgen's own data (:data:`DATA_DIR`)."""
     env = os.environ.get("LOCKGEN_ENVS")
-    if env:
+    if env and (Path(env) / "matrix.toml").is_file():
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "envs"
+    return DATA_DIR
+
+
+def default_envs_dir() -> Path:
+    """Where generated environments are written and looked for: ``$LOCKGEN_ENVS`` if set,
+    else ``envs/`` in the current folder (a checkout's root, or any project's)."""
+    env = os.environ.get("LOCKGEN_ENVS")
+    return Path(env) if env else Path("envs")
+
+
+def envs_dir_of(matrix_path: Path) -> Path:
+    """The generated environments that go with a matrix file: beside it, unless it is
+    lockgen's own (then :func:`default_envs_dir`)."""
+    folder = Path(matrix_path).resolve().parent
+    return default_envs_dir() if folder == DATA_DIR else folder
+
+
+def fact_label(path: Path) -> str:
+    """How a generated file names a fact it came from: ``lockgen/data/matrix.toml`` for
+    lockgen's own (its path inside the package, wherever that is installed), else the file's
+    folder and name (``envs/matrix.toml``)."""
+    path = Path(path)
+    own = path.resolve().parent == DATA_DIR
+    return f"lockgen/data/{path.name}" if own else f"{path.parent.name}/{path.name}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1325,7 +1353,7 @@ def load_matrix(
     ``targets`` / ``gpus``: a path; ``None`` for ``targets.toml`` / ``gpus.toml`` beside the
     matrix when it exists; ``False`` to load none.
     """
-    file = Path(path) if path is not None else default_envs_dir() / "matrix.toml"
+    file = Path(path) if path is not None else facts_dir() / "matrix.toml"
     m = _load_matrix_data(file, _read_toml(file))
     gfile = _beside(file, gpus, "gpus.toml")
     if gfile is not None:

@@ -31,8 +31,8 @@ Reproducible CUDA + PyTorch environments from a reviewed compatibility matrix.
 
 workflow:
   1. lockgen matrix            what PyTorch shipped: torchvision, Python, CUDA/cuDNN builds,
-                               driver floors, GPU architectures (envs/matrix.toml)
-  2. lockgen targets           the environments this project generates (envs/targets.toml)
+                               driver floors, GPU architectures (lockgen/data/matrix.toml)
+  2. lockgen targets           the environments this project generates (lockgen/data/targets.toml)
   3. lockgen check ...         is a torch/CUDA/cuDNN/Python/driver/GPU combination real and
                                runnable? names the builds that fit, explains each conflict,
                                suggests the nearest builds that fit the machine
@@ -157,13 +157,19 @@ def _run_matrix(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+ENVS_HELP = (
+    "folder of the spec and lock files (default: beside a --matrix of your own, else "
+    "$LOCKGEN_ENVS, else envs/ in the current folder)"
+)
+
+
 # -- targets --------------------------------------------------------------------------------
 
 
 def _configure_targets(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="show one target in full")
     p.add_argument("--format", choices=("table", "json"), default="table")
-    p.add_argument("--envs", help="folder of the spec and lock files (default: beside the matrix)")
+    p.add_argument("--envs", help=ENVS_HELP)
 
 
 def _target_json(t, target_routes) -> dict:
@@ -367,7 +373,7 @@ def _configure_flake(p: argparse.ArgumentParser) -> None:
         "--check-lock",
         metavar="FLAKE_LOCK",
         help="write nothing; exit 1 unless FLAKE_LOCK locks every nixpkgs input at the commit "
-        "(and narHash) envs/nix.toml pins",
+        "(and narHash) lockgen/data/nix.toml pins",
     )
 
 
@@ -409,7 +415,9 @@ def _run_flake(args: argparse.Namespace, out: TextIO) -> int:
 def _envs_dir(args: argparse.Namespace, m):
     from pathlib import Path
 
-    return Path(args.envs) if getattr(args, "envs", None) else m.path.parent
+    from lockgen.matrix import envs_dir_of
+
+    return Path(args.envs) if getattr(args, "envs", None) else envs_dir_of(m.path)
 
 
 def _selected_targets(args: argparse.Namespace, m) -> list:
@@ -419,9 +427,9 @@ def _selected_targets(args: argparse.Namespace, m) -> list:
 
 
 def _configure_target_selection(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", nargs="?", help="a target of envs/targets.toml")
+    p.add_argument("target", nargs="?", help="a target of lockgen/data/targets.toml")
     p.add_argument("--all", action="store_true", help="every target")
-    p.add_argument("--envs", help="folder of the spec and lock files (default: beside the matrix)")
+    p.add_argument("--envs", help=ENVS_HELP)
     p.add_argument(
         "--allow-unverified",
         action="store_true",
@@ -457,7 +465,7 @@ def _run_render(args: argparse.Namespace, out: TextIO) -> int:
     for t in _selected_targets(args, m):
         for flavor in _render_flavors(args, t):
             if flavor == "conda" and args.all and not t.has_conda:
-                out.write(f"skipped {t.name}: no conda channel (envs/targets.toml)\n")
+                out.write(f"skipped {t.name}: no conda channel (lockgen/data/targets.toml)\n")
                 continue
             try:
                 if flavor == "conda":
@@ -516,7 +524,7 @@ def _run_lock(args: argparse.Namespace, out: TextIO) -> int:
     failed = 0
     for t in _selected_targets(args, m):
         if args.flavor == "conda" and args.all and not t.has_conda:
-            out.write(f"skipped {t.name}: no conda channel (envs/targets.toml)\n")
+            out.write(f"skipped {t.name}: no conda channel (lockgen/data/targets.toml)\n")
             continue
         try:
             if args.flavor == "pip":
@@ -698,7 +706,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--matrix", help="matrix file (default: envs/matrix.toml)")
+    parser.add_argument(
+        "--matrix",
+        help="matrix file (default: $LOCKGEN_ENVS/matrix.toml if there is one, else lockgen's own)",
+    )
     parser.add_argument("--targets", help="targets file (default: targets.toml beside the matrix)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for cmd in COMMANDS:
