@@ -257,7 +257,7 @@ def build_channel(
 def render_and_lock(matrix, envs: Path, channel: Path, cache: Path, names=None) -> dict:
     """Render and lock targets (every one with a conda channel by default) against the local
     channel; {name: result}."""
-    from lockgen.render.conda import render_target
+    from lockgen.formats.conda import render_target
     from lockgen.solve import RattlerSolver, lock_target
 
     out = {}

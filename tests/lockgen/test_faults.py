@@ -22,10 +22,10 @@ from checkout import ENVS, FACTS, envs_with_facts
 import fsatomic as _atomic
 from lockgen.cli import main
 from lockgen.errors import LockgenError
+from lockgen.formats.conda import env_yml_text, target_paths, virtual_packages_text
 from lockgen.install import InstallRefused, install_lockfile
 from lockgen.matrix import load_matrix
 from lockgen.probe import parse_torch_probe
-from lockgen.render.conda import env_yml_text, target_paths, virtual_packages_text
 from lockgen.verify import verify_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -200,7 +200,7 @@ def test_one_atomic_writer_and_lockgen_imports_no_torch():
         [
             sys.executable,
             "-c",
-            "import sys, lockgen.cli, lockgen.output, lockgen.flake, lockgen.render.conda; "
+            "import sys, lockgen.cli, lockgen.output, lockgen.flake, lockgen.formats.conda; "
             "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))",
         ],
         env=ENV,
@@ -688,7 +688,7 @@ def test_install_of_a_malformed_lock_is_a_lockgen_error(matrix, envs, tmp_path, 
 def test_writing_a_lock_that_cannot_be_written_is_a_clean_error(
     locked, tmp_path, monkeypatch, fault
 ):
-    from lockgen import lockfile as lf
+    from lockgen.formats import conda as lf
     from lockgen.output import CannotWrite
 
     lock = lf.read_lockfile(locked / "cu121.lock")

@@ -23,8 +23,8 @@ from checkout import FACTS
 from lockgen.cli import main
 from lockgen.errors import LockgenError
 from lockgen.flake import generate, stale
+from lockgen.formats.nix import SHELL_HOOK, load_nix_config, nix_indented, plan_shells
 from lockgen.matrix import MatrixError, load_matrix
-from lockgen.render.nix import SHELL_HOOK, load_nix_config, nix_indented, plan_shells
 
 REPO = Path(__file__).resolve().parents[2]
 STUB = Path(__file__).parent / "fixtures" / "nixpkgs-stub"

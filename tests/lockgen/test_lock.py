@@ -11,9 +11,9 @@ import pytest
 from checkout import ENVS
 from conda_channel import build_channel, render_and_lock
 
-from lockgen import lockfile as lf
 from lockgen.cli import main
-from lockgen.render.conda import render_target, target_paths
+from lockgen.formats import conda as lf
+from lockgen.formats.conda import render_target, target_paths
 from lockgen.solve import CondaLockSolver, RattlerSolver, SolveError, SolveJob, lock_target
 
 

@@ -16,7 +16,7 @@ from checkout import ENVS
 
 from lockgen.cli import main
 from lockgen.errors import LockgenError
-from lockgen.render.pip import (
+from lockgen.formats.pip import (
     UvResolver,
     combo_marker,
     lock_pip,
@@ -341,7 +341,7 @@ def test_committed_pip_lock_installs_with_require_hashes(pypi, path, tmp_path):
 def test_without_uv_the_error_says_how_to_get_it(monkeypatch):
     import importlib.util
 
-    from lockgen.render import pip
+    from lockgen.formats import pip
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

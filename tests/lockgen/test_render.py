@@ -11,9 +11,7 @@ import yaml
 from checkout import ENVS, FACTS
 
 from lockgen.cli import main
-from lockgen.matrix import ArchList
-from lockgen.output import CannotWrite, write_text
-from lockgen.render.conda import (
+from lockgen.formats.conda import (
     NO_CHANNEL,
     SUPPLIED,
     UNAVAILABLE,
@@ -27,6 +25,8 @@ from lockgen.render.conda import (
     target_paths,
     virtual_packages_text,
 )
+from lockgen.matrix import ArchList
+from lockgen.output import CannotWrite, write_text
 from lockgen.versions import Capability, Version
 
 
@@ -76,7 +76,7 @@ def test_normalise_spec_makes_bare_versions_exact():
 
 
 def test_virtual_packages_spec_is_conda_locks_format(matrix):
-    from lockgen.lockfile import _require_conda_lock
+    from lockgen.formats.conda import _require_conda_lock
 
     _require_conda_lock()
     from conda_lock.virtual_package import VirtualPackageSpec
@@ -90,7 +90,7 @@ def test_virtual_packages_spec_is_conda_locks_format(matrix):
 
 
 def test_conda_lock_reads_the_rendered_env_file(matrix, tmp_path):
-    from lockgen.lockfile import lock_spec
+    from lockgen.formats.conda import lock_spec
 
     render_target(matrix, matrix.target("cu121"), tmp_path)
     spec = lock_spec(target_paths(tmp_path, "cu121").env)
@@ -227,7 +227,7 @@ def test_atomic_write_failure_during_replace(tmp_path, monkeypatch):
 def test_committed_specs_match_the_matrix(matrix):
     """envs/<target>.yml and its virtual packages, where committed, are what render writes
     now: a matrix or targets change must be re-rendered (and re-locked)."""
-    from lockgen.render.conda import rendered_is_current
+    from lockgen.formats.conda import rendered_is_current
 
     envs = ENVS
     conda = [t for t in matrix.targets.values() if t.has_conda]

@@ -14,7 +14,7 @@ from checkout import ENVS
 
 from lockgen.cli import main
 from lockgen.errors import LockgenError
-from lockgen.render.uv import (
+from lockgen.formats.uv import (
     dependencies,
     lock_uv,
     pyproject_text,

@@ -9,10 +9,10 @@ import pytest
 import yaml
 from conda_channel import build_channel, render_and_lock
 
-from lockgen import lockfile as lf
 from lockgen.cli import main
-from lockgen.render.conda import target_paths
-from lockgen.verify import build_cuda, build_cudnn, verify_file
+from lockgen.formats import conda as lf
+from lockgen.formats.conda import build_cuda, build_cudnn, target_paths
+from lockgen.verify import verify_file
 from lockgen.versions import Version
 
 

@@ -381,7 +381,7 @@ def _run_flake(args: argparse.Namespace, out: TextIO) -> int:
     from pathlib import Path
 
     from lockgen.flake import DEFAULT_FLAKE_PATH, generate, lock_problems, stale, write_flake
-    from lockgen.render.nix import load_nix_config
+    from lockgen.formats.nix import load_nix_config
 
     m = _matrix(args)
     config = load_nix_config(args.nix_config, m)
@@ -456,8 +456,8 @@ def _render_flavors(args: argparse.Namespace, t) -> list[str]:
 
 
 def _run_render(args: argparse.Namespace, out: TextIO) -> int:
-    from lockgen.render.conda import render_target
-    from lockgen.render.uv import render_uv
+    from lockgen.formats.conda import render_target
+    from lockgen.formats.uv import render_uv
 
     m = _matrix(args)
     envs = _envs_dir(args, m)
@@ -528,7 +528,7 @@ def _run_lock(args: argparse.Namespace, out: TextIO) -> int:
             continue
         try:
             if args.flavor == "pip":
-                from lockgen.render.pip import UvResolver, lock_pip
+                from lockgen.formats.pip import UvResolver, lock_pip
                 from lockgen.verify import verify_file
 
                 resolver = getattr(args, "pip_resolver", None) or UvResolver(
@@ -537,7 +537,7 @@ def _run_lock(args: argparse.Namespace, out: TextIO) -> int:
                 path = lock_pip(t, envs, resolver, args.index_url)
                 report = verify_file(path, m)
             elif args.flavor == "uv":
-                from lockgen.render.uv import lock_uv
+                from lockgen.formats.uv import lock_uv
 
                 result = lock_uv(m, t, envs, **getattr(args, "uv_lock_options", {}))
                 path, report = result.path, result.report

@@ -1,7 +1,7 @@
 """``lockgen flake``: write (or check) ``flake.nix``.
 
 ``generate(matrix, nix_config=None) -> str`` renders the flake (see
-:mod:`lockgen.render.nix`); ``DEFAULT_FLAKE_PATH`` is ``flake.nix`` in the current folder
+:mod:`lockgen.formats.nix`); ``DEFAULT_FLAKE_PATH`` is ``flake.nix`` in the current folder
 (run it from the repository root), whatever folder the matrix lies in; ``write_flake`` writes
 it atomically (a reader or a kill never sees half a flake; the destination is never read
 first, so ``-o /dev/full`` is a clean error); ``stale`` says
@@ -17,9 +17,9 @@ import json
 from pathlib import Path
 
 from lockgen.errors import LockgenError
+from lockgen.formats.nix import NixConfig, load_nix_config, render_flake
 from lockgen.matrix import Matrix
 from lockgen.output import write_text
-from lockgen.render.nix import NixConfig, load_nix_config, render_flake
 
 DEFAULT_FLAKE_PATH = Path("flake.nix")
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lockgen import lockfile as lf
 from lockgen.errors import LockgenError
+from lockgen.formats import conda as lf
 from lockgen.matrix import Matrix
 from lockgen.versions import Version
 

@@ -69,7 +69,7 @@ def pip_route(target: Target, envs_dir: Path) -> Route:
 
 
 def uv_route(target: Target, envs_dir: Path) -> Route:
-    from lockgen.render.uv import uv_paths
+    from lockgen.formats.uv import uv_paths
 
     paths = uv_paths(envs_dir, target.name)
     project = f"envs/uv/{target.name}"
@@ -82,7 +82,7 @@ def uv_route(target: Target, envs_dir: Path) -> Route:
 
 
 def conda_route(matrix: Matrix, target: Target, envs_dir: Path) -> Route:
-    from lockgen.render.conda import SUPPLIED, channel_support, env_name, target_paths
+    from lockgen.formats.conda import SUPPLIED, channel_support, env_name, target_paths
 
     support = channel_support(matrix, target)
     if support.status != SUPPLIED:
@@ -124,7 +124,7 @@ def nix_route(target: Target, shells: dict | None, pip: Route, why_not: str = ""
 
 def nix_shells(matrix: Matrix, nix_config=None) -> tuple[dict | None, str]:
     """The flake's shells by target name, or (None, why) when the Nix facts do not load."""
-    from lockgen.render.nix import load_nix_config, plan_shells
+    from lockgen.formats.nix import load_nix_config, plan_shells
 
     try:
         config = load_nix_config(nix_config, matrix)

@@ -3,7 +3,7 @@
 ``lock_target(matrix, target, envs_dir, solver=None, channels=())`` reads the rendered
 ``envs/<target>.yml`` + ``envs/<target>.virtual-packages.yml`` (refusing if they are not what
 ``render`` writes from the matrix now), solves every platform, builds the lockfile with
-conda-lock's models and content hash, runs :func:`lockgen.verify.verify_lock` on it and only
+conda-lock's models and content hash, runs :func:`lockgen.formats.conda.verify_lock` on it and only
 then writes ``envs/<target>.lock`` atomically. A failed solve or a failed verification
 raises and leaves any previous lockfile untouched.
 
@@ -33,14 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from lockgen import lockfile as lf
 from lockgen.errors import LockgenError
-from lockgen.matrix import Matrix, Target
-from lockgen.render.conda import (
+from lockgen.formats import conda as lf
+from lockgen.formats.conda import (
     check_supported,
     rendered_is_current,
     target_paths,
 )
+from lockgen.matrix import Matrix, Target
 
 if TYPE_CHECKING:  # pragma: no cover
     from conda_lock.lockfile.v2prelim.models import LockedDependency, Lockfile
@@ -274,7 +274,7 @@ def make_solver(engine: str, cache_dir: Path | None = None, conda: str | None = 
 class LockResult:
     path: Path
     lock: Lockfile
-    report: object  # lockgen.verify.Report
+    report: object  # lockgen.findings.Report
 
 
 def prepare_job(
@@ -305,7 +305,7 @@ def lock_target(
     allow_unverified: bool = False,
 ) -> LockResult:
     """Solve, build, verify, then write ``envs/<target>.lock``; see the module docstring."""
-    from lockgen.verify import verify_lock
+    from lockgen.formats.conda import verify_lock
 
     support = check_supported(matrix, target, allow_unverified)
     solver = solver or RattlerSolver()

@@ -20,6 +20,12 @@ wheel index folder (``…/whl/cu126``), which is reachable only from the network
 ``# lockgen:`` lines so that ``verify`` can check it.
 
 The resolver is injectable (``UvResolver(run=...)``); it never touches this environment.
+
+Verifying
+---------
+``verify_requirements(path, matrix, ...) -> Report`` and ``check_requirements``: the checks
+``lockgen verify`` runs on a pip hash-lock. The wheel checks it shares with the uv format
+(torch build, CUDA runtime, cuDNN, index hashes) live here too.
 """
 
 from __future__ import annotations
@@ -30,13 +36,17 @@ import sys
 import tempfile
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lockgen.errors import LockgenError
+from lockgen.findings import Report
+from lockgen.formats.locks import check_file_name, read_lock_text, resolve_target
 from lockgen.index import canonical_name
-from lockgen.matrix import Target
+from lockgen.matrix import Matrix, Target
 from lockgen.output import write_text
 from lockgen.versions import Version
 
@@ -44,6 +54,10 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
+
 
 PIP_PROJECT_REQUIREMENTS = ("numpy",)
 
@@ -59,6 +73,11 @@ PLATFORM_MARKERS = {
 
 def _run(argv: Sequence[str]) -> subprocess.CompletedProcess:
     return subprocess.run(list(argv), capture_output=True, text=True)
+
+
+def cuda_runtime_package(cuda: Version) -> str:
+    """The PyPI wheel of the CUDA runtime (``nvidia-cuda-runtime-cu12``; no suffix from 13)."""
+    return "nvidia-cuda-runtime" if cuda.major >= 13 else f"nvidia-cuda-runtime-cu{cuda.major}"
 
 
 def uv_command() -> list[str]:
@@ -277,8 +296,6 @@ def lock_pip(
 ) -> Path:
     """Resolve every (platform, Python) of the target, check the torch build, then write
     ``envs/<target>.requirements.txt`` atomically."""
-    from lockgen.verify import Report, check_requirements
-
     resolver = resolver or UvResolver()
     source = target.pip_source
     url, why = source.url, source.why
@@ -401,3 +418,193 @@ def parse_requirements(text: str) -> Requirements:
             Requirement(item, name.strip(), version.strip(), pinned, marker.strip(), hashes)
         )
     return Requirements(meta, entries, options)
+
+
+_MD5 = re.compile(r"^[0-9a-f]{32}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+# -- pip hash-locks and uv locks: the checks they share ---------------------------------------
+
+
+def sha256s(hashes) -> list[str]:
+    return [h.removeprefix("sha256:") for h in hashes]
+
+
+def check_index_hashes(report: Report, index: str, pins) -> None:
+    """``pins``: (name, version, [sha256]) — every hash must be one the index publishes."""
+    from lockgen.index import IndexHashes
+
+    client = IndexHashes(index)
+    for name, version, hashes in pins:
+        try:
+            published = client.release_hashes(name, version)
+        except LockgenError as exc:
+            report.error("hash", f"cannot compare hashes with {index}: {exc}")
+            return
+        if not published:
+            report.error("hash", f"{name} {version}: {index} publishes no file of it")
+            continue
+        for h in hashes:
+            if h not in published:
+                report.error(
+                    "hash",
+                    f"{name} {version}: sha256 {h[:16]}... is not one {index} publishes for it",
+                )
+
+
+def check_cuda_runtime(report: Report, target: Target, runtimes, pypi: bool) -> None:
+    """``runtimes``: (name, version) of the locked ``nvidia-cuda-runtime*`` wheels."""
+    if target.is_cpu:
+        if runtimes:
+            names = ", ".join(f"{n} {v}" for n, v in runtimes)
+            report.error("torch", f"the CPU target locks a CUDA runtime ({names})")
+        return
+    assert target.cuda is not None
+    if not runtimes:
+        if pypi:
+            report.error(
+                "torch",
+                f"no {cuda_runtime_package(target.cuda)} in the lock: PyPI's CUDA "
+                f"{target.cuda} torch requires it, so this torch is a CPU build",
+            )
+        return
+    for name, version in runtimes:
+        if not Version.parse(version.split("+")[0]).matches_prefix(target.cuda):
+            report.error(
+                "cuda", f"{name} {version} is not the CUDA {target.cuda} runtime of the target"
+            )
+
+
+def check_cudnn_wheels(report: Report, target: Target, cudnns) -> None:
+    if target.cudnn is None:
+        return
+    for name, version in cudnns:
+        if not Version.parse(version).matches_prefix(target.cudnn):
+            report.error("cudnn", f"{name} {version}: the matrix says cuDNN {target.cudnn}")
+
+
+def check_torch_wheel(
+    report: Report, target: Target, what: str, version: str, want: Version, pypi: bool
+) -> None:
+    v = Version.parse(version)
+    if not v.matches_prefix(want):
+        report.error("torch", f"{what} {version} is not {what} {want}")
+    if pypi:
+        if v.local is not None:
+            report.error("torch", f"{what} {version}: PyPI builds carry no +{v.local}")
+    elif v.local != target.tag:
+        report.error(
+            "torch",
+            f"{what} {version} is the {v.local or 'untagged'} build, target {target.name} "
+            f"is {target.tag}"
+            + (" (a CPU build)" if v.local == "cpu" and not target.is_cpu else ""),
+        )
+
+
+# -- pip hash-locks ---------------------------------------------------------------------------
+
+
+def check_requirements(report: Report, req, target: Target, check_index: bool) -> None:
+    """Every check of a parsed pip hash-lock against its target (see the module docstring)."""
+    from lockgen.index import canonical_name
+
+    if not req.entries:
+        report.error("hash", "no requirements in the file")
+    seen: set[tuple[str, str]] = set()
+    for e in req.entries:
+        if not e.pinned:
+            report.error("hash", f"{e.name}: not pinned with == ({e.raw})")
+        if not e.hashes or not all(
+            h.startswith("sha256:") and _SHA256.match(h.removeprefix("sha256:")) for h in e.hashes
+        ):
+            report.error("hash", f"{e.name}: missing or malformed --hash (sha256:<64 hex>)")
+        key = (canonical_name(e.name), e.marker)
+        if key in seen:
+            report.error(
+                "hash", f"{e.name}: listed twice" + (f" for {e.marker}" if e.marker else "")
+            )
+        seen.add(key)
+    want_platforms = ",".join(target.platforms)
+    want_pythons = ",".join(p.raw for p in sorted(target.pythons))
+    have = (req.meta.get("platforms", "?"), req.meta.get("pythons", "?"))
+    if have != (want_platforms, want_pythons):
+        report.error(
+            "platform",
+            f"the lock covers platforms {have[0]} x Pythons {have[1]}; target "
+            f"{target.name} needs {want_platforms} x {want_pythons} (re-lock)",
+        )
+    source = target.pip_source
+    _check_pip_options(report, req)
+    index = req.index_urls[0] if len(req.index_urls) == 1 else ""
+    if index.rstrip("/") != source.url.rstrip("/"):
+        report.error(
+            "index",
+            f"resolved from {index or '?'}, but target {target.name}'s build comes from "
+            f"{source.url}",
+        )
+    by_name: dict[str, list] = defaultdict(list)
+    for e in req.entries:
+        by_name[canonical_name(e.name)].append(e)
+    pypi = source.kind == "pypi"
+    for what, want in (("torch", target.torch), ("torchvision", target.torchvision)):
+        if not by_name.get(what):
+            report.error("torch", f"no {what} in the lock")
+        for e in by_name.get(what, []):
+            check_torch_wheel(report, target, what, e.version, want, pypi)
+    runtimes = [
+        (n, e.version)
+        for n, es in by_name.items()
+        if n.startswith("nvidia-cuda-runtime")
+        for e in es
+    ]
+    check_cuda_runtime(report, target, runtimes, pypi)
+    cudnns = [
+        (n, e.version) for n, es in by_name.items() if n.startswith("nvidia-cudnn") for e in es
+    ]
+    check_cudnn_wheels(report, target, cudnns)
+    if check_index and index:
+        check_index_hashes(
+            report, index, [(e.name, e.version, sha256s(e.hashes)) for e in req.entries]
+        )
+
+
+def _check_pip_options(report: Report, req) -> None:
+    """pip obeys every option line: the file must name one index and nothing else."""
+    for option, value in req.options:
+        if option != "--index-url":
+            report.error(
+                "index",
+                f"{option} {value}".strip() + ": lockgen's pip locks name one --index-url and "
+                "no other option (pip would obey it: another index, file or requirement)",
+            )
+    if len(req.index_urls) != 1:
+        report.error("index", f"the file must name one --index-url, it names {len(req.index_urls)}")
+    elif not req.index_urls[0]:
+        report.error("index", "--index-url names no URL")
+    recorded = req.meta.get("index-url")
+    if recorded and req.index_urls and recorded != req.index_urls[0]:
+        report.error(
+            "index",
+            f"the file says it was resolved from {recorded}, but its --index-url line sends pip "
+            f"to {req.index_urls[0]}",
+        )
+
+
+def verify_requirements(
+    path: Path, matrix: Matrix, target: Target | None = None, check_index: bool = False
+) -> Report:
+    path = Path(path)
+    req = parse_requirements(read_lock_text(path, "pip requirements file"))
+    name = req.meta.get("target") or path.name.removesuffix(".requirements.txt")
+    report = Report(str(path), name)
+    if target is None:
+        target = resolve_target(matrix, name, report)
+        if target is None:
+            return report
+        check_file_name(report, path, ".requirements.txt", target)
+    report.target = target.name
+    check_requirements(report, req, target, check_index)
+    report.checked = ["pins", "hashes", "platforms x pythons", "index", "torch build", "CUDA"]
+    report.checked += ["index hashes"] if check_index else []
+    return report

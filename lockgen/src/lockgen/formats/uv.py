@@ -25,28 +25,52 @@ What pins the CUDA build, so that no resolution can end with a CPU torch:
 
 The Python is pinned by ``.python-version`` (the target's ``python``); ``requires-python``
 spans the target's ``pythons``, so one ``uv.lock`` serves each of them.
+
+Verifying
+---------
+``verify_uv_lock(path, matrix, ...) -> Report``: the checks ``lockgen verify`` runs on a
+``uv.lock``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import textwrap
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lockgen.errors import LockgenError
+from lockgen.findings import Report
+from lockgen.formats.locks import resolve_target
+from lockgen.formats.pip import (
+    PIP_PROJECT_REQUIREMENTS,
+    PLATFORM_MARKERS,
+    check_cuda_runtime,
+    check_cudnn_wheels,
+    check_index_hashes,
+    check_torch_wheel,
+    cuda_runtime_package,
+    uv_command,
+)
 from lockgen.matrix import PYPI, Matrix, Target
 from lockgen.output import write_text, write_texts
-from lockgen.render.pip import PIP_PROJECT_REQUIREMENTS, PLATFORM_MARKERS, uv_command
-from lockgen.versions import Version
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lockgen.verify import Report
+    pass
+
 
 Runner = Callable[[Sequence[str]], subprocess.CompletedProcess]
 
@@ -72,11 +96,6 @@ def project_name(target: Target) -> str:
 
 def index_name(target: Target) -> str:
     return f"torch-{target.tag}"
-
-
-def cuda_runtime_package(cuda: Version) -> str:
-    """The PyPI wheel of the CUDA runtime (``nvidia-cuda-runtime-cu12``; no suffix from 13)."""
-    return "nvidia-cuda-runtime" if cuda.major >= 13 else f"nvidia-cuda-runtime-cu{cuda.major}"
 
 
 def dependencies(target: Target) -> list[str]:
@@ -132,7 +151,7 @@ def _why_no_cpu_torch(target: Target) -> str:
     return (
         text + "; the lock covers only the platforms where that is the build (environments, "
         "required-environments). Why no resolution can end with a CPU torch: "
-        "lockgen/render/uv.py."
+        "lockgen/formats/uv.py."
     )
 
 
@@ -224,8 +243,6 @@ def lock_uv(
     """``uv lock`` the committed project in a scratch copy, verify the ``uv.lock`` it wrote,
     then put it beside the ``pyproject.toml`` (atomically). A failed lock or verification
     leaves any previous ``uv.lock`` untouched."""
-    from lockgen.verify import verify_uv_lock
-
     stale = uv_rendered_is_current(target, envs_dir)
     if stale:
         raise LockgenError(f"target {target.name}: " + "; ".join(stale))
@@ -261,3 +278,178 @@ def lock_uv(
     write_text(paths.lock, text)
     report.path = str(paths.lock)
     return UvLockResult(paths.lock, report)
+
+
+_MD5 = re.compile(r"^[0-9a-f]{32}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+# -- uv locks ---------------------------------------------------------------------------------
+
+
+def _uv_root(lock: dict) -> dict | None:
+    return next(
+        (
+            p
+            for p in lock.get("package", [])
+            if {"virtual", "editable"} & set((p.get("source") or {}).keys())
+        ),
+        None,
+    )
+
+
+def _uv_closure(packages: list[dict], start: str) -> set[str]:
+    """Names reachable from ``start`` through dependencies and every extra."""
+    from lockgen.index import canonical_name
+
+    edges: dict[str, set[str]] = defaultdict(set)
+    for p in packages:
+        deps = list(p.get("dependencies", []))
+        for extra in (p.get("optional-dependencies") or {}).values():
+            deps += extra
+        edges[canonical_name(p["name"])] |= {canonical_name(d["name"]) for d in deps}
+    seen, todo = set(), [canonical_name(start)]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo += edges.get(n, ())
+    return seen
+
+
+def _check_uv_stale(report: Report, lock: dict, root: dict, target: Target, envs_dir) -> None:
+    for problem in uv_rendered_is_current(target, envs_dir):
+        report.error("stale", f"{problem}; re-render and re-lock")
+    locked = {
+        (d.get("name"), d.get("specifier", ""))
+        for d in (root.get("metadata") or {}).get("requires-dist", [])
+    }
+    wanted = set()
+    for dep in dependencies(target):
+        name = re.split(r"[=<>!~ ]", dep, maxsplit=1)[0]
+        wanted.add((name, dep[len(name) :].strip()))
+    if locked != wanted:
+        report.error(
+            "stale",
+            f"the lock was made for the dependencies {sorted(locked)}, the target's "
+            f"project asks for {sorted(wanted)}: run `lockgen lock {target.name} --flavor uv`",
+        )
+    if lock.get("requires-python") != requires_python(target):
+        report.error(
+            "stale",
+            f"the lock's requires-python {lock.get('requires-python')!r} is not the "
+            f"target's {requires_python(target)!r}",
+        )
+
+
+def _check_uv_platforms(report: Report, lock: dict, target: Target) -> None:
+    required = lock.get("required-markers") or []
+    for platform in target.platforms:
+        machine = PLATFORM_MARKERS[platform].split('platform_machine == "')[1].rstrip('"')
+        if not any(f"platform_machine == '{machine}'" in m for m in required):
+            report.error(
+                "platform",
+                f"{platform} is not a required environment of the lock (target "
+                f"{target.name} needs {', '.join(target.platforms)})",
+            )
+
+
+def _check_uv_hashes(report: Report, packages: list[dict]) -> list[tuple]:
+    """Every registry file has a well-formed sha256; returns (name, version, [sha256])."""
+    pins = []
+    for p in packages:
+        if "registry" not in (p.get("source") or {}):
+            continue
+        files = list(p.get("wheels") or []) + ([p["sdist"]] if p.get("sdist") else [])
+        where = f"{p.get('name')} {p.get('version')}"
+        if not files:
+            report.error("hash", f"{where}: no wheel or sdist with a hash in the lock")
+        hashes = []
+        for f in files:
+            h = str(f.get("hash", ""))
+            if not h.startswith("sha256:") or not _SHA256.match(h.removeprefix("sha256:")):
+                report.error("hash", f"{where}: hash {h!r} of {f.get('url')} is malformed")
+            else:
+                hashes.append(h.removeprefix("sha256:"))
+        pins.append((p.get("name"), p.get("version"), hashes, p["source"]["registry"]))
+    return pins
+
+
+def verify_uv_lock(
+    path: Path,
+    matrix: Matrix,
+    envs_dir: Path | None = None,
+    target: Target | None = None,
+    check_index: bool = False,
+) -> Report:
+    """Check a ``uv.lock`` against its target: the project it locks is the one ``render``
+    writes now, torch/torchvision are the target's build from its index (a PyPI build's
+    dependencies reach the target's CUDA runtime; a wheel-index build carries its +tag),
+    every platform is required, every file has a sha256 (with ``check_index``: the one the
+    index publishes)."""
+    path = Path(path)
+    report = Report(str(path), None)
+    try:
+        lock = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise LockgenError(f"{path} is not a readable uv.lock: {exc}") from None
+    packages = [p for p in lock.get("package", []) if isinstance(p, dict) and "name" in p]
+    root = _uv_root(lock)
+    if root is None:
+        report.error("target", "the lock has no project (a virtual root package)")
+        return report
+    name = str(root["name"]).removeprefix("gpufit-")
+    report.target = name
+    if target is None:
+        target = resolve_target(matrix, name, report)
+        if target is None:
+            return report
+        if path.parent.name != name:
+            report.error(
+                "target",
+                f"the lock is for target {name} but lies in {path.parent.name}/ "
+                f"(expected envs/uv/{name}/uv.lock)",
+            )
+    elif root["name"] != project_name(target):
+        report.error("target", f"the lock is for {root['name']}, not {project_name(target)}")
+    report.target = target.name
+    envs_dir = Path(envs_dir) if envs_dir else path.resolve().parent.parent.parent
+    _check_uv_stale(report, lock, root, target, envs_dir)
+    _check_uv_platforms(report, lock, target)
+    source = target.pip_source
+    pypi = source.kind == "pypi"
+    by_name: dict[str, list[dict]] = defaultdict(list)
+    for p in packages:
+        by_name[p["name"]].append(p)
+    for what, want in (("torch", target.torch), ("torchvision", target.torchvision)):
+        if not by_name.get(what):
+            report.error("torch", f"no {what} in the lock")
+        for p in by_name.get(what, []):
+            check_torch_wheel(report, target, what, str(p.get("version")), want, pypi)
+            registry = (p.get("source") or {}).get("registry", "")
+            if registry.rstrip("/") != source.url.rstrip("/"):
+                report.error(
+                    "torch",
+                    f"{what} comes from {registry or '?'}, but target {target.name}'s build "
+                    f"comes from {source.url}",
+                )
+    reach = _uv_closure(packages, "torch") if by_name.get("torch") else set()
+    runtimes = [
+        (p["name"], str(p.get("version")))
+        for p in packages
+        if p["name"].startswith("nvidia-cuda-runtime") and p["name"] in reach
+    ]
+    check_cuda_runtime(report, target, runtimes, pypi)
+    cudnns = [
+        (p["name"], str(p.get("version")))
+        for p in packages
+        if p["name"].startswith("nvidia-cudnn") and p["name"] in reach
+    ]
+    check_cudnn_wheels(report, target, cudnns)
+    pins = _check_uv_hashes(report, packages)
+    if check_index:
+        for registry in sorted({p[3] for p in pins}):
+            check_index_hashes(report, registry, [p[:3] for p in pins if p[3] == registry])
+    report.checked = ["project", "platforms", "torch build", "CUDA", "hashes"]
+    report.checked += ["index hashes"] if check_index else []
+    return report
