@@ -170,7 +170,7 @@ def test_pip_resolve_failure_is_explained(matrix, tmp_path):
 
 
 def _errors(report, check=None):
-    return [f.message for f in report.findings if f.level == "error" and check in (None, f.check)]
+    return [f.message for f in report.findings if f.severity == "error" and check in (None, f.code)]
 
 
 def test_verify_requirements_findings(matrix, tmp_path):

@@ -16,14 +16,14 @@ def run(matrix, **kw):
 
 
 def fields(result, severity="error"):
-    return {c.field for c in result.conflicts if c.severity == severity}
+    return {c.code for c in result.conflicts if c.severity == severity}
 
 
 def test_tutorial_combination_is_rejected_with_the_right_reasons(matrix):
     r = run(matrix, torch="1.10.1", cuda="11.1", cudnn="8.9.2", python="3.8")
     assert not r.ok and r.verdict == "incompatible"
     assert fields(r) == {"torch", "cuda", "cudnn"}
-    msgs = {c.field: c.message for c in r.errors}
+    msgs = {c.code: c.message for c in r.errors}
     assert "older than the oldest release the matrix covers (1.13)" in msgs["torch"]
     assert "CUDA 11.1" in msgs["cuda"]
     # cuDNN 8.9.2 shipped only with the CUDA 12.1 builds of torch 2.1-2.3
@@ -183,7 +183,7 @@ def test_no_valid_combination_says_so(matrix):
 def test_json_shape(matrix):
     data = run(matrix, torch="2.8", cuda="12.8", driver="520.61.05").to_json()
     assert data["ok"] is False and data["verdict"] == "incompatible"
-    assert data["conflicts"][0]["field"] == "driver"
+    assert data["conflicts"][0]["code"] == "driver"
     assert set(data["suggestions"][0]) == {
         "torch",
         "torchvision",
@@ -477,3 +477,21 @@ def test_grid_every_verdict_rests_on_a_build_and_every_suggestion_passes(matrix)
             c = mt.candidate
             assert oracle(matrix, cell, c.release, c.build), (cell, mt.describe())
     assert 20 < compatible < len(cells) - 20  # the grid has both kinds
+
+
+def test_one_finding_type_and_json_shape_for_check_doctor_and_verify(matrix):
+    from lockgen.findings import Finding, Report, Severity
+
+    r = run(matrix, torch="2.14", cuda="13.0", gpu="V100")
+    assert [c.to_json() for c in r.conflicts] == r.to_json()["conflicts"]
+    assert r.to_json()["conflicts"][0] == {
+        "severity": "error",
+        "code": "gpu",
+        "message": r.conflicts[0].message,
+    }
+    report = Report("x.lock", "cu130")
+    report.error("hash", "bad")
+    assert report.to_json()["findings"] == [{"severity": "error", "code": "hash", "message": "bad"}]
+    assert Finding("warning", "gpu", "m").severity is Severity.WARNING
+    with pytest.raises(ValueError):
+        Finding("warn", "gpu", "m")  # a misspelt severity is refused

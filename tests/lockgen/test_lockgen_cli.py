@@ -1,5 +1,6 @@
 """The CLI end to end: exit codes and output, in process and through `python -m lockgen`."""
 
+import argparse
 import io
 import json
 import re
@@ -72,7 +73,7 @@ def test_check_json():
     )
     data = json.loads(out)
     assert rc == 1 and data["ok"] is False
-    assert [c["field"] for c in data["conflicts"] if c["severity"] == "error"] == ["gpu"]
+    assert [c["code"] for c in data["conflicts"] if c["severity"] == "error"] == ["gpu"]
 
 
 @pytest.mark.parametrize(
@@ -148,7 +149,7 @@ def test_doctor_with_injected_machine(tmp_path):
 
 def test_doctor_json_with_injected_machine(tmp_path):
     prober, _ = fake_machine(tmp_path, torch="torch-2.14.1-cpu.json")
-    rc, out, _ = cli("doctor", "--json", prober=prober)
+    rc, out, _ = cli("doctor", "--format", "json", prober=prober)
     data = json.loads(out)
     assert rc == 0 and data["verdict"] == "works" and data["fix"]["target"] is None
 
@@ -208,3 +209,25 @@ def test_install_given_a_pip_hash_lock_says_what_install_takes(tmp_path):
     assert "is a pip requirements file; lockgen install takes a conda lockfile" in err
     assert f"pip install --require-hashes -r {lock}" in err
     assert not (tmp_path / "env").exists()
+
+
+def test_a_misspelt_seam_fails_instead_of_running_the_real_thing(tmp_path):
+    prober, _ = fake_machine(tmp_path, torch="torch-2.14.1-cpu.json")
+    with pytest.raises(TypeError, match="probr"):
+        main(["doctor"], out=io.StringIO(), probr=prober)
+
+
+@pytest.mark.parametrize("command", ["doctor", "verify envs/cu130.requirements.txt"])
+def test_json_flag_names_its_one_spelling(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*command.split(), "--json"], out=io.StringIO())
+    assert exc.value.code == 2
+    assert "lockgen: error: --json is now --format json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["matrix", "targets", "check", "doctor", "verify"])
+def test_every_command_with_machine_output_takes_format_json(command):
+    parser = next(c for c in COMMANDS if c.name == command)
+    p = argparse.ArgumentParser()
+    parser.configure(p)
+    assert "json" in next(a for a in p._actions if a.dest == "format").choices

@@ -32,7 +32,7 @@ else:  # pragma: no cover
 
 
 def _errors(report, check=None):
-    return [f.message for f in report.findings if f.level == "error" and check in (None, f.check)]
+    return [f.message for f in report.findings if f.severity == "error" and check in (None, f.code)]
 
 
 def test_pypi_build_is_pinned_by_index_platforms_and_cuda_runtime(matrix):

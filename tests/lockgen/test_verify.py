@@ -53,7 +53,7 @@ def _edit_lock(path, fn):
 
 
 def _errors(report, check):
-    return [f.message for f in report.findings if f.level == "error" and f.check == check]
+    return [f.message for f in report.findings if f.severity == "error" and f.code == check]
 
 
 def test_build_string_parsing():
@@ -187,6 +187,8 @@ def test_unknown_target(matrix, envs):
 def test_cli_verify_json(matrix, envs):
     out = io.StringIO()
     targets = str(matrix.targets_path)
-    rc = main(["--targets", targets, "verify", "--json", str(envs / "cpu-conda.lock")], out=out)
+    rc = main(
+        ["--targets", targets, "verify", "--format", "json", str(envs / "cpu-conda.lock")], out=out
+    )
     assert rc == 0
     assert '"ok": true' in out.getvalue()

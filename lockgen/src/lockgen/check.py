@@ -21,9 +21,10 @@ driver=..., gpu=..., platform=...)``
     value raises ``LockgenError``. A torch version with a local label (``2.1.2+cu121``) also
     gives the CUDA version.
 ``check(matrix, request) -> CheckResult``
-    ``conflicts`` (each a :class:`Finding`: ``severity`` error / warning / note, ``field``,
-    ``message``), ``ok``, ``verdict``, ``matches`` (the builds that fit), ``unverified``
-    (the unconfirmed facts the verdict rests on) and, when not ok, ``suggestions``.
+    ``conflicts`` (each a :class:`lockgen.findings.Finding`: ``severity`` error / warning /
+    note, ``code`` (the constraint: ``gpu``, ``driver``, ...), ``message``), ``ok``,
+    ``verdict``, ``matches`` (the builds that fit), ``unverified`` (the unconfirmed facts the
+    verdict rests on) and, when not ok, ``suggestions``.
 ``format_check(result) -> str``, ``result.to_json() -> dict``.
 """
 
@@ -36,25 +37,9 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from lockgen.errors import LockgenError
+from lockgen.findings import ERROR, NOTE, WARNING, Finding
 from lockgen.matrix import MVC, PLATFORMS, TOO_OLD, Build, DriverFit, Matrix, Release
 from lockgen.versions import NONE, SOME, Capability, Driver, Version, parse_cuda, runs_on
-
-ERROR, WARNING, NOTE = "error", "warning", "note"
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One thing check or doctor found: ``severity`` (ok / note / warning / error), a stable
-    ``code`` and a message. check's JSON calls the code ``field`` (the constraint)."""
-
-    severity: str
-    code: str
-    message: str
-
-    @property
-    def field(self) -> str:
-        return self.code
-
 
 # -- the request ------------------------------------------------------------------------------
 
@@ -782,10 +767,7 @@ class CheckResult:
             "verdict": self.verdict,
             "ok": self.ok,
             "unverified": list(self.unverified),
-            "conflicts": [
-                {"severity": c.severity, "field": c.field, "message": c.message}
-                for c in self.conflicts
-            ],
+            "conflicts": [c.to_json() for c in self.conflicts],
             "builds": [mt.to_json() for mt in self.matches],
             "suggestions": [s.to_json() for s in self.suggestions],
         }
@@ -1065,7 +1047,7 @@ def format_check(result: CheckResult, limit: int = 8) -> str:
             "holds for the builds listed)"
         )
     for c in result.conflicts:
-        lines.append(f"  {c.severity:<7} {c.field:<11} {c.message}")
+        lines.append(f"  {c.severity:<7} {c.code:<11} {c.message}")
     if result.matches:
         cuda = [mt for mt in result.matches if mt.candidate.build is not None]
         listed = cuda if cuda and len(cuda) < len(result.matches) else list(result.matches)

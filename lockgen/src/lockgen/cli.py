@@ -18,10 +18,16 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from lockgen.errors import LockgenError
 from lockgen.matrix import PLATFORMS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lockgen.formats.pip import UvResolver
+    from lockgen.formats.uv import Runner
+    from lockgen.probe import Prober
+    from lockgen.solve import Solver
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 EXIT_BROKEN_PIPE = 128 + 13  # as a process killed by SIGPIPE
@@ -54,11 +60,23 @@ example:
 
 
 @dataclass(frozen=True)
+class Seams:
+    """What a caller (the tests) puts in place of this machine and the real solvers; each
+    None means the real one. Passed to :func:`main` by keyword, so a misspelt one is a
+    TypeError instead of a silent run of the real thing."""
+
+    prober: Prober | None = None  # doctor, install: the machine probed
+    solver: Solver | None = None  # lock --flavor conda
+    pip_resolver: UvResolver | None = None  # lock --flavor pip
+    uv_runner: Runner | None = None  # lock --flavor uv: how `uv lock` is run
+
+
+@dataclass(frozen=True)
 class Command:
     name: str
     help: str
     configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace, TextIO], int]
+    run: Callable[[argparse.Namespace, TextIO, Seams], int]
 
 
 def _matrix(args: argparse.Namespace):
@@ -67,16 +85,34 @@ def _matrix(args: argparse.Namespace):
     return load_matrix(args.matrix, args.targets)
 
 
+class _FormatRenamed(argparse.Action):
+    """``--json``, which some commands took before every command had ``--format json``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("--json is now --format json (the same on every command)")
+
+
+def _add_format(p: argparse.ArgumentParser, default: str) -> None:
+    """The one spelling of machine output on every command: ``--format json``."""
+    p.add_argument(
+        "--format",
+        choices=(default, "json"),
+        default=default,
+        help="json: machine-readable, with stable keys (default: %(default)s)",
+    )
+    p.add_argument("--json", nargs=0, action=_FormatRenamed, help=argparse.SUPPRESS)
+
+
 # -- matrix ---------------------------------------------------------------------------------
 
 
 def _configure_matrix(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch", help="only this release (2.1 or 2.1.2)")
     p.add_argument("--cuda", help="only builds of this CUDA version (12.1 or cu121)")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    _add_format(p, "table")
 
 
-def _run_matrix(args: argparse.Namespace, out: TextIO) -> int:
+def _run_matrix(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
     from lockgen.versions import Version, parse_cuda
 
     m = _matrix(args)
@@ -168,7 +204,7 @@ ENVS_HELP = (
 
 def _configure_targets(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="show one target in full")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    _add_format(p, "table")
     p.add_argument("--envs", help=ENVS_HELP)
 
 
@@ -236,7 +272,7 @@ def _target_table(t, target_routes) -> str:
     return "\n".join([t.summary(), *(f"  {label:<{width}}  {value}" for label, value in rows)])
 
 
-def _run_targets(args: argparse.Namespace, out: TextIO) -> int:
+def _run_targets(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
     from lockgen.routes import nix_shells, routes
 
     m = _matrix(args)
@@ -293,10 +329,10 @@ def _configure_check(p: argparse.ArgumentParser) -> None:
         choices=PLATFORMS,
         help="conda platform (default linux-64)",
     )
-    p.add_argument("--format", choices=("text", "json"), default="text")
+    _add_format(p, "text")
 
 
-def _run_check(args: argparse.Namespace, out: TextIO) -> int:
+def _run_check(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
     from lockgen.check import Request, check, format_check
 
     m = _matrix(args)
@@ -331,7 +367,7 @@ def _run_check(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _configure_doctor(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
+    _add_format(p, "text")
     p.add_argument(
         "--python-exe",
         default=sys.executable,
@@ -339,14 +375,14 @@ def _configure_doctor(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _run_doctor(args: argparse.Namespace, out: TextIO) -> int:
+def _run_doctor(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
     from lockgen.doctor import BROKEN, diagnose, format_diagnosis
     from lockgen.probe import Prober
 
     m = _matrix(args)
-    prober = args.prober if getattr(args, "prober", None) else Prober(python_exe=args.python_exe)
+    prober = seams.prober or Prober(python_exe=args.python_exe)
     d = diagnose(m, prober.probe())
-    if args.json:
+    if args.format == "json":
         json.dump(d.to_json(), out, indent=2)
         out.write("\n")
     else:
@@ -377,7 +413,7 @@ def _configure_flake(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _run_flake(args: argparse.Namespace, out: TextIO) -> int:
+def _run_flake(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
     from pathlib import Path
 
     from lockgen.flake import DEFAULT_FLAKE_PATH, generate, lock_problems, stale, write_flake
@@ -455,7 +491,7 @@ def _render_flavors(args: argparse.Namespace, t) -> list[str]:
     return (["conda"] if t.has_conda else []) + ["uv"]
 
 
-def _run_render(args: argparse.Namespace, out: TextIO) -> int:
+def _run_render(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
     from lockgen.formats.conda import render_target
     from lockgen.formats.uv import render_uv
 
@@ -516,7 +552,7 @@ def _progress_line(text: str) -> None:
     sys.stderr.flush()
 
 
-def _run_lock(args: argparse.Namespace, out: TextIO) -> int:
+def _run_lock(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
     from pathlib import Path
 
     m = _matrix(args)
@@ -531,20 +567,19 @@ def _run_lock(args: argparse.Namespace, out: TextIO) -> int:
                 from lockgen.formats.pip import UvResolver, lock_pip
                 from lockgen.verify import verify_file
 
-                resolver = getattr(args, "pip_resolver", None) or UvResolver(
-                    progress=_progress_line
-                )
+                resolver = seams.pip_resolver or UvResolver(progress=_progress_line)
                 path = lock_pip(t, envs, resolver, args.index_url)
                 report = verify_file(path, m)
             elif args.flavor == "uv":
                 from lockgen.formats.uv import lock_uv
 
-                result = lock_uv(m, t, envs, **getattr(args, "uv_lock_options", {}))
+                runner = {"run": seams.uv_runner} if seams.uv_runner else {}
+                result = lock_uv(m, t, envs, **runner)
                 path, report = result.path, result.report
             else:
                 from lockgen.solve import lock_target, make_solver
 
-                solver = getattr(args, "solver", None) or make_solver(
+                solver = seams.solver or make_solver(
                     args.engine, Path(args.cache_dir) if args.cache_dir else None, args.conda
                 )
                 result = lock_target(m, t, envs, solver, args.channel, args.allow_unverified)
@@ -573,10 +608,10 @@ def _configure_verify(p: argparse.ArgumentParser) -> None:
         help="also compare every hash with what the conda channel's repodata or the package "
         "index publishes (network; reads metadata only)",
     )
-    p.add_argument("--json", action="store_true")
+    _add_format(p, "text")
 
 
-def _run_verify(args: argparse.Namespace, out: TextIO) -> int:
+def _run_verify(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
     from pathlib import Path
 
     from lockgen.verify import verify_file
@@ -586,7 +621,7 @@ def _run_verify(args: argparse.Namespace, out: TextIO) -> int:
         verify_file(f, m, Path(args.envs) if args.envs else None, args.check_channels)
         for f in args.lockfile
     ]
-    if args.json:
+    if args.format == "json":
         json.dump([r.to_json() for r in reports], out, indent=2)
         out.write("\n")
     else:
@@ -628,7 +663,7 @@ def _pip_lock(path) -> bool:
     return False
 
 
-def _run_install(args: argparse.Namespace, out: TextIO) -> int:
+def _run_install(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
     from pathlib import Path
 
     from lockgen.install import install_lockfile
@@ -646,7 +681,7 @@ def _run_install(args: argparse.Namespace, out: TextIO) -> int:
         Path(args.prefix),
         m,
         platform=args.platform,
-        prober=getattr(args, "prober", None),
+        prober=seams.prober,
         driver_check=not args.no_driver_check,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
     )
@@ -723,21 +758,24 @@ def main(
     argv: Sequence[str] | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
-    **inject,
+    *,
+    prober: Prober | None = None,
+    solver: Solver | None = None,
+    pip_resolver: UvResolver | None = None,
+    uv_runner: Runner | None = None,
 ) -> int:
-    """Run lockgen; returns the exit code. ``inject`` sets extra attributes on the parsed
-    arguments (tests pass ``prober=Prober(...)`` to ``doctor``)."""
+    """Run lockgen; returns the exit code. The keywords replace the real machine and solvers
+    (:class:`Seams`; tests pass ``prober=Prober(...)`` to ``doctor``)."""
+    seams = Seams(prober=prober, solver=solver, pip_resolver=pip_resolver, uv_runner=uv_runner)
     out = out or sys.stdout
     err = err or sys.stderr
     parser = build_parser()
     args = parser.parse_args(argv)
-    for k, v in inject.items():
-        setattr(args, k, v)
     if not getattr(args, "_run", None):
         parser.print_help(out)
         return EXIT_USAGE
     try:
-        return args._run(args, out)
+        return args._run(args, out, seams)
     except LockgenError as exc:
         err.write(f"lockgen: error: {exc}\n")
         return EXIT_USAGE

@@ -53,15 +53,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
-from lockgen.check import Finding, Match, Request, check, gpu_driver_fit
+from lockgen.check import Match, Request, check, gpu_driver_fit
 from lockgen.errors import LockgenError
+from lockgen.findings import Finding, Severity
 from lockgen.matrix import MVC, OK, TOO_OLD, DriverFit, Matrix, Release, Target
 from lockgen.probe import PIP, GpuInfo, LoadedLibrary, MachineReport, TorchInfo
 from lockgen.versions import Capability, Driver, Version, cuda_tag, parse_cuda, runs_on
 
 SCHEMA = 1
 WORKS, WARNINGS, BROKEN = "works", "works-with-warnings", "broken"
-SEVERITIES = ("ok", "note", "warning", "error")
+SEVERITIES = tuple(s.value for s in Severity)
 # Problems that only another torch build (or driver) fixes.
 NEEDS_ANOTHER_BUILD = frozenset(
     {
@@ -738,10 +739,7 @@ class Diagnosis:
                 "torch_error": r.torch_error,
                 "nvcc": {"version": r.nvcc.version.raw, "path": r.nvcc.path} if r.nvcc else None,
             },
-            "findings": [
-                {"severity": f.severity, "code": f.code, "message": f.message}
-                for f in self.findings
-            ],
+            "findings": [f.to_json() for f in self.findings],
             "fix": {
                 "target": self.fix.target,
                 "driver_min": self.fix.driver_min.raw if self.fix.driver_min else None,
