@@ -12,7 +12,7 @@ Verdicts: ``works``, ``works-with-warnings``, ``broken``. Each finding has a ``s
 (``ok`` / ``note`` / ``warning`` / ``error``), a stable ``code`` and a message. The fix names
 the target to install (from ``lockgen/data/targets.toml``), the driver needed, and a command.
 
-JSON output (``lockgen doctor --json``; keys are stable, ``schema`` changes if they do)::
+JSON output (``lockgen doctor --format json``; keys are stable, ``schema`` changes if they do)::
 
     {
       "schema": 1,
