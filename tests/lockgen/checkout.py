@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from lockgen.matrix import DATA_DIR
+from lockgen.load import DATA_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 ENVS = REPO / "envs"  # generated and committed: specs, locks, uv projects

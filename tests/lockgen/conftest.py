@@ -9,7 +9,7 @@ import pytest
 from checkout import FACTS
 from lockgen_fakes import fake_machine
 
-from lockgen.matrix import load_matrix
+from lockgen.load import load_matrix
 
 # The real targets have no CPU conda env (conda-forge's torch ends before the CPU target's
 # 2.14 in the matrix); the conda lock/verify/install tests add this one to cover CPU locks.

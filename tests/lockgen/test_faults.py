@@ -24,7 +24,7 @@ from lockgen.cli import main
 from lockgen.errors import LockgenError
 from lockgen.formats.conda import env_yml_text, target_paths, virtual_packages_text
 from lockgen.install import InstallRefused, install_lockfile
-from lockgen.matrix import load_matrix
+from lockgen.load import load_matrix
 from lockgen.probe import parse_torch_probe
 from lockgen.verify import verify_file
 

@@ -21,10 +21,10 @@ import pytest
 from checkout import FACTS
 
 from lockgen.cli import main
-from lockgen.errors import LockgenError
+from lockgen.errors import LockgenError, MatrixError
 from lockgen.flake import generate, stale
 from lockgen.formats.nix import SHELL_HOOK, load_nix_config, nix_indented, plan_shells
-from lockgen.matrix import MatrixError, load_matrix
+from lockgen.load import load_matrix
 
 REPO = Path(__file__).resolve().parents[2]
 STUB = Path(__file__).parent / "fixtures" / "nixpkgs-stub"

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from lockgen.errors import LockgenError
 from lockgen.install import install_lockfile
-from lockgen.matrix import load_matrix
+from lockgen.load import load_matrix
 from lockgen.verify import verify_file
 
 FUZZ = settings(

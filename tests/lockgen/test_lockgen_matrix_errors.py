@@ -9,7 +9,8 @@ import pytest
 from checkout import FACTS
 
 from lockgen.cli import main
-from lockgen.matrix import MatrixError, load_matrix
+from lockgen.errors import MatrixError
+from lockgen.load import load_matrix
 
 MATRIX = (FACTS / "matrix.toml").read_text()
 TARGETS = (FACTS / "targets.toml").read_text()

@@ -80,7 +80,7 @@ class Command:
 
 
 def _matrix(args: argparse.Namespace):
-    from lockgen.matrix import load_matrix
+    from lockgen.load import load_matrix
 
     return load_matrix(args.matrix, args.targets)
 
@@ -451,7 +451,7 @@ def _run_flake(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
 def _envs_dir(args: argparse.Namespace, m):
     from pathlib import Path
 
-    from lockgen.matrix import envs_dir_of
+    from lockgen.load import envs_dir_of
 
     return Path(args.envs) if getattr(args, "envs", None) else envs_dir_of(m.path)
 

@@ -56,8 +56,9 @@ from functools import cached_property
 from lockgen.check import Match, Request, check, gpu_driver_fit
 from lockgen.errors import LockgenError
 from lockgen.findings import Finding, Severity
-from lockgen.matrix import MVC, OK, TOO_OLD, DriverFit, Matrix, Release, Target
+from lockgen.matrix import MVC, OK, TOO_OLD, DriverFit, Matrix, Release
 from lockgen.probe import PIP, GpuInfo, LoadedLibrary, MachineReport, TorchInfo
+from lockgen.targets import Target
 from lockgen.versions import Capability, Driver, Version, cuda_tag, parse_cuda, runs_on
 
 SCHEMA = 1

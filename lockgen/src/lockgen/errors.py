@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class LockgenError(Exception):
     """Bad input: the message says what is wrong and, where it can, what would be right."""
+
+
+class MatrixError(LockgenError):
+    """A malformed or inconsistent facts file (matrix, targets, GPUs, Nix)."""

@@ -1,7 +1,7 @@
 """NVIDIA's GPU list: a GPU name as nvidia-smi prints it → its compute capability, and what
 the driver must be for it.
 
-The data is ``lockgen/data/gpus.toml`` (loaded by :mod:`lockgen.matrix`, which validates it); this
+The data is ``lockgen/data/gpus.toml`` (loaded by :mod:`lockgen.load`, which validates it); this
 module holds the values and the name matching, no I/O.
 
 Public API

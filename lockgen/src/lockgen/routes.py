@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lockgen.errors import LockgenError
-from lockgen.matrix import PYPI, Matrix, Target
+from lockgen.matrix import Matrix
+from lockgen.targets import PYPI, Target
 
 LOCKED, NO_LOCK, NONE = "locked", "no lock", "none"
 FLAVORS = ("pip", "uv", "conda", "nix")

@@ -40,7 +40,8 @@ from lockgen.formats.conda import (
     rendered_is_current,
     target_paths,
 )
-from lockgen.matrix import Matrix, Target
+from lockgen.matrix import Matrix
+from lockgen.targets import Target
 
 if TYPE_CHECKING:  # pragma: no cover
     from conda_lock.lockfile.v2prelim.models import LockedDependency, Lockfile

@@ -80,8 +80,10 @@ from typing import TYPE_CHECKING
 from lockgen.errors import LockgenError
 from lockgen.findings import Report
 from lockgen.formats.locks import META_TARGET, check_file_name, resolve_target
-from lockgen.matrix import Matrix, Target, default_envs_dir
+from lockgen.load import default_envs_dir
+from lockgen.matrix import Matrix
 from lockgen.output import write_text, write_texts
+from lockgen.targets import Target
 from lockgen.versions import Version
 
 if TYPE_CHECKING:  # pragma: no cover

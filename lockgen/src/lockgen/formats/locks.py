@@ -7,7 +7,8 @@ from pathlib import Path
 
 from lockgen.errors import LockgenError
 from lockgen.findings import Report
-from lockgen.matrix import Matrix, Target
+from lockgen.matrix import Matrix
+from lockgen.targets import Target
 
 # conda-lock lockfiles record their target here (metadata.custom_metadata)
 META_TARGET = "lockgen.target"

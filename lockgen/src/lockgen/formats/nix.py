@@ -8,7 +8,7 @@ Public API
 ----------
 ``load_nix_config(path=None) -> NixConfig``
     Reads and validates ``nix.toml`` (default: beside the matrix). Errors are
-    :class:`~lockgen.matrix.MatrixError` naming file, entry and problem.
+    :class:`~lockgen.errors.MatrixError` naming file, entry and problem.
 ``plan_shells(matrix, config) -> tuple[Shell, ...]``
     Chooses the nixpkgs input, CUDA package set, Python attribute and Nix systems of every
     target. A target whose CUDA version (or Python) no pinned nixpkgs has is a
@@ -30,16 +30,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lockgen.errors import LockgenError
-from lockgen.matrix import (
-    Matrix,
-    MatrixError,
-    Target,
-    _Entry,
-    _read_toml,
-    fact_label,
-    facts_dir,
-)
+from lockgen.errors import LockgenError, MatrixError
+from lockgen.load import fact_label, facts_dir
+from lockgen.matrix import Matrix
+from lockgen.tables import Table, read_toml
+from lockgen.targets import Target
 from lockgen.versions import Version
 
 SCHEMA = 1
@@ -114,7 +109,7 @@ def default_nix_config_path(matrix: Matrix | None = None) -> Path:
 
 def load_nix_config(path: str | Path | None = None, matrix: Matrix | None = None) -> NixConfig:
     file = Path(path) if path is not None else default_nix_config_path(matrix)
-    top = _Entry(file, "top level", _read_toml(file))
+    top = Table(file, "top level", read_toml(file))
     if top.integer("schema") != SCHEMA:
         top.fail(f"'schema' must be {SCHEMA}")
     sources: dict[str, str] = {}
@@ -123,7 +118,7 @@ def load_nix_config(path: str | Path | None = None, matrix: Matrix | None = None
             top.fail(f"source {k!r} must be a non-empty string")
         sources[k] = v
 
-    fl = _Entry(file, "flake", top.table("flake"))
+    fl = Table(file, "flake", top.table("flake"))
     description = fl.text("description")
     default = fl.text("default")
     systems_raw = fl.table("systems")
@@ -144,7 +139,7 @@ def load_nix_config(path: str | Path | None = None, matrix: Matrix | None = None
         label = f"nixpkgs #{i + 1}"
         if isinstance(raw, dict) and isinstance(raw.get("input"), str):
             label = f"nixpkgs {raw['input']!r}"
-        e = _Entry(file, label, raw)
+        e = Table(file, label, raw)
         name = e.text("input")
         if not _INPUT_RE.match(name) or name == "self":
             e.fail(f"input name {name!r} is not a valid Nix flake input name")
@@ -205,7 +200,7 @@ def load_nix_config(path: str | Path | None = None, matrix: Matrix | None = None
             f"develop takes bash and the registry fallback from it)"
         )
 
-    c = _Entry(file, "cuda", top.table("cuda"))
+    c = Table(file, "cuda", top.table("cuda"))
     cuda_packages = c.strs("packages")
     for p in cuda_packages:
         if not _INPUT_RE.match(p):
@@ -220,7 +215,7 @@ def load_nix_config(path: str | Path | None = None, matrix: Matrix | None = None
 
     caches: list[Cache] = []
     for i, raw in enumerate(top.tables("cache")):
-        e = _Entry(file, f"cache #{i + 1}", raw)
+        e = Table(file, f"cache #{i + 1}", raw)
         url = e.text("url")
         key = e.text("public_key")
         if not url.startswith("https://"):

@@ -13,7 +13,7 @@ platform_machine == "x86_64")``). pip installs the pins whose markers hold on th
 and checks each file's sha256 against the listed ones: ``pip install --require-hashes -r
 FILE``.
 
-Where the wheels come from is the target's :attr:`~lockgen.matrix.Target.pip_source`: PyPI
+Where the wheels come from is the target's :attr:`~lockgen.targets.Target.pip_source`: PyPI
 when its torch *is* the target's build on every platform of the target, else the PyTorch
 wheel index folder (``…/whl/cu126``), which is reachable only from the networked workflow
 (``.github/workflows/lock.yml``). The file records target, index, platforms and Pythons in
@@ -46,8 +46,9 @@ from lockgen.errors import LockgenError
 from lockgen.findings import Report
 from lockgen.formats.locks import check_file_name, read_lock_text, resolve_target
 from lockgen.index import canonical_name
-from lockgen.matrix import Matrix, Target
+from lockgen.matrix import Matrix
 from lockgen.output import write_text
+from lockgen.targets import Target
 from lockgen.versions import Version
 
 if sys.version_info >= (3, 11):
@@ -313,7 +314,7 @@ def lock_pip(
     report = Report(str(requirements_path(envs_dir, target)), target.name)
     check_requirements(report, parse_requirements(text), target, check_index=False)
     build_errors = [
-        f for f in report.findings if f.level == "error" and f.check in ("torch", "cuda", "cudnn")
+        f for f in report.findings if f.severity == "error" and f.code in ("torch", "cuda", "cudnn")
     ]
     if build_errors:
         raise LockgenError(

@@ -60,8 +60,9 @@ from lockgen.formats.pip import (
     cuda_runtime_package,
     uv_command,
 )
-from lockgen.matrix import PYPI, Matrix, Target
+from lockgen.matrix import Matrix
 from lockgen.output import write_text, write_texts
+from lockgen.targets import PYPI, Target
 
 if sys.version_info >= (3, 11):
     import tomllib
