@@ -122,33 +122,7 @@ def _run_matrix(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
     cuda = parse_cuda(args.cuda) if args.cuda else None
     if args.cuda and cuda is None:
         raise LockgenError("--cuda needs a CUDA version; every release has a CPU build")
-    rows = []
-    for r in releases:
-        for b in r.builds:
-            if cuda is not None and b.cuda != cuda:
-                continue
-            floor = m.driver_floor(b.cuda)
-            archs = m.arch_list(r.torch, b.cuda)
-            rows.append(
-                {
-                    "torch": r.torch.raw,
-                    "torchvision": r.torchvision.raw if r.torchvision else None,
-                    "python": [p.raw for p in r.python],
-                    "released": r.released,
-                    "cuda": b.cuda.raw,
-                    "cudnn": b.cudnn.raw if b.cudnn else None,
-                    "status": b.status,
-                    "pypi_default": b.cuda == r.pypi_default_cuda,
-                    "driver_linux": floor.full.raw if floor and floor.full else None,
-                    "driver_linux_min": floor.minimum.raw if floor else None,
-                    "archs": list(archs.names) if archs else None,
-                    "verified": r.verified and b.verified,
-                    "unverified": list(r.unverified)
-                    + ([] if b.verified else ["build"])
-                    + ([] if archs is None or archs.verified else ["archs"]),
-                    "source": sorted(set(r.source + b.source)),
-                }
-            )
+    rows = m.build_rows(releases, cuda)
     if not rows:
         raise LockgenError(
             f"no build of the matrix matches --torch {args.torch} --cuda {args.cuda}"

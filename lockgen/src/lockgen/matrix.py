@@ -25,7 +25,7 @@ Public API
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -437,3 +437,40 @@ class Matrix:
             known = ", ".join(self.targets) or "none loaded"
             raise LockgenError(f"unknown target {name!r} (known targets: {known})")
         return self.targets[name]
+
+    # -- the rows of `lockgen matrix`
+
+    def build_rows(
+        self, releases: Sequence[Release] | None = None, cuda: Version | None = None
+    ) -> list[dict[str, Any]]:
+        """One row per CUDA build of ``releases`` (default: all), only ``cuda``'s if given:
+        the build, its driver floor, arch list, verification and sources, with stable keys
+        (``lockgen matrix --format json``)."""
+        rows = []
+        for r in self.releases if releases is None else releases:
+            for b in r.builds:
+                if cuda is not None and b.cuda != cuda:
+                    continue
+                floor = self.driver_floor(b.cuda)
+                archs = self.arch_list(r.torch, b.cuda)
+                rows.append(
+                    {
+                        "torch": r.torch.raw,
+                        "torchvision": r.torchvision.raw if r.torchvision else None,
+                        "python": [p.raw for p in r.python],
+                        "released": r.released,
+                        "cuda": b.cuda.raw,
+                        "cudnn": b.cudnn.raw if b.cudnn else None,
+                        "status": b.status,
+                        "pypi_default": b.cuda == r.pypi_default_cuda,
+                        "driver_linux": floor.full.raw if floor and floor.full else None,
+                        "driver_linux_min": floor.minimum.raw if floor else None,
+                        "archs": list(archs.names) if archs else None,
+                        "verified": r.verified and b.verified,
+                        "unverified": list(r.unverified)
+                        + ([] if b.verified else ["build"])
+                        + ([] if archs is None or archs.verified else ["archs"]),
+                        "source": sorted(set(r.source + b.source)),
+                    }
+                )
+        return rows
