@@ -646,3 +646,11 @@ def test_every_input_records_where_its_commit_comes_from(nixcfg):
     for i in nixcfg.inputs:
         assert i.rev_source and i.branch.startswith("nixos-") and i.nar_hash
         assert i.url == f"github:NixOS/nixpkgs/{i.rev}"
+
+
+def test_the_flake_template_has_named_holes_and_all_are_filled(flake_text):
+    from lockgen.formats.nix import FLAKE_TEMPLATE
+
+    holes = {m.group("named") for m in FLAKE_TEMPLATE.pattern.finditer(FLAKE_TEMPLATE.template)}
+    assert {"inputs", "targets", "dev_shells", "shell_hook", "generated_from"} <= holes
+    assert "@" not in flake_text  # every hole filled, none left in the output
