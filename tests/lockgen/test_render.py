@@ -27,6 +27,7 @@ from lockgen.formats.conda import (
 )
 from lockgen.matrix import ArchList
 from lockgen.output import CannotWrite, write_text
+from lockgen.provenance import Provenance
 from lockgen.versions import Capability, Version
 
 
@@ -115,14 +116,13 @@ def test_channel_support_from_the_matrix_facts(matrix, conda_matrix):
 
 def _with_cf_facts(matrix, torch_minor, cudas):
     facts = ArchList(
-        "conda-forge",
-        tuple(Version.parse(c) for c in cudas),
-        Version.parse(torch_minor),
-        Version.parse(torch_minor),
-        ("linux-64", "linux-aarch64"),
-        (Capability.parse("8.0"),),
-        ("cf-feedstock",),
-        True,
+        channel="conda-forge",
+        cuda=tuple(Version.parse(c) for c in cudas),
+        torch_min=Version.parse(torch_minor),
+        torch_max=Version.parse(torch_minor),
+        platforms=("linux-64", "linux-aarch64"),
+        archs=(Capability.parse("8.0"),),
+        provenance=Provenance(("cf-feedstock",), True),
     )
     return dataclasses.replace(matrix, arch_lists=(*matrix.arch_lists, facts))
 

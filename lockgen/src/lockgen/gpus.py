@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from lockgen.errors import LockgenError
+from lockgen.provenance import Provenance, Sourced
 from lockgen.versions import Capability, Version
 
 SEGMENTS = ("data_center", "workstation", "geforce", "jetson")
@@ -44,14 +45,13 @@ def name_key(text: str) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class Gpu:
+class Gpu(Sourced):
     """One GPU of NVIDIA's table."""
 
     name: str
     capability: Capability
     segment: str
-    source: tuple[str, ...]
-    verified: bool
+    provenance: Provenance
 
     @cached_property
     def key(self) -> tuple[str, ...]:
@@ -63,15 +63,14 @@ class Gpu:
 
 
 @dataclass(frozen=True)
-class Architecture:
+class Architecture(Sourced):
     """A GPU family: the capabilities it spans and the drivers that support it."""
 
     name: str
     capabilities: tuple[Capability, ...]
     first_cuda: Version | None
     last_driver: Version | None
-    source: tuple[str, ...]
-    verified: bool
+    provenance: Provenance
 
     def covers(self, capability: Capability) -> bool:
         return any(c.canonical == capability.canonical for c in self.capabilities)

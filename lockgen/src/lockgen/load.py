@@ -140,13 +140,15 @@ def _load_release(file: Path, raw: object, sources: Mapping[str, str]) -> Releas
         status = be.text("status")
         if status not in STATUSES:
             be.fail(f"'status' must be one of {', '.join(STATUSES)}, got {status!r}")
-        src, verified, note = be.provenance(sources)
-        cudnn = be.version("cudnn", required=verified)
+        prov = be.provenance(sources)
+        cudnn = be.version("cudnn", required=prov.verified)
         cudnn_md = be.version("cudnn_release_md", required=False)
         be.done()
         if any(x.cuda == cuda for x in builds):
             be.fail(f"duplicate build for CUDA {cuda}")
-        builds.append(Build(cuda, cudnn, status, src, verified, note, cudnn_md))
+        builds.append(
+            Build(cuda=cuda, cudnn=cudnn, status=status, provenance=prov, cudnn_release_md=cudnn_md)
+        )
     if not builds:
         e.fail("no CUDA builds ([[release.build]])")
     default = next((b for b in builds if b.cuda == pd_cuda), None)
@@ -159,29 +161,27 @@ def _load_release(file: Path, raw: object, sources: Mapping[str, str]) -> Releas
         e.fail(
             f"pypi_default cuDNN {pd_cudnn} differs from build {pd_cuda}'s cuDNN {default.cudnn}"
         )
-    src, verified, note = e.provenance(sources)
-    if unverified and verified:
+    prov = e.provenance(sources)
+    if unverified and prov.verified:
         e.fail("'verified' is true but 'unverified' lists fields")
     e.done()
     assert pd_cuda is not None and pd_cudnn is not None
     return Release(
-        torch,
-        torchvision,
-        released,
-        python,
-        python_exp,
-        pd_cuda,
-        pd_cudnn,
-        tuple(builds),
-        src,
-        verified,
-        unverified,
-        note,
-        tuple(platforms),
-        python_platforms,
-        tv_python,
-        tv_python_platforms,
-        tuple(pd_platforms),
+        torch=torch,
+        torchvision=torchvision,
+        released=released,
+        python=python,
+        python_experimental=python_exp,
+        pypi_default_cuda=pd_cuda,
+        pypi_default_cudnn=pd_cudnn,
+        builds=tuple(builds),
+        provenance=prov,
+        unverified=unverified,
+        platforms=tuple(platforms),
+        python_platforms=python_platforms,
+        torchvision_python=tv_python,
+        torchvision_python_platforms=tv_python_platforms,
+        pypi_default_platforms=tuple(pd_platforms),
     )
 
 
@@ -242,12 +242,14 @@ def _load_cuda_majors(file: Path, top: Table, sources: Mapping[str, str]) -> lis
         major = e.integer("major")
         linux = e.version("linux_floor")
         windows = e.version("windows_floor", required=False)
-        src, verified, note = e.provenance(sources)
+        prov = e.provenance(sources)
         e.done()
         if any(m.major == major for m in majors):
             e.fail("duplicate entry")
         assert linux is not None
-        majors.append(CudaMajor(major, linux, windows, src, verified, note))
+        majors.append(
+            CudaMajor(major=major, linux_floor=linux, windows_floor=windows, provenance=prov)
+        )
     return majors
 
 
@@ -267,7 +269,7 @@ def _load_cuda_toolkits(
         version = e.version("version")
         linux = e.version("linux")
         windows = e.version("windows", required=False)
-        src, verified, note = e.provenance(sources)
+        prov = e.provenance(sources)
         e.done()
         assert version is not None and linux is not None
         if any(t.version == version for t in toolkits):
@@ -280,7 +282,7 @@ def _load_cuda_toolkits(
                 f"toolkit driver {linux} is below the CUDA {version.major} floor "
                 f"{major.linux_floor}"
             )
-        toolkits.append(CudaToolkit(version, linux, windows, src, verified, note))
+        toolkits.append(CudaToolkit(version=version, linux=linux, windows=windows, provenance=prov))
     toolkits.sort(key=lambda t: t.version)
 
     for r in releases:
@@ -301,13 +303,10 @@ def _load_channels(file: Path, top: Table, sources: Mapping[str, str]) -> dict[s
         kind = e.text("kind")
         if kind not in CHANNEL_KINDS:
             e.fail(f"'kind' must be one of {', '.join(CHANNEL_KINDS)}, got {kind!r}")
-        src, verified, note = e.provenance(sources)
         ch = Channel(
-            name,
-            kind,
-            src,
-            verified,
-            note,
+            name=name,
+            kind=kind,
+            provenance=e.provenance(sources),
             index_url=e.text("index_url", required=kind == "pip"),
             wheel_index=e.text("wheel_index", required=kind == "pip"),
             channels=e.strs("channels", required=kind == "conda"),
@@ -372,9 +371,17 @@ def _load_arch_lists(
             e.fail(str(exc))
         if any(a.ptx for a in archs[:-1]):
             e.fail("only the last arch may carry +PTX")
-        src, verified, note = e.provenance(sources)
+        prov = e.provenance(sources)
         e.done()
-        row = ArchList(channel, cudas, tmin, tmax, tuple(platforms), archs, src, verified, note)
+        row = ArchList(
+            channel=channel,
+            cuda=cudas,
+            torch_min=tmin,
+            torch_max=tmax,
+            platforms=tuple(platforms),
+            archs=archs,
+            provenance=prov,
+        )
         _check_arch_overlap(e, row, arch_lists, releases)
         arch_lists.append(row)
     return arch_lists
@@ -445,13 +452,13 @@ def _load_gpus(file: Path, data: dict[str, Any], m: Matrix) -> GpuList:
         e = Table(file, label, raw)
         cap = _capability(e, e.text("capability"))
         names = {seg: e.strs(seg, required=False) for seg in SEGMENTS}
-        src, verified, _ = e.provenance(sources)
+        prov = e.provenance(sources)
         e.done()
         if not any(names.values()):
             e.fail(f"names no GPU (give one of {', '.join(SEGMENTS)})")
         for seg, seg_names in names.items():
             for name in seg_names:
-                gpu = Gpu(name, cap, seg, src, verified)
+                gpu = Gpu(name=name, capability=cap, segment=seg, provenance=prov)
                 if not gpu.key:
                     e.fail(f"GPU name {name!r} has no letters or digits")
                 if gpu.key in gpus:
@@ -464,7 +471,7 @@ def _load_gpus(file: Path, data: dict[str, Any], m: Matrix) -> GpuList:
         caps = tuple(_capability(e, c) for c in e.strs("capabilities"))
         first = e.version("first_cuda", required=False)
         last = e.version("last_driver", required=False)
-        src, verified, _ = e.provenance(sources)
+        prov = e.provenance(sources)
         e.done()
         if not caps:
             e.fail("'capabilities' is empty")
@@ -475,7 +482,11 @@ def _load_gpus(file: Path, data: dict[str, Any], m: Matrix) -> GpuList:
         for c in caps:
             if any(a.covers(c) for a in archs):
                 e.fail(f"capability {c} is already in another [[architecture]]")
-        archs.append(Architecture(name, caps, first, last, src, verified))
+        archs.append(
+            Architecture(
+                name=name, capabilities=caps, first_cuda=first, last_driver=last, provenance=prov
+            )
+        )
     check_top(top)
     return GpuList(tuple(gpus.values()), tuple(archs))
 

@@ -26,13 +26,14 @@ Public API
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lockgen.errors import LockgenError
 from lockgen.gpus import Gpu, GpuList
+from lockgen.provenance import Provenance, Sourced
 from lockgen.versions import ALL, NONE, Capability, Driver, Version, cuda_tag
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,15 +50,13 @@ PLATFORMS = ("linux-64", "linux-aarch64", "win-64", "osx-arm64", "osx-64")
 
 
 @dataclass(frozen=True)
-class Build:
+class Build(Sourced):
     """One CUDA build of a release (``torch 2.1`` + CUDA 12.1 + cuDNN 8.9.2.26)."""
 
     cuda: Version
     cudnn: Version | None
     status: str
-    source: tuple[str, ...]
-    verified: bool
-    note: str = ""
+    provenance: Provenance
     cudnn_release_md: Version | None = None
 
     @property
@@ -70,7 +69,7 @@ class Build:
 
 
 @dataclass(frozen=True)
-class Release:
+class Release(Sourced):
     """A PyTorch minor release and everything shipped with it."""
 
     torch: Version
@@ -81,10 +80,8 @@ class Release:
     pypi_default_cuda: Version
     pypi_default_cudnn: Version
     builds: tuple[Build, ...]
-    source: tuple[str, ...]
-    verified: bool
+    provenance: Provenance
     unverified: tuple[str, ...] = ()
-    note: str = ""
     platforms: tuple[str, ...] = ("linux-64",)
     python_platforms: Mapping[str, tuple[Version, ...]] = field(default_factory=dict)
     torchvision_python: tuple[Version, ...] = ()
@@ -120,27 +117,23 @@ class Release:
 
 
 @dataclass(frozen=True)
-class CudaMajor:
+class CudaMajor(Sourced):
     """Minor-version-compatibility driver floor of one CUDA major."""
 
     major: int
     linux_floor: Version
     windows_floor: Version | None
-    source: tuple[str, ...]
-    verified: bool
-    note: str = ""
+    provenance: Provenance
 
 
 @dataclass(frozen=True)
-class CudaToolkit:
+class CudaToolkit(Sourced):
     """The driver bundled with a CUDA toolkit (GA): the floor without minor-version compat."""
 
     version: Version
     linux: Version
     windows: Version | None
-    source: tuple[str, ...]
-    verified: bool
-    note: str = ""
+    provenance: Provenance
 
 
 @dataclass(frozen=True)
@@ -196,7 +189,7 @@ class DriverFloor:
 
 
 @dataclass(frozen=True)
-class ArchList:
+class ArchList(Sourced):
     """The GPU architectures compiled into the builds of some releases on some platforms."""
 
     channel: str
@@ -205,9 +198,7 @@ class ArchList:
     torch_max: Version
     platforms: tuple[str, ...]
     archs: tuple[Capability, ...]
-    source: tuple[str, ...]
-    verified: bool
-    note: str = ""
+    provenance: Provenance
 
     def covers(self, torch: Version, cuda: Version, platform: str) -> bool:
         return (
@@ -232,14 +223,12 @@ class ArchList:
 
 
 @dataclass(frozen=True)
-class Channel:
+class Channel(Sourced):
     """How to ask a package source for a build (pip index or conda channel)."""
 
     name: str
     kind: str
-    source: tuple[str, ...]
-    verified: bool
-    note: str = ""
+    provenance: Provenance
     index_url: str = ""
     wheel_index: str = ""
     channels: tuple[str, ...] = ()
@@ -364,17 +353,7 @@ class Matrix:
         if other:
             a = other[0]
             note = f"taken from the {a.channel} channel's build; {a.note}".rstrip("; ")
-            return ArchList(
-                channel,
-                a.cuda,
-                a.torch_min,
-                a.torch_max,
-                a.platforms,
-                a.archs,
-                a.source,
-                False,
-                note,
-            )
+            return replace(a, channel=channel, provenance=Provenance(a.source, False, note))
         return None
 
     def find_gpu(self, text: str) -> Gpu | None:

@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 from lockgen.errors import LockgenError, MatrixError
 from lockgen.matrix import PLATFORMS
+from lockgen.provenance import Provenance
 from lockgen.versions import Version
 
 if sys.version_info >= (3, 11):
@@ -122,14 +123,14 @@ class Table:
             self.fail(f"{key!r} must be an array of tables ([[{key}]])")
         return v
 
-    def provenance(self, sources: Mapping[str, str]) -> tuple[tuple[str, ...], bool, str]:
+    def provenance(self, sources: Mapping[str, str]) -> Provenance:
         src = self.strs("source")
         if not src:
             self.fail("'source' must name at least one source")
         for s in src:
             if s not in sources:
                 self.fail(f"unknown source {s!r} (define it in [sources])")
-        return src, self.flag("verified"), self.text("note", required=False)
+        return Provenance(src, self.flag("verified"), self.text("note", required=False))
 
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.seen)

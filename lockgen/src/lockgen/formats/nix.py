@@ -34,6 +34,7 @@ from string import Template
 from lockgen.errors import LockgenError, MatrixError
 from lockgen.load import fact_label, facts_dir
 from lockgen.matrix import Matrix
+from lockgen.provenance import Provenance, Sourced
 from lockgen.tables import Table, read_toml
 from lockgen.targets import Target
 from lockgen.versions import Version
@@ -52,7 +53,7 @@ _NAR_HASH_RE = re.compile(r"^sha256-[A-Za-z0-9+/]{43}=$")
 
 
 @dataclass(frozen=True)
-class NixpkgsInput:
+class NixpkgsInput(Sourced):
     """A nixpkgs flake input pinned to one commit (``rev``, taken from ``branch``), and the
     CUDA package sets and Pythons it provides. ``nar_hash``, when known, is the hash
     ``flake.lock`` must record for that commit."""
@@ -64,9 +65,7 @@ class NixpkgsInput:
     cuda: tuple[Version, ...]
     python: tuple[Version, ...]
     removed_cuda: tuple[Version, ...]
-    source: tuple[str, ...]
-    verified: bool
-    note: str = ""
+    provenance: Provenance
     nar_hash: str = ""
     rev_source: tuple[str, ...] = ()
 
@@ -80,11 +79,10 @@ class NixpkgsInput:
 
 
 @dataclass(frozen=True)
-class Cache:
+class Cache(Sourced):
     url: str
     public_key: str
-    source: tuple[str, ...]
-    verified: bool
+    provenance: Provenance
 
 
 @dataclass(frozen=True)
@@ -173,7 +171,7 @@ def load_nix_config(path: str | Path | None = None, matrix: Matrix | None = None
             e.fail(f"CUDA {both[0]} is both in 'cuda' and 'removed_cuda'")
         if not python:
             e.fail("'python' lists no version")
-        src, verified, note = e.provenance(sources)
+        prov = e.provenance(sources)
         e.done()
         if any(x.input == name for x in inputs):
             e.fail("duplicate input name")
@@ -186,9 +184,7 @@ def load_nix_config(path: str | Path | None = None, matrix: Matrix | None = None
                 cuda,
                 python,
                 removed,
-                src,
-                verified,
-                note,
+                prov,
                 nar_hash,
                 rev_source,
             )
@@ -223,9 +219,9 @@ def load_nix_config(path: str | Path | None = None, matrix: Matrix | None = None
             e.fail(f"cache url {url!r} must be https")
         if not re.fullmatch(r"[A-Za-z0-9._-]+:[A-Za-z0-9+/]{43}=", key):
             e.fail(f"public_key {key!r} is not 'name:base64-ed25519-key='")
-        src, verified, _ = e.provenance(sources)
+        prov = e.provenance(sources)
         e.done()
-        caches.append(Cache(url, key, src, verified))
+        caches.append(Cache(url=url, public_key=key, provenance=prov))
 
     for key in ("schema", "sources", "flake", "nixpkgs", "cuda", "cache"):
         top.seen.add(key)
