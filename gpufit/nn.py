@@ -35,10 +35,48 @@ class FusedLinearReLU(nn.Linear):
         return fused
 
 
+# The per-module hook tables of nn.Module: a module with any entry in one of them does more
+# than its forward (a pre-hook that edits the input, weight_norm/spectral_norm/prune recomputing
+# the weight, a state_dict hook renaming keys), which a fused replacement would silently drop.
+_HOOK_TABLES = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _plain(module: nn.Module, parameters: tuple[str, ...]) -> bool:
+    """Whether ``module`` is exactly what its class builds: no hooks, no instance-level
+    forward, no buffers or children, and (for a Linear) ``weight``/``bias`` that are dense
+    nn.Parameters, not tensors recomputed from other parameters (old-style weight_norm,
+    spectral_norm and prune store ``weight`` as a plain attribute)."""
+    if any(getattr(module, table, None) for table in _HOOK_TABLES):
+        return False
+    if "forward" in module.__dict__ or module._buffers or module._modules:
+        return False
+    if set(module._parameters) != set(parameters):
+        return False
+    return all(
+        (p is None and name == "bias")
+        or (isinstance(p, nn.Parameter) and p.layout is torch.strided)
+        for name, p in module._parameters.items()
+    )
+
+
 def _fusable(first: nn.Module, second: nn.Module) -> bool:
-    # Exactly nn.Linear: subclasses (LazyLinear, quantized or already-fused ones) may compute
-    # something else in forward.
-    return type(first) is nn.Linear and type(second) is nn.ReLU
+    # Exactly nn.Linear and nn.ReLU: subclasses (LazyLinear, quantized or already-fused ones,
+    # and the classes torch.nn.utils.parametrize makes) may compute something else in forward.
+    return (
+        type(first) is nn.Linear
+        and type(second) is nn.ReLU
+        and _plain(first, ("weight", "bias"))
+        and _plain(second, ())
+    )
 
 
 def fuse(model: nn.Module) -> nn.Module:
@@ -48,7 +86,11 @@ def fuse(model: nn.Module) -> nn.Module:
     The Linear's slot takes the fused module, which shares the Linear's parameters, and the
     ReLU's slot takes an ``nn.Identity``: state_dict keys and optimizer state stay valid.
     Only Sequential containers are rewritten, because only there is the order of calls known;
-    a ReLU applied with ``F.relu`` inside a custom ``forward`` is left alone.
+    a ReLU applied with ``F.relu`` inside a custom ``forward`` is left alone. So is a pair whose
+    Linear or ReLU does more than its class's forward: one with hooks (forward, pre-forward,
+    backward, state_dict), a parametrization (``torch.nn.utils.parametrize``, old-style
+    ``weight_norm``/``spectral_norm``, ``prune``), a weight or bias that is not a dense
+    ``nn.Parameter``, extra buffers or an instance-level ``forward``.
 
     A transformers causal LM (``LlamaForCausalLM``, ... or a PEFT model around one) is handed
     to ``gpufit.hf.fuse`` instead: its training loss then runs through
