@@ -160,17 +160,16 @@ def build_model(cfg: LMConfig, vocab_size: int):
     return model
 
 
+# The text is tokenized in memory at once (a Python list of ids): a cap keeps a huge or endless
+# file from taking the machine's memory. 64 MiB is about 16 million tokens.
+MAX_TEXT_BYTES = 64 * 2**20
+
+
 def read_text(path: str) -> tuple[str, str]:
-    """The text of --text and its sha256; UsageError for a missing, empty or binary file."""
+    """The text of --text and its sha256; UsageError for a missing, empty, binary or too large
+    file, and for anything that is not a regular file (a FIFO, a device like /dev/zero)."""
     file = Path(path)
-    if not file.exists():
-        raise UsageError(f"--text {file}: no such file")
-    if file.is_dir():
-        raise UsageError(f"--text {file} is a folder, not a text file")
-    try:
-        data = file.read_bytes()
-    except OSError as err:
-        raise UsageError(f"--text {file}: cannot read it ({err.strerror or err})") from None
+    data = training.read_regular_file(file, "--text", "a text file", MAX_TEXT_BYTES)
     if b"\0" in data[:65536]:
         raise UsageError(f"--text {file} holds binary data (NUL bytes), not text")
     try:

@@ -56,6 +56,9 @@ from gpufit.nn import FusedLinearReLU, fuse
 from gpufit.ops import fused_linear_cross_entropy
 
 CHECKPOINT_FORMAT = "gpufit-mnist-checkpoint/1"
+# A checkpoint holds the MLP's 203,530 weights and Adam's two moments (2.4 MiB) and a short
+# history: anything much larger is not one, and is not read.
+MAX_CHECKPOINT_BYTES = 64 * 2**20
 
 
 # ================================================================ the model
@@ -353,7 +356,7 @@ _HISTORY_KEYS = ("epoch", "steps", "train_loss", "test_loss", "test_accuracy")
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint of ``gpufit mnist``, checked for everything a resume reads before the model
     exists; a UsageError names what is wrong with it. ``resume_problems`` checks the rest."""
-    state = training.read_checkpoint(path)
+    state = training.read_checkpoint(path, max_bytes=MAX_CHECKPOINT_BYTES)
     problems = checkpoint_problems(state)
     if problems:
         raise UsageError(f"--resume {path}: {'; '.join(problems)}")

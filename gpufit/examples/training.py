@@ -14,6 +14,7 @@ import pickle
 import re
 import secrets
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -194,6 +195,76 @@ def write_or_explain(path: Path, write) -> None:
         ) from None
 
 
+# ================================================================ input files
+
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _regular_file_problem(info: os.stat_result, what: str, max_bytes: int | None) -> str | None:
+    for is_kind, kind in _KINDS:
+        if is_kind(info.st_mode):
+            return f"is {kind}, not {what}"
+    if not stat.S_ISREG(info.st_mode):
+        return f"is not a regular file, so not {what}"
+    if max_bytes is not None and info.st_size > max_bytes:
+        return f"is {_size(info.st_size)}, more than the {_size(max_bytes)} this command reads"
+    return None
+
+
+def open_regular_file(path: str | Path, flag: str, what: str, max_bytes: int | None = None):
+    """``path`` opened for binary reading, if it is a regular file (symlinks followed) of at
+    most ``max_bytes``; else a UsageError naming what it is. The check comes before the open,
+    and again on the opened file: a FIFO swapped in between cannot block the open (it is
+    opened non-blocking) nor be read."""
+    where = f"{flag} {path}"
+    try:
+        problem = _regular_file_problem(os.stat(path), what, max_bytes)
+    except FileNotFoundError:
+        raise UsageError(f"{where}: no such file") from None
+    except OSError as err:  # a symlink loop, a permission denied on the way, ...
+        raise UsageError(f"{where}: cannot read it ({_reason(err)})") from None
+    if problem:
+        raise UsageError(f"{where} {problem}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        raise UsageError(f"{where}: cannot read it ({_reason(err)})") from None
+    try:
+        problem = _regular_file_problem(os.fstat(fd), what, max_bytes)
+        if problem:
+            raise UsageError(f"{where} {problem}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_file(path: str | Path, flag: str, what: str, max_bytes: int) -> bytes:
+    """The bytes of ``path`` (see ``open_regular_file``), never more than ``max_bytes``."""
+    with open_regular_file(path, flag, what, max_bytes) as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as err:
+            raise UsageError(f"{flag} {path}: cannot read it ({_reason(err)})") from None
+    if len(data) > max_bytes:  # it grew after the check
+        raise UsageError(f"{flag} {path} is more than the {_size(max_bytes)} this command reads")
+    return data
+
+
 # ================================================================ checkpoints
 
 
@@ -214,23 +285,31 @@ def state_bytes(*states) -> int:
     return total
 
 
-def read_checkpoint(path: str | Path, flag: str = "--resume") -> object:
-    """What ``torch.load(path, weights_only=True)`` gives, or a UsageError saying why not."""
+def read_checkpoint(
+    path: str | Path, flag: str = "--resume", max_bytes: int | None = None, mmap: bool = False
+) -> object:
+    """What ``torch.load(path, weights_only=True)`` gives, or a UsageError saying why not.
+    Only a regular file of at most ``max_bytes`` is read (a FIFO or a device is refused before
+    it is opened); ``mmap`` maps the tensors instead of reading them (a cheap look at the
+    plain values of a large checkpoint)."""
     path = Path(path)
     where = f"{flag} {path}"
-    if not path.exists():
+    if not os.path.lexists(path):
         raise UsageError(f"{where}: no such checkpoint file")
-    if path.is_dir():
-        raise UsageError(f"{where} is a folder, not a checkpoint file")
-    try:
-        with path.open("rb") as f:
+    with open_regular_file(path, flag, "a checkpoint file", max_bytes) as f:
+        try:
             empty = not f.read(1)
-    except OSError as err:
-        raise UsageError(f"{where}: cannot read it ({_reason(err)})") from None
-    if empty:
-        raise UsageError(f"{where} is empty (0 bytes)")
+        except OSError as err:
+            raise UsageError(f"{where}: cannot read it ({_reason(err)})") from None
+        if empty:
+            raise UsageError(f"{where} is empty (0 bytes)")
+        f.seek(0)
+        return _load(f if not mmap else path, where, mmap)
+
+
+def _load(source, where: str, mmap: bool) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if refused:
