@@ -346,7 +346,11 @@ def train(cfg: LMConfig) -> dict:
             raise UsageError(f"--resume {cfg.resume}: {training.first_line(err)}") from None
         torch.set_rng_state(resume_state["rng"]["torch"])
         losses = list(resume_state["losses"])
+    claim = None
     if out is not None:
+        flag = "--out" if cfg.out else "--resume's folder"
+        claim = training.OutputClaim(out, CHECKPOINT_FORMAT, run, cfg.overwrite, flag)
+        claim.check()
         training.check_free_space(out, 2 * 3 * training.state_bytes(trainable_state(model)))
 
     progress = training.Progress(cfg.quiet)
@@ -374,7 +378,8 @@ def train(cfg: LMConfig) -> dict:
             raise OutputError(f"step {step + 1}: the loss is {losses[-1]}; lower --lr")
         done = step + 1
         progress.update(1, 1, done - first, cfg.steps - first, loss, start, cfg.batch_size)
-        if out is not None and (done % cfg.save_every == 0 or done == cfg.steps):
+        if claim is not None and (done % cfg.save_every == 0 or done == cfg.steps):
+            claim.recheck()
             state = {
                 "format": CHECKPOINT_FORMAT, "run": run, "config": asdict(cfg), "step": done,
                 "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
@@ -390,7 +395,8 @@ def train(cfg: LMConfig) -> dict:
         "seconds": seconds, "peak_memory_kind": memory_kind, "peak_memory_bytes": memory,
         "device": str(device), "fused": cfg.fused,
     }  # fmt: skip
-    if out is not None:
+    if claim is not None:
+        claim.recheck()
         doc = json.dumps({"config": asdict(cfg), "summary": summary, "losses": losses}, indent=2)
         training.write_or_explain(out / "metrics.json", lambda f: f.write(doc.encode()))
     return {**summary, "losses": losses, "model": model}

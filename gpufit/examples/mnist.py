@@ -523,7 +523,11 @@ def _train(cfg, dist: Distributed, device, out: Path | None, resume_state) -> Ru
                 f"--resume {cfg.resume}: cannot be loaded ({training.first_line(err)})"
             ) from None
         result.history = list(resume_state["history"])
+    claim = None
     if out is not None and dist.writer:
+        flag = "--out" if cfg.out else "--resume's folder"
+        claim = training.OutputClaim(out, CHECKPOINT_FORMAT, run_id, cfg.overwrite, flag)
+        claim.check()
         checkpoint = training.state_bytes(trainer.model.state_dict()) * 3  # weights + 2 moments
         training.check_free_space(out, 2 * checkpoint + 2**20)
 
@@ -573,7 +577,8 @@ def _train(cfg, dist: Distributed, device, out: Path | None, resume_state) -> Ru
         progress.line(epoch_line(metrics))
         result.summary = _summary(result, device, dist, cfg.threads)
         result.summary["data"] = data_line
-        if dist.writer and out is not None:
+        if claim is not None:
+            claim.recheck()
             state = {
                 "format": CHECKPOINT_FORMAT,
                 "run": run_id,

@@ -170,6 +170,66 @@ def check_output_dir(folder: str | Path, flag: str = "--out") -> Path:
     return folder
 
 
+@dataclass
+class OutputClaim:
+    """The files of one run in an output folder: ``checkpoint.pt`` (whose ``format`` names the
+    command and whose ``run`` holds the settings that make a run the same job) and
+    ``metrics.json``. A run may write there only while the folder holds nothing of another
+    command or run: runs of the same job share it (the last writer's files remain), anything
+    else is refused unless ``overwrite``.
+
+    ``check()`` before training (UsageError); ``recheck()`` before each write (OutputError: a
+    different run started writing there meanwhile)."""
+
+    folder: Path
+    format: str
+    run: dict
+    overwrite: bool = False
+    flag: str = "--out"
+
+    def problem(self) -> str | None:
+        """Why this run must not write into the folder (None when it may)."""
+        checkpoint = self.folder / "checkpoint.pt"
+        if not os.path.lexists(checkpoint):
+            if os.path.lexists(self.folder / "metrics.json"):
+                return "holds a metrics.json but no checkpoint.pt, so not this run's results"
+            return None
+        try:
+            state = read_checkpoint(checkpoint, "", mmap=True)
+        except UsageError:
+            state = None
+        if not isinstance(state, dict) or not isinstance(state.get("format"), str):
+            return "holds a checkpoint.pt that is not a gpufit checkpoint"
+        if state["format"] != self.format:
+            return f"holds the checkpoint of another command ({state['format']})"
+        saved = state.get("run")
+        if saved != self.run:
+            if not isinstance(saved, dict):
+                return "holds a checkpoint of another run"
+            differ = [k for k in self.run if saved.get(k) != self.run[k]] or sorted(saved)
+            detail = ", ".join(
+                f"{k}: {saved.get(k)!r} there, {self.run.get(k)!r} now" for k in differ[:3]
+            )
+            return f"holds the checkpoint of another run ({detail})"
+        return None
+
+    def check(self) -> None:
+        problem = None if self.overwrite else self.problem()
+        if problem:
+            raise UsageError(
+                f"{self.flag} {self.folder} {problem}; pass --overwrite to replace it, or "
+                "choose another folder"
+            )
+
+    def recheck(self) -> None:
+        problem = None if self.overwrite else self.problem()
+        if problem:
+            raise OutputError(
+                f"{self.flag} {self.folder}: another run wrote there during this one; it "
+                f"{problem}. Nothing of this run was written over it"
+            )
+
+
 def check_free_space(folder: Path, need_bytes: int, flag: str = "--out") -> None:
     """Refuse to start when ``folder`` lacks room for what a run will write."""
     free = shutil.disk_usage(folder).free
