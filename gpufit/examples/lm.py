@@ -24,7 +24,8 @@ import math
 import resource
 import sys
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -286,8 +287,38 @@ def _peak_memory(device) -> tuple[str, int]:
     return "peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+@contextmanager
+def library_chatter(quiet: bool):
+    """With ``quiet``: no progress bars from transformers (weight loading) and no
+    FutureWarning/DeprecationWarning from the libraries (peft, transformers) for the duration;
+    errors are still raised. Without it, nothing changes."""
+    if not quiet:
+        yield
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+    except ModuleNotFoundError:  # train() says that it is needed
+        hf_logging = None
+    bars = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if bars:
+            hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+
+
 def train(cfg: LMConfig) -> dict:
     """Fine-tune as configured; returns the summary (and 'losses': this run's step losses)."""
+    with library_chatter(cfg.quiet):
+        return _train(cfg)
+
+
+def _train(cfg: LMConfig) -> dict:
     problems = config_problems(cfg)
     if problems:
         raise UsageError("; ".join(problems))
@@ -370,12 +401,12 @@ def train(cfg: LMConfig) -> dict:
         ids = batches.batch(step).to(device)
         with autocast:
             loss = model(input_ids=ids, labels=ids).loss
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise OutputError(non_finite_loss_message(cfg, model, step, first, losses[-1]))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            raise OutputError(f"step {step + 1}: the loss is {losses[-1]}; lower --lr")
         done = step + 1
         progress.update(1, 1, done - first, cfg.steps - first, loss, start, cfg.batch_size)
         if claim is not None and (done % cfg.save_every == 0 or done == cfg.steps):
@@ -400,6 +431,31 @@ def train(cfg: LMConfig) -> dict:
         doc = json.dumps({"config": asdict(cfg), "summary": summary, "losses": losses}, indent=2)
         training.write_or_explain(out / "metrics.json", lambda f: f.write(doc.encode()))
     return {**summary, "losses": losses, "model": model}
+
+
+def non_finite_weights(model, limit: int = 3) -> tuple[list[str], int]:
+    """The first ``limit`` names of the parameters holding NaN or infinite values, and how many
+    there are in all."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
+    return bad[:limit], len(bad)
+
+
+def non_finite_loss_message(cfg: LMConfig, model, step: int, first: int, loss: float) -> str:
+    """Why step ``step``'s loss is not finite, as far as the weights tell: weights that were
+    NaN/Inf before any step of this run came from --model or --resume; weights that became so
+    since, from training (--lr); finite weights with a non-finite loss, from the numerics."""
+    names, count = non_finite_weights(model)
+    where = f"step {step + 1}: the loss is {loss}"
+    if not names:
+        return f"{where} while every weight is finite; lower --lr, or try without --bf16"
+    listed = ", ".join(names) + (f" and {count - len(names)} more" if count > len(names) else "")
+    if step == first:
+        origin = f"--model {cfg.model}" + (f" and --resume {cfg.resume}" if cfg.resume else "")
+        return (
+            f"{where} because weights loaded from {origin} hold NaN or infinite values "
+            f"({listed}); the model's weights are damaged, --lr cannot help"
+        )
+    return f"{where}: training made weights NaN or infinite ({listed}); lower --lr"
 
 
 def summary_line(s: dict) -> str:
