@@ -168,3 +168,28 @@ def test_regular_files_still_read(tmp_path):
     link = tmp_path / "link.txt"
     link.symlink_to(path)
     assert training.read_regular_file(link, "--text", "a text file", 2**20) == b"hello"
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "/dev/zero", "a socket"])
+def test_lm_tokenizer_must_be_a_regular_file(tmp_path, capsys, text, kind):
+    _needs_lm()
+    path, what = NOT_REGULAR[kind](tmp_path)
+    err = _one_line_error(capsys, "lm", "--text", text, "--tokenizer", path, *LM_SMALL)
+    assert f"--tokenizer {path}" in err and what in err
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "a symlink to /dev/zero", "a socket"])
+def test_lm_model_folder_files_must_be_regular_files(tmp_path, capsys, text, kind):
+    _needs_lm()
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    weights = folder / "model.safetensors"
+    if kind == "a symlink to /dev/zero":
+        weights.symlink_to("/dev/zero")
+        what = "character device"
+    else:
+        path, what = NOT_REGULAR[kind](tmp_path)
+        os.rename(path, weights)
+    err = _one_line_error(capsys, "lm", "--text", text, "--model", folder, *LM_SMALL)
+    assert f"--model {weights}" in err and what in err

@@ -211,3 +211,22 @@ def test_quiet_prints_only_the_summary_line(text, hf_folder, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", proc.stderr
     assert proc.stdout.count("\n") == 1 and proc.stdout.startswith("lm: loss"), proc.stdout
+
+
+def test_library_deprecation_warnings_are_not_printed(text, hf_folder, tmp_path):
+    """Without --quiet too: a refused --lora resume is the error line, no peft FutureWarning
+    before it (progress bars may show)."""
+    import subprocess
+    import sys
+
+    tokenizer = str(lm.shipped_tokenizer())
+    settings = dict(model=str(hf_folder), tokenizer=tokenizer, lora=True, lora_rank=4)
+    run(text, steps=2, out=str(tmp_path / "run"), **settings)
+    argv = ["-m", "gpufit", "lm", "--text", text, "--model", str(hf_folder), "--tokenizer",
+            tokenizer, "--seq-len", "16", "--batch-size", "2", "--lr", "0.5", "--lora",
+            "--lora-rank", "4", "--steps", "3", "--resume", str(tmp_path / "run" / "checkpoint.pt"),
+            "--device", "cpu", "--threads", "1"]  # fmt: skip
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2, proc.stderr
+    assert "Warning" not in proc.stderr and "warnings.warn" not in proc.stderr, proc.stderr
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("gpufit lm: error: --resume")

@@ -117,8 +117,7 @@ class HFTokenizer:
 def load_tokenizer(cfg: LMConfig):
     if cfg.tokenizer:
         path = Path(cfg.tokenizer)
-        if not path.is_file():
-            raise UsageError(f"--tokenizer {path}: no such file")
+        training.open_regular_file(path, "--tokenizer", "a SentencePiece model file").close()
         return SentencePieceTokenizer(path)
     if cfg.model == TINY:
         return SentencePieceTokenizer(shipped_tokenizer())
@@ -133,6 +132,9 @@ def check_model_folder(folder: Path) -> None:
         raise UsageError(f"--model {folder} is a file, not a model folder")
     if not (folder / "config.json").is_file():
         raise UsageError(f"--model {folder} is not a Hugging Face model folder (no config.json)")
+    for entry in sorted(folder.iterdir()):  # transformers would block on a FIFO, read a device
+        if not entry.is_dir():
+            training.open_regular_file(entry, "--model", "a model file").close()
 
 
 def build_model(cfg: LMConfig, vocab_size: int):
@@ -289,16 +291,15 @@ def _peak_memory(device) -> tuple[str, int]:
 
 @contextmanager
 def library_chatter(quiet: bool):
-    """With ``quiet``: no progress bars from transformers (weight loading) and no
-    FutureWarning/DeprecationWarning from the libraries (peft, transformers) for the duration;
-    errors are still raised. Without it, nothing changes."""
-    if not quiet:
-        yield
-        return
-    try:
-        from transformers.utils import logging as hf_logging
-    except ModuleNotFoundError:  # train() says that it is needed
-        hf_logging = None
+    """For the duration: no FutureWarning/DeprecationWarning from the libraries (peft and
+    transformers deprecations a user of this command cannot act on), and with ``quiet`` no
+    progress bars from transformers (weight loading) either. Errors are still raised."""
+    hf_logging = None
+    if quiet:
+        try:
+            from transformers.utils import logging as hf_logging
+        except ModuleNotFoundError:  # train() says that it is needed
+            pass
     bars = hf_logging is not None and hf_logging.is_progress_bar_enabled()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
