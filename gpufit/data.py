@@ -8,15 +8,22 @@ every PyTorch tutorial uses):
   data dir   the four uncompressed IDX files under ``<data-dir>/MNIST/raw/``
   sample     (default, no network needed) 5,000 real MNIST digits that ship with gpufit
              (4,000 train / 1,000 test, stratified), unpacked once into the cache as IDX files
+             (into a temporary folder when the cache cannot take them)
+
+torchvision prefers its legacy ``MNIST/processed/{training,test}.pt`` over the IDX files; a
+folder holding them is refused, so the data trained on is the data checked.
 
 Every problem with a data folder is raised as MNISTDataError, whose message says how to fix it.
 """
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import hashlib
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +123,27 @@ def raw_folder(root: Path) -> Path:
     return Path(root) / "MNIST" / "raw"
 
 
+# torchvision.datasets.MNIST loads these (older torchvision versions' cache) instead of the raw
+# IDX files whenever they are present, so a folder holding them would train on unchecked data.
+LEGACY_FILES = ("training.pt", "test.pt")
+
+
+def legacy_folder(root: Path) -> Path:
+    return Path(root) / "MNIST" / "processed"
+
+
+def _refuse_legacy_files(root: Path) -> None:
+    processed = legacy_folder(root)
+    found = [n for n in LEGACY_FILES if os.path.lexists(processed / n)]
+    if found:
+        raise MNISTDataError(
+            f"{processed} holds {' and '.join(found)}, torchvision's legacy MNIST cache, which "
+            f"torchvision.datasets.MNIST would load instead of the IDX files in "
+            f"{raw_folder(root)} that gpufit checks; remove or rename that folder "
+            f"(rm -r {processed})"
+        )
+
+
 def _layout_hint(root: Path) -> str:
     names = ", ".join(n for pair in RAW_FILES.values() for n in pair)
     return (
@@ -133,6 +161,7 @@ def validate_root(root: Path) -> dict[str, int]:
         raise MNISTDataError(f"data folder {root} does not exist; {_layout_hint(root)}")
     if not root.is_dir():
         raise MNISTDataError(f"data folder {root} is not a folder; {_layout_hint(root)}")
+    _refuse_legacy_files(root)
     raw = raw_folder(root)
     missing = [n for pair in RAW_FILES.values() for n in pair if not (raw / n).is_file()]
     if missing:
@@ -195,17 +224,9 @@ def _sample_checksums() -> dict[str, str]:
     return sums
 
 
-def prepare_sample(root: Path | None = None) -> Path:
-    """Unpack the shipped sample into ``<root>/MNIST/raw/`` (default root: the cache) unless a
-    checked copy is already there, and return ``root``. Safe to call from several processes."""
-    root = Path(root) if root is not None else default_cache_dir() / "mnist-sample"
-    try:
-        sums = _sample_checksums()
-    except OSError as err:
-        raise MNISTDataError(
-            f"the MNIST sample that ships with gpufit is missing ({SAMPLE_DIR}): the install is "
-            "incomplete; reinstall gpufit, or use --download / --data-dir"
-        ) from err
+def _unpack_sample(root: Path, sums: dict[str, str]) -> None:
+    """The shipped sample's IDX files in ``<root>/MNIST/raw/``, each checked against its sum
+    (a checked copy already there is kept). OSError when the folder cannot take them."""
     raw = raw_folder(root)
     for name, digest in sums.items():
         target = raw / name
@@ -218,7 +239,64 @@ def prepare_sample(root: Path | None = None) -> Path:
                 "reinstall gpufit"
             )
         write_atomic(target, lambda f, data=payload: f.write(data))
+
+
+def _temporary_root() -> Path:
+    """A new folder, removed when the process exits."""
+    folder = Path(tempfile.mkdtemp(prefix="gpufit-mnist-sample-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def prepare_sample(root: Path | None = None) -> Path:
+    """Unpack the shipped sample into ``<root>/MNIST/raw/`` unless a checked copy is already
+    there, and return ``root``. Safe to call from several processes.
+
+    Without ``root``: into the cache (``default_cache_dir()/mnist-sample``), or, when the cache
+    cannot take it (read-only, full, not a folder, no home folder), into a temporary folder
+    removed at exit. MNISTDataError, naming the cache folder and GPUFIT_CACHE_DIR, when neither
+    can."""
+    try:
+        sums = _sample_checksums()
+    except OSError as err:
+        raise MNISTDataError(
+            f"the MNIST sample that ships with gpufit is missing ({SAMPLE_DIR}): the install is "
+            "incomplete; reinstall gpufit, or use --download / --data-dir"
+        ) from err
+    if root is not None:
+        root = Path(root)
+        try:
+            _unpack_sample(root, sums)
+        except OSError as err:
+            raise MNISTDataError(
+                f"cannot unpack the MNIST sample into {root} ({_reason(err)})"
+            ) from None
+        return root
+    try:
+        root = default_cache_dir() / "mnist-sample"
+    except RuntimeError as err:  # Path.home() without HOME or a password entry
+        cache, cache_problem = "~/.cache/gpufit", str(err)
+    else:
+        try:
+            _unpack_sample(root, sums)
+            return root
+        except OSError as err:
+            cache, cache_problem = root, _reason(err)
+    try:
+        root = _temporary_root()
+        _unpack_sample(root, sums)
+    except OSError as err:
+        raise MNISTDataError(
+            f"cannot unpack the MNIST sample: the cache folder {cache} failed ({cache_problem}), "
+            f"and so did a temporary folder ({_reason(err)}); set GPUFIT_CACHE_DIR to a "
+            "writable folder, or pass --data-dir"
+        ) from None
     return root
+
+
+def _reason(err: OSError) -> str:
+    where = f": {err.filename}" if getattr(err, "filename", None) else ""
+    return f"{err.strerror}{where}" if err.strerror else str(err)
 
 
 # ---------------------------------------------------------------- datasets
@@ -284,13 +362,24 @@ def tutorial_transform():
 
 
 def load_datasets(source: MNISTSource, transform=None):
-    """(train, test) torchvision MNIST datasets over ``source``."""
+    """(train, test) torchvision MNIST datasets over ``source``: the files ``validate_root``
+    checked, and no others (a count that differs from the checked one is refused)."""
     import torchvision
 
-    return tuple(
+    _refuse_legacy_files(source.root)  # again: the folder may have changed since the check
+    datasets = tuple(
         torchvision.datasets.MNIST(str(source.root), train=train, transform=transform)
         for train in (True, False)
     )
+    for dataset, split, expected in zip(
+        datasets, RAW_FILES, (source.train_size, source.test_size), strict=True
+    ):
+        if len(dataset.data) != expected or len(dataset.targets) != expected:
+            raise MNISTDataError(
+                f"the {split} split of {source.root} changed while loading: {expected} "
+                f"samples were checked, torchvision loaded {len(dataset.data)}"
+            )
+    return datasets
 
 
 def to_tensors(dataset, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,8 +6,43 @@ import dataclasses
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from gpufit import ops
+
+_DIFFERENTIATING_TRANSFORMS = "torch.func.grad, vjp, jvp, jacrev, jacfwd, hessian"
+
+
+def _refuse_unsupported(owner: str, *tensors: torch.Tensor | None) -> None:
+    """One-line errors for what gpufit's ops do not support, instead of PyTorch's internal
+    ones: differentiating torch.func transforms (vmap works), forward-mode AD (dual tensors)
+    and sparse tensors. Skipped under torch.compile, which traces the op itself."""
+    if torch.compiler.is_compiling():
+        return
+    present = [t for t in tensors if t is not None]
+    if any(torch._C._functorch.is_gradtrackingtensor(t) for t in present):
+        raise NotImplementedError(
+            f"{owner} does not support {_DIFFERENTIATING_TRANSFORMS} (its autograd is a C++ "
+            "function those transforms cannot enter; torch.func.vmap works): differentiate "
+            "with loss.backward() / torch.autograd.grad, or use nn.Linear and F.cross_entropy"
+        )
+    if forward_ad._current_level >= 0 and any(
+        forward_ad.unpack_dual(t).tangent is not None for t in present
+    ):
+        raise NotImplementedError(
+            f"{owner} does not support forward-mode AD (torch.autograd.forward_ad dual "
+            "tensors): use reverse mode (backward) or the unfused modules"
+        )
+    sparse = [t.layout for t in present if t.layout is not torch.strided]
+    if sparse:
+        raise TypeError(f"{owner} takes dense (strided) tensors, got a {sparse[0]} one")
+
+
+def _refuse_scripting(owner: str) -> None:
+    raise TypeError(
+        f"{owner} cannot be compiled by torch.jit.script (TorchScript cannot read the Python "
+        "wrapper of its op): use torch.compile, or torch.jit.trace, which records the op"
+    )
 
 
 class FusedLinearReLU(nn.Linear):
@@ -19,7 +54,11 @@ class FusedLinearReLU(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _refuse_unsupported("gpufit.FusedLinearReLU", x, self.weight, self.bias)
         return ops.fused_linear_relu(x, self.weight, self.bias)
+
+    def __prepare_scriptable__(self):  # torch.jit.script calls it before compiling
+        _refuse_scripting("gpufit.FusedLinearReLU")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> FusedLinearReLU:
@@ -35,10 +74,48 @@ class FusedLinearReLU(nn.Linear):
         return fused
 
 
+# The per-module hook tables of nn.Module: a module with any entry in one of them does more
+# than its forward (a pre-hook that edits the input, weight_norm/spectral_norm/prune recomputing
+# the weight, a state_dict hook renaming keys), which a fused replacement would silently drop.
+_HOOK_TABLES = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _plain(module: nn.Module, parameters: tuple[str, ...]) -> bool:
+    """Whether ``module`` is exactly what its class builds: no hooks, no instance-level
+    forward, no buffers or children, and (for a Linear) ``weight``/``bias`` that are dense
+    nn.Parameters, not tensors recomputed from other parameters (old-style weight_norm,
+    spectral_norm and prune store ``weight`` as a plain attribute)."""
+    if any(getattr(module, table, None) for table in _HOOK_TABLES):
+        return False
+    if "forward" in module.__dict__ or module._buffers or module._modules:
+        return False
+    if set(module._parameters) != set(parameters):
+        return False
+    return all(
+        (p is None and name == "bias")
+        or (isinstance(p, nn.Parameter) and p.layout is torch.strided)
+        for name, p in module._parameters.items()
+    )
+
+
 def _fusable(first: nn.Module, second: nn.Module) -> bool:
-    # Exactly nn.Linear: subclasses (LazyLinear, quantized or already-fused ones) may compute
-    # something else in forward.
-    return type(first) is nn.Linear and type(second) is nn.ReLU
+    # Exactly nn.Linear and nn.ReLU: subclasses (LazyLinear, quantized or already-fused ones,
+    # and the classes torch.nn.utils.parametrize makes) may compute something else in forward.
+    return (
+        type(first) is nn.Linear
+        and type(second) is nn.ReLU
+        and _plain(first, ("weight", "bias"))
+        and _plain(second, ())
+    )
 
 
 def fuse(model: nn.Module) -> nn.Module:
@@ -48,12 +125,20 @@ def fuse(model: nn.Module) -> nn.Module:
     The Linear's slot takes the fused module, which shares the Linear's parameters, and the
     ReLU's slot takes an ``nn.Identity``: state_dict keys and optimizer state stay valid.
     Only Sequential containers are rewritten, because only there is the order of calls known;
-    a ReLU applied with ``F.relu`` inside a custom ``forward`` is left alone.
+    a ReLU applied with ``F.relu`` inside a custom ``forward`` is left alone. So is a pair whose
+    Linear or ReLU does more than its class's forward: one with hooks (forward, pre-forward,
+    backward, state_dict), a parametrization (``torch.nn.utils.parametrize``, old-style
+    ``weight_norm``/``spectral_norm``, ``prune``), a weight or bias that is not a dense
+    ``nn.Parameter``, extra buffers or an instance-level ``forward``.
 
     A transformers causal LM (``LlamaForCausalLM``, ... or a PEFT model around one) is handed
     to ``gpufit.hf.fuse`` instead: its training loss then runs through
     ``fused_linear_cross_entropy`` (see gpufit/hf.py); other transformers models are refused.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"gpufit.fuse takes a torch.nn.Module (a model), got {type(model).__name__}"
+        )
     from gpufit import hf
 
     if hf.is_transformers_model(model):
@@ -117,12 +202,16 @@ class FusedLinearCrossEntropyLoss(nn.Module):
         *,
         num_items: int | torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        _refuse_unsupported("gpufit.FusedLinearCrossEntropyLoss", x, weight, bias)
         options = self.options
         if num_items is not None or self.class_weight is not options.class_weight:
             options = dataclasses.replace(
                 options, class_weight=self.class_weight, num_items=num_items
             )
         return ops.run_fused_linear_cross_entropy(options, x, weight, target, bias)
+
+    def __prepare_scriptable__(self):  # torch.jit.script calls it before compiling
+        _refuse_scripting("gpufit.FusedLinearCrossEntropyLoss")
 
     def extra_repr(self) -> str:
         return ", ".join(

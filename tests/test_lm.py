@@ -152,3 +152,81 @@ def test_help_names_every_flag(capsys):
     help_text = capsys.readouterr().out
     for flag in ("--model", "--text", "--lora", "--bf16", "--fused", "--no-fused", "--resume"):
         assert flag in help_text
+
+
+# ---------------------------------------------------------------- non-finite losses and --quiet
+
+
+@pytest.fixture(scope="module")
+def nan_folder(hf_folder, tmp_path_factory):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, local_files_only=True)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    folder = tmp_path_factory.mktemp("qwen2-nan")
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_nan_weights_in_the_model_folder_are_named(text, nan_folder, capsys, lora):
+    tokenizer = str(lm.shipped_tokenizer())
+    code = main(["lm", "--text", text, "--model", str(nan_folder), "--tokenizer", tokenizer,
+                 "--seq-len", "16", "--batch-size", "2", "--steps", "2", "--quiet",
+                 *(["--lora"] if lora else [])])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert "layers.1.mlp.up_proj" in err and f"--model {nan_folder}" in err
+    assert "lower --lr" not in err
+
+
+def test_non_finite_loss_says_what_the_weights_tell(text):
+    cfg = LMConfig(text=text, model="tiny")
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    finite = lm.non_finite_loss_message(cfg, model, 3, 0, float("nan"))
+    assert "every weight is finite" in finite
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("inf")
+    trained = lm.non_finite_loss_message(cfg, model, 3, 0, float("nan"))
+    assert "training made weights" in trained and "1.weight" in trained and "--lr" in trained
+    loaded = lm.non_finite_loss_message(cfg, model, 3, 3, float("inf"))
+    assert "loaded from --model tiny" in loaded and "1.weight" in loaded
+
+
+def test_quiet_prints_only_the_summary_line(text, hf_folder, tmp_path):
+    """--quiet: no weight-loading progress bars and no library FutureWarnings (peft's, with
+    --lora) on a resumed run. A fresh process: pytest would catch the warnings itself."""
+    import subprocess
+    import sys
+
+    tokenizer = str(lm.shipped_tokenizer())
+    settings = dict(model=str(hf_folder), tokenizer=tokenizer, lora=True, lora_rank=4)
+    run(text, steps=2, out=str(tmp_path / "run"), **settings)
+    argv = ["-m", "gpufit", "lm", "--text", text, "--model", str(hf_folder), "--tokenizer",
+            tokenizer, "--seq-len", "16", "--batch-size", "2", "--lr", "1e-3", "--lora",
+            "--lora-rank", "4", "--steps", "3", "--resume", str(tmp_path / "run" / "checkpoint.pt"),
+            "--quiet", "--device", "cpu", "--threads", "1"]  # fmt: skip
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+    assert proc.stdout.count("\n") == 1 and proc.stdout.startswith("lm: loss"), proc.stdout
+
+
+def test_library_deprecation_warnings_are_not_printed(text, hf_folder, tmp_path):
+    """Without --quiet too: a refused --lora resume is the error line, no peft FutureWarning
+    before it (progress bars may show)."""
+    import subprocess
+    import sys
+
+    tokenizer = str(lm.shipped_tokenizer())
+    settings = dict(model=str(hf_folder), tokenizer=tokenizer, lora=True, lora_rank=4)
+    run(text, steps=2, out=str(tmp_path / "run"), **settings)
+    argv = ["-m", "gpufit", "lm", "--text", text, "--model", str(hf_folder), "--tokenizer",
+            tokenizer, "--seq-len", "16", "--batch-size", "2", "--lr", "0.5", "--lora",
+            "--lora-rank", "4", "--steps", "3", "--resume", str(tmp_path / "run" / "checkpoint.pt"),
+            "--device", "cpu", "--threads", "1"]  # fmt: skip
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2, proc.stderr
+    assert "Warning" not in proc.stderr and "warnings.warn" not in proc.stderr, proc.stderr
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("gpufit lm: error: --resume")

@@ -24,7 +24,8 @@ import math
 import resource
 import sys
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -116,8 +117,7 @@ class HFTokenizer:
 def load_tokenizer(cfg: LMConfig):
     if cfg.tokenizer:
         path = Path(cfg.tokenizer)
-        if not path.is_file():
-            raise UsageError(f"--tokenizer {path}: no such file")
+        training.open_regular_file(path, "--tokenizer", "a SentencePiece model file").close()
         return SentencePieceTokenizer(path)
     if cfg.model == TINY:
         return SentencePieceTokenizer(shipped_tokenizer())
@@ -132,6 +132,9 @@ def check_model_folder(folder: Path) -> None:
         raise UsageError(f"--model {folder} is a file, not a model folder")
     if not (folder / "config.json").is_file():
         raise UsageError(f"--model {folder} is not a Hugging Face model folder (no config.json)")
+    for entry in sorted(folder.iterdir()):  # transformers would block on a FIFO, read a device
+        if not entry.is_dir():
+            training.open_regular_file(entry, "--model", "a model file").close()
 
 
 def build_model(cfg: LMConfig, vocab_size: int):
@@ -160,17 +163,16 @@ def build_model(cfg: LMConfig, vocab_size: int):
     return model
 
 
+# The text is tokenized in memory at once (a Python list of ids): a cap keeps a huge or endless
+# file from taking the machine's memory. 64 MiB is about 16 million tokens.
+MAX_TEXT_BYTES = 64 * 2**20
+
+
 def read_text(path: str) -> tuple[str, str]:
-    """The text of --text and its sha256; UsageError for a missing, empty or binary file."""
+    """The text of --text and its sha256; UsageError for a missing, empty, binary or too large
+    file, and for anything that is not a regular file (a FIFO, a device like /dev/zero)."""
     file = Path(path)
-    if not file.exists():
-        raise UsageError(f"--text {file}: no such file")
-    if file.is_dir():
-        raise UsageError(f"--text {file} is a folder, not a text file")
-    try:
-        data = file.read_bytes()
-    except OSError as err:
-        raise UsageError(f"--text {file}: cannot read it ({err.strerror or err})") from None
+    data = training.read_regular_file(file, "--text", "a text file", MAX_TEXT_BYTES)
     if b"\0" in data[:65536]:
         raise UsageError(f"--text {file} holds binary data (NUL bytes), not text")
     try:
@@ -287,8 +289,37 @@ def _peak_memory(device) -> tuple[str, int]:
     return "peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+@contextmanager
+def library_chatter(quiet: bool):
+    """For the duration: no FutureWarning/DeprecationWarning from the libraries (peft and
+    transformers deprecations a user of this command cannot act on), and with ``quiet`` no
+    progress bars from transformers (weight loading) either. Errors are still raised."""
+    hf_logging = None
+    if quiet:
+        try:
+            from transformers.utils import logging as hf_logging
+        except ModuleNotFoundError:  # train() says that it is needed
+            pass
+    bars = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if bars:
+            hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+
+
 def train(cfg: LMConfig) -> dict:
     """Fine-tune as configured; returns the summary (and 'losses': this run's step losses)."""
+    with library_chatter(cfg.quiet):
+        return _train(cfg)
+
+
+def _train(cfg: LMConfig) -> dict:
     problems = config_problems(cfg)
     if problems:
         raise UsageError("; ".join(problems))
@@ -347,7 +378,11 @@ def train(cfg: LMConfig) -> dict:
             raise UsageError(f"--resume {cfg.resume}: {training.first_line(err)}") from None
         torch.set_rng_state(resume_state["rng"]["torch"])
         losses = list(resume_state["losses"])
+    claim = None
     if out is not None:
+        flag = "--out" if cfg.out else "--resume's folder"
+        claim = training.OutputClaim(out, CHECKPOINT_FORMAT, run, cfg.overwrite, flag)
+        claim.check()
         training.check_free_space(out, 2 * 3 * training.state_bytes(trainable_state(model)))
 
     progress = training.Progress(cfg.quiet)
@@ -367,15 +402,16 @@ def train(cfg: LMConfig) -> dict:
         ids = batches.batch(step).to(device)
         with autocast:
             loss = model(input_ids=ids, labels=ids).loss
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise OutputError(non_finite_loss_message(cfg, model, step, first, losses[-1]))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            raise OutputError(f"step {step + 1}: the loss is {losses[-1]}; lower --lr")
         done = step + 1
         progress.update(1, 1, done - first, cfg.steps - first, loss, start, cfg.batch_size)
-        if out is not None and (done % cfg.save_every == 0 or done == cfg.steps):
+        if claim is not None and (done % cfg.save_every == 0 or done == cfg.steps):
+            claim.recheck()
             state = {
                 "format": CHECKPOINT_FORMAT, "run": run, "config": asdict(cfg), "step": done,
                 "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
@@ -391,10 +427,36 @@ def train(cfg: LMConfig) -> dict:
         "seconds": seconds, "peak_memory_kind": memory_kind, "peak_memory_bytes": memory,
         "device": str(device), "fused": cfg.fused,
     }  # fmt: skip
-    if out is not None:
+    if claim is not None:
+        claim.recheck()
         doc = json.dumps({"config": asdict(cfg), "summary": summary, "losses": losses}, indent=2)
         training.write_or_explain(out / "metrics.json", lambda f: f.write(doc.encode()))
     return {**summary, "losses": losses, "model": model}
+
+
+def non_finite_weights(model, limit: int = 3) -> tuple[list[str], int]:
+    """The first ``limit`` names of the parameters holding NaN or infinite values, and how many
+    there are in all."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
+    return bad[:limit], len(bad)
+
+
+def non_finite_loss_message(cfg: LMConfig, model, step: int, first: int, loss: float) -> str:
+    """Why step ``step``'s loss is not finite, as far as the weights tell: weights that were
+    NaN/Inf before any step of this run came from --model or --resume; weights that became so
+    since, from training (--lr); finite weights with a non-finite loss, from the numerics."""
+    names, count = non_finite_weights(model)
+    where = f"step {step + 1}: the loss is {loss}"
+    if not names:
+        return f"{where} while every weight is finite; lower --lr, or try without --bf16"
+    listed = ", ".join(names) + (f" and {count - len(names)} more" if count > len(names) else "")
+    if step == first:
+        origin = f"--model {cfg.model}" + (f" and --resume {cfg.resume}" if cfg.resume else "")
+        return (
+            f"{where} because weights loaded from {origin} hold NaN or infinite values "
+            f"({listed}); the model's weights are damaged, --lr cannot help"
+        )
+    return f"{where}: training made weights NaN or infinite ({listed}); lower --lr"
 
 
 def summary_line(s: dict) -> str:

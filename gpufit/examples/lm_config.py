@@ -31,6 +31,7 @@ class LMConfig:
     device: str = "auto"
     out: str | None = None
     resume: str | None = None
+    overwrite: bool = False  # replace another run's checkpoint in --out
     save_every: int = 50
     threads: int | None = None
     quiet: bool = False
@@ -107,6 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for checkpoint.pt and metrics.json (default: none; with "
                         "--resume, the checkpoint's folder)")  # fmt: skip
     parser.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint.pt")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --out replace the checkpoint of another run or command there "
+                        "(without it, such a folder is refused)")  # fmt: skip
     value("save_every", int, "steps between checkpoints (default: %(default)s)", metavar="N")
     value("threads", int, "CPU threads for torch (default: torch's)", metavar="N")
     parser.add_argument("--quiet", action="store_true", help="only the summary line")

@@ -56,6 +56,9 @@ from gpufit.nn import FusedLinearReLU, fuse
 from gpufit.ops import fused_linear_cross_entropy
 
 CHECKPOINT_FORMAT = "gpufit-mnist-checkpoint/1"
+# A checkpoint holds the MLP's 203,530 weights and Adam's two moments (2.4 MiB) and a short
+# history: anything much larger is not one, and is not read.
+MAX_CHECKPOINT_BYTES = 64 * 2**20
 
 
 # ================================================================ the model
@@ -353,7 +356,7 @@ _HISTORY_KEYS = ("epoch", "steps", "train_loss", "test_loss", "test_accuracy")
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint of ``gpufit mnist``, checked for everything a resume reads before the model
     exists; a UsageError names what is wrong with it. ``resume_problems`` checks the rest."""
-    state = training.read_checkpoint(path)
+    state = training.read_checkpoint(path, max_bytes=MAX_CHECKPOINT_BYTES)
     problems = checkpoint_problems(state)
     if problems:
         raise UsageError(f"--resume {path}: {'; '.join(problems)}")
@@ -520,7 +523,11 @@ def _train(cfg, dist: Distributed, device, out: Path | None, resume_state) -> Ru
                 f"--resume {cfg.resume}: cannot be loaded ({training.first_line(err)})"
             ) from None
         result.history = list(resume_state["history"])
+    claim = None
     if out is not None and dist.writer:
+        flag = "--out" if cfg.out else "--resume's folder"
+        claim = training.OutputClaim(out, CHECKPOINT_FORMAT, run_id, cfg.overwrite, flag)
+        claim.check()
         checkpoint = training.state_bytes(trainer.model.state_dict()) * 3  # weights + 2 moments
         training.check_free_space(out, 2 * checkpoint + 2**20)
 
@@ -570,7 +577,8 @@ def _train(cfg, dist: Distributed, device, out: Path | None, resume_state) -> Ru
         progress.line(epoch_line(metrics))
         result.summary = _summary(result, device, dist, cfg.threads)
         result.summary["data"] = data_line
-        if dist.writer and out is not None:
+        if claim is not None:
+            claim.recheck()
             state = {
                 "format": CHECKPOINT_FORMAT,
                 "run": run_id,

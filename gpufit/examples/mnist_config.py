@@ -33,6 +33,7 @@ class TrainConfig:
     download: bool = False
     out: str | None = None
     resume: str | None = None
+    overwrite: bool = False  # replace another run's checkpoint in --out
     limit_train: int | None = None  # first N samples only (smoke tests)
     limit_test: int | None = None
     threads: int = DEFAULT_THREADS
@@ -115,6 +116,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "none; with --resume, the checkpoint's folder)",
     )
     parser.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint.pt")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let --out replace the checkpoint of another run or command there (without it, "
+        "such a folder is refused; runs of the same settings share a folder)",
+    )
     value("limit_train", int, "use only the first N training samples", metavar="N")
     value("limit_test", int, "use only the first N test samples", metavar="N")
     value(

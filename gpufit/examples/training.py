@@ -14,6 +14,7 @@ import pickle
 import re
 import secrets
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -169,6 +170,66 @@ def check_output_dir(folder: str | Path, flag: str = "--out") -> Path:
     return folder
 
 
+@dataclass
+class OutputClaim:
+    """The files of one run in an output folder: ``checkpoint.pt`` (whose ``format`` names the
+    command and whose ``run`` holds the settings that make a run the same job) and
+    ``metrics.json``. A run may write there only while the folder holds nothing of another
+    command or run: runs of the same job share it (the last writer's files remain), anything
+    else is refused unless ``overwrite``.
+
+    ``check()`` before training (UsageError); ``recheck()`` before each write (OutputError: a
+    different run started writing there meanwhile)."""
+
+    folder: Path
+    format: str
+    run: dict
+    overwrite: bool = False
+    flag: str = "--out"
+
+    def problem(self) -> str | None:
+        """Why this run must not write into the folder (None when it may)."""
+        checkpoint = self.folder / "checkpoint.pt"
+        if not os.path.lexists(checkpoint):
+            if os.path.lexists(self.folder / "metrics.json"):
+                return "holds a metrics.json but no checkpoint.pt, so not this run's results"
+            return None
+        try:
+            state = read_checkpoint(checkpoint, "", mmap=True)
+        except UsageError:
+            state = None
+        if not isinstance(state, dict) or not isinstance(state.get("format"), str):
+            return "holds a checkpoint.pt that is not a gpufit checkpoint"
+        if state["format"] != self.format:
+            return f"holds the checkpoint of another command ({state['format']})"
+        saved = state.get("run")
+        if saved != self.run:
+            if not isinstance(saved, dict):
+                return "holds a checkpoint of another run"
+            differ = [k for k in self.run if saved.get(k) != self.run[k]] or sorted(saved)
+            detail = ", ".join(
+                f"{k}: {saved.get(k)!r} there, {self.run.get(k)!r} now" for k in differ[:3]
+            )
+            return f"holds the checkpoint of another run ({detail})"
+        return None
+
+    def check(self) -> None:
+        problem = None if self.overwrite else self.problem()
+        if problem:
+            raise UsageError(
+                f"{self.flag} {self.folder} {problem}; pass --overwrite to replace it, or "
+                "choose another folder"
+            )
+
+    def recheck(self) -> None:
+        problem = None if self.overwrite else self.problem()
+        if problem:
+            raise OutputError(
+                f"{self.flag} {self.folder}: another run wrote there during this one; it "
+                f"{problem}. Nothing of this run was written over it"
+            )
+
+
 def check_free_space(folder: Path, need_bytes: int, flag: str = "--out") -> None:
     """Refuse to start when ``folder`` lacks room for what a run will write."""
     free = shutil.disk_usage(folder).free
@@ -194,6 +255,76 @@ def write_or_explain(path: Path, write) -> None:
         ) from None
 
 
+# ================================================================ input files
+
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _regular_file_problem(info: os.stat_result, what: str, max_bytes: int | None) -> str | None:
+    for is_kind, kind in _KINDS:
+        if is_kind(info.st_mode):
+            return f"is {kind}, not {what}"
+    if not stat.S_ISREG(info.st_mode):
+        return f"is not a regular file, so not {what}"
+    if max_bytes is not None and info.st_size > max_bytes:
+        return f"is {_size(info.st_size)}, more than the {_size(max_bytes)} this command reads"
+    return None
+
+
+def open_regular_file(path: str | Path, flag: str, what: str, max_bytes: int | None = None):
+    """``path`` opened for binary reading, if it is a regular file (symlinks followed) of at
+    most ``max_bytes``; else a UsageError naming what it is. The check comes before the open,
+    and again on the opened file: a FIFO swapped in between cannot block the open (it is
+    opened non-blocking) nor be read."""
+    where = f"{flag} {path}"
+    try:
+        problem = _regular_file_problem(os.stat(path), what, max_bytes)
+    except FileNotFoundError:
+        raise UsageError(f"{where}: no such file") from None
+    except OSError as err:  # a symlink loop, a permission denied on the way, ...
+        raise UsageError(f"{where}: cannot read it ({_reason(err)})") from None
+    if problem:
+        raise UsageError(f"{where} {problem}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        raise UsageError(f"{where}: cannot read it ({_reason(err)})") from None
+    try:
+        problem = _regular_file_problem(os.fstat(fd), what, max_bytes)
+        if problem:
+            raise UsageError(f"{where} {problem}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_file(path: str | Path, flag: str, what: str, max_bytes: int) -> bytes:
+    """The bytes of ``path`` (see ``open_regular_file``), never more than ``max_bytes``."""
+    with open_regular_file(path, flag, what, max_bytes) as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as err:
+            raise UsageError(f"{flag} {path}: cannot read it ({_reason(err)})") from None
+    if len(data) > max_bytes:  # it grew after the check
+        raise UsageError(f"{flag} {path} is more than the {_size(max_bytes)} this command reads")
+    return data
+
+
 # ================================================================ checkpoints
 
 
@@ -214,23 +345,31 @@ def state_bytes(*states) -> int:
     return total
 
 
-def read_checkpoint(path: str | Path, flag: str = "--resume") -> object:
-    """What ``torch.load(path, weights_only=True)`` gives, or a UsageError saying why not."""
+def read_checkpoint(
+    path: str | Path, flag: str = "--resume", max_bytes: int | None = None, mmap: bool = False
+) -> object:
+    """What ``torch.load(path, weights_only=True)`` gives, or a UsageError saying why not.
+    Only a regular file of at most ``max_bytes`` is read (a FIFO or a device is refused before
+    it is opened); ``mmap`` maps the tensors instead of reading them (a cheap look at the
+    plain values of a large checkpoint)."""
     path = Path(path)
     where = f"{flag} {path}"
-    if not path.exists():
+    if not os.path.lexists(path):
         raise UsageError(f"{where}: no such checkpoint file")
-    if path.is_dir():
-        raise UsageError(f"{where} is a folder, not a checkpoint file")
-    try:
-        with path.open("rb") as f:
+    with open_regular_file(path, flag, "a checkpoint file", max_bytes) as f:
+        try:
             empty = not f.read(1)
-    except OSError as err:
-        raise UsageError(f"{where}: cannot read it ({_reason(err)})") from None
-    if empty:
-        raise UsageError(f"{where} is empty (0 bytes)")
+        except OSError as err:
+            raise UsageError(f"{where}: cannot read it ({_reason(err)})") from None
+        if empty:
+            raise UsageError(f"{where} is empty (0 bytes)")
+        f.seek(0)
+        return _load(f if not mmap else path, where, mmap)
+
+
+def _load(source, where: str, mmap: bool) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if refused:
