@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn, TextIO
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from lockgen.formats.pip import UvResolver
     from lockgen.formats.uv import Runner
     from lockgen.probe import Prober
+    from lockgen.pypi import Get
     from lockgen.solve import Solver
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -69,6 +71,7 @@ class Seams:
     solver: Solver | None = None  # lock --flavor conda
     pip_resolver: UvResolver | None = None  # lock --flavor pip
     uv_runner: Runner | None = None  # lock --flavor uv: how `uv lock` is run
+    pypi_get: Get | None = None  # refresh-stack: how PyPI is read
 
 
 @dataclass(frozen=True)
@@ -666,6 +669,55 @@ def _run_install(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
     return EXIT_OK
 
 
+# -- refresh-stack --------------------------------------------------------------------------
+
+
+def _configure_refresh_stack(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--package", action="append", help="only this package (repeatable; default: all)"
+    )
+    p.add_argument(
+        "--releases", type=int, default=8, help="newest final releases per package (default 8)"
+    )
+    p.add_argument(
+        "--out",
+        default="stack-pypi.new.toml",
+        help="where to write the refreshed facts (default: %(default)s); the diff against "
+        "lockgen's own data/stack-pypi.toml goes to stdout",
+    )
+
+
+def _run_refresh_stack(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
+    import datetime
+    from pathlib import Path
+
+    from lockgen.load import DATA_DIR
+    from lockgen.output import write_text
+    from lockgen.pypi import urllib_get
+    from lockgen.stack_refresh import PROBES, diff_against, refresh, to_toml
+
+    if args.releases < 1:
+        raise LockgenError("--releases must be at least 1")
+    started = time.monotonic()
+    facts = refresh(
+        seams.pypi_get or urllib_get,
+        args.package or tuple(PROBES),
+        args.releases,
+        lambda msg: print(f"[{time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr),
+    )
+    text = to_toml(facts, datetime.date.today().isoformat())
+    write_text(Path(args.out), text)
+    current = DATA_DIR / "stack-pypi.toml"
+    old = current.read_text() if current.is_file() else ""
+    out.write(diff_against(old, text, "data/stack-pypi.toml", args.out))
+    print(
+        f"read {len(facts)} releases of {len({f.package for f in facts})} packages in "
+        f"{time.monotonic() - started:.1f}s; wrote {args.out}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
 # -- registry -------------------------------------------------------------------------------
 
 COMMANDS: tuple[Command, ...] = (
@@ -692,6 +744,12 @@ COMMANDS: tuple[Command, ...] = (
         "solve a target into envs/<target>.lock (or a pip hash-lock)",
         _configure_lock,
         _run_lock,
+    ),
+    Command(
+        "refresh-stack",
+        "re-read the LLM stack's facts from PyPI; write them and print the diff",
+        _configure_refresh_stack,
+        _run_refresh_stack,
     ),
     Command("verify", "check a lockfile against its target", _configure_verify, _run_verify),
     Command(
@@ -737,10 +795,17 @@ def main(
     solver: Solver | None = None,
     pip_resolver: UvResolver | None = None,
     uv_runner: Runner | None = None,
+    pypi_get: Get | None = None,
 ) -> int:
     """Run lockgen; returns the exit code. The keywords replace the real machine and solvers
     (:class:`Seams`; tests pass ``prober=Prober(...)`` to ``doctor``)."""
-    seams = Seams(prober=prober, solver=solver, pip_resolver=pip_resolver, uv_runner=uv_runner)
+    seams = Seams(
+        prober=prober,
+        solver=solver,
+        pip_resolver=pip_resolver,
+        uv_runner=uv_runner,
+        pypi_get=pypi_get,
+    )
     out = out or sys.stdout
     err = err or sys.stderr
     parser = build_parser()
