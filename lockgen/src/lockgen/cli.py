@@ -306,6 +306,13 @@ def _configure_check(p: argparse.ArgumentParser) -> None:
         choices=PLATFORMS,
         help="conda platform (default linux-64)",
     )
+    p.add_argument(
+        "--with",
+        dest="with_",
+        action="append",
+        metavar="PKG[==VER]",
+        help="also check this package of the LLM stack (repeatable; extras: 'trl[vllm]==1.16.0')",
+    )
     _add_format(p, "text")
 
 
@@ -315,10 +322,10 @@ def _run_check(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
     m = _matrix(args)
     if not any(
         (args.torch, args.cuda, args.cudnn, args.python, args.torchvision, args.driver, args.gpu)
-    ):
+    ) and not args.with_:
         raise LockgenError(
             "nothing to check: give at least one of --torch, --cuda, --cudnn, "
-            "--python, --torchvision, --driver, --gpu"
+            "--python, --torchvision, --driver, --gpu, --with"
         )
     req = Request.from_strings(
         m,
@@ -331,6 +338,10 @@ def _run_check(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
         gpu=args.gpu,
         platform=args.platform,
     )
+    if args.with_:
+        from lockgen.stack_check import run_with
+
+        return run_with(m, req, args.with_, args.format, out)
     result = check(m, req)
     if args.format == "json":
         json.dump(result.to_json(), out, indent=2)

@@ -37,7 +37,7 @@ PROBES: dict[str, str | None] = {
     "flash-attn": None,
     "bitsandbytes": r"bitsandbytes/libbitsandbytes_cuda(\d+)\.so",
     "torchao": r"torchao/_C[^/]*\.so",
-    "torchaudio": r"torchaudio/lib/libtorchaudio[^/]*\.so",
+    "torchaudio": r"torchaudio/lib/libtorchaudio(?:\.abi3)?\.so",
     "deepspeed": None,
     "triton": None,
     "liger-kernel": None,
