@@ -320,9 +320,20 @@ def _run_check(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
     from lockgen.check import Request, check, format_check
 
     m = _matrix(args)
-    if not any(
-        (args.torch, args.cuda, args.cudnn, args.python, args.torchvision, args.driver, args.gpu)
-    ) and not args.with_:
+    if (
+        not any(
+            (
+                args.torch,
+                args.cuda,
+                args.cudnn,
+                args.python,
+                args.torchvision,
+                args.driver,
+                args.gpu,
+            )
+        )
+        and not args.with_
+    ):
         raise LockgenError(
             "nothing to check: give at least one of --torch, --cuda, --cudnn, "
             "--python, --torchvision, --driver, --gpu, --with"

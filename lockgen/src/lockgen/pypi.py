@@ -156,10 +156,12 @@ def _zip64_extra(extra: bytes, fields: list[int]) -> list[int]:
 
 def members(remote: Remote) -> dict[str, Member]:
     """The central directory of a zip, read from its tail (and, if longer, its own range)."""
-    tail_len = min(remote.size, 65536 + 22)
-    tail = remote.read(remote.size - tail_len, tail_len)
-    at = tail.rfind(b"PK\x05\x06")
-    if at < 0:
+    for tail_len in (min(remote.size, 4096), min(remote.size, 65536 + 22)):
+        tail = remote.read(remote.size - tail_len, tail_len)
+        at = tail.rfind(b"PK\x05\x06")
+        if at >= 0:
+            break
+    else:
         raise PypiError(f"{remote.url}: no zip end-of-central-directory record")
     cd_size, cd_offset = struct.unpack_from("<II", tail, at + 12)
     if cd_offset == 0xFFFFFFFF and at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":

@@ -31,9 +31,12 @@ def _one(op: str, want: str, have: str) -> bool:
         )
         return hit if op == "==" else not hit
     h, w = key(have), key(want)
-    if op == "~=":
-        parts = key(want)[0]
-        return h >= w and h[0][: max(len(parts) - 1, 1)] == parts[: max(len(parts) - 1, 1)]
+    if op == "~=":  # ~=3.8.0: >=3.8.0 and ==3.8.*
+        m = _V.fullmatch(want.strip())
+        parts = tuple(int(x) for x in m.group(1).split(".")) if m else ()
+        stem = parts[: max(len(parts) - 1, 1)]
+        padded = key(have)[0] + (0,) * len(stem)
+        return h >= w and padded[: len(stem)] == stem
     if op in ("==", "==="):
         return h == w or (w[1] == -1 and h[0] == w[0] and h[1] == -1)
     return {

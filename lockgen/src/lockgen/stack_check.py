@@ -24,7 +24,7 @@ from lockgen.check import CheckResult, Request, check
 from lockgen.errors import LockgenError
 from lockgen.findings import ERROR, NOTE, WARNING, Finding
 from lockgen.matrix import Matrix
-from lockgen.specifiers import contains, key, normalize
+from lockgen.specifiers import contains, normalize
 from lockgen.stack import Artifact, Stack, StackRelease
 from lockgen.versions import Version
 
@@ -43,18 +43,25 @@ class With:
 
     @classmethod
     def parse(cls, text: str, stack: Stack) -> With:
-        m = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?\s*(?:==\s*(\S+))?", text)
+        m = re.fullmatch(
+            r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?\s*(?:==\s*(\S+))?", text
+        )
         if not m:
-            raise UnknownPackage(f"--with {text!r}: expected PKG, PKG==VERSION or PKG[extra]==VERSION")
+            raise UnknownPackage(
+                f"--with {text!r}: expected PKG, PKG==VERSION or PKG[extra]==VERSION"
+            )
         name = normalize(m.group(1))
         if name not in stack.releases:
             raise UnknownPackage(
-                f"--with {text}: unknown package {name!r} (known: {', '.join(sorted(stack.releases))})"
+                f"--with {text}: unknown package {name!r} "
+                f"(known: {', '.join(sorted(stack.releases))})"
             )
         version = m.group(3)
         if version is not None and version not in {r.version for r in stack.releases[name]}:
             known = ", ".join(r.version for r in stack.releases[name])
-            raise UnknownPackage(f"--with {text}: {name} {version} is not in the facts (known: {known})")
+            raise UnknownPackage(
+                f"--with {text}: {name} {version} is not in the facts (known: {known})"
+            )
         extras = tuple(normalize(x) for x in (m.group(2) or "").split(",") if x.strip())
         return cls(name, extras, version)
 
@@ -191,8 +198,14 @@ def _requires(r: StackRelease, extras: Sequence[str], name: str):
     return [q for q in r.requires if q.name == name and (q.extra is None or q.extra in extras)]
 
 
-def _judge(stack: Stack, r: StackRelease, tb: TorchBuild, req: Request, extras: Sequence[str],
-           pins: Sequence[str]) -> Pick:
+def _judge(
+    stack: Stack,
+    r: StackRelease,
+    tb: TorchBuild,
+    req: Request,
+    extras: Sequence[str],
+    pins: Sequence[str],
+) -> Pick:
     name, v = r.package, r.version
     out: list[Finding] = []
     unverified: list[str] = []
@@ -204,7 +217,9 @@ def _judge(stack: Stack, r: StackRelease, tb: TorchBuild, req: Request, extras: 
         out.append(Finding(ERROR, "install", f"{label} needs Python {r.requires_python}"))
     for q in _requires(r, extras, "torch"):
         if q.spec and _torch_ok(q.spec, tb.torch) is None:
-            out.append(Finding(ERROR, "install", f"{label} requires torch{q.spec}: torch {tb.torch} asked"))
+            out.append(
+                Finding(ERROR, "install", f"{label} requires torch{q.spec}: torch {tb.torch} asked")
+            )
     files = [a for a in r.artifacts if not a.is_sdist and _platform_ok(a, req.platform)]
     files = [a for a in files if _python_ok(a, tb.python)]
     sdist = next((a for a in r.artifacts if a.is_sdist), None)
@@ -213,7 +228,11 @@ def _judge(stack: Stack, r: StackRelease, tb: TorchBuild, req: Request, extras: 
     if binding is not None and not binding.verified:
         unverified.append(f"how {name} binds to torch ({', '.join(binding.source)})")
     if art is None and sdist is None:
-        out.append(Finding(ERROR, "install", f"{label} has no file for {req.platform} and Python {tb.python}"))
+        out.append(
+            Finding(
+                ERROR, "install", f"{label} has no file for {req.platform} and Python {tb.python}"
+            )
+        )
         return Pick(r, "", "PyPI", tuple(out), tuple(unverified))
     where, file = "PyPI", art.file if art else sdist.file  # type: ignore[union-attr]
     if art is None:
@@ -228,20 +247,35 @@ def _judge(stack: Stack, r: StackRelease, tb: TorchBuild, req: Request, extras: 
             unverified.append(f"{name}'s GPU floor ({', '.join(floor.source)})")
         for g, gl in zip(req.gpus, req.labels, strict=False):
             if g.canonical < floor.capability.canonical:
-                out.append(Finding(ERROR, "gpu", f"{label} needs compute capability >= {floor.capability}; {gl} is {g}"))
+                out.append(
+                    Finding(
+                        ERROR,
+                        "gpu",
+                        f"{label} needs compute capability >= {floor.capability}; {gl} is {g}",
+                    )
+                )
     return Pick(r, file, where, tuple(out), tuple(unverified))
 
 
-def _cuda_load(stack: Stack, r: StackRelease, art: Artifact, tb: TorchBuild, unverified: list[str]) -> list[Finding]:
+def _cuda_load(
+    stack: Stack, r: StackRelease, art: Artifact, tb: TorchBuild, unverified: list[str]
+) -> list[Finding]:
     label = f"{r.package} {r.version}"
     libs = ", ".join(art.needed) or "its CUDA libraries"
     if tb.cuda is None:
-        return [Finding(ERROR, "load", f"{label}: its wheel links {libs} (CUDA {art.cuda[0]}); torch is the CPU build")]  # type: ignore[index]
+        return [
+            Finding(
+                ERROR,
+                "load",
+                f"{label}: its wheel links {libs} (CUDA {art.cuda[0]}); torch is the CPU build",
+            )
+        ]  # type: ignore[index]
     if tb.cuda.major in (art.cuda or ()):
         return []
     fix = [o for o in stack.off(r.package, r.version) if o.cuda == tb.cuda.major]
     hint = "".join(
-        f"; the {o.where} has a CUDA {o.cuda} build: pip install {r.package}=={r.version} --index-url {o.index}"
+        f"; the {o.where} has a CUDA {o.cuda} build: "
+        f"pip install {r.package}=={r.version} --index-url {o.index}"
         + ("" if o.verified else " (unverified: " + ", ".join(o.source) + ")")
         for o in fix
     )
@@ -262,44 +296,99 @@ def _abi(binding, label: str, tb: TorchBuild) -> list[Finding]:
     if _torch_ok(binding.torch, tb.torch) is not None:
         return []
     if binding.kind == "exact-undeclared":
-        return [Finding(WARNING, "load", f"{label}: its kernels are built for torch{binding.torch}; with torch {tb.torch} it skips them and runs without (it does not declare this)")]
-    return [Finding(ERROR, "load", f"{label}: its binary needs torch{binding.torch} (ABI); torch {tb.torch} asked")]
+        return [
+            Finding(
+                WARNING,
+                "load",
+                f"{label}: its kernels are built for torch{binding.torch}; with torch "
+                f"{tb.torch} it skips them and runs without (it does not declare this)",
+            )
+        ]
+    return [
+        Finding(
+            ERROR,
+            "load",
+            f"{label}: its binary needs torch{binding.torch} (ABI); torch {tb.torch} asked",
+        )
+    ]
 
 
-def _from_source(stack: Stack, r: StackRelease, tb: TorchBuild, req: Request, unverified: list[str]) -> list[Finding]:
+def _from_source(
+    stack: Stack, r: StackRelease, tb: TorchBuild, req: Request, unverified: list[str]
+) -> list[Finding]:
     label = f"{r.package} {r.version}"
     if r.package == "flash-attn":
         return _flash_attn(stack, r, tb, req, unverified)
     b = stack.binding(r.package, r.version)
     if b is not None and b.kind == "jit":
-        cuda = f"nvcc {tb.cuda} (the CUDA of torch's build; no other minor accepted for CUDA 13)" if tb.cuda else "no CUDA ops: torch is the CPU build"
-        return [Finding(NOTE, "build", f"{label}: PyPI serves the sdist only; its ops compile at first use with ninja and {cuda}")]
-    return [Finding(WARNING, "build", f"{label}: no wheel for {req.platform} and Python {tb.python}; pip builds the sdist")]
+        cuda = (
+            f"nvcc {tb.cuda} (the CUDA of torch's build; no other minor accepted for CUDA 13)"
+            if tb.cuda
+            else "no CUDA ops: torch is the CPU build"
+        )
+        return [
+            Finding(
+                NOTE,
+                "build",
+                f"{label}: PyPI serves the sdist only; its ops compile at first use with "
+                f"ninja and {cuda}",
+            )
+        ]
+    return [
+        Finding(
+            WARNING,
+            "build",
+            f"{label}: no wheel for {req.platform} and Python {tb.python}; pip builds the sdist",
+        )
+    ]
 
 
-def _flash_attn(stack: Stack, r: StackRelease, tb: TorchBuild, req: Request, unverified: list[str]) -> list[Finding]:
+def _flash_attn(
+    stack: Stack, r: StackRelease, tb: TorchBuild, req: Request, unverified: list[str]
+) -> list[Finding]:
     label = f"{r.package} {r.version}"
     if tb.cuda is None:
-        return [Finding(ERROR, "build", f"{label} needs a CUDA build of torch (setup.py reads torch.version.cuda)")]
+        return [
+            Finding(
+                ERROR,
+                "build",
+                f"{label} needs a CUDA build of torch (setup.py reads torch.version.cuda)",
+            )
+        ]
     py = "cp{}{}".format(*tb.python.padded(2))
     tmajor, tminor = tb.torch.padded(2)
     abi = "TRUE" if (tmajor, tminor) >= (2, 7) else "FALSE"
     machine = "x86_64" if req.platform == "linux-64" else "aarch64"
-    wheel = f"flash_attn-{r.version}+cu{tb.cuda.major}torch{tmajor}.{tminor}cxx11abi{abi}-{py}-{py}-linux_{machine}.whl"
+    wheel = (
+        f"flash_attn-{r.version}+cu{tb.cuda.major}torch{tmajor}.{tminor}cxx11abi{abi}"
+        f"-{py}-{py}-linux_{machine}.whl"
+    )
     url = FA_URL.format(v=r.version, f=wheel)
     for o in stack.off("flash-attn", r.version):
-        if (o.cuda == tb.cuda.major and _torch_ok(o.torch, tb.torch) and contains(o.python, tb.python.raw)
-                and machine == "x86_64"):
+        if (
+            o.cuda == tb.cuda.major
+            and _torch_ok(o.torch, tb.torch)
+            and contains(o.python, tb.python.raw)
+            and machine == "x86_64"
+        ):
             unverified.append(f"flash-attn's GitHub wheels ({', '.join(o.source)})")
-            return [Finding(NOTE, "build", f"{label}: PyPI has the sdist only; its setup.py downloads the prebuilt wheel {url} (needs github.com; offline it compiles instead)")]
+            return [
+                Finding(
+                    NOTE,
+                    "build",
+                    f"{label}: PyPI has the sdist only; its setup.py downloads the "
+                    f"prebuilt wheel {url} (needs github.com; offline it compiles instead)",
+                )
+            ]
     return [
         Finding(
             WARNING,
             "build",
             f"{label}: PyPI has the sdist only and no prebuilt wheel exists for torch {tb.torch}, "
             f"CUDA {tb.cuda.major}, {py} ({url} is not published), so pip compiles it from source: "
-            f"install torch first and use --no-build-isolation; needs nvcc for CUDA {tb.cuda.major} "
-            f"(>= 11.7), ninja and about 5 GB of RAM per job (MAX_JOBS); about 2 h without ninja on "
+            f"install torch first and use --no-build-isolation; needs nvcc for CUDA "
+            f"{tb.cuda.major} (>= 11.7), ninja and about 5 GB of RAM per job (MAX_JOBS); "
+            f"about 2 h without ninja on "
             f"few cores, minutes on 64. Offline, the download fails (it sets no timeout) and it "
             f"compiles silently; without nvcc the install fails",
         )
@@ -317,7 +406,9 @@ def _torch_builds(m: Matrix, req: Request, base: CheckResult) -> list[TorchBuild
         if req.cuda is None and not req.cpu and cuda != rel.pypi_default_cuda:
             continue
         for py in sorted(mt.python, reverse=True):
-            out.append(TorchBuild(rel.torch, cuda, cuda == rel.pypi_default_cuda or cuda is None, py))
+            out.append(
+                TorchBuild(rel.torch, cuda, cuda == rel.pypi_default_cuda or cuda is None, py)
+            )
     return out
 
 
@@ -326,9 +417,11 @@ def _pulled(stack: Stack, withs: Sequence[With]) -> list[With]:
     names = {w.name for w in withs}
     out = list(withs)
     for w in withs:
-        for r in stack.releases[w.name][:1] if w.version is None else [
-            x for x in stack.releases[w.name] if x.version == w.version
-        ]:
+        for r in (
+            stack.releases[w.name][:1]
+            if w.version is None
+            else [x for x in stack.releases[w.name] if x.version == w.version]
+        ):
             for q in r.requires:
                 if q.extra in w.extras and q.name in stack.releases and q.name not in names:
                     names.add(q.name)
@@ -336,7 +429,9 @@ def _pulled(stack: Stack, withs: Sequence[With]) -> list[With]:
     return out
 
 
-def _try(stack: Stack, req: Request, tb: TorchBuild, withs: Sequence[With]) -> tuple[list[Pick], list[Pick]]:
+def _try(
+    stack: Stack, req: Request, tb: TorchBuild, withs: Sequence[With]
+) -> tuple[list[Pick], list[Pick]]:
     """The chosen release of each package for one torch build (newest that passes), and for
     the ones none passes, the release asked for (or the newest) with its findings."""
     picks: list[Pick] = []
@@ -348,7 +443,9 @@ def _try(stack: Stack, req: Request, tb: TorchBuild, withs: Sequence[With]) -> t
         best = next((p for p in judged if p.ok), None)
         if best is None:
             # the newest release an extra's pins allow tells more than one outside them
-            inside = [p for p in judged if not any("asked by an extra" in f.message for f in p.findings)]
+            inside = [
+                p for p in judged if not any("asked by an extra" in f.message for f in p.findings)
+            ]
             failed.append((inside or judged)[0])
             continue
         picks.append(best)
@@ -358,7 +455,9 @@ def _try(stack: Stack, req: Request, tb: TorchBuild, withs: Sequence[With]) -> t
     return picks, failed
 
 
-def check_stack(m: Matrix, stack: Stack, req: Request, withs: Sequence[With], suggest: bool = True) -> StackResult:
+def check_stack(
+    m: Matrix, stack: Stack, req: Request, withs: Sequence[With], suggest: bool = True
+) -> StackResult:
     base = check(m, req)
     withs = tuple(withs)
     if not base.ok:
@@ -374,7 +473,9 @@ def check_stack(m: Matrix, stack: Stack, req: Request, withs: Sequence[With], su
             first_fail = failed
     errors = tuple(f for p in first_fail or () for f in p.findings if f.severity == ERROR)
     if not errors:
-        errors = (Finding(ERROR, "python", "no torch build fits every package on the Python asked"),)
+        errors = (
+            Finding(ERROR, "python", "no torch build fits every package on the Python asked"),
+        )
     sugg = _suggest(m, stack, req, withs) if suggest else ()
     return StackResult(req, withs, base, errors, suggestions=sugg)
 
@@ -404,7 +505,9 @@ def request_args(req: Request, withs: Sequence[With]) -> tuple[str, ...]:
     return tuple(args)
 
 
-def _suggest(m: Matrix, stack: Stack, req: Request, withs: Sequence[With], limit: int = 3) -> tuple[tuple[str, ...], ...]:
+def _suggest(
+    m: Matrix, stack: Stack, req: Request, withs: Sequence[With], limit: int = 3
+) -> tuple[tuple[str, ...], ...]:
     """Requests that pass, changing as little as possible: another CUDA build of the torch
     asked for, then another torch release, then the packages' newest fitting releases."""
     tries: list[tuple[Request, tuple[With, ...]]] = []
@@ -420,8 +523,10 @@ def _suggest(m: Matrix, stack: Stack, req: Request, withs: Sequence[With], limit
     wanted = req.torch.minor.padded(2) if req.torch else (99, 0)
     others = sorted(
         (r for r in m.releases if req.torch is None or r.torch != req.torch.minor),
-        key=lambda r: (abs(r.torch.padded(2)[1] - wanted[1]) + 100 * abs(r.torch.major - wanted[0]),
-                       -r.torch.padded(2)[1]),
+        key=lambda r: (
+            abs(r.torch.padded(2)[1] - wanted[1]) + 100 * abs(r.torch.major - wanted[0]),
+            -r.torch.padded(2)[1],
+        ),
     )
     for w in dict.fromkeys((asked, loose)):
         for rel in others:
@@ -434,11 +539,17 @@ def _suggest(m: Matrix, stack: Stack, req: Request, withs: Sequence[With], limit
         if res.ok and res.torch is not None:
             # name the versions found, so the suggestion is one concrete set
             named = tuple(
-                With(p.release.package, next((x.extras for x in w if x.name == p.release.package), ()), p.release.version)
+                With(
+                    p.release.package,
+                    next((x.extras for x in w if x.name == p.release.package), ()),
+                    p.release.version,
+                )
                 for p in res.picks
                 if any(x.name == p.release.package for x in w)
             )
-            args = request_args(replace(r, torch=Version.parse(res.torch.torch.raw), python=req.python), named)
+            args = request_args(
+                replace(r, torch=Version.parse(res.torch.torch.raw), python=req.python), named
+            )
             if args not in out:
                 out.append(args)
     return tuple(out)

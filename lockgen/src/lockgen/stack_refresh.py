@@ -113,8 +113,12 @@ def _probe(get: Get, name: str, f: File, pattern: str) -> Artifact:
         return Artifact(f, probed="none found")
     if name == "bitsandbytes":  # one library per CUDA toolkit, named by it
         tk = sorted({int(re.fullmatch(pattern, m.name).group(1)) for m in hits})  # type: ignore[union-attr]
-        return Artifact(f, tuple(sorted({t // 10 for t in tk})), "libbitsandbytes_cuda*.so",
-                        tuple(f"cuda{t}" for t in tk))
+        return Artifact(
+            f,
+            tuple(sorted({t // 10 for t in tk})),
+            "libbitsandbytes_cuda*.so",
+            tuple(f"cuda{t}" for t in tk),
+        )
     needed = elf_needed(remote, hits[0])
     return Artifact(f, cuda_majors(needed), hits[0].name, tuple(n for n in needed if "cu" in n))
 
@@ -176,11 +180,15 @@ def to_toml(facts: Iterable[ReleaseFacts], read_on: str) -> str:
         "[sources]",
         f"pypi-index = {_s(f'PyPI JSON simple index (PEP 691) of the package, read {read_on}')}",
         "pypi-metadata = "
-        + _s("core metadata of the file named by metadata_from (PEP 658, or its METADATA / "
-             f"PKG-INFO read by HTTP range requests), read {read_on}"),
+        + _s(
+            "core metadata of the file named by metadata_from (PEP 658, or its METADATA / "
+            f"PKG-INFO read by HTTP range requests), read {read_on}"
+        ),
         "pypi-elf = "
-        + _s("DT_NEEDED of the shared object named by probed inside that wheel (bitsandbytes: "
-             f"its bundled libbitsandbytes_cuda*.so), read by HTTP range requests, {read_on}"),
+        + _s(
+            "DT_NEEDED of the shared object named by probed inside that wheel (bitsandbytes: "
+            f"its bundled libbitsandbytes_cuda*.so), read by HTTP range requests, {read_on}"
+        ),
     ]
     for r in facts:
         lines += [
