@@ -284,3 +284,11 @@ def test_grid_every_compatible_names_builds_and_every_suggestion_passes(matrix, 
                 rc, out, err = run("check", *s)
                 assert rc == 0, f"{cell}: suggestion {shlex.join(s)} fails:\n{out}{err}"
     assert seen["ok"] and seen["refused"] and seen["suggestions"]
+
+
+def test_gpufit_is_built_from_this_repository_against_torch():
+    rc, res = check_json("--torch", "2.14", "--with", "gpufit")
+    assert rc == 0 and res["packages"][0]["from"] == "this repository"
+    assert "CUDA 13 toolkit" in res["conflicts"][0]["message"]
+    rc, res = check_json("--torch", "2.4", "--with", "gpufit")
+    assert rc == 1 and "torch>=2.5" in res["conflicts"][0]["message"]

@@ -32,6 +32,7 @@ class Artifact(Sourced):
     cuda: tuple[int, ...] | None
     needed: tuple[str, ...]
     provenance: Provenance
+    where: str = "PyPI"
 
     @property
     def is_sdist(self) -> bool:
@@ -154,6 +155,26 @@ def _release(t: Table, sources: dict[str, str]) -> StackRelease:
     return r
 
 
+def _local(t: Table, sources: dict[str, str]) -> StackRelease:
+    """A package built from this repository: one source "file", its install line."""
+    prov = t.provenance(sources)
+    try:
+        requires = tuple(Requirement.parse(r) for r in t.strs("requires", required=False))
+    except Exception as exc:  # a LockgenError naming the bad text
+        t.fail(str(exc))
+    r = StackRelease(
+        t.text("package"),
+        t.text("version"),
+        "",
+        t.text("requires_python", required=False),
+        requires,
+        (Artifact(t.text("install"), "source", "", "any", None, (), prov, "this repository"),),
+        prov,
+    )
+    t.done()
+    return r
+
+
 def _sources(top: Table) -> dict[str, str]:
     raw = top.table("sources")
     if not all(isinstance(v, str) for v in raw.values()):
@@ -214,7 +235,10 @@ def load_stack(folder: Path | None = None) -> Stack:
             )
         )
         t.done()
-    check_top(top, ("schema", "sources", "binding", "gpu_floor", "channel"))
+    for i, raw in enumerate(top.tables("local")):
+        r = _local(Table(kept_file, f"local {i}", raw), sources)
+        releases.setdefault(r.package, []).append(r)
+    check_top(top, ("schema", "sources", "binding", "gpu_floor", "channel", "local"))
     ordered = {
         p: tuple(sorted(rs, key=lambda r: key(r.version), reverse=True))
         for p, rs in releases.items()

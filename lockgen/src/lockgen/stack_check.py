@@ -234,10 +234,11 @@ def _judge(
             )
         )
         return Pick(r, "", "PyPI", tuple(out), tuple(unverified))
-    where, file = "PyPI", art.file if art else sdist.file  # type: ignore[union-attr]
+    chosen = art or sdist
+    assert chosen is not None
+    where, file = chosen.where, chosen.file
     if art is None:
         out += _from_source(stack, r, tb, req, unverified)
-        file = sdist.file  # type: ignore[union-attr]
     elif art.cuda:
         out += _cuda_load(stack, r, art, tb, unverified)
     out += _abi(binding, label, tb)
@@ -334,6 +335,14 @@ def _from_source(
                 f"ninja and {cuda}",
             )
         ]
+    if b is not None and b.kind == "source":
+        kernels = (
+            f"its CUDA kernels need a CUDA {tb.cuda.major} toolkit (torch's major) and "
+            "TORCH_CUDA_ARCH_LIST or a visible GPU, else it builds the CPU ops only"
+            if tb.cuda
+            else "torch is the CPU build: the CPU ops only"
+        )
+        return [Finding(NOTE, "build", f"{label}: built against the installed torch; {kernels}")]
     return [
         Finding(
             WARNING,
