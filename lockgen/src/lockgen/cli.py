@@ -372,6 +372,11 @@ def _configure_doctor(p: argparse.ArgumentParser) -> None:
         default=sys.executable,
         help="the interpreter whose torch to inspect (default: this one)",
     )
+    p.add_argument(
+        "--stack",
+        action="store_true",
+        help="inspect the LLM stack installed beside torch (xformers, vllm, flash-attn, ...)",
+    )
 
 
 def _run_doctor(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
@@ -380,6 +385,10 @@ def _run_doctor(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
 
     m = _matrix(args)
     prober = seams.prober or Prober(python_exe=args.python_exe)
+    if args.stack:
+        from lockgen.stack_doctor import run_stack_doctor
+
+        return run_stack_doctor(m, prober, args.format, out)
     d = diagnose(m, prober.probe())
     if args.format == "json":
         json.dump(d.to_json(), out, indent=2)

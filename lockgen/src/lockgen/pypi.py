@@ -234,26 +234,44 @@ class _Prefix:
 def elf_needed(remote: Remote, m: Member, cap: int = ELF_READ_CAP) -> tuple[str, ...]:
     """The ``DT_NEEDED`` entries of a 64-bit little-endian ELF member, in order."""
     p = _Prefix(_member_chunks(remote, m, cap), f"{remote.url}!{m.name}")
-    head = p.need(64)
+    return parse_needed(lambda off, n: p.need(off + n)[off : off + n], p.label)
+
+
+def file_needed(path: str) -> tuple[str, ...]:
+    """The ``DT_NEEDED`` entries of a shared object on disk (its headers only are read)."""
+    with open(path, "rb") as fh:
+
+        def read(off: int, n: int) -> bytes:
+            fh.seek(off)
+            got = fh.read(n)
+            if len(got) != n:
+                raise PypiError(f"{path}: ELF truncated (needs byte {off + n})")
+            return got
+
+        return parse_needed(read, path)
+
+
+def parse_needed(read: Callable[[int, int], bytes], label: str) -> tuple[str, ...]:
+    """``DT_NEEDED`` of a 64-bit little-endian ELF file read by ``read(offset, length)``:
+    the program headers, the dynamic segment, then its string table."""
+    head = read(0, 64)
     if head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
-        raise PypiError(f"{p.label}: not a 64-bit little-endian ELF file")
+        raise PypiError(f"{label}: not a 64-bit little-endian ELF file")
     phoff = struct.unpack_from("<Q", head, 0x20)[0]
     phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
-    ph = p.need(phoff + phentsize * phnum)
+    ph = read(phoff, phentsize * phnum)
     loads, dynamic = [], None
     for i in range(phnum):
-        ptype, _flags, off, vaddr, _pa, filesz = struct.unpack_from(
-            "<IIQQQQ", ph, phoff + i * phentsize
-        )
+        ptype, _flags, off, vaddr, _pa, filesz = struct.unpack_from("<IIQQQQ", ph, i * phentsize)
         if ptype == 1:
             loads.append((vaddr, off, filesz))
         elif ptype == 2:
             dynamic = (off, filesz)
     if dynamic is None:
         return ()
-    dyn = p.need(dynamic[0] + dynamic[1])
+    dyn = read(dynamic[0], dynamic[1])
     needed, strtab, strsz = [], None, 0
-    for pos in range(dynamic[0], dynamic[0] + dynamic[1] - 15, 16):
+    for pos in range(0, len(dyn) - 15, 16):
         tag, val = struct.unpack_from("<qQ", dyn, pos)
         if tag == 0:
             break
@@ -264,12 +282,12 @@ def elf_needed(remote: Remote, m: Member, cap: int = ELF_READ_CAP) -> tuple[str,
         elif tag == 10:
             strsz = val
     if strtab is None:
-        raise PypiError(f"{p.label}: dynamic section without a string table")
+        raise PypiError(f"{label}: dynamic section without a string table")
     base = next((off + strtab - va for va, off, sz in loads if va <= strtab < va + sz), None)
     if base is None:
-        raise PypiError(f"{p.label}: string table outside every loaded segment")
-    table = p.need(base + strsz)
-    return tuple(table[base + n : table.index(b"\0", base + n)].decode() for n in needed)
+        raise PypiError(f"{label}: string table outside every loaded segment")
+    table = read(base, strsz)
+    return tuple(table[n : table.index(b"\0", n)].decode() for n in needed)
 
 
 CUDA_LIB = re.compile(r"lib(?:cudart|nvrtc|cublas|cublasLt|cusparse|cufft|curand)\.so\.(\d+)")
