@@ -408,17 +408,19 @@ def _flash_attn(
 
 
 def _torch_builds(m: Matrix, req: Request, base: CheckResult) -> list[TorchBuild]:
-    out = []
+    """The torch builds to try: what ``pip install torch`` gives (the PyPI build) unless
+    ``--cuda`` names another or the PyPI build does not fit the machine; newest Python first."""
+    out, other = [], []
     for mt in base.matches:
         rel, b = mt.candidate.release, mt.candidate.build
         cuda = b.cuda if b else None
-        if req.cuda is None and not req.cpu and cuda != rel.pypi_default_cuda:
-            continue
+        pypi = cuda is None or cuda == rel.pypi_default_cuda
         for py in sorted(mt.python, reverse=True):
-            out.append(
-                TorchBuild(rel.torch, cuda, cuda == rel.pypi_default_cuda or cuda is None, py)
-            )
-    return out
+            (out if pypi else other).append(TorchBuild(rel.torch, cuda, pypi, py))
+    if req.cuda is not None or req.cpu:
+        return out + other
+    pypi_minors = {tb.torch for tb in out}
+    return out + [tb for tb in other if tb.torch not in pypi_minors]
 
 
 def _pulled(stack: Stack, withs: Sequence[With]) -> list[With]:
