@@ -130,7 +130,8 @@ class StackResult:
 
     @property
     def unverified(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(u for p in self.picks for u in p.unverified))
+        own = (u for p in self.picks for u in p.unverified)
+        return tuple(dict.fromkeys([*self.torch_result.unverified, *own]))
 
     def to_json(self) -> dict:
         t = self.torch
@@ -276,7 +277,11 @@ def _cuda_load(
     fix = [o for o in stack.off(r.package, r.version) if o.cuda == tb.cuda.major]
     hint = "".join(
         f"; the {o.where} has a CUDA {o.cuda} build: "
-        f"pip install {r.package}=={r.version} --index-url {o.index}"
+        + (
+            f"pip install {r.package}=={r.version} --index-url {o.index}"
+            if o.where == "PyTorch index"
+            else f"from {o.index}"
+        )
         + ("" if o.verified else " (unverified: " + ", ".join(o.source) + ")")
         for o in fix
     )

@@ -147,24 +147,28 @@ def _fix(
     req = Request(torch=torch.minor, cuda=cuda, cpu=cuda is None)
     res = check_stack(m, stack, req, [With(name, (), version if known else None)])
     out: list[Finding] = []
-    if cuda is not None and linked and cuda.major not in linked:
+    major = cuda.major if cuda is not None else None
+    mismatch = major is not None and bool(linked) and major not in linked
+    if mismatch:
         have = "/".join(map(str, linked))
         out.append(
             Finding(
                 ERROR,
                 "cuda",
                 f"{name} {version} links CUDA {have} libraries; torch {torch} is a CUDA "
-                f"{cuda.major} build: its compiled part will not load",
+                f"{major} build: its compiled part will not load",
             )
         )
+    others = [f for f in res.conflicts if f.severity == ERROR and f.code != "load"]
+    out += others
+    if mismatch and not others:  # the same release, built for torch's CUDA, on the PyTorch index
         for o in stack.off(name, version):
-            if o.cuda == cuda.major:
+            if o.cuda == major and o.where == "PyTorch index":
                 note = "" if o.verified else "  # unverified: " + ", ".join(o.source)
                 pip = f"pip install --force-reinstall --no-deps {name}=={version}"
                 return out, f"{pip} --index-url {o.index}{note}"
-    if res.ok:
+    if res.ok and not mismatch:
         return out, None
-    out += [f for f in res.conflicts if f.severity == ERROR and f.code != "load"]
     fix = _pip_line(res.suggestions[0]) if res.suggestions else None
     return out, fix
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from lockgen.pypi import (
+    CUDA_LIB,
     File,
     Get,
     PypiError,
@@ -120,7 +121,8 @@ def _probe(get: Get, name: str, f: File, pattern: str) -> Artifact:
             tuple(f"cuda{t}" for t in tk),
         )
     needed = elf_needed(remote, hits[0])
-    return Artifact(f, cuda_majors(needed), hits[0].name, tuple(n for n in needed if "cu" in n))
+    cuda = tuple(n for n in needed if CUDA_LIB.fullmatch(n) or "cuda" in n)
+    return Artifact(f, cuda_majors(needed), hits[0].name, cuda)
 
 
 def read_release(get: Get, name: str, version: str, files: list[File]) -> ReleaseFacts:
