@@ -292,3 +292,13 @@ def test_gpufit_is_built_from_this_repository_against_torch():
     assert "CUDA 13 toolkit" in res["conflicts"][0]["message"]
     rc, res = check_json("--torch", "2.4", "--with", "gpufit")
     assert rc == 1 and "torch>=2.5" in res["conflicts"][0]["message"]
+
+
+def test_refresh_reads_an_sdists_pkg_info_from_its_first_bytes():
+    replay = Replay(FIXTURES / "pypi-flash-attn")
+    (rel,) = refresh(replay, ["flash-attn"], 1)
+    assert (rel.version, rel.requires_python, rel.requires) == ("2.8.3.post2", ">=3.9", ("torch",))
+    (art,) = rel.artifacts
+    assert art.file.filename == "flash_attn-2.8.3.post2.tar.gz" and art.file.tags[0] == "source"
+    # one 64 KiB range from the start of an 8 MB sdist
+    assert [k.split("|")[1] for k in replay.asked if "pythonhosted" in k] == ["bytes=0-65535"]

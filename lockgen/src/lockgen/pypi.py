@@ -332,11 +332,12 @@ def metadata(get: Get, f: File) -> tuple[Metadata, str]:
 
 
 def _gzip_chunks(remote: Remote, cap: int) -> Iterator[bytes]:
+    """A .tar.gz's uncompressed bytes from its start, read 64 KiB first, then growing."""
     inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    start = 0
+    start, step = 0, 1 << 16
     while start < min(remote.size, cap):
-        raw = remote.read(start, CHUNK)
-        start += len(raw)
+        raw = remote.read(start, step)
+        start, step = start + len(raw), min(step * 2, CHUNK)
         yield inflate.decompress(raw)
 
 
