@@ -302,3 +302,17 @@ def test_refresh_reads_an_sdists_pkg_info_from_its_first_bytes():
     assert art.file.filename == "flash_attn-2.8.3.post2.tar.gz" and art.file.tags[0] == "source"
     # one 64 KiB range from the start of an 8 MB sdist
     assert [k.split("|")[1] for k in replay.asked if "pythonhosted" in k] == ["bytes=0-65535"]
+
+
+def test_a_torchvision_pin_the_torch_does_not_pair_with(matrix, stack):
+    from dataclasses import replace
+
+    r = stack.releases["vllm"][0]
+    assert any(q.name == "torch" and q.spec == "==2.14.0" for q in r.requires)
+    pins = tuple(replace(q, spec="==0.28.0") if q.name == "torchvision" else q for q in r.requires)
+    other = replace(stack, releases={**stack.releases, "vllm": (replace(r, requires=pins),)})
+    req = Request.from_strings(matrix, torch="2.14")
+    assert check_stack(matrix, stack, req, [With("vllm")]).ok
+    res = check_stack(matrix, other, req, [With("vllm")], suggest=False)
+    assert not res.ok
+    assert any("torchvision==0.28.0" in c.message and "0.29" in c.message for c in res.conflicts)

@@ -76,6 +76,7 @@ class TorchBuild:
     cuda: Version | None
     pypi: bool  # the build PyPI serves (else the PyTorch index)
     python: Version
+    torchvision: Version | None = None  # the release paired with this torch (a minor)
 
     def describe(self) -> str:
         where = "PyPI" if self.pypi else "the PyTorch index"
@@ -220,6 +221,16 @@ def _judge(
         if q.spec and _torch_ok(q.spec, tb.torch) is None:
             out.append(
                 Finding(ERROR, "install", f"{label} requires torch{q.spec}: torch {tb.torch} asked")
+            )
+    for q in _requires(r, extras, "torchvision"):
+        if q.spec and tb.torchvision is not None and _torch_ok(q.spec, tb.torchvision) is None:
+            out.append(
+                Finding(
+                    ERROR,
+                    "install",
+                    f"{label} requires torchvision{q.spec}: torch {tb.torch} pairs with "
+                    f"torchvision {tb.torchvision}",
+                )
             )
     files = [a for a in r.artifacts if not a.is_sdist and _platform_ok(a, req.platform)]
     files = [a for a in files if _python_ok(a, tb.python)]
@@ -421,7 +432,8 @@ def _torch_builds(m: Matrix, req: Request, base: CheckResult) -> list[TorchBuild
         cuda = b.cuda if b else None
         pypi = cuda is None or cuda == rel.pypi_default_cuda
         for py in sorted(mt.python, reverse=True):
-            (out if pypi else other).append(TorchBuild(rel.torch, cuda, pypi, py))
+            tb = TorchBuild(rel.torch, cuda, pypi, py, rel.torchvision)
+            (out if pypi else other).append(tb)
     if req.cuda is not None or req.cpu:
         return out + other
     pypi_minors = {tb.torch for tb in out}
@@ -572,7 +584,8 @@ def _suggest(
 
 
 def format_stack(res: StackResult) -> str:
-    head = f"{res.verdict}: {res.request.describe()} with {', '.join(str(w) for w in res.withs)}"
+    asked = res.request.describe().replace("(nothing)", "any torch")
+    head = f"{res.verdict}: {asked} with {', '.join(str(w) for w in res.withs)}"
     if res.unverified:
         head += f"  [unverified: {'; '.join(res.unverified)}]"
     lines = [head]
