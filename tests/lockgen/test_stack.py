@@ -316,3 +316,33 @@ def test_a_torchvision_pin_the_torch_does_not_pair_with(matrix, stack):
     res = check_stack(matrix, other, req, [With("vllm")], suggest=False)
     assert not res.ok
     assert any("torchvision==0.28.0" in c.message and "0.29" in c.message for c in res.conflicts)
+
+
+def test_json_keys_are_stable():
+    for argv in (
+        ("--torch", "2.10", "--with", "xformers"),
+        ("--torch", "2.3", "--with", "peft==0.21.2"),
+    ):
+        _, res = check_json(*argv)
+        assert set(res) == {
+            "request",
+            "with",
+            "verdict",
+            "ok",
+            "torch",
+            "packages",
+            "unverified",
+            "conflicts",
+            "suggestions",
+        }
+    _, res = check_json("--torch", "2.10", "--with", "xformers")
+    assert set(res["torch"]) == {"torch", "cuda", "from", "python"}
+    assert set(res["packages"][0]) == {"package", "version", "file", "from", "unverified"}
+
+
+def test_a_bad_artifact_names_its_release(tmp_path):
+    text = (DATA_DIR / "stack-pypi.toml").read_text().replace("cuda = [12]", 'cuda = "12"', 1)
+    (tmp_path / "stack-pypi.toml").write_text(text)
+    (tmp_path / "stack.toml").write_text((DATA_DIR / "stack.toml").read_text())
+    with pytest.raises(MatrixError, match=r"release \d+ artifact \d+: 'cuda' must be a list"):
+        load_stack(tmp_path)

@@ -61,7 +61,9 @@ def test_a_cuda13_vllm_beside_a_cuda12_torch(tmp_path):
     assert rc == 1 and res["broken"]
     (vllm,) = res["packages"]
     assert vllm["cuda"] == [13]
-    codes = {f["code"]: f["message"] for f in vllm["findings"]}
+    codes: dict[str, str] = {}
+    for f in vllm["findings"]:
+        codes[f["code"]] = codes.get(f["code"], "") + f["message"] + " | "
     assert "links CUDA 13" in codes["cuda"] and "CUDA 12 build" in codes["cuda"]
     assert "libnvrtc.so.13: cannot open shared object file" in codes["load"]
     assert "torch==2.14.0" in codes["install"]

@@ -8,15 +8,19 @@ its :class:`~lockgen.provenance.Provenance`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+from lockgen.errors import LockgenError
 from lockgen.load import DATA_DIR
 from lockgen.provenance import Provenance, Sourced
 from lockgen.specifiers import Requirement, contains, key
 from lockgen.tables import Table, check_top, read_toml
 from lockgen.versions import Capability
 
+T = TypeVar("T")
 BINDINGS = ("exact", "exact-undeclared", "stable", "jit", "none", "source")
 
 
@@ -117,7 +121,7 @@ def _artifact(t: Table, sources: dict[str, str]) -> Artifact:
         isinstance(cuda, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in cuda)
     ):
         t.fail(f"'cuda' must be a list of CUDA majors, got {cuda!r}")
-    a = Artifact(
+    return Artifact(
         file=t.text("file"),
         python=t.text("python"),
         abi=t.text("abi"),
@@ -126,8 +130,6 @@ def _artifact(t: Table, sources: dict[str, str]) -> Artifact:
         needed=t.strs("needed", required=False),
         provenance=t.provenance(sources),
     )
-    t.done()
-    return a
 
 
 def _release(t: Table, sources: dict[str, str]) -> StackRelease:
@@ -135,13 +137,10 @@ def _release(t: Table, sources: dict[str, str]) -> StackRelease:
     try:
         key(version)
         requires = tuple(Requirement.parse(r) for r in t.strs("requires", required=False))
-    except Exception as exc:  # a LockgenError naming the bad text
+    except LockgenError as exc:
         t.fail(str(exc))
     t.seen.add("metadata_from")
-    arts = tuple(
-        _artifact(Table(t.file, f"{t.label} artifact {i}", a), sources)
-        for i, a in enumerate(t.tables("artifact"))
-    )
+    arts = tuple(_each(t, "artifact", sources, _artifact))
     r = StackRelease(
         package,
         version,
@@ -151,7 +150,6 @@ def _release(t: Table, sources: dict[str, str]) -> StackRelease:
         arts,
         t.provenance(sources),
     )
-    t.done()
     return r
 
 
@@ -160,7 +158,7 @@ def _local(t: Table, sources: dict[str, str]) -> StackRelease:
     prov = t.provenance(sources)
     try:
         requires = tuple(Requirement.parse(r) for r in t.strs("requires", required=False))
-    except Exception as exc:  # a LockgenError naming the bad text
+    except LockgenError as exc:
         t.fail(str(exc))
     r = StackRelease(
         t.text("package"),
@@ -171,7 +169,6 @@ def _local(t: Table, sources: dict[str, str]) -> StackRelease:
         (Artifact(t.text("install"), "source", "", "any", None, (), prov, "this repository"),),
         prov,
     )
-    t.done()
     return r
 
 
@@ -182,63 +179,70 @@ def _sources(top: Table) -> dict[str, str]:
     return dict(raw)
 
 
+def _binding(t: Table, sources: dict[str, str]) -> Binding:
+    b = Binding(
+        t.text("package"),
+        t.text("versions"),
+        t.text("kind"),
+        t.text("torch", required=False),
+        t.provenance(sources),
+    )
+    if b.kind not in BINDINGS:
+        t.fail(f"unknown kind {b.kind!r} (known: {', '.join(BINDINGS)})")
+    return b
+
+
+def _gpu_floor(t: Table, sources: dict[str, str]) -> GpuFloor:
+    try:
+        cap = Capability.parse(t.text("capability"))
+    except LockgenError as exc:
+        t.fail(str(exc))
+    return GpuFloor(t.text("package"), t.text("versions"), cap, t.provenance(sources))
+
+
+def _off_pypi(t: Table, sources: dict[str, str]) -> OffPypi:
+    return OffPypi(
+        t.text("package"),
+        t.text("versions"),
+        t.text("where"),
+        t.text("index"),
+        t.integer("cuda"),
+        t.text("torch", required=False),
+        t.text("python", required=False),
+        t.provenance(sources),
+    )
+
+
+def _each(
+    top: Table, key: str, sources: dict[str, str], read: Callable[[Table, dict], T]
+) -> list[T]:
+    """Every ``[[key]]`` table of the file, read by ``read`` and checked for unknown keys."""
+    out = []
+    for i, raw in enumerate(top.tables(key)):
+        where = f"{key} {i}" if top.label == "top level" else f"{top.label} {key} {i}"
+        t = Table(top.file, where, raw)
+        out.append(read(t, sources))
+        t.done()
+    return out
+
+
 def load_stack(folder: Path | None = None) -> Stack:
     folder = Path(folder) if folder else DATA_DIR
     pypi_file, kept_file = folder / "stack-pypi.toml", folder / "stack.toml"
     top = Table(pypi_file, "top level", read_toml(pypi_file))
-    sources = _sources(top)
-    releases: dict[str, list[StackRelease]] = {}
-    for i, raw in enumerate(top.tables("release")):
-        r = _release(Table(pypi_file, f"release {i}", raw), sources)
-        releases.setdefault(r.package, []).append(r)
+    found = _each(top, "release", _sources(top), _release)
     check_top(top, ("schema", "sources", "release"))
 
     top = Table(kept_file, "top level", read_toml(kept_file))
     sources = _sources(top)
-    bindings, floors, off = [], [], []
-    for i, raw in enumerate(top.tables("binding")):
-        t = Table(kept_file, f"binding {i}", raw)
-        b = Binding(
-            t.text("package"),
-            t.text("versions"),
-            t.text("kind"),
-            t.text("torch", required=False),
-            t.provenance(sources),
-        )
-        if b.kind not in BINDINGS:
-            t.fail(f"unknown kind {b.kind!r} (known: {', '.join(BINDINGS)})")
-        t.done()
-        bindings.append(b)
-    for i, raw in enumerate(top.tables("gpu_floor")):
-        t = Table(kept_file, f"gpu_floor {i}", raw)
-        floors.append(
-            GpuFloor(
-                t.text("package"),
-                t.text("versions"),
-                Capability.parse(t.text("capability")),
-                t.provenance(sources),
-            )
-        )
-        t.done()
-    for i, raw in enumerate(top.tables("channel")):
-        t = Table(kept_file, f"channel {i}", raw)
-        off.append(
-            OffPypi(
-                t.text("package"),
-                t.text("versions"),
-                t.text("where"),
-                t.text("index"),
-                t.integer("cuda"),
-                t.text("torch", required=False),
-                t.text("python", required=False),
-                t.provenance(sources),
-            )
-        )
-        t.done()
-    for i, raw in enumerate(top.tables("local")):
-        r = _local(Table(kept_file, f"local {i}", raw), sources)
-        releases.setdefault(r.package, []).append(r)
+    bindings = _each(top, "binding", sources, _binding)
+    floors = _each(top, "gpu_floor", sources, _gpu_floor)
+    off = _each(top, "channel", sources, _off_pypi)
+    found += _each(top, "local", sources, _local)
     check_top(top, ("schema", "sources", "binding", "gpu_floor", "channel", "local"))
+    releases: dict[str, list[StackRelease]] = {}
+    for r in found:
+        releases.setdefault(r.package, []).append(r)
     ordered = {
         p: tuple(sorted(rs, key=lambda r: key(r.version), reverse=True))
         for p, rs in releases.items()
