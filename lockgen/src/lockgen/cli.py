@@ -55,6 +55,9 @@ workflow:
   7. lockgen verify FILE        is a lockfile the CUDA build its target promises, fresh, hashed?
   8. lockgen install FILE --prefix DIR   install a lock without conda (checks the driver)
   later: flake (a Nix dev shell per target)
+  LLM stack: check --with PKG[==VER] (xformers, vllm, flash-attn, bitsandbytes, ...: installs,
+             loads beside that torch, runs on the GPU?), doctor --stack (the installed one),
+             refresh-stack (re-read their facts from PyPI; lockgen/data/stack*.toml)
 
 example:
   lockgen check --torch 2.1.2 --cuda 12.1 --python 3.11 --driver 535 --gpu "RTX 3090"
