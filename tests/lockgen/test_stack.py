@@ -346,3 +346,10 @@ def test_a_bad_artifact_names_its_release(tmp_path):
     (tmp_path / "stack.toml").write_text((DATA_DIR / "stack.toml").read_text())
     with pytest.raises(MatrixError, match=r"release \d+ artifact \d+: 'cuda' must be a list"):
         load_stack(tmp_path)
+
+
+def test_deepspeed_ops_need_an_nvcc_that_matches_torch():
+    _, res = check_json("--torch", "2.14", "--with", "deepspeed")
+    assert "nvcc 13.0 exactly" in res["conflicts"][0]["message"]
+    _, res = check_json("--torch", "2.10", "--with", "deepspeed")
+    assert "an nvcc 12.x" in res["conflicts"][0]["message"]

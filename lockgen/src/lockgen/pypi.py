@@ -222,19 +222,19 @@ class _Prefix:
     def __init__(self, chunks: Iterator[bytes], label: str):
         self.chunks, self.buf, self.label = chunks, bytearray(), label
 
-    def need(self, end: int) -> bytes:
-        while len(self.buf) < end:
+    def read(self, off: int, n: int) -> bytes:
+        while len(self.buf) < off + n:
             chunk = next(self.chunks, None)
             if chunk is None:
-                raise PypiError(f"{self.label}: ELF truncated (needs byte {end})")
+                raise PypiError(f"{self.label}: truncated (needs byte {off + n})")
             self.buf += chunk
-        return bytes(self.buf)
+        return bytes(self.buf[off : off + n])
 
 
 def elf_needed(remote: Remote, m: Member, cap: int = ELF_READ_CAP) -> tuple[str, ...]:
     """The ``DT_NEEDED`` entries of a 64-bit little-endian ELF member, in order."""
     p = _Prefix(_member_chunks(remote, m, cap), f"{remote.url}!{m.name}")
-    return parse_needed(lambda off, n: p.need(off + n)[off : off + n], p.label)
+    return parse_needed(p.read, p.label)
 
 
 def file_needed(path: str) -> tuple[str, ...]:
@@ -347,7 +347,7 @@ def sdist_pkg_info(remote: Remote, cap: int = 16 << 20) -> bytes:
     p = _Prefix(_gzip_chunks(remote, cap), remote.url)
     pos = 0
     while True:
-        head = p.need(pos + 512)[pos : pos + 512]
+        head = p.read(pos, 512)
         if head == b"\0" * 512:
             break
         name = head[:100].split(b"\0")[0].decode("utf-8", "replace")
@@ -356,6 +356,6 @@ def sdist_pkg_info(remote: Remote, cap: int = 16 << 20) -> bytes:
         full = f"{prefix}/{name}" if prefix else name
         body = pos + 512
         if re.fullmatch(r"[^/]+/PKG-INFO", full) and head[156:157] in (b"0", b"\0"):
-            return p.need(body + size)[body : body + size]
+            return p.read(body, size)
         pos = body + (size + 511) // 512 * 512
     raise PypiError(f"{remote.url}: no top-level PKG-INFO")

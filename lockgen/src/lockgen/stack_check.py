@@ -338,11 +338,12 @@ def _from_source(
         return _flash_attn(stack, r, tb, req, unverified)
     b = stack.binding(r.package, r.version)
     if b is not None and b.kind == "jit":
-        cuda = (
-            f"nvcc {tb.cuda} (the CUDA of torch's build; no other minor accepted for CUDA 13)"
-            if tb.cuda
-            else "no CUDA ops: torch is the CPU build"
-        )
+        if tb.cuda is None:
+            cuda = "no CUDA ops: torch is the CPU build"
+        elif tb.cuda.major in (11, 12):
+            cuda = f"an nvcc {tb.cuda.major}.x (its minor may differ from torch's {tb.cuda})"
+        else:  # its builder lists no CUDA 13 minors that may differ
+            cuda = f"nvcc {tb.cuda} exactly (torch's CUDA; DS_SKIP_CUDA_CHECK=1 skips the check)"
         return [
             Finding(
                 NOTE,
