@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn, TextIO
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from lockgen.formats.pip import UvResolver
     from lockgen.formats.uv import Runner
     from lockgen.probe import Prober
+    from lockgen.pypi import Get
     from lockgen.solve import Solver
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -53,6 +55,9 @@ workflow:
   7. lockgen verify FILE        is a lockfile the CUDA build its target promises, fresh, hashed?
   8. lockgen install FILE --prefix DIR   install a lock without conda (checks the driver)
   later: flake (a Nix dev shell per target)
+  LLM stack: check --with PKG[==VER] (xformers, vllm, flash-attn, bitsandbytes, ...: installs,
+             loads beside that torch, runs on the GPU?), doctor --stack (the installed one),
+             refresh-stack (re-read their facts from PyPI; lockgen/data/stack*.toml)
 
 example:
   lockgen check --torch 2.1.2 --cuda 12.1 --python 3.11 --driver 535 --gpu "RTX 3090"
@@ -69,6 +74,7 @@ class Seams:
     solver: Solver | None = None  # lock --flavor conda
     pip_resolver: UvResolver | None = None  # lock --flavor pip
     uv_runner: Runner | None = None  # lock --flavor uv: how `uv lock` is run
+    pypi_get: Get | None = None  # refresh-stack: how PyPI is read
 
 
 @dataclass(frozen=True)
@@ -303,6 +309,13 @@ def _configure_check(p: argparse.ArgumentParser) -> None:
         choices=PLATFORMS,
         help="conda platform (default linux-64)",
     )
+    p.add_argument(
+        "--with",
+        dest="with_",
+        action="append",
+        metavar="PKG[==VER]",
+        help="also check this package of the LLM stack (repeatable; extras: 'trl[vllm]==1.16.0')",
+    )
     _add_format(p, "text")
 
 
@@ -310,12 +323,23 @@ def _run_check(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
     from lockgen.check import Request, check, format_check
 
     m = _matrix(args)
-    if not any(
-        (args.torch, args.cuda, args.cudnn, args.python, args.torchvision, args.driver, args.gpu)
+    if (
+        not any(
+            (
+                args.torch,
+                args.cuda,
+                args.cudnn,
+                args.python,
+                args.torchvision,
+                args.driver,
+                args.gpu,
+            )
+        )
+        and not args.with_
     ):
         raise LockgenError(
             "nothing to check: give at least one of --torch, --cuda, --cudnn, "
-            "--python, --torchvision, --driver, --gpu"
+            "--python, --torchvision, --driver, --gpu, --with"
         )
     req = Request.from_strings(
         m,
@@ -328,6 +352,10 @@ def _run_check(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
         gpu=args.gpu,
         platform=args.platform,
     )
+    if args.with_:
+        from lockgen.stack_check import run_with
+
+        return run_with(m, req, args.with_, args.format, out)
     result = check(m, req)
     if args.format == "json":
         json.dump(result.to_json(), out, indent=2)
@@ -347,6 +375,11 @@ def _configure_doctor(p: argparse.ArgumentParser) -> None:
         default=sys.executable,
         help="the interpreter whose torch to inspect (default: this one)",
     )
+    p.add_argument(
+        "--stack",
+        action="store_true",
+        help="inspect the LLM stack installed beside torch (xformers, vllm, flash-attn, ...)",
+    )
 
 
 def _run_doctor(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
@@ -355,6 +388,10 @@ def _run_doctor(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
 
     m = _matrix(args)
     prober = seams.prober or Prober(python_exe=args.python_exe)
+    if args.stack:
+        from lockgen.stack_doctor import run_stack_doctor
+
+        return run_stack_doctor(m, prober, args.format, out)
     d = diagnose(m, prober.probe())
     if args.format == "json":
         json.dump(d.to_json(), out, indent=2)
@@ -666,6 +703,55 @@ def _run_install(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
     return EXIT_OK
 
 
+# -- refresh-stack --------------------------------------------------------------------------
+
+
+def _configure_refresh_stack(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--package", action="append", help="only this package (repeatable; default: all)"
+    )
+    p.add_argument(
+        "--releases", type=int, default=8, help="newest final releases per package (default 8)"
+    )
+    p.add_argument(
+        "--out",
+        default="stack-pypi.new.toml",
+        help="where to write the refreshed facts (default: %(default)s); the diff against "
+        "lockgen's own data/stack-pypi.toml goes to stdout",
+    )
+
+
+def _run_refresh_stack(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
+    import datetime
+    from pathlib import Path
+
+    from lockgen.load import DATA_DIR
+    from lockgen.output import write_text
+    from lockgen.pypi import urllib_get
+    from lockgen.stack_refresh import PROBES, diff_against, refresh, to_toml
+
+    if args.releases < 1:
+        raise LockgenError("--releases must be at least 1")
+    started = time.monotonic()
+    facts = refresh(
+        seams.pypi_get or urllib_get,
+        args.package or tuple(PROBES),
+        args.releases,
+        lambda msg: print(f"[{time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr),
+    )
+    text = to_toml(facts, datetime.date.today().isoformat())
+    write_text(Path(args.out), text)
+    current = DATA_DIR / "stack-pypi.toml"
+    old = current.read_text() if current.is_file() else ""
+    out.write(diff_against(old, text, "data/stack-pypi.toml", args.out))
+    print(
+        f"read {len(facts)} releases of {len({f.package for f in facts})} packages in "
+        f"{time.monotonic() - started:.1f}s; wrote {args.out}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
 # -- registry -------------------------------------------------------------------------------
 
 COMMANDS: tuple[Command, ...] = (
@@ -692,6 +778,12 @@ COMMANDS: tuple[Command, ...] = (
         "solve a target into envs/<target>.lock (or a pip hash-lock)",
         _configure_lock,
         _run_lock,
+    ),
+    Command(
+        "refresh-stack",
+        "re-read the LLM stack's facts from PyPI; write them and print the diff",
+        _configure_refresh_stack,
+        _run_refresh_stack,
     ),
     Command("verify", "check a lockfile against its target", _configure_verify, _run_verify),
     Command(
@@ -737,10 +829,17 @@ def main(
     solver: Solver | None = None,
     pip_resolver: UvResolver | None = None,
     uv_runner: Runner | None = None,
+    pypi_get: Get | None = None,
 ) -> int:
     """Run lockgen; returns the exit code. The keywords replace the real machine and solvers
     (:class:`Seams`; tests pass ``prober=Prober(...)`` to ``doctor``)."""
-    seams = Seams(prober=prober, solver=solver, pip_resolver=pip_resolver, uv_runner=uv_runner)
+    seams = Seams(
+        prober=prober,
+        solver=solver,
+        pip_resolver=pip_resolver,
+        uv_runner=uv_runner,
+        pypi_get=pypi_get,
+    )
     out = out or sys.stdout
     err = err or sys.stderr
     parser = build_parser()
