@@ -637,9 +637,57 @@ def test_check_lock_rejects_another_commit_or_hash(nixcfg, tmp_path):
     )
     rc, text, _ = _cli("flake", "--check-lock", str(other))
     assert rc == 1 and "nixpkgs-2505: narHash sha256-AAAA" in text
+    # a file that is no flake.lock at all is an error, not a finding (issue 22, U5)
     (tmp_path / "broken.lock").write_text("{not json")
-    rc, text, _ = _cli("flake", "--check-lock", str(tmp_path / "broken.lock"))
-    assert rc == 1 and "is not a readable flake.lock" in text
+    rc, text, err = _cli("flake", "--check-lock", str(tmp_path / "broken.lock"))
+    assert rc == 2 and err.startswith("lockgen: error: ") and "not a flake.lock" in err
+
+
+def _bad_locks(tmp_path):
+
+    yield "empty", b""
+    yield "not JSON", b"{not json"
+    yield "nested", b"[" * 100_000
+    yield "nested objects", b'{"a":' * 50_000
+    yield "huge int", b'{"nodes": {}, "root": ' + b"9" * 5000 + b"}"
+    yield "no root", b'{"nodes": {"x": {}}, "version": 7}'
+    yield "root not a node", b'{"nodes": {}, "root": "root"}'
+    yield "root a list", b'{"nodes": {"root": []}, "root": "root"}'
+    yield "nodes a list", b'{"nodes": [], "root": "root"}'
+    yield "inputs a string", b'{"nodes": {"root": {"inputs": "x"}}, "root": "root"}'
+    yield "top a list", b"[1, 2]"
+    yield "not UTF-8", b"\xff\xfe{}"
+    yield "a folder", tmp_path
+    yield "missing", tmp_path / "no-such.lock"
+    loop = tmp_path / "loop.lock"
+    if not loop.is_symlink():
+        os.symlink(loop, loop)
+    yield "symlink loop", loop
+
+
+@pytest.mark.parametrize("case", range(15))
+def test_check_lock_on_a_bad_file_is_one_clean_line(tmp_path, case):
+    name, content = list(_bad_locks(tmp_path))[case]
+    if isinstance(content, bytes):
+        path = tmp_path / "flake.lock"
+        path.write_bytes(content)
+    else:
+        path = content
+    rc, text, err = _cli("flake", "--check-lock", str(path))
+    assert rc == 2, name
+    assert err.startswith("lockgen: error: ") and err.count("\n") == 1, (name, err)
+    assert "Error(" not in err and "Traceback" not in err and len(err) < 400, (name, err)
+
+
+def test_check_lock_on_odd_locked_fields_names_them_without_reprs(nixcfg, tmp_path):
+    weird = _flake_lock(tmp_path, nixcfg, nixpkgs={"rev": ["a", "list"], "narHash": "x" * 5000})
+    rc, text, err = _cli("flake", "--check-lock", str(weird))
+    assert rc == 1 and "nixpkgs: locked at (a JSON list, not a string)" in text
+    assert "5000-character string" in text and "x" * 200 not in text
+    nodes = tmp_path / "nodes.lock"
+    nodes.write_text('{"nodes": {"root": {"inputs": {"nixpkgs": "n"}}, "n": 3}, "root": "root"}')
+    rc, text, err = _cli("flake", "--check-lock", str(nodes))
+    assert rc == 1 and "nixpkgs: node 'n' has no 'locked' table" in text
 
 
 def test_every_input_records_where_its_commit_comes_from(nixcfg):
