@@ -208,3 +208,29 @@ def test_windows_never_names_a_linux_only_target(matrix, kw):
     for name in names - {None}:
         assert "win-64" in matrix.targets[name].platforms, name
     assert "(target cu128)" not in format_check(r)
+
+
+@pytest.mark.parametrize("gpu", ["Tesla K80", "sm_37", "Tesla K80\nRTX 4090"])
+def test_a_gpu_with_no_cuda_build_left_names_the_cpu_build(matrix, gpu):
+    r = run(matrix, torch="2.14", gpu=gpu)
+    assert not r.ok and r.verdict == "incompatible"
+    msg = " ".join(c.message for c in r.errors)
+    assert "only the CPU build (torch 2.14 + CPU)" in msg and "builds that run on it" in msg
+
+
+def test_a_gpu_no_build_runs_on_names_the_cpu_build(matrix):
+    r = run(matrix, gpu="sm_35")
+    assert not r.ok and "only a CPU build (--cuda cpu)" in r.errors[0].message
+
+
+@pytest.mark.parametrize("python", ["3.14.0rc1", "3.13.0a2", "3.12.1.post1"])
+def test_a_python_pre_release_is_unknown(matrix, python):
+    r = run(matrix, python=python)
+    assert not r.ok and any("unknown release" in c.message for c in r.errors)
+
+
+def test_a_python_patch_says_it_is_judged_as_the_minor(matrix):
+    r = run(matrix, python="3.13.99", torch="2.8")
+    assert r.ok and any("judged as Python 3.13" in c.message for c in r.conflicts)
+    r = run(matrix, python="3.13", torch="2.8")
+    assert r.ok and not any("judged as" in c.message for c in r.conflicts)

@@ -363,6 +363,8 @@ def _cuda_alone(m: Matrix, req: Request) -> str:
 def _python_fit(m: Matrix, req: Request, c: Candidate) -> Fit:
     assert req.python is not None
     r, py, p = c.release, req.python.minor, req.platform
+    if req.python.suffix:
+        return Fit(False, _not_final("Python", req.python))
     have = r.python_for(p)
     if py not in have:
         return Fit(False, f"torch {r.torch} has no wheels for Python {py} (it has {_span(have)})")
@@ -374,12 +376,21 @@ def _python_fit(m: Matrix, req: Request, c: Candidate) -> Fit:
                 f"torchvision {r.torchvision} (for torch {r.torch}) has no wheels for Python "
                 f"{py} (it has {_span(tv)})",
             )
+    patch = ""
+    if req.python.raw.count(".") >= 2:
+        patch = (
+            f"the matrix knows Python minors only: Python {req.python} is judged as Python "
+            f"{py}, whether or not that patch release exists"
+        )
     if py in r.python_experimental:
-        return Fit(True, caveat=f"Python {py} is experimental for torch {r.torch}")
-    return Fit(True)
+        return Fit(True, caveat=f"Python {py} is experimental for torch {r.torch}", note=patch)
+    return Fit(True, note=patch)
 
 
 def _python_alone(m: Matrix, req: Request) -> str:
+    assert req.python is not None
+    if req.python.suffix:
+        return _not_final("Python", req.python)
     return f"no release of the matrix has wheels for Python {req.python} on {req.platform}"
 
 
@@ -444,7 +455,7 @@ def _gpu_alone(m: Matrix, req: Request) -> str:
     oldest = min((a for x in m.arch_lists for a in x.archs), key=lambda a: a.canonical)
     return (
         f"no build of the matrix runs on GPU {req.gpu_label}: the oldest architecture any "
-        f"build has is {oldest.sm}"
+        f"build has is {oldest.sm}; only a CPU build (--cuda cpu) can be used"
     )
 
 
@@ -641,13 +652,15 @@ def _explain_gpu(t: _Table, fits: Sequence[tuple[Candidate, Fit]]) -> str:
     cuda_fits = [(c, f) for c, f in fits if c.build is not None]
     if not cuda_fits:
         return "the CPU build does not use the GPU; no CUDA build fits the other constraints"
+    cpu = next((c for c, _ in fits if c.build is None), None)
+    only_cpu = f"; only the CPU build ({cpu.label}) fits the rest" if cpu else ""
     if len(cuda_fits) == 1:
-        return cuda_fits[0][1].why
+        return cuda_fits[0][1].why + only_cpu
     names = ", ".join(c.label for c, _ in cuda_fits[:4])
     more = f" and {len(cuda_fits) - 4} more" if len(cuda_fits) > 4 else ""
     return (
         f"GPU {t.req.gpu_label} runs none of the builds that fit the rest ({names}{more}); "
-        f"builds that run on it: {_runs_where(t)}"
+        f"builds that run on it: {_runs_where(t)}{only_cpu}"
     )
 
 
