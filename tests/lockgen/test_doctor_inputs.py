@@ -92,3 +92,13 @@ def test_verify_names_a_symlink_loop(tmp_path):
     os.symlink(loop, loop)
     rc, out, err = cli("verify", str(loop))
     assert rc == 2 and "symbolic links" in err and "does not exist" not in err
+
+
+@pytest.mark.parametrize("body", ["yes", "exec 2>&-; yes"])
+def test_doctor_blames_the_interpreter_not_torch(tmp_path, body):
+    exe = _script(tmp_path, "yes.sh", body)
+    rc, out, err = cli("doctor", "--python-exe", str(exe))
+    assert rc == 1 and out.startswith("verdict: broken")
+    assert "printed more than 1 MiB" in out and "is it a Python interpreter?" in out
+    assert "torch is not importable" not in out and "pip install" not in out
+    assert "fix: point --python-exe at the Python interpreter" in out

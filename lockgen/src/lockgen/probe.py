@@ -243,6 +243,7 @@ class MachineReport:
     problems: tuple[str, ...] = field(default=())
     nvidia_smi_found: bool = False
     cuda_home_nvcc: NvccInfo | None = None  # the nvcc of torch's CUDA_HOME, when not PATH's
+    interpreter_ok: bool = True  # False: the interpreter itself could not run the probe
 
 
 # ------------------------------------------------------------------------------------------
@@ -669,10 +670,13 @@ class Prober:
                 gpus = parse_gpu_list(lst.stdout) if lst.ok else []
         return driver, gpus, smi_found
 
+    _interpreter_failed = False
+
     def torch(self) -> tuple[TorchInfo | None, str]:
         if self.torch_info is not None:
             return self.torch_info()
         res = self._run([self.python_exe, "-c", TORCH_SCRIPT], self.torch_timeout)
+        self._interpreter_failed = res.not_found or res.overflowed
         if res.not_found:
             why = f": {res.stderr.strip()}" if res.stderr.strip() else ""
             return None, f"the interpreter {self.python_exe} cannot be run{why}"
@@ -710,6 +714,7 @@ class Prober:
         self.problems = []
         driver, gpus, smi_found = self.driver_and_gpus()
         torch, torch_error = self.torch()
+        interpreter_ok = not self._interpreter_failed
         # GPUs that nvidia-smi could not name a capability for: ask torch, by index.
         if torch is not None and torch.devices:
             for i, g in enumerate(gpus):
@@ -735,4 +740,5 @@ class Prober:
             problems=tuple(self.problems),
             nvidia_smi_found=smi_found,
             cuda_home_nvcc=home_nvcc,
+            interpreter_ok=interpreter_ok,
         )
