@@ -17,9 +17,11 @@ Public API
 ``Request.from_strings(matrix, torch=..., cuda=..., cudnn=..., python=..., torchvision=...,
 driver=..., gpu=..., platform=...)``
     Parses user text (``2.1.2``, ``cu121`` / ``12.1`` / ``cpu``, ``8.9.2``, ``535.104.05`` or
-    a bare branch ``535``, ``sm_86`` / ``8.6`` / ``NVIDIA GeForce RTX 3090``); a malformed
-    value raises ``LockgenError``. A torch version with a local label (``2.1.2+cu121``) also
-    gives the CUDA version.
+    a bare branch ``535``, ``sm_86`` / ``8.6`` / ``NVIDIA GeForce RTX 3090``; several GPUs one
+    per line or comma-separated); a malformed value raises ``LockgenError``. A torch or
+    torchvision version with a local label (``2.1.2+cu121``) gives the build, and one that
+    contradicts ``cuda`` (or the other label) raises ``LockgenError``. A pre-release or a
+    patch the matrix does not list is judged an "unknown release" by ``check``.
 ``check(matrix, request) -> CheckResult``
     ``conflicts`` (each a :class:`lockgen.findings.Finding`: ``severity`` error / warning /
     note, ``code`` (the constraint: ``gpu``, ``driver``, ...), ``message``), ``ok``,

@@ -295,7 +295,8 @@ def _configure_check(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--gpu",
-        help='GPU: sm_86, 8.6 or its name as nvidia-smi prints it ("NVIDIA GeForce RTX 3090")',
+        help='GPU: sm_86, 8.6 or its name as nvidia-smi prints it ("NVIDIA GeForce RTX 3090"); '
+        "several: one per line or comma-separated, each judged",
     )
     p.add_argument(
         "--platform",
