@@ -234,3 +234,10 @@ def test_a_python_patch_says_it_is_judged_as_the_minor(matrix):
     assert r.ok and any("judged as Python 3.13" in c.message for c in r.conflicts)
     r = run(matrix, python="3.13", torch="2.8")
     assert r.ok and not any("judged as" in c.message for c in r.conflicts)
+
+
+def test_a_cuda_build_known_for_linux_only_says_so_on_windows(matrix):
+    r = run(matrix, platform="win-64", cuda="12.4", driver="528.33")
+    assert not r.ok
+    msg = r.errors[0].message
+    assert "for linux-64 only (no win-64 arch list for them)" in msg

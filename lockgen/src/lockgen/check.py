@@ -625,6 +625,12 @@ def _explain(t: _Table, rule: Rule, pool: Sequence[int]) -> str:
     if rule.code == "cuda" and not req.cpu:
         shipping = [r.torch for r in m.releases if r.build(req.cuda)]
         where = f"; CUDA {req.cuda} builds exist for torch {_span(shipping)}" if shipping else ""
+        on_platform = [t for t in shipping if m.arch_list(t, req.cuda, req.platform) is not None]
+        if shipping and req.platform != "linux-64" and not on_platform:
+            where = (
+                f"; the matrix knows CUDA {req.cuda} builds of torch {_span(shipping)} for "
+                f"linux-64 only (no {req.platform} arch list for them)"
+            )
         if len(releases) == 1:
             r = m.release(releases[0])
             return (
