@@ -580,32 +580,75 @@ def test_develop_torch_venv_from_the_lock(nix, tmp_path):
     (project / "envs").mkdir(parents=True)
     env = {"GPUFIT_DRIVER_DIRS": "", "GPUFIT_LDCONFIG": "none", "GPUFIT_PROJECT_DIR": str(project)}
     venv = project / ".venv-cu130"
+    flake_envs = nix.root / "flake" / "envs"
+    shutil.rmtree(flake_envs, ignore_errors=True)
 
-    # No lock: say how to make one; create nothing, download nothing.
-    r = nix.develop("cu130", ENV_DUMP, env=env)
-    assert "no envs/cu130.requirements.txt" in r.stderr
+    # No lock in the flake's source: say how to make one; create nothing, download nothing.
+    # A lock in the folder the user stands in is not the flake's (issue 22, F9).
+    (project / "envs" / "cu130.requirements.txt").write_text("evil==1 --hash=sha256:0\n")
+    r = nix.develop("cu130", ENV_DUMP, env=env, cwd=project)
+    assert "no envs/cu130.requirements.txt in the flake's source" in r.stderr
     assert "lockgen lock cu130 --flavor pip" in r.stderr
     assert not venv.exists() and "VIRTUAL_ENV" not in _vars(r.stdout)
 
     # A lock: the venv is made and activated, but pip runs only when asked.
-    lock = project / "envs" / "cu130.requirements.txt"
-    lock.write_text("torch==2.14.1 --hash=sha256:" + "0" * 64 + "\n")
+    flake_envs.mkdir()
+    lock_text = "torch==2.14.1 --hash=sha256:" + "0" * 64 + "\n"
+    (flake_envs / "cu130.requirements.txt").write_text(lock_text)
     r = nix.develop("cu130", ENV_DUMP + "; command -v python", env=env)
-    assert _vars(r.stdout)["VIRTUAL_ENV"] == str(venv)
+    v = _vars(r.stdout)
+    assert v["VIRTUAL_ENV"] == str(venv)
+    source = v["GPUFIT_FLAKE_SOURCE"]
+    # the flake's source as Nix copied it into its store, not the folder it was copied from
+    assert source.startswith("/nix/store/") and source.endswith("-source")
+    lock = f"{source}/envs/cu130.requirements.txt"
+    stored = nix.root / "store" / lock.lstrip("/")  # where this test's store keeps /nix/store
+    assert (stored if stored.exists() else Path(lock)).read_text() == lock_text
     assert r.stdout.strip().endswith(f"{venv}/bin/python")
     assert "GPUFIT_INSTALL=1 nix develop .#cu130" in r.stderr
     assert not (venv / "pip-calls.log").exists()
     assert (venv / ".gitignore").read_text() == "*\n"
 
-    # GPUFIT_INSTALL=1: pip install --require-hashes from the lock, once per lock content.
+    # GPUFIT_INSTALL=1: the flake's own lockgen verifies the lock, then pip installs it, once
+    # per lock content.
     r = nix.develop("cu130", "true", env={**env, "GPUFIT_INSTALL": "1"})
     calls = (venv / "pip-calls.log").read_text().splitlines()
-    assert calls == [f"-m pip install --require-hashes -r {lock}"]
-    nix.develop("cu130", "true", env={**env, "GPUFIT_INSTALL": "1"})
-    assert len((venv / "pip-calls.log").read_text().splitlines()) == 1
-    lock.write_text(lock.read_text() + "# changed\n")
+    assert calls == [f"-m lockgen verify {lock}", f"-m pip install --require-hashes -r {lock}"]
     nix.develop("cu130", "true", env={**env, "GPUFIT_INSTALL": "1"})
     assert len((venv / "pip-calls.log").read_text().splitlines()) == 2
+
+
+@needs_nix
+def test_develop_installs_nothing_that_verify_rejects(nix, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    env = {"GPUFIT_DRIVER_DIRS": "", "GPUFIT_LDCONFIG": "none", "GPUFIT_PROJECT_DIR": str(project)}
+    flake_envs = nix.root / "flake" / "envs"
+    flake_envs.mkdir(exist_ok=True)
+    (flake_envs / "cu130.requirements.txt").write_text("torch==2.14.1 --hash=sha256:1\n")
+    venv = project / ".venv-cu130"
+    venv.mkdir()
+    (venv / "bin").mkdir()
+    # a venv python whose `-m lockgen verify` fails, as a real one does on a forged lock; it
+    # sees the flake's own lockgen, and no LOCKGEN_ENVS of the caller's
+    (venv / "bin" / "python").write_text(
+        "#!/bin/bash\n"
+        'here=$(cd "$(dirname "$0")/.." && pwd)\n'
+        'printf "%s|%s|%s\\n" "$*" "$PYTHONPATH" "${LOCKGEN_ENVS-unset}" >> "$here/calls.log"\n'
+        '[ "$2" = lockgen ] && exit 1\n'
+        "exit 0\n"
+    )
+    (venv / "bin" / "python").chmod(0o755)
+    r = nix.develop(
+        "cu130", "true", env={**env, "GPUFIT_INSTALL": "1", "LOCKGEN_ENVS": str(tmp_path)}
+    )
+    calls = (venv / "calls.log").read_text().splitlines()
+    assert len(calls) == 1 and calls[0].startswith("-m lockgen verify ")
+    args, pythonpath, envs = calls[0].split("|")
+    source = args.split()[-1].removesuffix("/envs/cu130.requirements.txt")
+    assert pythonpath == f"{source}/lockgen/src:{source}/fsatomic/src" and envs == ""
+    assert "lockgen verify rejected envs/cu130.requirements.txt: nothing installed" in r.stderr
+    assert not (venv / ".gpufit-lock").exists()
 
 
 def _flake_lock(tmp_path, nixcfg, **override):
@@ -637,9 +680,57 @@ def test_check_lock_rejects_another_commit_or_hash(nixcfg, tmp_path):
     )
     rc, text, _ = _cli("flake", "--check-lock", str(other))
     assert rc == 1 and "nixpkgs-2505: narHash sha256-AAAA" in text
+    # a file that is no flake.lock at all is an error, not a finding (issue 22, U5)
     (tmp_path / "broken.lock").write_text("{not json")
-    rc, text, _ = _cli("flake", "--check-lock", str(tmp_path / "broken.lock"))
-    assert rc == 1 and "is not a readable flake.lock" in text
+    rc, text, err = _cli("flake", "--check-lock", str(tmp_path / "broken.lock"))
+    assert rc == 2 and err.startswith("lockgen: error: ") and "not a flake.lock" in err
+
+
+def _bad_locks(tmp_path):
+
+    yield "empty", b""
+    yield "not JSON", b"{not json"
+    yield "nested", b"[" * 100_000
+    yield "nested objects", b'{"a":' * 50_000
+    yield "huge int", b'{"nodes": {}, "root": ' + b"9" * 5000 + b"}"
+    yield "no root", b'{"nodes": {"x": {}}, "version": 7}'
+    yield "root not a node", b'{"nodes": {}, "root": "root"}'
+    yield "root a list", b'{"nodes": {"root": []}, "root": "root"}'
+    yield "nodes a list", b'{"nodes": [], "root": "root"}'
+    yield "inputs a string", b'{"nodes": {"root": {"inputs": "x"}}, "root": "root"}'
+    yield "top a list", b"[1, 2]"
+    yield "not UTF-8", b"\xff\xfe{}"
+    yield "a folder", tmp_path
+    yield "missing", tmp_path / "no-such.lock"
+    loop = tmp_path / "loop.lock"
+    if not loop.is_symlink():
+        os.symlink(loop, loop)
+    yield "symlink loop", loop
+
+
+@pytest.mark.parametrize("case", range(15))
+def test_check_lock_on_a_bad_file_is_one_clean_line(tmp_path, case):
+    name, content = list(_bad_locks(tmp_path))[case]
+    if isinstance(content, bytes):
+        path = tmp_path / "flake.lock"
+        path.write_bytes(content)
+    else:
+        path = content
+    rc, text, err = _cli("flake", "--check-lock", str(path))
+    assert rc == 2, name
+    assert err.startswith("lockgen: error: ") and err.count("\n") == 1, (name, err)
+    assert "Error(" not in err and "Traceback" not in err and len(err) < 400, (name, err)
+
+
+def test_check_lock_on_odd_locked_fields_names_them_without_reprs(nixcfg, tmp_path):
+    weird = _flake_lock(tmp_path, nixcfg, nixpkgs={"rev": ["a", "list"], "narHash": "x" * 5000})
+    rc, text, err = _cli("flake", "--check-lock", str(weird))
+    assert rc == 1 and "nixpkgs: locked at (a JSON list, not a string)" in text
+    assert "5000-character string" in text and "x" * 200 not in text
+    nodes = tmp_path / "nodes.lock"
+    nodes.write_text('{"nodes": {"root": {"inputs": {"nixpkgs": "n"}}, "n": 3}, "root": "root"}')
+    rc, text, err = _cli("flake", "--check-lock", str(nodes))
+    assert rc == 1 and "nixpkgs: node 'n' has no 'locked' table" in text
 
 
 def test_every_input_records_where_its_commit_comes_from(nixcfg):

@@ -200,9 +200,10 @@ def test_driver_alone_says_what_it_runs(matrix):
     assert r.ok
     text = " ".join(c.message for c in r.conflicts)
     assert "up to 12.2 fully" in text and "CUDA 12.x" in text
+    # no CUDA build left for a driver the user gave is "incompatible", naming the CPU build
     r = run(matrix, driver="400")
-    assert r.ok and fields(r, "warning") == {"driver"}
-    assert "450.80.02" in r.warnings[0].message
+    assert not r.ok and fields(r) == {"driver"}
+    assert "450.80.02" in r.errors[0].message and "CPU build" in r.errors[0].message
 
 
 # -- every constraint is judged against every build it leaves open ---------------------------

@@ -237,3 +237,35 @@ def test_failed_uv_lock_keeps_the_previous_lock(matrix, lock_copy):
     with pytest.raises(LockgenError, match="fails verification, not written"):
         lock_uv(matrix, matrix.target("cu130"), envs, run=cpu_lock)
     assert lock_copy.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "DEL\u007fhere",
+        "NUL\u0000, US\u001f, ESC\u001b",
+        'quote " and back\\slash',
+        "tab\tnew\nline\rform\ffeed\bback",
+        "C1 \u0085 and line separator \u2028, é",
+    ],
+)
+def test_render_escapes_every_control_character(matrix, tmp_path, text):
+    # issue 22, F11: a description TOML allows in targets.toml renders as TOML that reads back
+    import dataclasses
+
+    from lockgen.tables import tomllib
+
+    target = dataclasses.replace(matrix.target("cu124"), description=text)
+    pyproject = render_uv(target, tmp_path)[0]
+    raw = pyproject.read_text(encoding="utf-8")
+    assert "\u007f" not in raw and "\u0000" not in raw
+    assert tomllib.loads(raw)["project"]["description"] == text
+
+
+@pytest.mark.parametrize("text", ["DEL\u007f", "NUL\u0000 and ESC\u001b", "\u0085\u2028 ok"])
+def test_conda_yaml_scalars_read_back(text):
+    import yaml
+
+    from lockgen.formats.conda import yaml_scalar
+
+    assert yaml.safe_load(f"x: {yaml_scalar(text)}") == {"x": text}

@@ -17,9 +17,11 @@ Public API
 ``Request.from_strings(matrix, torch=..., cuda=..., cudnn=..., python=..., torchvision=...,
 driver=..., gpu=..., platform=...)``
     Parses user text (``2.1.2``, ``cu121`` / ``12.1`` / ``cpu``, ``8.9.2``, ``535.104.05`` or
-    a bare branch ``535``, ``sm_86`` / ``8.6`` / ``NVIDIA GeForce RTX 3090``); a malformed
-    value raises ``LockgenError``. A torch version with a local label (``2.1.2+cu121``) also
-    gives the CUDA version.
+    a bare branch ``535``, ``sm_86`` / ``8.6`` / ``NVIDIA GeForce RTX 3090``; several GPUs one
+    per line or comma-separated); a malformed value raises ``LockgenError``. A torch or
+    torchvision version with a local label (``2.1.2+cu121``) gives the build, and one that
+    contradicts ``cuda`` (or the other label) raises ``LockgenError``. A pre-release or a
+    patch the matrix does not list is judged an "unknown release" by ``check``.
 ``check(matrix, request) -> CheckResult``
     ``conflicts`` (each a :class:`lockgen.findings.Finding`: ``severity`` error / warning /
     note, ``code`` (the constraint: ``gpu``, ``driver``, ...), ``message``), ``ok``,
@@ -42,6 +44,45 @@ from lockgen.matrix import MVC, PLATFORMS, TOO_OLD, Build, DriverFit, Matrix, Re
 from lockgen.versions import NONE, SOME, Capability, Driver, Version, parse_cuda, runs_on
 
 # -- the request ------------------------------------------------------------------------------
+
+
+def _local_build(name: str, v: Version | None) -> tuple[bool, Version | None] | None:
+    """``(cpu, cuda)`` that a ``+cpu`` / ``+cu121`` label names; None without one."""
+    if v is None or not v.local:
+        return None
+    if v.local == "cpu":
+        return True, None
+    if re.fullmatch(r"cu\d{2,3}", v.local, re.ASCII):
+        return False, parse_cuda(v.local)
+    raise LockgenError(
+        f"{name} {v}: the matrix knows the CUDA and CPU builds (+cu121, +cpu) only; "
+        f"+{v.local} cannot be checked"
+    )
+
+
+def _build_name(cpu: bool, cuda: Version | None) -> str:
+    return "CPU build" if cpu or cuda is None else f"CUDA {cuda} build"
+
+
+def _parse_gpus(
+    matrix: Matrix, text: str
+) -> tuple[tuple[Capability, ...], tuple[str, ...], tuple[str, ...]]:
+    """Every GPU of ``text``: one per line (nvidia-smi's output) or comma-separated."""
+    names = [n.strip() for n in re.split(r"[\n,;]", text) if n.strip()]
+    if not names:
+        raise LockgenError(f"no GPU in --gpu {text!r}")
+    seen: dict[tuple[Capability, str], None] = {}
+    unverified: list[str] = []
+    for name in names:
+        cap, label, entry = matrix.resolve_gpu(name)
+        seen[(cap, label)] = None
+        if entry is not None and not entry.verified:
+            unverified.append(f"compute capability of {entry.name}")
+    return (
+        tuple(c for c, _ in seen),
+        tuple(label for _, label in seen),
+        tuple(dict.fromkeys(unverified)),
+    )
 
 
 @dataclass(frozen=True)
@@ -76,34 +117,34 @@ class Request:
         if platform not in PLATFORMS:
             raise LockgenError(f"unknown platform {platform!r} (known: {', '.join(PLATFORMS)})")
         tv = Version.parse(torch, "torch version") if torch else None
+        tvv = Version.parse(torchvision, "torchvision version") if torchvision else None
         cuda_v = parse_cuda(cuda) if cuda else None
         cpu = cuda is not None and cuda_v is None
-        if tv is not None and tv.local and cuda is None:
-            # 2.1.2+cu121 says which build it is
-            if tv.local == "cpu":
-                cpu = True
-            elif re.fullmatch(r"cu\d{2,3}", tv.local, re.ASCII):
-                cuda_v = parse_cuda(tv.local)
-        if tv is not None and tv.local and not re.fullmatch(r"cpu|cu\d{2,3}", tv.local, re.ASCII):
+        given = f"--cuda {cuda}" if cuda is not None else None
+        for name, v in (("torch", tv), ("torchvision", tvv)):
+            tagged = _local_build(name, v)
+            if tagged is None:
+                continue
+            # 2.1.2+cu121 says which build it is; it must agree with what else was said
+            if given is not None and (tagged[0] != cpu or tagged[1] != cuda_v):
+                raise LockgenError(
+                    f"{name} {v} is the {_build_name(*tagged)}, but {given} asks for the "
+                    f"{_build_name(cpu, cuda_v)}: give one of them"
+                )
+            cpu, cuda_v, given = *tagged, f"{name} {v}"
+        gpus, labels, unverified = _parse_gpus(matrix, gpu) if gpu else ((), (), ())
+        if python and re.fullmatch(r"\s*\d+\.\d+(\.\d+)?t\s*", python, re.ASCII):
             raise LockgenError(
-                f"torch {tv}: the matrix knows the CUDA and CPU builds (+cu121, +cpu) only; "
-                f"+{tv.local} cannot be checked"
+                f"Python {python.strip()} is a free-threaded build: the matrix tracks the "
+                f"wheels of the default (GIL) build only; give {python.strip()[:-1]} to check those"
             )
-        gpus: tuple[Capability, ...] = ()
-        labels: tuple[str, ...] = ()
-        unverified: tuple[str, ...] = ()
-        if gpu:
-            cap, label, entry = matrix.resolve_gpu(gpu)
-            gpus, labels = (cap,), (label,)
-            if entry is not None and not entry.verified:
-                unverified = (f"compute capability of {entry.name}",)
         return cls(
             torch=tv,
             cuda=cuda_v,
             cpu=cpu,
             cudnn=Version.parse(cudnn, "cuDNN version") if cudnn else None,
             python=Version.parse(python, "Python version") if python else None,
-            torchvision=Version.parse(torchvision, "torchvision version") if torchvision else None,
+            torchvision=tvv,
             driver=Driver.parse(driver) if driver else None,
             gpus=gpus,
             gpu_labels=labels,
@@ -225,7 +266,7 @@ def _platform_fit(m: Matrix, req: Request, c: Candidate) -> Fit:
     if c.build is None or p == "linux-64":
         return Fit(True)
     if p.startswith("osx"):
-        return Fit(False, f"there are no CUDA builds of torch for {p}")
+        return Fit(False, f"there are no CUDA builds of torch for {p}: macOS has no CUDA")
     if m.arch_list(c.release.torch, c.build.cuda, p) is None:
         return Fit(False, f"the matrix knows no {c.label} build for {p}")
     return Fit(True)
@@ -235,15 +276,32 @@ def _platform_alone(m: Matrix, req: Request) -> str:
     return f"the matrix knows no build for {req.platform}"
 
 
+def _not_final(what: str, v: Version) -> str:
+    return (
+        f"unknown release: {what} {v} is a pre-, post- or development release "
+        f"({v.suffix}); the matrix knows final releases only"
+    )
+
+
 def _torch_fit(m: Matrix, req: Request, c: Candidate) -> Fit:
     assert req.torch is not None
     if c.release.torch != req.torch.minor:
         return Fit(False, f"{c.label} is not torch {req.torch}")
+    if req.torch.suffix:
+        return Fit(False, _not_final("torch", req.torch))
+    unknown = c.release.unknown_patch(req.torch)
+    if unknown:
+        return Fit(False, f"unknown release: {unknown}")
     return Fit(True)
 
 
 def _torch_alone(m: Matrix, req: Request) -> str:
     assert req.torch is not None
+    release = next((r for r in m.releases if r.torch == req.torch.minor), None)
+    if release is not None and req.torch.suffix:
+        return _not_final("torch", req.torch)
+    if release is not None and release.unknown_patch(req.torch):
+        return f"unknown release: {release.unknown_patch(req.torch)}"
     first, last = m.releases[0].torch, m.releases[-1].torch
     if req.torch.minor < first:
         where = f"older than the oldest release the matrix covers ({first})"
@@ -261,10 +319,15 @@ def _torchvision_fit(m: Matrix, req: Request, c: Candidate) -> Fit:
         return Fit(False, f"no torchvision is known to pair with torch {r.torch} (unverified)")
     if req.torchvision.minor != r.torchvision:
         return Fit(False, f"torch {r.torch} pairs with torchvision {r.torchvision}")
+    if req.torchvision.suffix:
+        return Fit(False, _not_final("torchvision", req.torchvision))
     return Fit(True)
 
 
 def _torchvision_alone(m: Matrix, req: Request) -> str:
+    assert req.torchvision is not None
+    if req.torchvision.suffix and any(r.torchvision == req.torchvision.minor for r in m.releases):
+        return _not_final("torchvision", req.torchvision)
     pairs = _span(r.torchvision for r in m.releases if r.torchvision)
     return f"no release of the matrix pairs with torchvision {req.torchvision} (known: {pairs})"
 
@@ -302,6 +365,8 @@ def _cuda_alone(m: Matrix, req: Request) -> str:
 def _python_fit(m: Matrix, req: Request, c: Candidate) -> Fit:
     assert req.python is not None
     r, py, p = c.release, req.python.minor, req.platform
+    if req.python.suffix:
+        return Fit(False, _not_final("Python", req.python))
     have = r.python_for(p)
     if py not in have:
         return Fit(False, f"torch {r.torch} has no wheels for Python {py} (it has {_span(have)})")
@@ -313,12 +378,21 @@ def _python_fit(m: Matrix, req: Request, c: Candidate) -> Fit:
                 f"torchvision {r.torchvision} (for torch {r.torch}) has no wheels for Python "
                 f"{py} (it has {_span(tv)})",
             )
+    patch = ""
+    if req.python.raw.count(".") >= 2:
+        patch = (
+            f"the matrix knows Python minors only: Python {req.python} is judged as Python "
+            f"{py}, whether or not that patch release exists"
+        )
     if py in r.python_experimental:
-        return Fit(True, caveat=f"Python {py} is experimental for torch {r.torch}")
-    return Fit(True)
+        return Fit(True, caveat=f"Python {py} is experimental for torch {r.torch}", note=patch)
+    return Fit(True, note=patch)
 
 
 def _python_alone(m: Matrix, req: Request) -> str:
+    assert req.python is not None
+    if req.python.suffix:
+        return _not_final("Python", req.python)
     return f"no release of the matrix has wheels for Python {req.python} on {req.platform}"
 
 
@@ -376,10 +450,14 @@ def _gpu_fit(m: Matrix, req: Request, c: Candidate) -> Fit:
 
 
 def _gpu_alone(m: Matrix, req: Request) -> str:
+    if req.platform.startswith("osx"):
+        return (
+            f"macOS has no CUDA: no build of torch for {req.platform} runs on GPU {req.gpu_label}"
+        )
     oldest = min((a for x in m.arch_lists for a in x.archs), key=lambda a: a.canonical)
     return (
         f"no build of the matrix runs on GPU {req.gpu_label}: the oldest architecture any "
-        f"build has is {oldest.sm}"
+        f"build has is {oldest.sm}; only a CPU build (--cuda cpu) can be used"
     )
 
 
@@ -457,7 +535,12 @@ def _driver_fit(m: Matrix, req: Request, c: Candidate) -> Fit:
         return Fit(True)
     floor = m.driver_floor(c.build.cuda, req.os_name)
     if floor is None:
-        return Fit(False, f"the matrix has no {req.os_name} driver floor for CUDA {c.build.cuda}")
+        # a missing fact is not a proof: the verdict holds unless the floor rules it out
+        gpu = gpu_driver_fit(m, req) if req.gpus else GpuDriverFit()
+        if gpu.why:
+            return Fit(False, gpu.why, unverified=gpu.unverified)
+        missing = f"{req.os_name} driver floor of CUDA {c.build.cuda} (the matrix has none)"
+        return Fit(True, unverified=(*gpu.unverified, missing))
     gpu = gpu_driver_fit(m, req, floor.minimum) if req.gpus else GpuDriverFit()
     if gpu.why:
         return Fit(False, gpu.why, unverified=gpu.unverified)
@@ -542,6 +625,12 @@ def _explain(t: _Table, rule: Rule, pool: Sequence[int]) -> str:
     if rule.code == "cuda" and not req.cpu:
         shipping = [r.torch for r in m.releases if r.build(req.cuda)]
         where = f"; CUDA {req.cuda} builds exist for torch {_span(shipping)}" if shipping else ""
+        on_platform = [t for t in shipping if m.arch_list(t, req.cuda, req.platform) is not None]
+        if shipping and req.platform != "linux-64" and not on_platform:
+            where = (
+                f"; the matrix knows CUDA {req.cuda} builds of torch {_span(shipping)} for "
+                f"linux-64 only (no {req.platform} arch list for them)"
+            )
         if len(releases) == 1:
             r = m.release(releases[0])
             return (
@@ -571,13 +660,15 @@ def _explain_gpu(t: _Table, fits: Sequence[tuple[Candidate, Fit]]) -> str:
     cuda_fits = [(c, f) for c, f in fits if c.build is not None]
     if not cuda_fits:
         return "the CPU build does not use the GPU; no CUDA build fits the other constraints"
+    cpu = next((c for c, _ in fits if c.build is None), None)
+    only_cpu = f"; only the CPU build ({cpu.label}) fits the rest" if cpu else ""
     if len(cuda_fits) == 1:
-        return cuda_fits[0][1].why
+        return cuda_fits[0][1].why + only_cpu
     names = ", ".join(c.label for c, _ in cuda_fits[:4])
     more = f" and {len(cuda_fits) - 4} more" if len(cuda_fits) > 4 else ""
     return (
         f"GPU {t.req.gpu_label} runs none of the builds that fit the rest ({names}{more}); "
-        f"builds that run on it: {_runs_where(t)}"
+        f"builds that run on it: {_runs_where(t)}{only_cpu}"
     )
 
 
@@ -786,9 +877,15 @@ def _python_offer(req: Request, release: Release) -> tuple[Version, ...]:
     return have
 
 
-def _target(m: Matrix, c: Candidate) -> str | None:
+def _target(m: Matrix, c: Candidate, platform: str) -> str | None:
+    """The target that installs ``c`` on ``platform``, if one does."""
     return next(
-        (t.name for t in m.targets.values() if t.release is c.release and t.cuda == c.cuda), None
+        (
+            t.name
+            for t in m.targets.values()
+            if t.release is c.release and t.cuda == c.cuda and platform in t.platforms
+        ),
+        None,
     )
 
 
@@ -821,7 +918,7 @@ def _matches(t: _Table, rules: Sequence[Rule]) -> list[Match]:
         python = _python_offer(t.req, c.release)
         if python:
             fits = tuple((r.code, t.fits(r)[i]) for r in rules)
-            out.append(Match(c, python, fits, _target(t.m, c)))
+            out.append(Match(c, python, fits, _target(t.m, c, t.req.platform)))
     return out
 
 
@@ -840,7 +937,7 @@ def _summary(t: _Table, rules: Sequence[Rule], matches: Sequence[Match]) -> list
         out += list(preferred[0].notes())
     if req.driver is not None and not req.cpu:
         if not cuda and req.cuda is None:
-            out.append(Finding(WARNING, "driver", _driver_runs_nothing(m, req)))
+            out.append(Finding(ERROR, "driver", _no_cuda_left(t, rules)))
         elif req.cuda is None:
             out.append(Finding(NOTE, "driver", _driver_runs(m, req)))
     if req.gpus and cuda and req.cuda is None:
@@ -874,14 +971,32 @@ def _driver_runs(m: Matrix, req: Request) -> str:
     )
 
 
-def _driver_runs_nothing(m: Matrix, req: Request) -> str:
-    lowest = min(m.cuda_majors, key=lambda mj: mj.major)
-    if req.gpus:
-        return f"no CUDA build fits driver {req.driver} with GPU {req.gpu_label}: CPU builds only"
-    return (
-        f"driver {req.driver} is too old for every CUDA build of the matrix (CUDA "
-        f"{lowest.major}.x needs >= {lowest.linux_floor}): CPU builds only"
-    )
+def _no_cuda_left(t: _Table, rules: Sequence[Rule]) -> str:
+    """Why only CPU builds are left for a user who gave a driver, and which CUDA builds that
+    driver (and GPU) runs: the reasons of the rules that turned the CUDA builds away."""
+    req = t.req
+    cuda = [i for i in range(len(t.cands)) if t.cands[i].build is not None]
+    whys: list[str] = []
+    pool = cuda
+    for rule in rules:
+        left = t.passing([rule], pool)
+        if not left:
+            # the oldest CUDA builds first: their reason is the one nearest to holding
+            oldest_first = sorted(pool, key=lambda i: (t.cands[i].cuda, t.cands[i].release.torch))
+            whys += [t.fits(rule)[i].why for i in oldest_first]
+            break
+        pool = left
+    reasons = list(dict.fromkeys(w for w in whys if w))
+    why = reasons[0] + (f" (and {len(reasons) - 1} more reasons)" if len(reasons) > 1 else "")
+    hard = [r for r in RULES if r.code in HARD and r.applies(req)]
+    runs = [t.cands[i] for i in t.passing(hard, cuda)]
+    gpu = f" with GPU {req.gpu_label}" if req.gpus else ""
+    if runs:
+        newest = ", ".join(c.label for c in runs[:3])
+        also = f"; driver {req.driver}{gpu} runs CUDA builds such as {newest}"
+    else:
+        also = f"; driver {req.driver}{gpu} runs no CUDA build of the matrix"
+    return f"no CUDA build fits: {why}; only the CPU build does{also}"
 
 
 def _gpu_excludes(t: _Table, rules: Sequence[Rule], cuda: Sequence[Match]) -> list[Finding]:
@@ -903,7 +1018,10 @@ def check(m: Matrix, req: Request) -> CheckResult:
     if not errors:
         matches = _matches(t, rules)
         if matches:
-            return CheckResult(req, tuple(_summary(t, rules, matches)), tuple(matches))
+            summary = tuple(_summary(t, rules, matches))
+            if any(f.severity == ERROR for f in summary):
+                return CheckResult(req, summary, tuple(matches), _suggest(t))
+            return CheckResult(req, summary, tuple(matches))
         # every rule holds, but no build that fits has wheels for the Python asked for
         errors = [Finding(ERROR, "python", "no build that fits has wheels for it")]
     return CheckResult(req, tuple(errors), (), _suggest(t))
@@ -995,7 +1113,7 @@ def _suggest(t: _Table, limit: int = 3) -> tuple[Combination, ...]:
     ranked = []
     for c, python in _suggestion_pool(t):
         b = c.build
-        target = _target(m, c)
+        target = _target(m, c, req.platform)
         key = (
             _distance(torches, req.torch.minor if req.torch else None, c.release.torch),
             abs(python.padded(2)[1] - req.python.padded(2)[1]) if req.python else 0,

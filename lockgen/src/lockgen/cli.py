@@ -301,7 +301,8 @@ def _configure_check(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--gpu",
-        help='GPU: sm_86, 8.6 or its name as nvidia-smi prints it ("NVIDIA GeForce RTX 3090")',
+        help='GPU: sm_86, 8.6 or its name as nvidia-smi prints it ("NVIDIA GeForce RTX 3090"); '
+        "several: one per line or comma-separated, each judged",
     )
     p.add_argument(
         "--platform",
@@ -382,11 +383,32 @@ def _configure_doctor(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_interpreter(exe: str) -> None:
+    """``--python-exe`` names a program that can run: one line saying why not, before the
+    doctor blames torch for it."""
+    import shutil
+    from pathlib import Path
+
+    found = shutil.which(exe)
+    if found is not None:
+        return
+    path = Path(exe)
+    try:
+        path.stat()
+    except OSError as exc:
+        raise LockgenError(f"--python-exe {exe}: {exc.strerror or exc}") from None
+    if path.is_dir():
+        raise LockgenError(f"--python-exe {exe} is a folder, not a Python interpreter")
+    raise LockgenError(f"--python-exe {exe} is not an executable program")
+
+
 def _run_doctor(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
     from lockgen.doctor import BROKEN, diagnose, format_diagnosis
     from lockgen.probe import Prober
 
     m = _matrix(args)
+    if seams.prober is None:
+        _check_interpreter(args.python_exe)
     prober = seams.prober or Prober(python_exe=args.python_exe)
     if args.stack:
         from lockgen.stack_doctor import run_stack_doctor

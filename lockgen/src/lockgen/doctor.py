@@ -244,6 +244,9 @@ def _probe_rule(x: Machine) -> list[Finding]:
 
 def _torch_rule(x: Machine) -> list[Finding]:
     t = x.torch
+    if t is None and not x.report.interpreter_ok:
+        # the interpreter is what is broken: installing torch into it would not help
+        return [Finding("error", "interpreter", x.report.torch_error)]
     if t is None:
         return [
             Finding("error", "torch-missing", f"torch is not importable ({x.report.torch_error})")
@@ -675,6 +678,8 @@ def _gpu_fix(x: Machine, codes: set[str]) -> tuple[Fix, Target | None]:
 def _fix(x: Machine, findings: list[Finding]) -> tuple[Fix, Target | None]:
     codes = {f.code for f in findings if f.severity in ("error", "warning")}
     t, drv = x.torch, x.report.driver
+    if "interpreter" in codes:
+        return Fix(message="point --python-exe at the Python interpreter to inspect"), None
     if not codes & NEEDS_ANOTHER_BUILD:
         if "driver-minor-compat" in codes and x.driver_fit is not None:
             need = x.driver_fit.floor.full

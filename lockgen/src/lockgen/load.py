@@ -99,6 +99,10 @@ def _load_release(file: Path, raw: object, sources: Mapping[str, str]) -> Releas
         if expected is not None and torchvision.minor != expected:
             e.fail(f"torchvision {torchvision} does not match torch {torch} (expected {expected})")
     released = e.text("released")
+    patches = e.versions("patches", required=False)
+    for v in patches:
+        if v.minor != torch or v.raw.count(".") != 2:
+            e.fail(f"patches: {v} is not a patch release of torch {torch}")
     python = e.versions("python")
     if not python:
         e.fail("'python' must list at least one version")
@@ -182,6 +186,7 @@ def _load_release(file: Path, raw: object, sources: Mapping[str, str]) -> Releas
         torchvision_python=tv_python,
         torchvision_python_platforms=tv_python_platforms,
         pypi_default_platforms=tuple(pd_platforms),
+        patches=patches,
     )
 
 

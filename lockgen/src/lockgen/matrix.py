@@ -87,6 +87,7 @@ class Release(Sourced):
     torchvision_python: tuple[Version, ...] = ()
     torchvision_python_platforms: Mapping[str, tuple[Version, ...]] = field(default_factory=dict)
     pypi_default_platforms: tuple[str, ...] = ("linux-64",)
+    patches: tuple[Version, ...] = ()  # every final x.y.z release, where the matrix knows them
 
     def build(self, cuda: Version) -> Build | None:
         return next((b for b in self.builds if b.cuda == cuda), None)
@@ -114,6 +115,15 @@ class Release(Sourced):
     @property
     def cuda_versions(self) -> tuple[Version, ...]:
         return tuple(b.cuda for b in self.builds)
+
+    def unknown_patch(self, version: Version) -> str:
+        """Why ``version`` (a final release of this minor) is not a release the matrix
+        knows, or "" when it is one (x.y.0 always is; other patches where ``patches``
+        lists them)."""
+        if version.raw.split("+")[0].count(".") < 2 or version in (self.patches or (self.torch,)):
+            return ""
+        known = ", ".join(p.raw for p in self.patches) or f"{self.torch}.0 only"
+        return f"torch {version} is not a release of torch {self.torch} the matrix knows ({known})"
 
 
 @dataclass(frozen=True)

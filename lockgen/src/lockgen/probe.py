@@ -33,11 +33,14 @@ Driver lookup order (as uv does it): ``/sys/module/nvidia/version``, then
 from __future__ import annotations
 
 import json
+import os
 import platform as _platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,15 +56,22 @@ NVIDIA_SMI_LIST = ("nvidia-smi", "-L")
 NVCC = ("nvcc", "--version")
 
 
+# what any probed command prints (nvidia-smi on a 16-GPU box, the torch probe) is a few KiB
+MAX_COMMAND_OUTPUT = 1 << 20
+
+
 @dataclass(frozen=True)
 class CommandResult:
-    """The outcome of one command. ``returncode`` is None when it could not run."""
+    """The outcome of one command. ``returncode`` is None when it could not run, was stopped
+    for taking too long (``timed_out``) or for printing more than
+    :data:`MAX_COMMAND_OUTPUT` bytes (``overflowed``)."""
 
     returncode: int | None
     stdout: str = ""
     stderr: str = ""
     not_found: bool = False
     timed_out: bool = False
+    overflowed: bool = False
 
     @property
     def ok(self) -> bool:
@@ -71,17 +81,62 @@ class CommandResult:
 Runner = Callable[[Sequence[str], float], CommandResult]
 
 
+def _kill_group(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
 def run_command(argv: Sequence[str], timeout: float) -> CommandResult:
-    """Run a command with a timeout; a missing binary or a hang is a result, not a crash."""
+    """Run a command with a timeout and a cap on what it prints; a missing binary, a hang or
+    endless output is a result, not a crash. The command runs in its own process group, so
+    stopping it stops what it started too."""
     if shutil.which(argv[0]) is None:
         return CommandResult(None, not_found=True)
     try:
-        p = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return CommandResult(None, timed_out=True)
+        p = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
     except OSError as exc:
-        return CommandResult(None, stderr=str(exc), not_found=True)
-    return CommandResult(p.returncode, p.stdout, p.stderr)
+        return CommandResult(None, stderr=exc.strerror or str(exc), not_found=True)
+    out: dict[str, bytes] = {}
+    overflow = threading.Event()
+
+    def pump(name: str, stream) -> None:
+        data = bytearray()
+        while chunk := stream.read1(65536):
+            data += chunk
+            if len(data) > MAX_COMMAND_OUTPUT:
+                overflow.set()
+                _kill_group(p)
+                break
+        stream.close()
+        out[name] = bytes(data[:MAX_COMMAND_OUTPUT])
+
+    pumps = [
+        threading.Thread(target=pump, args=(n, st), daemon=True)
+        for n, st in (("stdout", p.stdout), ("stderr", p.stderr))
+    ]
+    for t in pumps:
+        t.start()
+    timed_out = False
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _kill_group(p)
+        p.wait()
+    for t in pumps:
+        t.join(5)
+    if timed_out or overflow.is_set():
+        return CommandResult(None, timed_out=timed_out, overflowed=overflow.is_set())
+    text = {k: v.decode("utf-8", errors="replace") for k, v in out.items()}
+    return CommandResult(p.returncode, text.get("stdout", ""), text.get("stderr", ""))
 
 
 @dataclass(frozen=True)
@@ -188,6 +243,7 @@ class MachineReport:
     problems: tuple[str, ...] = field(default=())
     nvidia_smi_found: bool = False
     cuda_home_nvcc: NvccInfo | None = None  # the nvcc of torch's CUDA_HOME, when not PATH's
+    interpreter_ok: bool = True  # False: the interpreter itself could not run the probe
 
 
 # ------------------------------------------------------------------------------------------
@@ -570,11 +626,16 @@ class Prober:
         try:
             res = self.run(argv, timeout or self.timeout)
         except Exception as exc:  # a runner must not take the doctor down
-            self.problems.append(f"{argv[0]} failed: {exc}")
-            return CommandResult(None, stderr=str(exc))
+            why = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.problems.append(f"{argv[0]} failed: {why}")
+            return CommandResult(None, stderr=why)
         if res.timed_out:
             limit = timeout or self.timeout
             self.problems.append(f"`{' '.join(argv[:2])}` timed out after {limit:g} s")
+        if res.overflowed:
+            self.problems.append(
+                f"`{' '.join(argv[:2])}` printed more than {MAX_COMMAND_OUTPUT >> 20} MiB: stopped"
+            )
         return res
 
     def driver_and_gpus(self) -> tuple[DriverInfo | None, list[GpuInfo], bool]:
@@ -609,12 +670,23 @@ class Prober:
                 gpus = parse_gpu_list(lst.stdout) if lst.ok else []
         return driver, gpus, smi_found
 
+    _interpreter_failed = False
+
     def torch(self) -> tuple[TorchInfo | None, str]:
         if self.torch_info is not None:
             return self.torch_info()
         res = self._run([self.python_exe, "-c", TORCH_SCRIPT], self.torch_timeout)
+        self._interpreter_failed = res.not_found or res.overflowed
+        if res.not_found:
+            why = f": {res.stderr.strip()}" if res.stderr.strip() else ""
+            return None, f"the interpreter {self.python_exe} cannot be run{why}"
         if res.timed_out:
             return None, "importing torch timed out"
+        if res.overflowed:
+            return None, (
+                f"{self.python_exe} printed more than {MAX_COMMAND_OUTPUT >> 20} MiB instead of "
+                "the torch probe's answer: is it a Python interpreter?"
+            )
         if not res.ok:
             tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
             return None, f"the torch probe failed: {tail}"
@@ -642,6 +714,7 @@ class Prober:
         self.problems = []
         driver, gpus, smi_found = self.driver_and_gpus()
         torch, torch_error = self.torch()
+        interpreter_ok = not self._interpreter_failed
         # GPUs that nvidia-smi could not name a capability for: ask torch, by index.
         if torch is not None and torch.devices:
             for i, g in enumerate(gpus):
@@ -667,4 +740,5 @@ class Prober:
             problems=tuple(self.problems),
             nvidia_smi_found=smi_found,
             cuda_home_nvcc=home_nvcc,
+            interpreter_ok=interpreter_ok,
         )

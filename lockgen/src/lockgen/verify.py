@@ -54,8 +54,10 @@ def verify_file(
     """Verify a conda-lock lockfile, a pip hash-lock (``*.requirements.txt``) or a ``uv.lock``;
     ``check_channels`` also compares every hash with what its channel or index publishes."""
     path = Path(path)
-    if not path.exists():
-        raise LockgenError(f"{path} does not exist")
+    try:
+        path.stat()
+    except OSError as exc:  # missing, a symlink loop, a folder that cannot be searched
+        raise LockgenError(f"cannot read {path}: {exc.strerror or exc}") from None
     if path.name == "uv.lock":
         return verify_uv_lock(path, matrix, envs_dir, check_index=check_channels)
     if path.name.endswith(".txt"):

@@ -83,6 +83,12 @@ class Version:
     def major(self) -> int:
         return self.parts[0]
 
+    @property
+    def suffix(self) -> str:
+        """The PEP 440 pre-, post- or dev-release part (``rc3`` in ``2.8.0rc3``), or ""."""
+        m = _VERSION_RE.match(self.raw)
+        return m.group("suffix") if m else ""
+
     @cached_property
     def minor(self) -> Version:
         """The ``major.minor`` release this version belongs to (``2.1.2`` → ``2.1``)."""

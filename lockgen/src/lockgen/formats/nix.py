@@ -396,12 +396,15 @@ fi
 # Wheels (torch, numpy) need a libstdc++ and zlib: Nix's own, never the host's.
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$GPUFIT_RUNTIME_LIBS"
 
-# PyTorch of the target: .venv-<target> from the hash-pinned lock, installed only when asked.
+# PyTorch of the target: .venv-<target> (in the project folder) from the hash-pinned lock in
+# the flake's own source (never the folder the user stands in), installed only when asked
+# and only after that source's `lockgen verify` accepts the lock.
 gpufit_venv=$GPUFIT_PROJECT_DIR/.venv-$GPUFIT_TARGET
-gpufit_lock=$GPUFIT_PROJECT_DIR/$GPUFIT_REQUIREMENTS
+gpufit_lock=$GPUFIT_FLAKE_SOURCE/$GPUFIT_REQUIREMENTS
 if [ ! -f "$gpufit_lock" ]; then
-  gpufit_say "no $GPUFIT_REQUIREMENTS: torch $GPUFIT_TORCH_VERSION is not installed in" \
-    "this shell. Create the lock with: lockgen lock $GPUFIT_TARGET --flavor pip"
+  gpufit_say "no $GPUFIT_REQUIREMENTS in the flake's source: torch $GPUFIT_TORCH_VERSION is" \
+    "not installed in this shell. Create the lock with: lockgen lock $GPUFIT_TARGET" \
+    "--flavor pip (and git add it: a flake sees tracked files only)"
 else
   if [ ! -x "$gpufit_venv/bin/python" ]; then
     python -m venv "$gpufit_venv" && printf '*\n' > "$gpufit_venv/.gitignore"
@@ -409,8 +412,12 @@ else
   gpufit_want=$(sha256sum "$gpufit_lock" | cut -d' ' -f1)
   if [ "$(cat "$gpufit_venv/.gpufit-lock" 2>/dev/null)" != "$gpufit_want" ]; then
     if [ "${GPUFIT_INSTALL:-0}" = 1 ]; then
-      gpufit_say "installing $GPUFIT_REQUIREMENTS into .venv-$GPUFIT_TARGET (pip --require-hashes)"
-      if "$gpufit_venv/bin/python" -m pip install --require-hashes -r "$gpufit_lock"; then
+      if ! PYTHONPATH="$GPUFIT_FLAKE_SOURCE/lockgen/src:$GPUFIT_FLAKE_SOURCE/fsatomic/src" \
+        LOCKGEN_ENVS= "$gpufit_venv/bin/python" -m lockgen verify "$gpufit_lock"; then
+        gpufit_say "lockgen verify rejected $GPUFIT_REQUIREMENTS: nothing installed"
+      elif gpufit_say "installing $GPUFIT_REQUIREMENTS into .venv-$GPUFIT_TARGET" \
+          "(verified; pip --require-hashes)" \
+        && "$gpufit_venv/bin/python" -m pip install --require-hashes -r "$gpufit_lock"; then
         printf '%s\n' "$gpufit_want" > "$gpufit_venv/.gpufit-lock"
       else
         gpufit_say "pip install failed; torch may be missing or stale"
@@ -553,6 +560,8 @@ FLAKE_TEMPLATE = _FlakeTemplate(
               pkgs.ninja
             ]
             ++ (if cuda == null then [ ] else [ cudaHome ]);
+            # the flake's own source: the lock and the lockgen that verifies it come from here
+            GPUFIT_FLAKE_SOURCE = "${self}";
             GPUFIT_CC_DIR = "${stdenv.cc}/bin";
             GPUFIT_RUNTIME_LIBS = "${pkgs.stdenv.cc.cc.lib}/lib:${pkgs.zlib}/lib";
             inherit shellHook;

@@ -34,7 +34,6 @@ Verifying
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -130,9 +129,29 @@ def requires_python(target: Target) -> str:
     return f">={ps[0].raw}, <{major}.{minors[-1] + 1}"
 
 
+_TOML_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
 def _toml_str(text: str) -> str:
-    """A TOML basic string (JSON's escaping is TOML's)."""
-    return json.dumps(text, ensure_ascii=False)
+    """A TOML basic string: quotes, backslashes and every control character TOML forbids
+    raw (U+0000-U+001F, U+007F) escaped."""
+    out = []
+    for ch in text:
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif ch < " " or ch == "\x7f":
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def _toml_list(items: list[str], indent: str = "    ") -> str:
