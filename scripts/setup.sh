@@ -43,4 +43,10 @@ else
     --no-deps --no-build-isolation -e .
   echo "$digest" > "$stamp"
 fi
+# A .venv made before lockgen was its own distribution had the lockgen command from gpufit;
+# replacing that gpufit removes the command, so lockgen puts its own back.
+if [ ! -x .venv/bin/lockgen ]; then
+  .venv/bin/python -m pip install --disable-pip-version-check -q --no-deps --force-reinstall \
+    -e ./lockgen
+fi
 .venv/bin/python -c "import gpufit; print(gpufit.info())"
