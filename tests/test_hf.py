@@ -1,4 +1,4 @@
-"""gpufit.fuse on transformers causal LMs (gpufit/hf.py): for every supported family a tiny
+"""gpufit.fuse on transformers causal LMs (gpufit/hf/): for common families a tiny
 random-init model gives the stock loss and gradients (fp32: within 1e-5 relative to the
 largest entry of each gradient), with and without num_items_in_batch and shift_labels; eval,
 generation and label-free calls are the stock ones; other models and heads the fused loss
@@ -64,6 +64,21 @@ FAMILIES = {
         {"head_dim": 8, "final_logit_softcapping": 0.05, "sliding_window": 8},
     ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    # admitted by what their forward does: a scale, a divisor, a softcap folded into the op
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {"head_dim": 8, "final_logit_softcapping": 0.05, "sliding_window": 8},
+    ),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", {}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        {"head_dim": 8, "num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
 }
 
 
