@@ -366,11 +366,12 @@ def test_gradient_checkpointing():
 
 
 @pytest.mark.slow
-def test_torch_compile_of_the_fused_forward():
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: the softcap's tensor subclass
+def test_torch_compile_of_the_fused_forward(family):
     # aot_eager: dynamo's trace and AOT autograd of the patched forward (fake kernels
     # included); inductor's code generation of the op is tested in test_linear_ce.py, and
     # compiling this model with it takes minutes on 2 cores
-    stock = tiny_model("llama")
+    stock = tiny_model(family)
     fused = gpufit.fuse(copy.deepcopy(stock))
     compiled = torch.compile(fused, backend="aot_eager")
     inputs = dict(zip(("input_ids", "labels"), batch(), strict=True))
