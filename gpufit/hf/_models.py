@@ -119,7 +119,7 @@ def class_name(model: nn.Module) -> str:
 # ================================================================ the head
 
 
-def head_linear(head: nn.Module) -> nn.Linear:
+def head_linear(head: nn.Module, *, meta_ok: bool = False) -> nn.Linear:
     """The plain ``nn.Linear`` whose weight (and bias) ``head`` computes its logits with, or an
     UnsupportedModelError naming what stands in the way. A PEFT ``modules_to_save`` wrapper
     resolves to the copy its forward would call, as PEFT itself chooses it; an FSDP1 unit to the
@@ -127,8 +127,8 @@ def head_linear(head: nn.Module) -> nn.Linear:
     if _is_peft_class(head, "ModulesToSaveWrapper"):
         active = head.active_adapters
         if head.disable_adapters or not active or active[0] not in head.modules_to_save:
-            return head_linear(head.original_module)
-        return head_linear(head.modules_to_save[active[0]])
+            return head_linear(head.original_module, meta_ok=meta_ok)
+        return head_linear(head.modules_to_save[active[0]], meta_ok=meta_ok)
     if _is_peft_class(head, "LoraLayer") or hasattr(head, "lora_A"):
         raise UnsupportedModelError(
             "gpufit: lm_head carries a LoRA adapter; the fused loss needs the head's plain "
@@ -137,7 +137,7 @@ def head_linear(head: nn.Module) -> nn.Linear:
         )
     name = type(head).__name__
     if name == "FullyShardedDataParallel" and _from(type(head), "torch"):
-        return head_linear(head._fsdp_wrapped_module)
+        return head_linear(head._fsdp_wrapped_module, meta_ok=meta_ok)
     if name == "CheckpointWrapper" and _from(type(head), "torch"):
         raise UnsupportedModelError(
             "gpufit: lm_head is wrapped for activation checkpointing; its recomputation in "
@@ -151,6 +151,8 @@ def head_linear(head: nn.Module) -> nn.Linear:
             "fused loss needs its weight as one tensor"
         )
     weight = head.weight
+    if meta_ok and weight.device.type == "meta":  # the structure only (a meta-device shell)
+        return head
     if hasattr(head, "_hf_hook") or weight.device.type == "meta":
         raise UnsupportedModelError(
             "gpufit: lm_head is offloaded (its weight lives elsewhere until its forward runs); "
@@ -287,10 +289,13 @@ def check_loss(model: nn.Module, ours) -> None:
 # ================================================================ all at once
 
 
-def admit(model: nn.Module, ours) -> tuple[HeadSpec, nn.Module, nn.Linear]:
+def admit(
+    model: nn.Module, ours, *, meta_ok: bool = False
+) -> tuple[HeadSpec, nn.Module, nn.Linear]:
     """(what the forward does from head to loss, the head it calls, the Linear that computes
     its logits) for a model gpufit fuses, or an UnsupportedModelError naming the class and the
-    reason. ``ours``: the fused loss_function (a set one is accepted)."""
+    reason. ``ours``: the fused loss_function (a set one is accepted); ``meta_ok``: a head on
+    the meta device is judged by its structure only."""
     name = class_name(model)
     try:
         spec = read_forward(type(model).forward)
@@ -306,7 +311,7 @@ def admit(model: nn.Module, ours) -> tuple[HeadSpec, nn.Module, nn.Linear]:
                       f"({type(called).__name__}), but its output embeddings are {where} (a "
                       "composite head)")  # fmt: skip
     try:
-        linear = head_linear(head)
+        linear = head_linear(head, meta_ok=meta_ok)
         check_hooks(head_chain(head, linear))
     except UnsupportedModelError as error:
         raise refusal(name, error.reason) from None
