@@ -1,11 +1,12 @@
 // The options of fused_linear_cross_entropy, as one value.
 //
-// Both schemas (registration.cpp) take the same option arguments, in the order of
-// GPUFIT_LINEAR_CE_OPTION_SCHEMA. Every kernel entry point (CPU, CUDA, autograd, autocast) takes
-// them as GPUFIT_LINEAR_CE_OPTION_PARAMS and reads them once, with Options::parse; below that
-// only an Options travels. op_calls.h hands an Options back to the dispatcher as the same
-// arguments (Options::call). An option is added here (the four lists below and the struct) and
-// where it is used; gpufit/_schema.py and gpufit/_linear_ce_options.py hold the Python side.
+// GPUFIT_LINEAR_CE_OPTIONS below declares each option once, in schema order. From it come the
+// schema's option arguments (GPUFIT_LINEAR_CE_OPTION_SCHEMA, which both schemas in
+// registration.cpp take), how every kernel entry point (CPU, CUDA, autograd, autocast) takes
+// them (GPUFIT_LINEAR_CE_OPTION_PARAMS / _ARGS), the fields of Options, Options::parse (the one
+// reading of the arguments, after its checks) and Options::call (the arguments again, for
+// op_calls.h). Adding an option: an entry there, its check in parse, its use;
+// gpufit/_linear_ce_options.py declares the Python side, and a test compares the schemas.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -14,18 +15,38 @@
 #include <cmath>
 #include <string>
 
-#define GPUFIT_LINEAR_CE_OPTION_SCHEMA                                                   \
-  "int ignore_index, str reduction, float label_smoothing, float z_loss, float? softcap, " \
-  "Tensor? class_weight, Tensor? num_items, int chunk_size, bool return_predicted"
+// X(schema type, parameter type, name, field type, read, write): an entry point takes the
+// option as `parameter type name`; Options keeps `field type name`, made from the parameter
+// by `read` and turned back into it by `write` (both name the value `name`).
+#define GPUFIT_LINEAR_CE_OPTIONS(X, SEP)                                                      \
+  X("int", int64_t, ignore_index, int64_t, ignore_index, ignore_index) SEP()                 \
+  X("str", c10::string_view, reduction, Reduction, parse_reduction(reduction),               \
+    reduction_name(reduction)) SEP()                                                           \
+  X("float", double, label_smoothing, double, label_smoothing, label_smoothing) SEP()        \
+  X("float", double, z_loss, double, z_loss, z_loss) SEP()                                     \
+  X("float?", c10::optional<double>, softcap, double, softcap.value_or(0.0),                  \
+    optional_cap(softcap)) SEP()                                                               \
+  X("Tensor?", const c10::optional<at::Tensor>&, class_weight, at::Tensor,                    \
+    defined_or_empty(class_weight), optional_of(class_weight)) SEP()                           \
+  X("Tensor?", const c10::optional<at::Tensor>&, num_items, at::Tensor,                       \
+    defined_or_empty(num_items), optional_of(num_items)) SEP()                                 \
+  X("int", int64_t, chunk_size, int64_t, chunk_size, chunk_size) SEP()                         \
+  X("bool", bool, return_predicted, bool, return_predicted, return_predicted)
 
-#define GPUFIT_LINEAR_CE_OPTION_PARAMS                                                          \
-  int64_t ignore_index, c10::string_view reduction, double label_smoothing, double z_loss,     \
-      c10::optional<double> softcap, const c10::optional<at::Tensor>& class_weight,            \
-      const c10::optional<at::Tensor>& num_items, int64_t chunk_size, bool return_predicted
+#define GPUFIT_LCE_SCHEMA_ITEM(schema, param, name, field, read, write) schema " " #name
+#define GPUFIT_LCE_PARAM_ITEM(schema, param, name, field, read, write) param name
+#define GPUFIT_LCE_ARG_ITEM(schema, param, name, field, read, write) name
+#define GPUFIT_LCE_FIELD_ITEM(schema, param, name, field, read, write) field name;
+#define GPUFIT_LCE_READ_ITEM(schema, param, name, field, read, write) read
+#define GPUFIT_LCE_WRITE_ITEM(schema, param, name, field, read, write) write
+#define GPUFIT_LCE_SCHEMA_SEP() ", "
+#define GPUFIT_LCE_COMMA() ,
+#define GPUFIT_LCE_NOTHING()
 
-#define GPUFIT_LINEAR_CE_OPTION_ARGS                                                   \
-  ignore_index, reduction, label_smoothing, z_loss, softcap, class_weight, num_items, \
-      chunk_size, return_predicted
+#define GPUFIT_LINEAR_CE_OPTION_SCHEMA \
+  GPUFIT_LINEAR_CE_OPTIONS(GPUFIT_LCE_SCHEMA_ITEM, GPUFIT_LCE_SCHEMA_SEP)
+#define GPUFIT_LINEAR_CE_OPTION_PARAMS GPUFIT_LINEAR_CE_OPTIONS(GPUFIT_LCE_PARAM_ITEM, GPUFIT_LCE_COMMA)
+#define GPUFIT_LINEAR_CE_OPTION_ARGS GPUFIT_LINEAR_CE_OPTIONS(GPUFIT_LCE_ARG_ITEM, GPUFIT_LCE_COMMA)
 
 namespace gpufit {
 namespace linear_ce {
@@ -62,16 +83,18 @@ inline c10::optional<at::Tensor> optional_of(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
+inline c10::optional<double> optional_cap(double softcap) {
+  return softcap > 0.0 ? c10::optional<double>(softcap) : c10::nullopt;
+}
+
+// What each field means: ignore_index; reduction; label_smoothing, the weight of the uniform
+// distribution in the target; z_loss, times lse^2 added to each kept row's loss; softcap, the
+// logits become softcap * tanh(z / softcap) (0: none); class_weight, (V,) weight of each class
+// as F.cross_entropy's (undefined: none); num_items, 0-dim: a reduction="sum" loss is divided
+// by it (undefined: none); chunk_size, 0: the op's own plan; return_predicted, also return
+// each row's argmax.
 struct Options {
-  int64_t ignore_index;
-  Reduction reduction;
-  double label_smoothing;  // eps: weight of the uniform distribution in the target
-  double z_loss;           // z_loss * lse^2 added to each kept row's loss
-  double softcap;          // logits become softcap * tanh(z / softcap); 0: none
-  at::Tensor class_weight;  // (V,) weight of each class, as F.cross_entropy's; undefined: none
-  at::Tensor num_items;     // 0-dim: a reduction="sum" loss is divided by it; undefined: none
-  int64_t chunk_size;       // 0: the op's own plan
-  bool return_predicted;    // also return each row's argmax
+  GPUFIT_LINEAR_CE_OPTIONS(GPUFIT_LCE_FIELD_ITEM, GPUFIT_LCE_NOTHING)
 
   // The one reading of the schema's option arguments; refuses bad values (class_weight's size
   // and device are checked with the inputs, linear_ce.h's check_inputs).
@@ -83,26 +106,22 @@ struct Options {
                 ": softcap must be a positive finite number or None, got ", softcap.value_or(0));
     TORCH_CHECK(chunk_size >= 0, kOp, ": chunk_size must be >= 0 (0: the op's plan), got ",
                 chunk_size);
-    const Reduction r = parse_reduction(reduction);
     const at::Tensor weights = defined_or_empty(class_weight);
     TORCH_CHECK(!weights.defined() ||
                     (weights.dim() == 1 && at::isFloatingType(weights.scalar_type())),
                 kOp, ": class_weight must be a 1-D floating-point tensor");
     const at::Tensor items = defined_or_empty(num_items);
-    TORCH_CHECK(!items.defined() || r == Reduction::Sum, kOp,
+    TORCH_CHECK(!items.defined() || parse_reduction(reduction) == Reduction::Sum, kOp,
                 ": num_items goes with reduction='sum' only");
     TORCH_CHECK(!items.defined() || items.dim() == 0, kOp,
                 ": num_items must be a 0-dim tensor, got shape ", items.sizes());
-    return {ignore_index, r,       label_smoothing, z_loss,          softcap.value_or(0.0),
-            weights,      items,   chunk_size,      return_predicted};
+    return {GPUFIT_LINEAR_CE_OPTIONS(GPUFIT_LCE_READ_ITEM, GPUFIT_LCE_COMMA)};
   }
 
   // f(GPUFIT_LINEAR_CE_OPTION_ARGS...): the schema's option arguments again.
   template <typename F>
   decltype(auto) call(F&& f) const {
-    return f(ignore_index, reduction_name(reduction), label_smoothing, z_loss,
-             softcap > 0.0 ? c10::optional<double>(softcap) : c10::nullopt,
-             optional_of(class_weight), optional_of(num_items), chunk_size, return_predicted);
+    return f(GPUFIT_LINEAR_CE_OPTIONS(GPUFIT_LCE_WRITE_ITEM, GPUFIT_LCE_COMMA));
   }
 
   bool smoothing() const { return label_smoothing != 0.0; }

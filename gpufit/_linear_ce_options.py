@@ -1,19 +1,22 @@
 """The options of fused_linear_cross_entropy as one value, validated once where they come in.
 
-gpufit.ops builds a LinearCEOptions from the keyword arguments of a call (or takes the one a
-module stores), and passes it down: to the op as its schema's option arguments
-(``schema_args``, in the order of ``_schema.LINEAR_CE_OPTIONS``), and back from those arguments in
-the fake kernels, the reference kernels and the Python autograd (``from_schema_args``). The C++
-side reads the same arguments once into its own struct (csrc/linear_ce_options.h). Adding an
-option: a field here (its check in ``__post_init__``, its place in the two schema methods), the
-schema string in gpufit/_schema.py and csrc/linear_ce_options.h, and its use.
+Each option is declared once, as a field of LinearCEOptions below: its default, its type in the
+op's schema (or None for an option gpufit.ops applies before the op), and the function that
+checks a value. From those fields come the schema's option arguments (``SCHEMA``, which
+gpufit/_schema.py uses), a call's arguments (``schema_args``) and the options back from them
+(``from_schema_args``, in the fake kernels, the reference kernels and the Python autograd). The
+C++ side declares the same arguments once, in csrc/linear_ce_options.h, and a test checks that
+both languages give the same schema. Adding an option: a field here, an entry there, its use.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import numbers
 import operator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -125,80 +128,126 @@ def _flag_arg(name: str, value: object) -> bool:
     return value
 
 
+def _reduction_arg(value: object) -> str:
+    if value not in REDUCTIONS:
+        raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {value!r}")
+    return value
+
+
+def _label_smoothing_arg(value: object) -> float:
+    label_smoothing = _float_arg("label_smoothing", value)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{OP}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    return label_smoothing
+
+
+def _z_loss_arg(value: object) -> float:
+    z_loss = _float_arg("z_loss", value)
+    if not z_loss >= 0.0:
+        raise ValueError(f"{OP}: z_loss must be >= 0, got {z_loss}")
+    return z_loss
+
+
+def _logit_scale_arg(value: object) -> float:
+    """logit_scale: a finite real number (a 0-dim tensor that requires grad is refused: the
+    scale is folded into the inputs as a constant)."""
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        raise ValueError(f"{OP}: logit_scale requires grad, but it is applied as a constant; "
+                         "pass a number (or logit_scale.detach())")  # fmt: skip
+    scale = _float_arg("logit_scale", value)
+    if not math.isfinite(scale):
+        raise ValueError(f"{OP}: logit_scale must be finite, got {scale}")
+    return scale
+
+
+def _num_items_to_schema(value, device):
+    """An int num_items becomes a 0-dim tensor made on the inputs' device (a fill, no copy
+    from the host)."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    return torch.full((), value, dtype=torch.float64, device=device)
+
+
+def option(
+    default: object,
+    schema: str | None,
+    check: Callable[[object], object],
+    to_schema: Callable[[object, object], object] | None = None,
+    from_schema: Callable[[object], object] | None = None,
+):
+    """The declaration of one option: its default, its type in the op's schema (None: not a
+    schema argument; gpufit.ops applies it around the op), the check of a value (which returns
+    the value to keep), and the conversions of a kept value to and from the schema argument
+    (None: the value itself)."""
+    metadata = {"schema": schema, "check": check, "to_schema": to_schema,
+                "from_schema": from_schema}  # fmt: skip
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class LinearCEOptions:
     """Everything about a fused_linear_cross_entropy call but its tensors x, weight, target and
-    bias (see gpufit.ops.fused_linear_cross_entropy for what each option means)."""
+    bias (see gpufit.ops.fused_linear_cross_entropy for what each option means). The schema's
+    option arguments are the fields with a schema type, in this order."""
 
-    ignore_index: int = -100
-    reduction: str = "mean"
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    softcap: float | None = None
-    class_weight: torch.Tensor | None = None
-    num_items: int | torch.Tensor | None = None
-    chunk_size: int | None = None
-    return_lse: bool = False
-    return_predicted: bool = False
+    ignore_index: int = option(-100, "int", functools.partial(_index_arg, "ignore_index"))
+    reduction: str = option("mean", "str", _reduction_arg)
+    label_smoothing: float = option(0.0, "float", _label_smoothing_arg)
+    z_loss: float = option(0.0, "float", _z_loss_arg)
+    softcap: float | None = option(None, "float?", _softcap_arg)
+    class_weight: torch.Tensor | None = option(None, "Tensor?", _class_weight_arg)
+    num_items: int | torch.Tensor | None = option(
+        None, "Tensor?", _num_items_arg, to_schema=_num_items_to_schema
+    )
+    # None (the op's own plan) is 0 in the schema
+    chunk_size: int | None = option(
+        None, "int", _chunk_arg, lambda value, device: value or 0, lambda value: value or None
+    )
+    return_lse: bool = option(False, None, functools.partial(_flag_arg, "return_lse"))
+    return_predicted: bool = option(False, "bool", functools.partial(_flag_arg, "return_predicted"))
+    # applied by gpufit.ops to x and bias before the op: (s x) W^T + s b = s (x W^T + b)
+    logit_scale: float = option(1.0, None, _logit_scale_arg)
 
     def __post_init__(self) -> None:
-        put = object.__setattr__
-        put(self, "ignore_index", _index_arg("ignore_index", self.ignore_index))
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
-        label_smoothing = _float_arg("label_smoothing", self.label_smoothing)
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"{OP}: label_smoothing must be in [0, 1], got {label_smoothing}")
-        put(self, "label_smoothing", label_smoothing)
-        z_loss = _float_arg("z_loss", self.z_loss)
-        if not z_loss >= 0.0:
-            raise ValueError(f"{OP}: z_loss must be >= 0, got {z_loss}")
-        put(self, "z_loss", z_loss)
-        put(self, "softcap", _softcap_arg(self.softcap))
-        put(self, "class_weight", _class_weight_arg(self.class_weight))
-        put(self, "num_items", _num_items_arg(self.num_items))
+        for name, default, check in _CHECKS:
+            value = getattr(self, name)
+            if value is not default and not (type(value) is type(default) and value == default):
+                object.__setattr__(self, name, check(value))
         if self.num_items is not None and self.reduction != "sum":
             raise ValueError(f"{OP}: num_items goes with reduction='sum' only (the loss is the "
                              f"sum / num_items), got reduction={self.reduction!r}")  # fmt: skip
-        put(self, "chunk_size", _chunk_arg(self.chunk_size))
-        put(self, "return_lse", _flag_arg("return_lse", self.return_lse))
-        put(self, "return_predicted", _flag_arg("return_predicted", self.return_predicted))
 
     def schema_args(self, device: torch.device | str = "cpu") -> tuple:
-        """The op's option arguments, in schema order, for inputs on ``device``: chunk_size None
-        is 0 (the op's plan); an int num_items becomes a 0-dim tensor made on that device (a fill,
-        no copy from the host)."""
-        num_items = self.num_items
-        if num_items is not None and not isinstance(num_items, torch.Tensor):
-            num_items = torch.full((), num_items, dtype=torch.float64, device=device)
-        return (
-            self.ignore_index,
-            self.reduction,
-            self.label_smoothing,
-            self.z_loss,
-            self.softcap,
-            self.class_weight,
-            num_items,
-            self.chunk_size or 0,
-            self.return_predicted,
-        )
+        """The op's option arguments, in schema order, for inputs on ``device``."""
+        values = [getattr(self, name) for name in _SCHEMA_NAMES]
+        for i, to_schema in _TO_SCHEMA:
+            values[i] = to_schema(values[i], device)
+        return tuple(values)
 
     @classmethod
     def from_schema_args(cls, args) -> LinearCEOptions:
-        """The options that ``schema_args`` turned into ``args`` (return_lse aside)."""
-        (ignore_index, reduction, label_smoothing, z_loss, softcap, class_weight, num_items,
-         chunk_size, return_predicted) = args  # fmt: skip
-        return cls(
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            class_weight=class_weight,
-            num_items=num_items,
-            chunk_size=chunk_size or None,
-            return_predicted=return_predicted,
-        )
+        """The options that ``schema_args`` turned into ``args`` (the others at their
+        defaults)."""
+        if len(args) != len(_SCHEMA_FIELDS):
+            raise TypeError(f"{OP}: expected {len(_SCHEMA_FIELDS)} option arguments, got "
+                            f"{len(args)}")  # fmt: skip
+        return cls(**{
+            f.name: value if f.metadata["from_schema"] is None else f.metadata["from_schema"](value)
+            for f, value in zip(_SCHEMA_FIELDS, args, strict=True)
+        })  # fmt: skip
 
 
-SCHEMA_ARG_COUNT = len(LinearCEOptions().schema_args())
+# (name, default, check): a value equal to its default (and of its type) needs no check
+_CHECKS = tuple((f.name, f.default, f.metadata["check"]) for f in fields(LinearCEOptions))
+_SCHEMA_FIELDS = tuple(f for f in fields(LinearCEOptions) if f.metadata["schema"] is not None)
+_SCHEMA_NAMES = tuple(f.name for f in _SCHEMA_FIELDS)
+# (position, conversion) of the schema arguments that are not the kept value itself
+_TO_SCHEMA = tuple(
+    (i, f.metadata["to_schema"])
+    for i, f in enumerate(_SCHEMA_FIELDS)
+    if f.metadata["to_schema"] is not None
+)
+SCHEMA_ARG_COUNT = len(_SCHEMA_FIELDS)
+# The option arguments of both fused_linear_cross_entropy schemas (csrc/linear_ce_options.h
+# declares the same, for the compiled library).
+SCHEMA = ", ".join(f"{f.metadata['schema']} {f.name}" for f in _SCHEMA_FIELDS)

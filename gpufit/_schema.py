@@ -4,14 +4,9 @@ The compiled library declares them in C++; the pure-PyTorch fallback declares th
 tests/test_backend.py checks that both say the same thing.
 """
 
-NAMESPACE = "gpufit"
+from gpufit._linear_ce_options import SCHEMA as LINEAR_CE_OPTIONS
 
-# The option arguments of both fused_linear_cross_entropy schemas, in the order of
-# gpufit._linear_ce_options.LinearCEOptions.schema_args (csrc/linear_ce_options.h: the same).
-LINEAR_CE_OPTIONS = (
-    "int ignore_index, str reduction, float label_smoothing, float z_loss, float? softcap,"
-    " Tensor? class_weight, Tensor? num_items, int chunk_size, bool return_predicted"
-)
+NAMESPACE = "gpufit"
 
 SCHEMAS: dict[str, str] = {
     "fused_linear_relu": "(Tensor x, Tensor weight, Tensor? bias) -> Tensor",

@@ -258,6 +258,7 @@ def fused_linear_cross_entropy(
     chunk_size: int | None = None,
     return_lse: bool = False,
     return_predicted: bool = False,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``cross_entropy(x @ weight.T + bias, target)`` without materialising the logits.
 
@@ -278,6 +279,10 @@ def fused_linear_cross_entropy(
       per block (peak about N x chunk_size). None picks the split from N, V, H and the dtype; on
       CPU, fp32/fp64 then never take more scratch than PyTorch's own chunked
       ``F.linear_cross_entropy`` (or 1 MiB of logits, where that is more).
+    - ``logit_scale``: the logits are ``logit_scale * (x @ weight.T + bias)`` (Cohere's
+      ``logit_scale``, Granite's ``1 / logits_scaling``), before the softcap. It is applied to x
+      and bias on the way in, ``(s x) W^T + s b``: exact in real arithmetic, one (N, H)
+      multiply; for bf16/fp16 x that adds one rounding of ``s x``. No gradient flows into it.
     - ``softcap``: logits become ``softcap * tanh(z / softcap)`` before the softmax (Gemma 2's
       final_logit_softcapping); lse, z-loss and argmax are those of the capped logits.
     - ``class_weight``: (V,) tensor, as F.cross_entropy's ``weight=`` (label smoothing too); with
@@ -315,6 +320,7 @@ def fused_linear_cross_entropy(
         chunk_size=chunk_size,
         return_lse=return_lse,
         return_predicted=return_predicted,
+        logit_scale=logit_scale,
     )
     return run_fused_linear_cross_entropy(options, x, weight, target, bias)
 
@@ -339,6 +345,9 @@ def run_fused_linear_cross_entropy(
     # every target before any GEMM (a ValueError), so only the reference needs it here.
     if _PYTHON_KERNELS and target.device.type == "cpu" and not torch.compiler.is_compiling():
         _check_target_range(target, weight.shape[0], options.ignore_index)
+    if options.logit_scale != 1.0:  # not an option of the op: folded into its inputs
+        x = x * options.logit_scale
+        bias = None if bias is None else bias * options.logit_scale
     grad_on = torch.is_grad_enabled()
     grad_mask = [grad_on and t is not None and t.requires_grad for t in (x, weight, bias)]
     loss, lse, _lo, predicted, *_ = torch.ops.gpufit.fused_linear_cross_entropy.default(

@@ -1,4 +1,4 @@
-"""gpufit.fuse on transformers causal LMs (gpufit/hf.py): for every supported family a tiny
+"""gpufit.fuse on transformers causal LMs (gpufit/hf/): for common families a tiny
 random-init model gives the stock loss and gradients (fp32: within 1e-5 relative to the
 largest entry of each gradient), with and without num_items_in_batch and shift_labels; eval,
 generation and label-free calls are the stock ones; other models and heads the fused loss
@@ -64,6 +64,21 @@ FAMILIES = {
         {"head_dim": 8, "final_logit_softcapping": 0.05, "sliding_window": 8},
     ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    # admitted by what their forward does: a scale, a divisor, a softcap folded into the op
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {"head_dim": 8, "final_logit_softcapping": 0.05, "sliding_window": 8},
+    ),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", {}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        {"head_dim": 8, "num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
 }
 
 
@@ -96,7 +111,11 @@ def loss_and_grads(model, **inputs):
     model.zero_grad(set_to_none=True)
     loss = model(**inputs).loss
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {
+        n.removeprefix("module.").removeprefix("_checkpoint_wrapped_module."): p.grad.clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }  # a wrapper's parameter names as the model's own
     return loss.detach(), grads
 
 
@@ -255,13 +274,61 @@ def test_causal_lm_loss_matches_transformers_loss():
         hf.causal_lm_loss(hidden, model.lm_head, None)
 
 
-def test_other_models_are_refused_naming_the_supported():
-    config = transformers.OPTConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-        word_embed_proj_dim=16,
+class _Shifted(transformers.LlamaForCausalLM):
+    """A Llama whose forward adds an affine transform gpufit does not reproduce."""
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, **kwargs)
+        logits = self.lm_head(outputs.last_hidden_state)
+        logits = logits * 2 + 1
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+class _Doubled(transformers.LlamaForCausalLM):
+    """The same with a scalar multiply, which gpufit folds into the op."""
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, **kwargs)
+        logits = self.lm_head(outputs.last_hidden_state)
+        logits = logits * 2
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def _as(cls, model):
+    model.__class__ = cls
+    return model
+
+
+def test_an_unrecognised_transform_is_refused_naming_class_and_reason():
+    model = _as(_Shifted, tiny_model("llama"))
+    with pytest.raises(
+        hf.UnsupportedModelError, match=r"_Shifted is not fused: .*logits \* 2 \+ 1"
+    ):
+        gpufit.fuse(model)
+    assert "forward" not in vars(model)
+
+
+def test_a_recognised_transform_is_folded_and_matches_stock():
+    stock = _as(_Doubled, tiny_model("llama"))
+    fused = gpufit.fuse(copy.deepcopy(stock))
+    assert_same_training(stock, fused, dict(zip(("input_ids", "labels"), batch(), strict=True)))
+
+
+def test_models_gpufit_does_not_reproduce_are_refused_with_the_reason():
+    config = transformers.BartConfig(
+        vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+        decoder_ffn_dim=32, max_position_embeddings=32,
     )  # fmt: skip
-    model = transformers.OPTForCausalLM(config)
-    with pytest.raises(hf.UnsupportedModelError, match="OPTForCausalLM.*LlamaForCausalLM.*GPT2"):
+    model = transformers.BartForCausalLM(config)
+    with pytest.raises(hf.UnsupportedModelError, match="BartForCausalLM is not fused: it computes "
+                       "its loss itself"):  # fmt: skip
         gpufit.fuse(model)
     assert "forward" not in vars(model)
 
@@ -299,11 +366,12 @@ def test_gradient_checkpointing():
 
 
 @pytest.mark.slow
-def test_torch_compile_of_the_fused_forward():
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: the softcap's tensor subclass
+def test_torch_compile_of_the_fused_forward(family):
     # aot_eager: dynamo's trace and AOT autograd of the patched forward (fake kernels
     # included); inductor's code generation of the op is tested in test_linear_ce.py, and
     # compiling this model with it takes minutes on 2 cores
-    stock = tiny_model("llama")
+    stock = tiny_model(family)
     fused = gpufit.fuse(copy.deepcopy(stock))
     compiled = torch.compile(fused, backend="aot_eager")
     inputs = dict(zip(("input_ids", "labels"), batch(), strict=True))
@@ -315,3 +383,142 @@ def test_torch_compile_of_the_fused_forward():
     for name, p in fused.named_parameters():
         assert_rel_close(p.grad, grads0[name], 1e-4, name)
     assert "forward" not in vars(fused.lm_head)
+
+
+# ---------------------------------------------------------------- the mechanism
+
+
+def test_two_threads_each_get_what_they_asked_for():
+    # one thread trains with labels (the fused loss runs in the head's call), the other calls
+    # lm_head for logits meanwhile: the fused call is local to its context, never the head's
+    import threading
+
+    stock = tiny_model("llama")
+    model = gpufit.fuse(copy.deepcopy(stock))
+    ids, labels = batch()
+    expected = stock(input_ids=ids, labels=labels).loss.detach()
+    with torch.no_grad():
+        hidden = stock.model(input_ids=ids).last_hidden_state
+        logits = stock.lm_head(hidden)
+    losses, shapes, errors = [], [], []
+    done = threading.Event()
+
+    def train():
+        try:
+            for _ in range(15):
+                loss = model(input_ids=ids, labels=labels).loss
+                loss.backward()
+                losses.append(loss.detach())
+        except BaseException as error:  # reported below
+            errors.append(error)
+        finally:
+            done.set()
+
+    def look():
+        try:
+            with torch.no_grad():
+                while not done.is_set():
+                    got = model.lm_head(hidden)
+                    shapes.append(got.shape)
+                    torch.testing.assert_close(got, logits)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=train), threading.Thread(target=look)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(losses) == 15 and len(shapes) > 15
+    assert all(s == (*ids.shape, VOCAB) for s in shapes)
+    for loss in losses:
+        assert_rel_close(loss, expected, 1e-5, "loss")
+    assert "forward" not in vars(model.lm_head) and "_loss_function" not in vars(model)
+
+
+def test_the_heads_own_forward_is_left_as_it_was():
+    model = gpufit.fuse(tiny_model("llama"))
+    ids, labels = batch()
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert "forward" not in vars(model.lm_head)  # the class's forward, untouched
+    assert model.lm_head(torch.zeros(1, 32)).shape == (1, VOCAB)
+    own = model.lm_head.forward  # a forward another library set on the instance: refused, kept
+    model.lm_head.forward = lambda x: own(x)
+    kept = vars(model.lm_head)["forward"]
+    with pytest.raises(hf.UnsupportedModelError, match="its own instance-level forward"):
+        model(input_ids=ids, labels=labels)
+    assert vars(model.lm_head)["forward"] is kept
+
+
+def test_a_hook_on_the_head_is_refused():
+    model = gpufit.fuse(tiny_model("llama"))
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.raises(hf.UnsupportedModelError, match="lm_head has a hook"):
+        model(**dict(zip(("input_ids", "labels"), batch(), strict=True)))
+    handle.remove()
+    assert torch.isfinite(model(**dict(zip(("input_ids", "labels"), batch(), strict=True))).loss)
+
+
+class _EngineModule:
+    """Stands for FSDP2's FSDPModule: fully_shard makes FSDP<Name>(FSDPModule, <Name>)."""
+
+
+def test_an_engine_made_subclass_is_fused():
+    stock = tiny_model("llama")
+    fused = copy.deepcopy(stock)
+    fused.__class__ = type("FSDPLlamaForCausalLM", (_EngineModule, type(stock)), {})
+    gpufit.fuse(fused)
+    assert_same_training(stock, fused, dict(zip(("input_ids", "labels"), batch(), strict=True)))
+    first_fuse_then_subclass = gpufit.fuse(copy.deepcopy(stock))
+    first_fuse_then_subclass.__class__ = type(fused)
+    assert_same_training(
+        stock, first_fuse_then_subclass, dict(zip(("input_ids", "labels"), batch(), strict=True))
+    )
+
+
+class _Wrapper(torch.nn.Module):  # DDP, FSDP1 and DeepSpeed's engine hold the model as .module
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_a_wrapper_and_activation_checkpointing_of_the_whole_model():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    stock = tiny_model("llama")
+    inputs = dict(zip(("input_ids", "labels"), batch(), strict=True))
+    wrapped = _Wrapper(copy.deepcopy(stock))
+    assert hf.is_transformers_model(wrapped)
+    assert gpufit.fuse(wrapped) is wrapped
+    assert_same_training(stock, wrapped, inputs)
+    checkpointed = checkpoint_wrapper(copy.deepcopy(stock))  # recomputed in backward, in full
+    gpufit.fuse(checkpointed)
+    assert_same_training(stock, checkpointed, inputs)
+
+
+def test_a_checkpointed_head_is_refused():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = tiny_model("llama")
+    model.lm_head = checkpoint_wrapper(model.lm_head)
+    with pytest.raises(hf.UnsupportedModelError, match="activation checkpointing"):
+        gpufit.fuse(model)
+
+
+def test_the_handshake_refuses_a_transform_the_source_reading_missed(monkeypatch):
+    # were the source reading to drop Gemma 2's cap, the forward would apply it to the fused
+    # loss: the loss_function then gets a tensor other than the head's output, and refuses
+    from gpufit.hf import _source
+
+    model = gpufit.fuse(tiny_model("gemma2"))
+    spec = _source.read_forward(type(model).forward)
+    assert [s.kind for s in spec.steps] == ["softcap"]
+    monkeypatch.setattr(_source, "read_forward", lambda function: _source.HeadSpec(spec.head, ()))
+    monkeypatch.setattr("gpufit.hf._models.read_forward", _source.read_forward)
+    with pytest.raises(hf.UnsupportedModelError, match="other than the one its head returned"):
+        model(**dict(zip(("input_ids", "labels"), batch(), strict=True)))
+    assert "forward" not in vars(model.lm_head) and "_loss_function" not in vars(model)

@@ -51,27 +51,32 @@ def loss_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def torch_loss(x, w, t, b, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0):
-    """The specification: F.cross_entropy on the full logits, plus z_loss * lse^2 per kept row."""
-    logits = F.linear(x, w, b).reshape(-1, w.shape[0])
+def torch_loss(x, w, t, b, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+               z_loss=0.0, softcap=None, class_weight=None, num_items=None,
+               logit_scale=1.0):  # fmt: skip
+    """The specification of fused_linear_cross_entropy (this file and test_linear_ce_llm.py):
+    the logits (scaled: logit_scale * (x W^T + b), then capped: softcap * tanh(z / softcap)),
+    F.cross_entropy with weight=class_weight, plus z_loss * lse^2 per kept row; mean divides by
+    the weights of the kept targets (F.cross_entropy's denominator), sum by num_items where
+    given."""
+    logits = logit_scale * F.linear(x, w, b).reshape(-1, w.shape[0])
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     flat = t.reshape(-1)
-    loss = F.cross_entropy(
-        logits,
-        flat,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-    )
+    weight = None if class_weight is None else class_weight.to(logits.dtype)
+    per_row = F.cross_entropy(logits, flat, weight=weight, ignore_index=ignore_index,
+                              reduction="none", label_smoothing=label_smoothing)  # fmt: skip
+    valid = flat != ignore_index
     if z_loss:
-        valid = flat != ignore_index
-        extra = z_loss * torch.where(valid, logits.logsumexp(-1) ** 2, 0)
-        if reduction == "none":
-            loss = loss + extra
-        elif reduction == "sum":
-            loss = loss + extra.sum()
-        else:
-            loss = loss + extra.sum() / valid.sum()
-    return loss.reshape(t.shape) if reduction == "none" else loss
+        per_row = per_row + z_loss * torch.where(valid, logits.logsumexp(-1) ** 2, 0)
+    if reduction == "none":
+        return per_row.reshape(t.shape)
+    total = per_row.sum()
+    if reduction == "sum":
+        return total if num_items is None else total / num_items
+    if weight is None:
+        return total / valid.sum()
+    return total / torch.where(valid, weight[torch.where(valid, flat, 0)], 0).sum()
 
 
 def run(fn, x, w, t, b, grad_seed=1, **kwargs):

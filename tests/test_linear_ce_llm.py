@@ -11,36 +11,12 @@ import torch.nn.functional as F
 import gpufit
 from gpufit import ops
 from tests.test_linear_ce import DEVICES, PLAN_IDS, PLANS, TOLERANCES, make_inputs, run
+from tests.test_linear_ce import torch_loss as unfused  # the one specification of the op
 
 
 def class_weights(v, device="cpu", seed=3):
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(v, generator=g, dtype=torch.float64) * 2 + 0.1).to(device)
-
-
-def unfused(x, w, t, b, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-            z_loss=0.0, softcap=None, class_weight=None, num_items=None):  # fmt: skip
-    """The specification: the logits (capped: softcap * tanh(z / softcap)), F.cross_entropy
-    with weight=class_weight, plus z_loss * lse^2 per kept row; mean divides by the weights of
-    the kept targets (F.cross_entropy's denominator), sum by num_items where given."""
-    logits = F.linear(x, w, b).reshape(-1, w.shape[0])
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    flat = t.reshape(-1)
-    weight = None if class_weight is None else class_weight.to(logits.dtype)
-    per_row = F.cross_entropy(logits, flat, weight=weight, ignore_index=ignore_index,
-                              reduction="none", label_smoothing=label_smoothing)  # fmt: skip
-    valid = flat != ignore_index
-    if z_loss:
-        per_row = per_row + z_loss * torch.where(valid, logits.logsumexp(-1) ** 2, 0)
-    if reduction == "none":
-        return per_row.reshape(t.shape)
-    total = per_row.sum()
-    if reduction == "sum":
-        return total if num_items is None else total / num_items
-    if weight is None:
-        return total / valid.sum()
-    return total / torch.where(valid, weight[torch.where(valid, flat, 0)], 0).sum()
 
 
 def check_against_unfused(x, w, t, b, chunk=None, **options):
@@ -67,6 +43,8 @@ CASES = {
         class_weight=True, label_smoothing=0.2, reduction="none"
     ),  # fmt: skip
     "num_items": dict(reduction="sum", num_items=7),
+    "logit_scale": dict(logit_scale=0.37),
+    "logit_scale, softcap, none": dict(logit_scale=2.5, softcap=2.0, reduction="none"),
     "num_items tensor": dict(reduction="sum", num_items="tensor"),
     "all": dict(
         softcap=3.0,
@@ -259,6 +237,41 @@ def test_torch_compile_fullgraph_with_the_new_options():
         torch.testing.assert_close(got, want)
 
 
+def test_torch_compile_fullgraph_with_logit_scale():
+    """logit_scale, folded into the op's inputs, compiles into one graph (the fake kernels see
+    the scaled inputs) and gives eager's loss and gradients."""
+    torch._dynamo.reset()
+    x, w, t, b = make_inputs((2, 7), 10, 23, torch.float32, ignore=-100)
+
+    def step(x, w, b):
+        return ops.fused_linear_cross_entropy(x, w, t, b, logit_scale=0.3, softcap=3.0)
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        leaves = [a.clone().requires_grad_() for a in (x, w, b)]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append((loss.detach(), [a.grad for a in leaves]))
+    (loss, grads), (c_loss, c_grads) = results
+    torch.testing.assert_close(c_loss, loss)
+    want = unfused(x.double(), w.double(), t, b.double(), logit_scale=0.3, softcap=3.0)
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+    for got, expected in zip(c_grads, grads, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_logit_scale_is_the_scaled_logits_cross_entropy():
+    """The loss of logit_scale * (x W^T + b) exactly as F.cross_entropy gives it, float64,
+    bias included (a scale folded into x alone would miss the bias)."""
+    x, w, t, b = make_inputs((12,), 5, 9, torch.float64, ignore=-100)
+    for scale in (0.0625, 1 / 8, -1.5):
+        got = ops.fused_linear_cross_entropy(x, w, t, b, logit_scale=scale)
+        want = F.cross_entropy(scale * F.linear(x, w, b), t)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    unscaled = ops.fused_linear_cross_entropy(x, w, t, b)
+    assert not torch.allclose(got, unscaled)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,lead,h,v,chunk,dtype", PLANS[:4], ids=PLAN_IDS[:4])
 def test_autocast_with_the_new_options(name, lead, h, v, chunk, dtype, device):
@@ -349,6 +362,9 @@ def _good():
         ({"class_weight": [1.0] * 5}, TypeError, "class_weight must be a torch.Tensor"),
         ({"class_weight": torch.ones(5, requires_grad=True)}, ValueError, "requires grad"),
         ({"return_predicted": 1}, TypeError, "return_predicted must be a bool"),
+        ({"logit_scale": float("inf")}, ValueError, "logit_scale must be finite"),
+        ({"logit_scale": "2"}, TypeError, "logit_scale must be a float"),
+        ({"logit_scale": torch.tensor(2.0, requires_grad=True)}, ValueError, "requires grad"),
     ],
 )
 def test_bad_new_options_are_refused_clearly(kwargs, error, pattern):
