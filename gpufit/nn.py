@@ -133,7 +133,7 @@ def fuse(model: nn.Module) -> nn.Module:
 
     A transformers causal LM (``LlamaForCausalLM``, ... or a PEFT model around one) is handed
     to ``gpufit.hf.fuse`` instead: its training loss then runs through
-    ``fused_linear_cross_entropy`` (see gpufit/hf.py); other transformers models are refused.
+    ``fused_linear_cross_entropy`` (see gpufit/hf/); other transformers models are refused.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
