@@ -579,13 +579,14 @@ def _configure_verify(p: argparse.ArgumentParser) -> None:
 def _run_verify(args: argparse.Namespace, out: TextIO) -> int:
     from pathlib import Path
 
-    from lockgen.verify import verify_file
+    from lockgen.verify import verify_file, verify_or_report
 
     m = _matrix(args)
-    reports = [
-        verify_file(f, m, Path(args.envs) if args.envs else None, args.check_channels)
-        for f in args.lockfile
-    ]
+    envs = Path(args.envs) if args.envs else None
+    if len(args.lockfile) == 1 and not args.json:  # one file: a bad one is a usage error
+        reports = [verify_file(args.lockfile[0], m, envs, args.check_channels)]
+    else:  # several, or JSON: a file that cannot be read is a failed report among the others
+        reports = [verify_or_report(f, m, envs, args.check_channels) for f in args.lockfile]
     if args.json:
         json.dump([r.to_json() for r in reports], out, indent=2)
         out.write("\n")

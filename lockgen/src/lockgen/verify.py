@@ -54,7 +54,7 @@ def verify_file(
     """Verify a conda-lock lockfile, a pip hash-lock (``*.requirements.txt``) or a ``uv.lock``;
     ``check_channels`` also compares every hash with what its channel or index publishes."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise LockgenError(f"{path} does not exist")
     if path.name == "uv.lock":
         return verify_uv_lock(path, matrix, envs_dir, check_index=check_channels)
@@ -65,3 +65,16 @@ def verify_file(
     report = verify_lock(lock, matrix, envs_dir, lock_name=path.name, check_channels=check_channels)
     report.path = str(path)
     return report
+
+
+def verify_or_report(
+    path: str | Path, matrix: Matrix, envs_dir: Path | None = None, check_channels: bool = False
+) -> Report:
+    """:func:`verify_file`, with a file it cannot read (missing, not a lock) as a failed
+    report instead of an error, so that the other files of one run are still reported."""
+    try:
+        return verify_file(path, matrix, envs_dir, check_channels)
+    except LockgenError as exc:
+        report = Report(str(path), None)
+        report.error("file", str(exc))
+        return report

@@ -79,7 +79,13 @@ from typing import TYPE_CHECKING
 
 from lockgen.errors import LockgenError
 from lockgen.findings import Report
-from lockgen.formats.locks import META_TARGET, check_file_name, resolve_target
+from lockgen.formats.locks import (
+    MAX_LOCK_PACKAGES,
+    META_TARGET,
+    check_file_name,
+    read_lock_text,
+    resolve_target,
+)
 from lockgen.matrix import Matrix, Target, default_envs_dir
 from lockgen.output import write_text, write_texts
 from lockgen.versions import Version
@@ -468,28 +474,14 @@ def write_lockfile(lock: Lockfile, path: Path) -> Path:
     return write_text(path, lambda: lockfile_text(lock, path.name))
 
 
-_MAX_LOCK_BYTES = 256 * 2**20  # far above any real lock (a CUDA lock is well under 1 MiB)
-
-
 def load_yaml(path: Path) -> object:
     """The YAML document of a lockfile or spec, read with :func:`no_alias_loader` (no
-    anchors, no aliases: a kilobyte of nested aliases would otherwise expand to gigabytes);
-    any problem is a :class:`LockgenError` naming the file."""
+    anchors, no aliases: a kilobyte of nested aliases would otherwise expand to gigabytes)
+    from a regular file of at most :data:`~lockgen.formats.locks.MAX_LOCK_BYTES`; any problem
+    is a :class:`LockgenError` naming the file."""
     import yaml
 
-    path = Path(path)
-    if not path.exists():
-        raise LockgenError(f"{path} does not exist")
-    if not path.is_file():
-        raise LockgenError(f"{path} is not a file")
-    try:
-        if path.stat().st_size > _MAX_LOCK_BYTES:
-            raise LockgenError(f"{path} is over {_MAX_LOCK_BYTES >> 20} MiB: not a lockfile")
-        text = path.read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise LockgenError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise LockgenError(f"{path} is not UTF-8 text: {exc}") from None
+    text = read_lock_text(Path(path), "YAML file")
     try:
         return yaml.load(text, Loader=no_alias_loader())
     except yaml.YAMLError as exc:
@@ -534,6 +526,7 @@ def read_lockfile(path: Path) -> Lockfile:
     if not isinstance(content, dict):
         raise LockgenError(f"{path} is not a conda-lock lockfile: not a YAML mapping")
     version = content.pop("version", None)
+    _check_package_list(path, content.get("package"))
     try:
         if version == 1:
             lock = lockfile_v1_to_v2(LockfileV1.model_validate(content))
@@ -547,8 +540,42 @@ def read_lockfile(path: Path) -> Lockfile:
     except LockgenError:
         raise
     except Exception as exc:
-        raise LockgenError(f"{path} is not a conda-lock lockfile: {exc}") from None
+        raise LockgenError(f"{path} is not a conda-lock lockfile: {_one_line(exc)}") from None
     return lock
+
+
+def _check_package_list(path: Path, packages: object) -> None:
+    """At most :data:`~lockgen.formats.locks.MAX_LOCK_PACKAGES` packages, and no package
+    twice for one platform (conda-lock's own reader only asserts that, without a word)."""
+    if not isinstance(packages, list):
+        return
+    if len(packages) > MAX_LOCK_PACKAGES:
+        raise LockgenError(
+            f"{path} lists {len(packages)} packages: not a lock (at most {MAX_LOCK_PACKAGES})"
+        )
+    seen: set[tuple] = set()
+    for p in packages:
+        if not isinstance(p, dict):
+            continue
+        key = (p.get("manager"), p.get("name"), p.get("platform"))
+        if key in seen and all(isinstance(k, str) for k in key):
+            raise LockgenError(
+                f"{path} is not a conda-lock lockfile: {key[0]} package {key[1]} is listed "
+                f"twice for {key[2]}"
+            )
+        seen.add(key)
+
+
+def _one_line(exc: Exception) -> str:
+    """A reader's error in one line: pydantic's as a count and the first, others' first line
+    (or the exception's name when it says nothing)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and hasattr(exc, "error_count"):
+        first = exc.errors()[0] if exc.error_count() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return f"{exc.error_count()} validation errors; first: {where}: {first.get('msg', '?')}"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def custom(lock: Lockfile) -> dict[str, str]:
