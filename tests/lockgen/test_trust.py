@@ -7,6 +7,7 @@ Each test here failed on the code before its fix (README: "What verify guarantee
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import shutil
@@ -305,3 +306,150 @@ def test_uv_torch_must_be_the_exact_release(matrix, uv_copy, version):
         )
 
     assert f"torch {version} is" in _errors(verify_file(uv_copy(edit), matrix))
+
+
+# -- conda locks: every URL in the lock's channels, named for its entry -----------------------
+
+CUDA_FILE = "pytorch-2.5.1-py3.11_cuda12.1_cudnn9.1.0_0.tar.bz2"
+CPU_FILE = "pytorch-2.5.1-py3.11_cpu_0.tar.bz2"
+
+
+@pytest.fixture(scope="module")
+def conda(conda_matrix, locked_envs):
+    return conda_matrix, locked_envs
+
+
+@pytest.fixture
+def cu121(conda, tmp_path):
+    """A copy of the cu121 lock (solved from the test channel) and its channel folder."""
+    matrix, locked = conda
+    envs = tmp_path / "envs"
+    shutil.copytree(locked, envs)
+    lock = envs / "cu121.lock"
+    url = _conda_package(lock, "pytorch")["url"]
+    return matrix, lock, Path(url.removeprefix("file://")).parents[1]
+
+
+def _conda_package(lock: Path, name: str) -> dict:
+    import yaml
+
+    return next(p for p in yaml.safe_load(lock.read_text())["package"] if p["name"] == name)
+
+
+def _set_pytorch(lock: Path, url: str, file: Path | None = None) -> None:
+    """Point pytorch at ``url``, with the hashes of ``file`` (a real attacker's edit)."""
+    import yaml
+
+    data = yaml.safe_load(lock.read_text())
+    p = next(p for p in data["package"] if p["name"] == "pytorch")
+    p["url"] = url
+    if file is not None:
+        body = file.read_bytes()
+        p["hash"] = {
+            "md5": hashlib.md5(body).hexdigest(),
+            "sha256": hashlib.sha256(body).hexdigest(),
+        }
+    lock.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def test_a_conda_lock_pointing_pytorch_at_another_channel_fails(cu121, tmp_path):
+    """F1: the same file name in another channel (here a byte-identical copy, so only the
+    channel can tell): verify, --check-channels and install all refuse it."""
+    matrix, lock, channel = cu121
+    evil = tmp_path / "evil" / "linux-64"
+    evil.mkdir(parents=True)
+    shutil.copy(channel / "linux-64" / CUDA_FILE, evil / CUDA_FILE)
+    _set_pytorch(lock, (evil / CUDA_FILE).as_uri())
+    says = "is not in the lock's channels"
+    assert says in _errors(verify_file(lock, matrix))  # before: OK
+    assert says in _errors(verify_file(lock, matrix, check_channels=True))  # before: OK
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://evil.example/linux-64/" + CUDA_FILE,
+        "https://conda.anaconda.org/pytorch/linux-64/" + CUDA_FILE,  # the target's, not the lock's
+    ],
+)
+def test_conda_urls_outside_the_locks_channels_fail(cu121, url):
+    matrix, lock, _ = cu121
+    _set_pytorch(lock, url)
+    assert "is not in the lock's channels" in _errors(verify_file(lock, matrix))
+
+
+def test_a_conda_lock_naming_other_channels_fails(cu121):
+    import yaml
+
+    matrix, lock, _ = cu121
+    data = yaml.safe_load(lock.read_text())
+    data["metadata"]["channels"] = [{"url": "https://evil.example/chan", "used_env_vars": []}]
+    lock.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert "the lock names the channels https://evil.example/chan" in _errors(
+        verify_file(lock, matrix)
+    )
+
+
+def test_the_cpu_build_under_the_cuda_builds_name_fails(cu121):
+    """F2: the channel's own CPU file, its real hashes, the CUDA build string kept."""
+    matrix, lock, channel = cu121
+    _set_pytorch(lock, (channel / "linux-64" / CPU_FILE).as_uri(), channel / "linux-64" / CPU_FILE)
+    for check in (False, True):
+        errors = _errors(verify_file(lock, matrix, check_channels=check))
+        assert f"is the file {CPU_FILE}, the entry is pytorch 2.5.1 py3.11_cuda12.1" in errors
+
+
+@pytest.mark.parametrize(
+    "path, says",
+    [
+        ("linux-64/a\\..\\" + CUDA_FILE, "not a plain"),  # F3: rattler reads \ as /
+        ("linux-64/./" + CUDA_FILE, "'.', '..'"),
+        ("noarch/../linux-64/" + CUDA_FILE, "'.', '..'"),
+        ("linux-64/%2e%2e/linux-64/" + CUDA_FILE, "encoded separator"),
+        ("linux-64%2F" + CUDA_FILE, "encoded separator"),
+        ("linux-64//" + CUDA_FILE, "empty"),
+        ("linux-64/" + CUDA_FILE + "?v=1", "not a plain"),
+        ("linux-64/" + CUDA_FILE + "#x", "not a plain"),
+        ("win-64/" + CUDA_FILE, "is in win-64/"),
+    ],
+)
+def test_conda_urls_are_parsed_one_way(cu121, path, says):
+    matrix, lock, channel = cu121
+    _set_pytorch(lock, channel.as_uri() + "/" + path)
+    assert says in _errors(
+        verify_file(lock, matrix)
+    )  # before: OK (hashed one file, installed another)
+
+
+def test_a_duplicate_conda_entry_is_named(cu121):
+    import yaml
+
+    matrix, lock, _ = cu121
+    data = yaml.safe_load(lock.read_text())
+    data["package"].append(dict(_conda_package(lock, "pytorch")))
+    lock.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(LockgenError, match="conda package pytorch is listed twice for linux-64"):
+        verify_file(lock, matrix)  # before: "is not a conda-lock lockfile: " and nothing
+
+
+def test_conda_lock_size_count_and_validation_errors_are_one_line(cu121, monkeypatch):
+    import yaml
+
+    import lockgen.formats.conda as conda_format
+    import lockgen.formats.locks as locks
+
+    matrix, lock, _ = cu121
+    data = yaml.safe_load(lock.read_text())
+    for p in data["package"]:
+        del p["optional"]
+    lock.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(LockgenError) as info:
+        verify_file(lock, matrix)  # before: one pydantic line per error (446,944 for H3)
+    assert "\n" not in str(info.value)
+    assert re.search(r"\d+ validation errors; first: package\.0\.optional", str(info.value))
+    monkeypatch.setattr(conda_format, "MAX_LOCK_PACKAGES", 3)
+    with pytest.raises(LockgenError, match=r"lists \d+ packages: not a lock \(at most 3\)"):
+        verify_file(lock, matrix)
+    monkeypatch.setattr(locks, "MAX_LOCK_BYTES", 1000)
+    with pytest.raises(LockgenError, match="is over 0 MiB: not a lockfile"):
+        verify_file(lock, matrix)

@@ -769,15 +769,106 @@ def _check_packages(report: Report, lock: Lockfile) -> None:
                 report.error("package", f"{where}: dependency {name} {spec!r} ({exc})")
 
 
-def check_channel_hashes(lock: Lockfile, report: Report) -> None:
-    """Compare each conda package's md5/sha256 with its channel's repodata (network or
-    ``file://``)."""
+# conda's "defaults" on Linux; "name" channels live on anaconda.org
+DEFAULTS_CHANNELS = ["https://repo.anaconda.com/pkgs/main", "https://repo.anaconda.com/pkgs/r"]
+_ANACONDA = "https://conda.anaconda.org/"
+_ARCHIVE_SUFFIXES = (".conda", ".tar.bz2")
+
+
+def channel_urls(channel: str) -> list[str]:
+    """The base URLs of a channel as a lock names it: a URL as given, ``defaults`` as conda
+    expands it on Linux, a name on anaconda.org."""
+    if "://" in channel:
+        return [channel.rstrip("/")]
+    if channel == "defaults":
+        return list(DEFAULTS_CHANNELS)
+    return [_ANACONDA + channel.strip("/")]
+
+
+def lock_channels(lock: Lockfile, target: Target) -> list[str]:
+    """The channels the lock's packages may come from: the ``--channel`` overrides the lock
+    was solved from, recorded in it, else the target's own."""
+    return recorded_channel_overrides(lock) or list(target.conda_channels)
+
+
+def _check_channels(report: Report, lock: Lockfile, target: Target) -> list[str]:
+    """The lock names the channels it was solved from; returns their base URLs."""
+    channels = lock_channels(lock, target)
+    named = [str(getattr(c, "url", c)) for c in lock.metadata.channels]
+    if named != channels:
+        report.error(
+            "channel",
+            f"the lock names the channels {', '.join(named) or 'none'}, target {target.name}'s "
+            f"are {', '.join(channels)}",
+        )
+    if recorded_channel_overrides(lock):
+        report.warn(
+            "channel",
+            f"solved with --channel {' '.join(channels)} instead of target {target.name}'s "
+            f"channels ({', '.join(target.conda_channels)}): its packages are held to those",
+        )
+    return [u for c in channels for u in channel_urls(c)]
+
+
+def archive_name(p: LockedDependency) -> tuple[str, ...]:
+    """The file names a conda package of this name, version and build has."""
+    return tuple(f"{p.name}-{p.version}-{p.build}{suffix}" for suffix in _ARCHIVE_SUFFIXES)
+
+
+def package_url_problem(p: LockedDependency, bases: Sequence[str]) -> str | None:
+    """Why a conda package's URL is not ``<channel>/<platform or noarch>/<its file>`` for one
+    of the channel base URLs, written plainly (None: it is). A URL is parsed once, here:
+    backslashes, ``.``/``..`` or empty segments, encoded separators, queries, fragments and
+    credentials are refused, so that every reader (lockgen, rattler) finds the same file."""
+    import urllib.parse
+
+    url = p.url or ""
+    parts = urllib.parse.urlsplit(url)
+    if (
+        parts.scheme not in ("https", "http", "file")
+        or parts.query
+        or parts.fragment
+        or "\\" in url
+        or "@" in parts.netloc
+        or "?" in url
+        or "#" in url
+    ):
+        return f"{url!r} is not a plain http(s):// or file:// URL"
+    segments = urllib.parse.unquote(parts.path).split("/")[1:]
+    if any(s in ("", ".", "..") for s in segments) or re.search(r"%(2f|5c|2e)", url, re.I):
+        return f"{url} has an empty, '.', '..' or encoded separator segment"
+    base, subdir, filename = url.rsplit("/", 2)
+    if base not in bases:
+        return f"{url} is not in the lock's channels ({', '.join(bases)})"
+    if subdir not in (p.platform, "noarch"):
+        return f"{url} is in {subdir}/, not {p.platform}/ or noarch/"
+    if urllib.parse.unquote(filename) not in archive_name(p):
+        return f"{url} is the file {filename}, the entry is {p.name} {p.version} {p.build}"
+    return None
+
+
+def _check_urls(report: Report, lock: Lockfile, bases: Sequence[str]) -> None:
+    for p in lock.package:
+        where = f"{p.platform}: {p.name} {p.version}"
+        if p.manager != "conda":
+            report.error(
+                "source", f"{where} is a {p.manager} package: lockgen's conda locks hold conda ones"
+            )
+            continue
+        problem = package_url_problem(p, bases)
+        if problem:
+            report.error("source", f"{where}: {problem}")
+
+
+def check_channel_hashes(lock: Lockfile, report: Report, bases: Sequence[str]) -> None:
+    """Compare each conda package (whose URL lies in one of ``bases``) with the record its
+    channel's repodata publishes for that file: name, version, build, md5 and sha256."""
     import rattler
 
     groups: dict[tuple[str, str], list] = defaultdict(list)
     for p in lock.package:
-        if p.manager != "conda" or not p.url:
-            continue
+        if p.manager != "conda" or package_url_problem(p, bases):
+            continue  # reported by the URL check
         base, subdir, _ = p.url.rsplit("/", 2)
         groups[(base, subdir)].append(p)
 
@@ -794,7 +885,8 @@ def check_channel_hashes(lock: Lockfile, report: Report) -> None:
     try:
         published = asyncio.run(fetch())
     except Exception as exc:
-        report.error("hash", f"cannot read the channels' repodata to compare hashes: {exc}")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        report.error("hash", f"cannot read the channels' repodata to compare hashes: {first}")
         return
     for key, pkgs in groups.items():
         index = published.get(key, {})
@@ -804,6 +896,13 @@ def check_channel_hashes(lock: Lockfile, report: Report) -> None:
             if rec is None:
                 report.error("hash", f"{where} is not in its channel's repodata")
                 continue
+            said = (str(rec.name.normalized), str(rec.version), str(rec.build))
+            if said != (p.name, p.version, p.build):
+                report.error(
+                    "hash",
+                    f"{where}: the channel publishes this file as {' '.join(said)}, the lock "
+                    f"says {p.name} {p.version} {p.build}",
+                )
             md5 = rec.md5.hex() if rec.md5 else None
             sha = rec.sha256.hex() if rec.sha256 else None
             if md5 and p.hash.md5 != md5 or sha and p.hash.sha256 != sha:
@@ -896,14 +995,17 @@ def verify_lock(
         pkgs = by_platform[platform]
         _check_torch(report, target, platform, pkgs)
         _check_cuda_selector(report, target, platform, pkgs)
+    bases = _check_channels(report, lock, target)
+    _check_urls(report, lock, bases)
     _check_hashes(report, lock)
     _check_packages(report, lock)
     if check_channels:
-        check_channel_hashes(lock, report)
+        check_channel_hashes(lock, report, bases)
     _check_content_hash(report, lock, target, envs_dir, matrix)
     report.checked = [
         "target",
         "platforms",
+        "channels and URLs",
         "hashes",
         "torch build",
         "CUDA",
