@@ -453,3 +453,155 @@ def test_conda_lock_size_count_and_validation_errors_are_one_line(cu121, monkeyp
     monkeypatch.setattr(locks, "MAX_LOCK_BYTES", 1000)
     with pytest.raises(LockgenError, match="is over 0 MiB: not a lockfile"):
         verify_file(lock, matrix)
+
+
+# -- install: the checked bytes, into a fresh prefix, all or nothing --------------------------
+
+
+def _install(matrix, lock: Path, prefix: Path, cache: Path, **kw):
+    from lockgen.install import install_lockfile
+
+    return install_lockfile(
+        lock, prefix, matrix, platform="linux-64", driver_check=False, cache_dir=cache, **kw
+    )
+
+
+PAYLOAD = "share/lockgen-test/" + CUDA_FILE.replace(".tar.bz2", ".txt")
+GENUINE = "pytorch 2.5.1 py3.11_cuda12.1_cudnn9.1.0_0\n"
+
+
+def test_install_never_links_from_a_tampered_cache(cu121, tmp_path):
+    """F4: whatever lies in --cache-dir (extracted packages, archives) is tampered with between
+    two installs; the second still installs the locked bytes."""
+    matrix, lock, _ = cu121
+    cache = tmp_path / "pkgs"
+    _install(matrix, lock, tmp_path / "a", cache)
+    tampered = 0
+    for f in cache.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.write_bytes(b"EVIL PAYLOAD\n")
+            tampered += 1
+    assert tampered
+    _install(matrix, lock, tmp_path / "b", cache)
+    assert (tmp_path / "b" / PAYLOAD).read_text() == GENUINE  # before: EVIL PAYLOAD
+
+
+def test_install_refuses_a_prefix_that_holds_something(cu121, tmp_path):
+    """F7: before, exit 0 after uninstalling the prefix's packages and overwriting files."""
+    matrix, lock, _ = cu121
+    prefix = tmp_path / "env"
+    (prefix / "data").mkdir(parents=True)
+    (prefix / "data" / "important.txt").write_text("mine\n")
+    (prefix / "share" / "lockgen-test").mkdir(parents=True)
+    user = prefix / PAYLOAD
+    user.write_text("user file\n")
+    rc, out, err = _cli(
+        "--targets",
+        tmp_path / "envs" / "targets.toml" if False else _targets(matrix),
+        "install",
+        lock,
+        "--prefix",
+        prefix,
+        "--platform",
+        "linux-64",
+        "--no-driver-check",
+    )
+    assert rc == 2 and "exists and is not empty" in err and "--force" in err, err
+    assert (prefix / "data" / "important.txt").read_text() == "mine\n"
+    assert user.read_text() == "user file\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _install(matrix, lock, empty, tmp_path / "pkgs")  # an empty folder is fine
+    assert (empty / PAYLOAD).read_text() == GENUINE
+    _install(matrix, lock, prefix, tmp_path / "pkgs", force=True)  # asked: replaced
+    assert (prefix / PAYLOAD).read_text() == GENUINE
+    assert not (prefix / "data").exists()
+
+
+def _targets(matrix) -> Path:
+    return matrix.targets_path
+
+
+def _break_numpy(lock: Path, tmp_path: Path) -> None:
+    """numpy's archive becomes garbage whose hashes the lock records: verify and the archive
+    check pass, rattler fails halfway through linking."""
+    import yaml
+
+    data = yaml.safe_load(lock.read_text())
+    p = next(p for p in data["package"] if p["name"] == "numpy")
+    src = Path(p["url"].removeprefix("file://"))
+    bad = tmp_path / "badchan"
+    shutil.copytree(src.parents[1], bad)
+    body = b"not a tar.bz2 archive\n" * 100
+    (bad / "linux-64" / src.name).write_bytes(body)
+    for q in data["package"]:
+        q["url"] = q["url"].replace(src.parents[1].as_uri(), bad.as_uri())
+    data["metadata"]["channels"] = [{"url": bad.as_uri(), "used_env_vars": []}]
+    custom = data["metadata"]["custom_metadata"]
+    custom["lockgen.channel_overrides"] = custom["lockgen.channel_overrides"].replace(
+        src.parents[1].as_uri(), bad.as_uri()
+    )
+    p["hash"] = {"md5": hashlib.md5(body).hexdigest(), "sha256": hashlib.sha256(body).hexdigest()}
+    lock.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def test_a_failed_install_leaves_nothing_or_the_old_prefix(cu121, tmp_path, monkeypatch):
+    """F8 and U3: the install fails after other packages were linked: nothing is left (or the
+    replaced environment is back), and the error is one line that says so."""
+    from lockgen.formats import conda as conda_format
+
+    matrix, lock, _ = cu121
+    monkeypatch.setattr(conda_format, "_check_content_hash", lambda *a: None)  # channels moved
+    _break_numpy(lock, tmp_path)
+    prefix = tmp_path / "env"
+    with pytest.raises(LockgenError) as info:
+        _install(matrix, lock, prefix, None)
+    message = str(info.value)
+    assert "\n" not in message and f"nothing was left in {prefix}" in message, message
+    assert not prefix.exists()  # before: a half-populated prefix
+    old = tmp_path / "old"
+    (old / "conda-meta").mkdir(parents=True)
+    (old / "conda-meta" / "history").write_text("old env\n")
+    with pytest.raises(LockgenError, match=f"{old} was restored"):
+        _install(matrix, lock, old, None, force=True)
+    assert sorted(p.name for p in old.rglob("*")) == ["conda-meta", "history"]
+    assert not [p for p in tmp_path.iterdir() if ".lockgen-" in p.name]  # no staging left
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_install_leaves_nothing_and_says_so(cu121, tmp_path, monkeypatch, signum):
+    """F8/T3: the signal arrives while packages are being linked."""
+    import os
+    import signal
+    import time
+
+    import lockgen.install as install
+
+    matrix, lock, _ = cu121
+
+    def link(records, urls, prefix, cache):
+        (prefix / "conda-meta").mkdir(parents=True)
+        (prefix / "conda-meta" / "half.json").write_text("{}")
+        os.kill(os.getpid(), getattr(signal, signum))
+        time.sleep(30)
+
+    monkeypatch.setattr(install, "_link", link)
+    prefix = tmp_path / "env"
+    rc, out, err = _cli(
+        "--targets",
+        _targets(matrix),
+        "install",
+        lock,
+        "--prefix",
+        prefix,
+        "--platform",
+        "linux-64",
+        "--no-driver-check",
+    )
+    assert rc == 128 + getattr(signal, signum)
+    assert (
+        err
+        == f"lockgen: error: installation interrupted ({signum}): nothing was left in {prefix}\n"
+    )
+    assert not prefix.exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -601,14 +601,28 @@ def _configure_install(p: argparse.ArgumentParser) -> None:
         help="a conda lockfile, envs/<target>.lock (a pip hash-lock installs with "
         "pip install --require-hashes -r FILE)",
     )
-    p.add_argument("--prefix", required=True, help="the environment folder to create")
+    p.add_argument(
+        "--prefix",
+        required=True,
+        help="the environment folder to create (it must not exist, or be empty)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an environment already in --prefix (it is kept until the new one is "
+        "complete, and restored if the install fails or is interrupted)",
+    )
     p.add_argument("--platform", help="install the packages of this platform (default: host)")
     p.add_argument(
         "--no-driver-check",
         action="store_true",
         help="skip checking the NVIDIA driver against the lock's CUDA",
     )
-    p.add_argument("--cache-dir", help="package cache folder (default: rattler's)")
+    p.add_argument(
+        "--cache-dir",
+        help="keep the verified package archives here between installs (each is hashed "
+        "again when used; extracted packages are never reused)",
+    )
 
 
 _PIP_LINE = re.compile(r"^(-|[A-Za-z0-9][A-Za-z0-9._-]*\s*(\[[^\]]*\])?\s*(==|>=|<=|~=|!=|===))")
@@ -650,6 +664,7 @@ def _run_install(args: argparse.Namespace, out: TextIO) -> int:
         prober=getattr(args, "prober", None),
         driver_check=not args.no_driver_check,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        force=args.force,
     )
     out.write(f"driver: {res.driver.message}\n")
     for w in res.warnings:
@@ -741,7 +756,7 @@ def main(
         return args._run(args, out)
     except LockgenError as exc:
         err.write(f"lockgen: error: {exc}\n")
-        return EXIT_USAGE
+        return getattr(exc, "exit_code", EXIT_USAGE)
 
 
 def run() -> NoReturn:
