@@ -471,17 +471,17 @@ GENUINE = "pytorch 2.5.1 py3.11_cuda12.1_cudnn9.1.0_0\n"
 
 
 def test_install_never_links_from_a_tampered_cache(cu121, tmp_path):
-    """F4: whatever lies in --cache-dir (extracted packages, archives) is tampered with between
-    two installs; the second still installs the locked bytes."""
+    """F4: the extracted package files and the archives in --cache-dir are tampered with
+    between two installs; the second still installs the locked bytes."""
     matrix, lock, _ = cu121
     cache = tmp_path / "pkgs"
     _install(matrix, lock, tmp_path / "a", cache)
-    tampered = 0
-    for f in cache.rglob("*"):
-        if f.is_file() and not f.is_symlink():
-            f.write_bytes(b"EVIL PAYLOAD\n")
-            tampered += 1
-    assert tampered
+    payloads = list(cache.rglob("share/lockgen-test/*.txt"))  # what rattler extracted there
+    archives = list(cache.rglob("*.tar.bz2"))
+    for f in payloads + archives:
+        f.unlink()  # not through a hard link into the first prefix
+        f.write_bytes(b"EVIL PAYLOAD\n")
+    assert payloads or archives
     _install(matrix, lock, tmp_path / "b", cache)
     assert (tmp_path / "b" / PAYLOAD).read_text() == GENUINE  # before: EVIL PAYLOAD
 
@@ -605,3 +605,16 @@ def test_an_interrupted_install_leaves_nothing_and_says_so(cu121, tmp_path, monk
     )
     assert not prefix.exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("version", ["2.5.1rc1", "2.5.1.post1", "2.5.10"])
+def test_conda_pytorch_must_be_the_exact_release(cu121, version):
+    import yaml
+
+    matrix, lock, _ = cu121
+    data = yaml.safe_load(lock.read_text())
+    for p in data["package"]:
+        if p["name"] == "pytorch":
+            p["version"] = version
+    lock.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert f"pytorch {version} is" in _errors(verify_file(lock, matrix))

@@ -479,10 +479,15 @@ def _build(prefix: Path, replace: bool, staging: Path, link) -> None:
     """Run ``link`` (which builds ``prefix``); on any failure remove what it wrote and put
     back the prefix that was there (moved into ``staging`` meanwhile)."""
     old = staging / "old"
-    if replace:
-        os.rename(prefix, old)
-    elif prefix.exists():
-        prefix.rmdir()  # empty: the install creates it
+    try:
+        if replace:
+            os.rename(prefix, old)
+        elif prefix.exists():
+            prefix.rmdir()  # empty: the install creates it
+    except OSError as exc:
+        raise LockgenError(
+            f"cannot move {prefix} aside: {exc.strerror or exc}; nothing was installed"
+        ) from None
     try:
         link()
     except BaseException as exc:

@@ -83,6 +83,7 @@ from lockgen.formats.locks import (
     MAX_LOCK_PACKAGES,
     META_TARGET,
     check_file_name,
+    exact_release_problem,
     read_lock_text,
     resolve_target,
 )
@@ -662,8 +663,9 @@ def _check_torch(report: Report, target: Target, platform: str, pkgs: dict) -> N
         report.error(
             "torch", f"{desc} is a CUDA {got} build, target {target.name} is CUDA {target.cuda}"
         )
-    if not Version.parse(torch.version).matches_prefix(target.torch):
-        report.error("torch", f"{platform}: pytorch {torch.version} is not torch {target.torch}")
+    problem = exact_release_problem("pytorch", torch.version, target.torch, None)
+    if problem:
+        report.error("torch", f"{platform}: {problem}")
     vision = pkgs.get("torchvision")
     if vision is None:
         report.error("torch", f"{platform}: no torchvision package in the lock")
@@ -682,10 +684,9 @@ def _check_torch(report: Report, target: Target, platform: str, pkgs: dict) -> N
                 f"{platform}: torchvision build {vision.build} is for CUDA "
                 f"{vgot}, not {target.cuda}",
             )
-        if not Version.parse(vision.version).matches_prefix(target.torchvision):
-            report.error(
-                "torch", f"{platform}: torchvision {vision.version} is not {target.torchvision}"
-            )
+        problem = exact_release_problem("torchvision", vision.version, target.torchvision, None)
+        if problem:
+            report.error("torch", f"{platform}: {problem}")
     # cuDNN
     if target.cudnn is not None:
         cudnn = build_cudnn(build)
