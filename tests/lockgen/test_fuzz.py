@@ -290,18 +290,24 @@ def _uv_hostile(data, text: str) -> str:
     """One edit that breaks a uv trust rule: a file URL elsewhere or of another release, a
     non-registry source, a marker dropping torch or torchvision from the project."""
     kind = data.draw(st.sampled_from(["host", "filename", "source", "marker"]))
-    if kind == "marker":
-        name = data.draw(st.sampled_from(["torch", "torchvision"]))
+    if kind == "marker":  # torchvision needs torch: both leave the project's dependencies
         marker = data.draw(DROPPING_MARKERS).replace('"', "'")
-        return text.replace(
-            f'    {{ name = "{name}" }},\n', f'    {{ name = "{name}", marker = "{marker}" }},\n', 1
-        )
+        root = text.index('source = { virtual = "." }')
+        tail = text[root:]
+        for name in ("torch", "torchvision"):
+            tail = tail.replace(
+                f'    {{ name = "{name}" }},\n',
+                f'    {{ name = "{name}", marker = "{marker}" }},\n',
+                1,
+            )
+        return text[:root] + tail
     urls = re.findall(r'url = "(https://files\.pythonhosted\.org/packages/[^"]+)"', text)
     url = data.draw(st.sampled_from(urls))
     if kind == "host":
         new = data.draw(HOSTS) + "/packages/" + url.rsplit("/", 1)[1]
         return text.replace(url, new)
     if kind == "filename":
+        url = data.draw(st.sampled_from([u for u in urls if u.endswith(".whl")]))
         name, version, rest = url.rsplit("/", 1)[1].split("-", 2)
         other = data.draw(st.sampled_from([version + "%2Bcpu", version + ".post1", "0.0.1"]))
         return text.replace(url, url.rsplit("/", 1)[0] + f"/{name}-{other}-{rest}")

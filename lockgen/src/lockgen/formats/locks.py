@@ -48,12 +48,13 @@ def read_lock_bytes(path: Path) -> bytes:
         raise LockgenError(f"{path} does not exist") from None
     except OSError as exc:
         raise LockgenError(f"cannot read {path}: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_LOCK_BYTES:
+        os.close(fd)
         if not stat.S_ISREG(st.st_mode):
             raise LockgenError(f"{path} is not a file: a lock is a regular file")
-        if st.st_size > MAX_LOCK_BYTES:
-            raise LockgenError(f"{path} is over {MAX_LOCK_BYTES >> 20} MiB: not a lockfile")
+        raise LockgenError(f"{path} is over {MAX_LOCK_BYTES >> 20} MiB: not a lockfile")
+    with os.fdopen(fd, "rb") as f:
         try:
             data = f.read(MAX_LOCK_BYTES + 1)
         except OSError as exc:

@@ -566,12 +566,28 @@ def verify_uv_lock(
     every platform is required; every file has a sha256 (with ``check_index``: the one the
     index publishes)."""
     path = Path(path)
-    report = Report(str(path), None)
     text = read_lock_text(path, "uv.lock")
     try:
         lock = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise LockgenError(f"{path} is not a readable uv.lock: {exc}") from None
+    try:
+        return _verify_uv(path, lock, matrix, envs_dir, target, check_index)
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:  # a field of another type
+        raise LockgenError(
+            f"{path} is not a uv.lock lockgen can read: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _verify_uv(
+    path: Path,
+    lock: dict,
+    matrix: Matrix,
+    envs_dir: Path | None,
+    target: Target | None,
+    check_index: bool,
+) -> Report:
+    report = Report(str(path), None)
     packages = [p for p in lock.get("package", []) if isinstance(p, dict) and "name" in p]
     if len(packages) > MAX_LOCK_PACKAGES:
         raise LockgenError(
