@@ -757,6 +757,9 @@ def main(
     except LockgenError as exc:
         err.write(f"lockgen: error: {exc}\n")
         return getattr(exc, "exit_code", EXIT_USAGE)
+    except KeyboardInterrupt:  # outside an install (which handles its own): nothing half-done
+        err.write("lockgen: interrupted\n")
+        return 130
 
 
 def run() -> NoReturn:
