@@ -480,15 +480,41 @@ def load_yaml(path: Path) -> object:
     anchors, no aliases: a kilobyte of nested aliases would otherwise expand to gigabytes)
     from a regular file of at most :data:`~lockgen.formats.locks.MAX_LOCK_BYTES`; any problem
     is a :class:`LockgenError` naming the file."""
-    import yaml
-
-    text = read_lock_text(Path(path), "YAML file")
     try:
-        return yaml.load(text, Loader=no_alias_loader())
+        import yaml
+    except ImportError:  # pragma: no cover - PyYAML comes with conda-lock (the lock extra)
+        _require_conda_lock()
+        raise
+    text = read_lock_text(Path(path), "YAML file")
+    fast = getattr(yaml, "CSafeLoader", None)  # libyaml: a 16 MiB file in seconds, not minutes
+    try:
+        if fast is None:
+            return yaml.load(text, Loader=no_alias_loader())
+        _check_events(Path(path), yaml.parse(text, Loader=fast))
+        return yaml.load(text, Loader=fast)
     except yaml.YAMLError as exc:
         raise LockgenError(f"{path} is not readable YAML: {exc}") from None
     except RecursionError:
         raise LockgenError(f"{path}: YAML nested too deeply") from None
+
+
+# A CUDA lock is some tens of thousands of YAML nodes; the events of a document are counted
+# (in C) before any is composed into Python objects.
+MAX_YAML_EVENTS = 2_000_000
+
+
+def _check_events(path: Path, events) -> None:
+    """No anchors, no aliases, at most :data:`MAX_YAML_EVENTS` events."""
+    import yaml
+
+    for n, event in enumerate(events):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise LockgenError(
+                f"{path}: YAML anchors and aliases are not allowed in a lockfile "
+                f"(line {event.start_mark.line + 1})"
+            )
+        if n > MAX_YAML_EVENTS:
+            raise LockgenError(f"{path} holds over {MAX_YAML_EVENTS} YAML nodes: not a lockfile")
 
 
 @functools.cache
@@ -517,13 +543,13 @@ def no_alias_loader() -> type:
 def read_lockfile(path: Path) -> Lockfile:
     """Parse a conda-lock lockfile as ``conda_lock.lockfile.parse_conda_lock_file`` does
     (versions 1 and 2), from YAML read by :func:`load_yaml`."""
+    path = Path(path)
+    content = load_yaml(path)  # before conda-lock is imported: a bad file is refused at once
     _require_conda_lock()
     from conda_lock.lockfile import lockfile_v1_to_v2
     from conda_lock.lockfile.v1.models import Lockfile as LockfileV1
     from conda_lock.lockfile.v2prelim.models import Lockfile
 
-    path = Path(path)
-    content = load_yaml(path)
     if not isinstance(content, dict):
         raise LockgenError(f"{path} is not a conda-lock lockfile: not a YAML mapping")
     version = content.pop("version", None)
