@@ -618,3 +618,32 @@ def test_conda_pytorch_must_be_the_exact_release(cu121, version):
             p["version"] = version
     lock.write_text(yaml.safe_dump(data, sort_keys=False))
     assert f"pytorch {version} is" in _errors(verify_file(lock, matrix))
+
+
+def test_ctrl_c_during_a_real_install_is_one_line_and_leaves_nothing(cu121, tmp_path):
+    """T3/F8 on the program as a user runs it: SIGINT once the install has started."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    matrix, lock, _ = cu121
+    prefix = tmp_path / "env"
+    argv = [sys.executable, "-m", "lockgen", "--targets", _targets(matrix), "install", lock]
+    argv += ["--prefix", prefix, "--platform", "linux-64", "--no-driver-check"]
+    child = subprocess.Popen(
+        [str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not [p for p in tmp_path.iterdir() if ".lockgen-" in p.name]:
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.005)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130, out + err  # before: a KeyboardInterrupt traceback
+    assert err.startswith("lockgen: error: installation interrupted (SIGINT)"), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not prefix.exists()
+    assert not [p for p in tmp_path.iterdir() if ".lockgen-" in p.name]
+    assert os.listdir(tmp_path) == ["envs"]

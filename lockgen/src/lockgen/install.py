@@ -112,8 +112,11 @@ class InstallInterrupted(LockgenError):
     """SIGINT or SIGTERM stopped the install; ``exit_code`` is the shell's 128 + signal."""
 
     def __init__(self, message: str, signum: int) -> None:
+        import signal
+
         super().__init__(message)
         self.exit_code = 128 + signum
+        self.signame = signal.Signals(signum).name
 
 
 def _open_archive(url: str):
@@ -430,9 +433,19 @@ def install_lockfile(
         )
     prefix = Path(prefix).absolute()
     replace = _check_prefix(prefix, force)
-    with _signals_raise(), _staging_folder(prefix) as staging:
-        records, urls = _stage(conda_pkgs, staging, cache_dir)
-        _build(prefix, replace, staging, lambda: _link(records, urls, prefix, staging / "cache"))
+    try:
+        with _signals_raise(), _staging_folder(prefix) as staging:
+            records, urls = _stage(conda_pkgs, staging, cache_dir)
+            _build(
+                prefix, replace, staging, lambda: _link(records, urls, prefix, staging / "cache")
+            )
+    except InstallInterrupted as exc:
+        if str(exc) != exc.signame:  # said already what became of the prefix
+            raise
+        raise InstallInterrupted(  # between the steps: the prefix was not touched
+            f"installation interrupted ({exc.signame}): {prefix} was not changed",
+            exc.exit_code - 128,
+        ) from None
     return InstallResult(prefix, platform, len(records), verdict, warnings)
 
 
@@ -466,7 +479,8 @@ def _stage(packages, staging: Path, cache_dir: Path | None) -> tuple[list[dict],
             urls[filename] = p.url
     except InstallInterrupted as exc:
         raise InstallInterrupted(
-            f"installation interrupted ({exc}) before anything was installed", exc.exit_code - 128
+            f"installation interrupted ({exc.signame}) before anything was installed",
+            exc.exit_code - 128,
         ) from None
     except OSError as exc:
         raise LockgenError(
@@ -477,29 +491,48 @@ def _stage(packages, staging: Path, cache_dir: Path | None) -> tuple[list[dict],
 
 def _build(prefix: Path, replace: bool, staging: Path, link) -> None:
     """Run ``link`` (which builds ``prefix``); on any failure remove what it wrote and put
-    back the prefix that was there (moved into ``staging`` meanwhile)."""
+    back the prefix that was there (moved into ``staging`` meanwhile). Signals are ignored
+    while that is undone."""
     old = staging / "old"
+    moved = False
     try:
         if replace:
             os.rename(prefix, old)
+            moved = True
         elif prefix.exists():
             prefix.rmdir()  # empty: the install creates it
-    except OSError as exc:
-        raise LockgenError(
-            f"cannot move {prefix} aside: {exc.strerror or exc}; nothing was installed"
-        ) from None
-    try:
         link()
     except BaseException as exc:
-        if prefix.exists():
-            shutil.rmtree(prefix, ignore_errors=True)
-        if replace:
-            os.rename(old, prefix)
+        with _signals_ignored():
+            if (moved or not replace) and prefix.exists():
+                shutil.rmtree(prefix, ignore_errors=True)
+            if moved:
+                os.rename(old, prefix)
         state = f"{prefix} was restored" if replace else f"nothing was left in {prefix}"
         if isinstance(exc, InstallInterrupted):
             raise InstallInterrupted(
-                f"installation interrupted ({exc}): {state}", exc.exit_code - 128
+                f"installation interrupted ({exc.signame}): {state}", exc.exit_code - 128
             ) from None
         if isinstance(exc, LockgenError):
             raise LockgenError(f"installing into {prefix} failed: {exc}; {state}") from None
+        if isinstance(exc, OSError):
+            raise LockgenError(
+                f"installing into {prefix} failed: {exc.strerror or exc}; {state}"
+            ) from None
         raise
+
+
+@contextlib.contextmanager
+def _signals_ignored():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
