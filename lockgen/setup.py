@@ -13,4 +13,11 @@ FSATOMIC = Path(__file__).resolve().parent.parent / "fsatomic"
 if not (FSATOMIC / "pyproject.toml").is_file():
     raise SystemExit(f"lockgen: build it from its checkout: {FSATOMIC} (fsatomic) is missing")
 
-setup(install_requires=[f"fsatomic @ {FSATOMIC.as_uri()}", "tomli>=2; python_version < '3.11'"])
+# packaging: verify reads requirements, markers, versions and file names as pip and uv do
+setup(
+    install_requires=[
+        f"fsatomic @ {FSATOMIC.as_uri()}",
+        "packaging>=22",
+        "tomli>=2; python_version < '3.11'",
+    ]
+)

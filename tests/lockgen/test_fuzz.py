@@ -5,6 +5,7 @@ exception is a bug. Bounded to a few seconds each (``max_examples``)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -200,3 +201,178 @@ def test_fuzz_verify_of_pip_locks(matrix, tmp_path_factory, data):
         verify_file(lock, matrix)
     except LockgenError:
         pass
+
+
+# -- the trust rules, whatever the lock: a hostile edit never verifies -----------------------
+
+# markers that leave out at least one platform x Python of cu130 (linux x86_64 + aarch64,
+# Pythons 3.10-3.14)
+DROPPING_MARKERS = st.sampled_from(
+    [
+        'sys_platform == "win32"',
+        'platform_machine == "x86_64"',
+        'platform_machine != "aarch64"',
+        'python_version < "3.14"',
+        'python_version >= "3.11"',
+        'python_full_version < "3.10"',
+        'python_version == "3.12" or platform_machine == "aarch64"',
+        'os_name == "nt"',
+        'platform_system == "Darwin"',
+        'implementation_name == "pypy"',
+    ]
+)
+HOSTS = st.sampled_from(
+    [
+        "https://evil.example",
+        "http://files.pythonhosted.org",
+        "https://download.pytorch.org/whl/cpu",
+    ]
+)
+
+
+def _pip_hostile(data, text: str) -> str:
+    """One edit that breaks a trust rule: a marker that drops torch, torchvision or the CUDA
+    runtime somewhere, a direct URL, a pre-/post-release or non-exact torch pin, extras."""
+    pins = re.findall(r"^([a-z0-9-]+)==(\S+)", text, re.M)
+    kind = data.draw(st.sampled_from(["marker", "url", "release", "extras", "operator"]))
+    if kind == "marker":
+        name = data.draw(st.sampled_from(["torch", "torchvision", "nvidia-cuda-runtime"]))
+        version = dict(pins)[name]
+        marker = data.draw(DROPPING_MARKERS)
+        return text.replace(f"{name}=={version} ", f"{name}=={version} ; {marker} ", 1)
+    name, version = data.draw(st.sampled_from(pins))
+    if kind == "url":
+        host = data.draw(HOSTS)
+        new = f"{name} @ {host}/{name}-{version}-py3-none-any.whl"
+    elif kind == "release":
+        name, version = "torch", dict(pins)["torch"]
+        new = (
+            f"torch=={version}{data.draw(st.sampled_from(['rc1', '.post1', '.dev0', '.1', 'a0']))}"
+        )
+    elif kind == "extras":
+        new = f"{name}[{data.draw(st.sampled_from(['all', 'dev', 'x']))}]=={version}"
+    else:
+        op = data.draw(st.sampled_from([">=", "~=", "===", "<=", "!="]))
+        new = f"{name}{op}{version}"
+    return re.sub(rf"^{re.escape(name)}=={re.escape(version)}", new, text, count=1, flags=re.M)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_hostile_pip_locks_never_verify(matrix, tmp_path_factory, data):
+    src = ENVS / "cu130.requirements.txt"
+    lock = tmp_path_factory.mktemp("hp") / src.name
+    text = src.read_text()
+    hostile = _pip_hostile(data, text)
+    assert hostile != text
+    lock.write_text(hostile)
+    assert not verify_file(lock, matrix).ok
+
+
+def _uv_copy(tmp: Path) -> Path:
+    project = tmp / "envs" / "uv" / "cu130"
+    shutil.copytree(ENVS / "uv" / "cu130", project)
+    return project / "uv.lock"
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_verify_of_uv_locks(matrix, tmp_path_factory, data):
+    lock = _uv_copy(tmp_path_factory.mktemp("u"))
+    lock.write_text(_mutate_text(data, lock.read_text()))
+    try:
+        verify_file(lock, matrix)
+    except LockgenError:
+        pass
+
+
+def _uv_hostile(data, text: str) -> str:
+    """One edit that breaks a uv trust rule: a file URL elsewhere or of another release, a
+    non-registry source, a marker dropping torch or torchvision from the project."""
+    kind = data.draw(st.sampled_from(["host", "filename", "source", "marker"]))
+    if kind == "marker":  # torchvision needs torch: both leave the project's dependencies
+        marker = data.draw(DROPPING_MARKERS).replace('"', "'")
+        root = text.index('source = { virtual = "." }')
+        tail = text[root:]
+        for name in ("torch", "torchvision"):
+            tail = tail.replace(
+                f'    {{ name = "{name}" }},\n',
+                f'    {{ name = "{name}", marker = "{marker}" }},\n',
+                1,
+            )
+        return text[:root] + tail
+    urls = re.findall(r'url = "(https://files\.pythonhosted\.org/packages/[^"]+)"', text)
+    url = data.draw(st.sampled_from(urls))
+    if kind == "host":
+        new = data.draw(HOSTS) + "/packages/" + url.rsplit("/", 1)[1]
+        return text.replace(url, new)
+    if kind == "filename":
+        url = data.draw(st.sampled_from([u for u in urls if u.endswith(".whl")]))
+        name, version, rest = url.rsplit("/", 1)[1].split("-", 2)
+        other = data.draw(st.sampled_from([version + "%2Bcpu", version + ".post1", "0.0.1"]))
+        return text.replace(url, url.rsplit("/", 1)[0] + f"/{name}-{other}-{rest}")
+    names = re.findall(r'^name = "([^"]+)"\nversion = "[^"]+"\nsource = \{ registry', text, re.M)
+    name = data.draw(st.sampled_from(names))
+    source = data.draw(
+        st.sampled_from(
+            [
+                '{ git = "https://evil.example/x" }',
+                '{ path = "evil" }',
+                '{ url = "https://evil.example/x.whl" }',
+            ]
+        )
+    )
+    return re.sub(
+        rf'^(name = "{re.escape(name)}"\nversion = "[^"]+"\nsource = )\{{ registry = "[^"]+" \}}',
+        lambda m: m.group(1) + source,
+        text,
+        count=1,
+        flags=re.M,
+    )
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_hostile_uv_locks_never_verify(matrix, tmp_path_factory, data):
+    lock = _uv_copy(tmp_path_factory.mktemp("hu"))
+    text = lock.read_text()
+    hostile = _uv_hostile(data, text)
+    assert hostile != text
+    lock.write_text(hostile)
+    assert not verify_file(lock, matrix).ok
+
+
+def _conda_hostile(data, url: str, channel: str) -> str:
+    """A package URL that breaks a conda trust rule."""
+    rest = url.removeprefix(channel)  # /<subdir>/<file>
+    subdir, filename = rest.strip("/").split("/")
+    kind = data.draw(st.sampled_from(["host", "backslash", "dots", "query", "name", "subdir"]))
+    if kind == "host":
+        return data.draw(HOSTS) + rest
+    if kind == "backslash":
+        return f"{channel}/{subdir}/x\\..\\{filename}"
+    if kind == "dots":
+        return (
+            f"{channel}/{subdir}/{data.draw(st.sampled_from(['.', '..', '%2e%2e', '']))}/{filename}"
+        )
+    if kind == "query":
+        return url + data.draw(st.sampled_from(["?a=1", "#frag", "?"]))
+    if kind == "name":
+        return f"{channel}/{subdir}/" + filename.replace("-", "-0", 1)
+    return (
+        f"{channel}/{data.draw(st.sampled_from(['win-64', 'osx-64', 'linux-aarch64']))}/{filename}"
+    )
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_hostile_conda_urls_never_verify(matrix, locked, tmp_path_factory, data):
+    envs = tmp_path_factory.mktemp("hc") / "envs"
+    shutil.copytree(locked, envs)
+    lock = envs / "cpu-conda.lock"
+    doc = yaml.safe_load(lock.read_text())
+    channel = doc["metadata"]["channels"][0]["url"]
+    p = data.draw(st.sampled_from(doc["package"]))
+    p["url"] = _conda_hostile(data, p["url"], channel)
+    lock.write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert not verify_file(lock, matrix).ok

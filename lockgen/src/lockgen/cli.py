@@ -647,13 +647,14 @@ def _configure_verify(p: argparse.ArgumentParser) -> None:
 def _run_verify(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
     from pathlib import Path
 
-    from lockgen.verify import verify_file
+    from lockgen.verify import verify_file, verify_or_report
 
     m = _matrix(args)
-    reports = [
-        verify_file(f, m, Path(args.envs) if args.envs else None, args.check_channels)
-        for f in args.lockfile
-    ]
+    envs = Path(args.envs) if args.envs else None
+    if len(args.lockfile) == 1 and args.format != "json":  # one file: a bad one is a usage error
+        reports = [verify_file(args.lockfile[0], m, envs, args.check_channels)]
+    else:  # several, or JSON: a file that cannot be read is a failed report among the others
+        reports = [verify_or_report(f, m, envs, args.check_channels) for f in args.lockfile]
     if args.format == "json":
         json.dump([r.to_json() for r in reports], out, indent=2)
         out.write("\n")
@@ -668,14 +669,28 @@ def _configure_install(p: argparse.ArgumentParser) -> None:
         help="a conda lockfile, envs/<target>.lock (a pip hash-lock installs with "
         "pip install --require-hashes -r FILE)",
     )
-    p.add_argument("--prefix", required=True, help="the environment folder to create")
+    p.add_argument(
+        "--prefix",
+        required=True,
+        help="the environment folder to create (it must not exist, or be empty)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an environment already in --prefix (it is kept until the new one is "
+        "complete, and restored if the install fails or is interrupted)",
+    )
     p.add_argument("--platform", help="install the packages of this platform (default: host)")
     p.add_argument(
         "--no-driver-check",
         action="store_true",
         help="skip checking the NVIDIA driver against the lock's CUDA",
     )
-    p.add_argument("--cache-dir", help="package cache folder (default: rattler's)")
+    p.add_argument(
+        "--cache-dir",
+        help="keep the verified package archives here between installs (each is hashed "
+        "again when used; extracted packages are never reused)",
+    )
 
 
 _PIP_LINE = re.compile(r"^(-|[A-Za-z0-9][A-Za-z0-9._-]*\s*(\[[^\]]*\])?\s*(==|>=|<=|~=|!=|===))")
@@ -717,6 +732,7 @@ def _run_install(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
         prober=seams.prober,
         driver_check=not args.no_driver_check,
         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        force=args.force,
     )
     out.write(f"driver: {res.driver.message}\n")
     for w in res.warnings:
@@ -873,7 +889,10 @@ def main(
         return args._run(args, out, seams)
     except LockgenError as exc:
         err.write(f"lockgen: error: {exc}\n")
-        return EXIT_USAGE
+        return getattr(exc, "exit_code", EXIT_USAGE)
+    except KeyboardInterrupt:  # outside an install (which handles its own): nothing half-done
+        err.write("lockgen: interrupted\n")
+        return 130
 
 
 def run() -> NoReturn:

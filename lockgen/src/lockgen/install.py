@@ -1,14 +1,20 @@
 """``lockgen install <lockfile> --prefix DIR``: install a conda-lock lockfile without conda.
 
-Uses py-rattler (``rattler.install``) to download and link exactly the locked packages of the
-host platform into ``DIR``; nothing is re-solved. Before anything lands in ``DIR``:
+Uses py-rattler (``rattler.install``) to link exactly the locked packages of the host platform
+into ``DIR``; nothing is re-solved. What lands in ``DIR`` is what was checked:
 
-* the lock passes ``lockgen verify`` (its target, build, hashes, freshness), else nothing is
-  installed;
-* every package archive is read and its sha256 *and* md5 compared with the lock's, whatever
-  the transport (``file://`` included: rattler checks neither there, and never md5). Over
-  HTTP this reads each archive once more than rattler does (rattler re-checks the sha256 of
-  its own download);
+* the lock is read once and passes ``lockgen verify`` (its target, channels and URLs, build,
+  hashes, freshness), else nothing is installed;
+* every package archive is copied into a private staging folder while its sha256 *and* md5
+  are compared with the lock's, whatever the transport (``file://`` included: rattler checks
+  neither there, and never md5); rattler is handed those checked copies and a fresh package
+  cache, so neither a changed source file nor a tampered shared cache can reach the prefix.
+  ``--cache-dir`` keeps verified archives between installs (hashed again on every use);
+* ``DIR`` must not exist or be empty; ``force=True`` (``--force``) replaces an environment
+  there: the old one is moved aside and restored if the install does not complete;
+* the prefix is built where it will live (conda packages record their prefix in their files)
+  by a child process; a failure, a full disk, SIGINT or SIGTERM stops it and removes what it
+  wrote (restoring the old prefix), and the error says so in one line;
 * unlike ``conda-lock install``, the host's NVIDIA driver is checked against the CUDA the
   lock was solved for (``lockgen.cuda`` in the lock's custom metadata):
 
@@ -25,8 +31,12 @@ The driver comes from :class:`lockgen.probe.Prober` (injectable).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
 import re
+import shutil
+import tempfile
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
@@ -98,6 +108,17 @@ def check_driver(matrix: Matrix, lock_cuda: str, prober: Prober) -> DriverVerdic
 _BUILD_NUMBER = re.compile(r"_(\d+)$")
 
 
+class InstallInterrupted(LockgenError):
+    """SIGINT or SIGTERM stopped the install; ``exit_code`` is the shell's 128 + signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        import signal
+
+        super().__init__(message)
+        self.exit_code = 128 + signum
+        self.signame = signal.Signals(signum).name
+
+
 def _open_archive(url: str):
     """A binary stream of the package file at ``url`` (``file://``, ``http://``, ``https://``)."""
     scheme = urllib.parse.urlsplit(url).scheme
@@ -108,54 +129,218 @@ def _open_archive(url: str):
     raise LockgenError(f"{url}: lockgen installs packages from file://, http:// or https:// only")
 
 
-def check_archive(p: LockedDependency) -> None:
-    """Read the package file of ``p`` and compare its sha256 and md5 with the lock's."""
+def _copy_hashed(src, dst: Path) -> tuple[str, str]:
+    """Copy the stream ``src`` to ``dst``; the (sha256, md5) of the bytes written."""
     sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    with open(dst, "wb") as out:
+        while chunk := src.read(1 << 20):
+            sha256.update(chunk)
+            md5.update(chunk)
+            out.write(chunk)
+    return sha256.hexdigest(), md5.hexdigest()
+
+
+def _hash_problem(p: LockedDependency, where: str, sha256: str, md5: str) -> str | None:
+    for what, want, got in (("sha256", p.hash.sha256, sha256), ("md5", p.hash.md5, md5)):
+        if want and got != want.lower():
+            return f"{p.name} {p.version}: {where} has {what} {got}, the lock records {want}"
+    return None
+
+
+def fetch_checked(p: LockedDependency, dst: Path, cache_dir: Path | None = None) -> None:
+    """Put the package file of ``p`` at ``dst``, its sha256 and md5 being the lock's: from
+    ``cache_dir`` if a copy there still has them, else from its URL (then kept in the cache)."""
+    cached = Path(cache_dir) / dst.name if cache_dir else None
+    if cached is not None and cached.is_file():
+        with open(cached, "rb") as f:
+            if _hash_problem(p, str(cached), *_copy_hashed(f, dst)) is None:
+                return
     try:
         with _open_archive(p.url) as f:
-            while chunk := f.read(1 << 20):
-                sha256.update(chunk)
-                md5.update(chunk)
+            problem = _hash_problem(p, p.url, *_copy_hashed(f, dst))
     except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
         raise LockgenError(f"{p.name} {p.version}: cannot read {p.url}: {exc}") from None
-    for what, want, got in (("sha256", p.hash.sha256, sha256), ("md5", p.hash.md5, md5)):
-        if want and got.hexdigest() != want.lower():
-            raise InstallRefused(
-                f"{p.name} {p.version}: {p.url} has {what} {got.hexdigest()}, the lock records "
-                f"{want}; nothing was installed"
-            )
+    if problem:
+        raise InstallRefused(f"{problem}; nothing was installed")
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+            shutil.copyfile(dst, tmp)
+            os.replace(tmp, cached)
+        except OSError:
+            pass  # a cache that cannot be written only costs a download next time
 
 
-def to_repodata_records(packages: Sequence[LockedDependency]):
-    """conda-lock packages → ``rattler.RepoDataRecord`` (the file's url, md5, sha256)."""
+def check_archive(p: LockedDependency) -> None:
+    """Read the package file of ``p`` and compare its sha256 and md5 with the lock's."""
+    with tempfile.TemporaryDirectory(prefix="lockgen-check-") as tmp:
+        fetch_checked(p, Path(tmp) / "archive")
+
+
+def record_fields(p: LockedDependency, url: str) -> dict:
+    """What :func:`to_repodata_records` needs of a package, installed from ``url``."""
+    return {
+        "name": p.name,
+        "version": p.version,
+        "build": p.build or "",
+        "depends": [f"{n} {v}".strip() for n, v in p.dependencies.items()],
+        "md5": p.hash.md5,
+        "sha256": p.hash.sha256,
+        "subdir": p.url.rsplit("/", 2)[1],
+        "url": url,
+    }
+
+
+def to_repodata_records(packages: Sequence[dict]):
+    """:func:`record_fields` dicts → ``rattler.RepoDataRecord``."""
     try:
         return _records(packages)
     except Exception as exc:  # ValueError, TypeError, rattler's InvalidVersionError, ...
         raise LockgenError(f"a package of the lock cannot be installed: {exc}") from None
 
 
-def _records(packages: Sequence[LockedDependency]):
+def _records(packages: Sequence[dict]):
     from rattler import PackageRecord, RepoDataRecord
     from rattler.package import BuildString
 
     out = []
     for p in packages:
-        base, subdir, filename = p.url.rsplit("/", 2)
-        build = p.build or ""
-        m = _BUILD_NUMBER.search(build)
-        depends = [f"{n} {v}".strip() for n, v in p.dependencies.items()]
+        base, _, filename = p["url"].rsplit("/", 2)
+        m = _BUILD_NUMBER.search(p["build"])
         record = PackageRecord(
-            name=p.name,
-            version=p.version,
-            build=BuildString(build),
+            name=p["name"],
+            version=p["version"],
+            build=BuildString(p["build"]),
             build_number=int(m.group(1)) if m else 0,
-            subdir=subdir,
-            depends=depends,
-            md5=bytes.fromhex(p.hash.md5) if p.hash.md5 else None,
-            sha256=bytes.fromhex(p.hash.sha256) if p.hash.sha256 else None,
+            subdir=p["subdir"],
+            depends=p["depends"],
+            md5=bytes.fromhex(p["md5"]) if p["md5"] else None,
+            sha256=bytes.fromhex(p["sha256"]) if p["sha256"] else None,
         )
-        out.append(RepoDataRecord(record, filename, p.url, base + "/"))
+        out.append(RepoDataRecord(record, filename, p["url"], base + "/"))
     return out
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return "; ".join(lines)[:600] or "no reason given"
+
+
+def _child() -> None:
+    """The child process that links the staged packages: JSON on stdin, one line on stderr
+    if it fails. SIGINT is the parent's to handle (it stops this process and rolls back)."""
+    import json
+    import signal
+    import sys
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    job = json.load(sys.stdin)
+    try:
+        import rattler
+
+        records = to_repodata_records(job["records"])
+        asyncio.run(
+            rattler.install(
+                records,
+                target_prefix=Path(job["prefix"]),
+                cache_dir=Path(job["cache"]),
+                show_progress=False,
+                execute_link_scripts=False,
+            )
+        )
+        _restore_urls(Path(job["prefix"]), job["urls"])
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent in one line
+        sys.stderr.write(_one_line(str(exc) or type(exc).__name__) + "\n")
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _restore_urls(prefix: Path, urls: dict) -> None:
+    """conda-meta records name the staged copy a package was linked from; put back the URL
+    and channel of the lock."""
+    import json
+
+    for record in (prefix / "conda-meta").glob("*.json"):
+        data = json.loads(record.read_text())
+        url = urls.get(data.get("fn", ""))
+        if url and "url" in data:
+            data["url"] = url
+            data["channel"] = url.rsplit("/", 2)[0]
+            tmp = record.with_name(record.name + ".tmp")
+            tmp.write_text(json.dumps(data, indent=2))
+            os.replace(tmp, record)
+
+
+def _check_prefix(prefix: Path, force: bool) -> bool:
+    """Whether ``prefix`` holds something (it may then be replaced only with ``force``)."""
+    if prefix.is_symlink() or (prefix.exists() and not prefix.is_dir()):
+        raise LockgenError(f"{prefix} exists and is not a folder; nothing was installed")
+    if not prefix.exists():
+        return False
+    entries = sorted(e.name for e in prefix.iterdir())
+    if entries and not force:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise InstallRefused(
+            f"{prefix} exists and is not empty ({shown}): lockgen install builds a fresh "
+            "environment; pass --force to replace it (the old one is kept until the new one "
+            "is complete); nothing was installed"
+        )
+    return bool(entries)
+
+
+@contextlib.contextmanager
+def _signals_raise():
+    """SIGINT and SIGTERM raise :class:`InstallInterrupted` in the main thread while the
+    install runs (elsewhere, e.g. in a test's worker thread, they are left alone)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise InstallInterrupted(signal.Signals(signum).name, signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _link(records: list[dict], urls: dict, prefix: Path, cache: Path) -> None:
+    """Run :func:`_child` to link ``records`` into ``prefix``; kill it on any exception."""
+    import json
+    import subprocess
+    import sys
+
+    import lockgen
+
+    env = dict(os.environ)
+    src = str(Path(lockgen.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    child = subprocess.Popen(
+        [sys.executable, "-c", "from lockgen.install import _child; _child()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    job = {"records": records, "urls": urls, "prefix": str(prefix), "cache": str(cache)}
+    try:
+        _, err = child.communicate(json.dumps(job))
+    except BaseException:
+        child.kill()
+        child.wait()
+        raise
+    if child.returncode != 0:
+        raise LockgenError(_one_line(err or f"the installer exited with {child.returncode}"))
 
 
 @dataclass
@@ -185,6 +370,7 @@ def install_lockfile(
     prober: Prober | None = None,
     driver_check: bool = True,
     cache_dir: Path | None = None,
+    force: bool = False,
 ) -> InstallResult:
     name = Path(lock_path).name
     if name.endswith(".requirements.txt") or name == "uv.lock":
@@ -197,14 +383,14 @@ def install_lockfile(
             f"{lock_path}: lockgen install installs conda-lock lockfiles; install this lock "
             f"with `{how}`"
         )
-    from lockgen.verify import verify_file
-
-    report = verify_file(lock_path, matrix)
+    lock_path = Path(lock_path)
+    lock = lf.read_lockfile(lock_path)  # read once: what is verified is what is installed
+    report = lf.verify_lock(lock, matrix, lock_path.resolve().parent, lock_name=lock_path.name)
+    report.path = str(lock_path)
     if not report.ok:
         raise InstallRefused(
             f"{lock_path} fails verification; nothing was installed:\n{report.format()}"
         )
-    lock = lf.read_lockfile(Path(lock_path))
     platform = platform or host_platform()
     if platform not in lock.metadata.platforms:
         raise LockgenError(
@@ -245,24 +431,108 @@ def install_lockfile(
             f"{lock_path}: no md5+sha256 for {', '.join(missing)}; refusing "
             "to install unverifiable packages"
         )
-    import rattler
-
-    records = to_repodata_records(conda_pkgs)
-    for p in conda_pkgs:
-        check_archive(p)
-    prefix = Path(prefix).resolve()
-
-    async def run():
-        await rattler.install(
-            records,
-            target_prefix=prefix,
-            cache_dir=cache_dir,
-            show_progress=False,
-            execute_link_scripts=False,
-        )
-
+    prefix = Path(prefix).absolute()
+    replace = _check_prefix(prefix, force)
     try:
-        asyncio.run(run())
-    except Exception as exc:
-        raise LockgenError(f"installing {lock_path} into {prefix} failed: {exc}") from exc
+        with _signals_raise(), _staging_folder(prefix) as staging:
+            records, urls = _stage(conda_pkgs, staging, cache_dir)
+            _build(
+                prefix, replace, staging, lambda: _link(records, urls, prefix, staging / "cache")
+            )
+    except InstallInterrupted as exc:
+        if str(exc) != exc.signame:  # said already what became of the prefix
+            raise
+        raise InstallInterrupted(  # between the steps: the prefix was not touched
+            f"installation interrupted ({exc.signame}): {prefix} was not changed",
+            exc.exit_code - 128,
+        ) from None
     return InstallResult(prefix, platform, len(records), verdict, warnings)
+
+
+@contextlib.contextmanager
+def _staging_folder(prefix: Path):
+    """A private folder beside ``prefix`` (same file system: the old prefix moves into it),
+    removed afterwards."""
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.TemporaryDirectory(prefix=f".{prefix.name}.lockgen-", dir=prefix.parent)
+    except OSError as exc:
+        raise LockgenError(
+            f"cannot create {prefix}: {exc.strerror or exc}; nothing was installed"
+        ) from None
+    with tmp:
+        yield Path(tmp.name)
+
+
+def _stage(packages, staging: Path, cache_dir: Path | None) -> tuple[list[dict], dict]:
+    """Checked copies of every package in ``staging``; their records and ``{file: lock URL}``."""
+    try:
+        to_repodata_records([record_fields(p, p.url) for p in packages])  # readable at all
+        records, urls = [], {}
+        for p in packages:
+            filename = p.url.rsplit("/", 1)[1]
+            subdir = p.url.rsplit("/", 2)[1]
+            dst = staging / "archives" / subdir / filename
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            fetch_checked(p, dst, cache_dir)
+            records.append(record_fields(p, dst.as_uri()))
+            urls[filename] = p.url
+    except InstallInterrupted as exc:
+        raise InstallInterrupted(
+            f"installation interrupted ({exc.signame}) before anything was installed",
+            exc.exit_code - 128,
+        ) from None
+    except OSError as exc:
+        raise LockgenError(
+            f"cannot stage the packages: {exc.strerror or exc}; nothing was installed"
+        ) from None
+    return records, urls
+
+
+def _build(prefix: Path, replace: bool, staging: Path, link) -> None:
+    """Run ``link`` (which builds ``prefix``); on any failure remove what it wrote and put
+    back the prefix that was there (moved into ``staging`` meanwhile). Signals are ignored
+    while that is undone."""
+    old = staging / "old"
+    moved = False
+    try:
+        if replace:
+            os.rename(prefix, old)
+            moved = True
+        elif prefix.exists():
+            prefix.rmdir()  # empty: the install creates it
+        link()
+    except BaseException as exc:
+        with _signals_ignored():
+            if (moved or not replace) and prefix.exists():
+                shutil.rmtree(prefix, ignore_errors=True)
+            if moved:
+                os.rename(old, prefix)
+        state = f"{prefix} was restored" if replace else f"nothing was left in {prefix}"
+        if isinstance(exc, InstallInterrupted):
+            raise InstallInterrupted(
+                f"installation interrupted ({exc.signame}): {state}", exc.exit_code - 128
+            ) from None
+        if isinstance(exc, LockgenError):
+            raise LockgenError(f"installing into {prefix} failed: {exc}; {state}") from None
+        if isinstance(exc, OSError):
+            raise LockgenError(
+                f"installing into {prefix} failed: {exc.strerror or exc}; {state}"
+            ) from None
+        raise
+
+
+@contextlib.contextmanager
+def _signals_ignored():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

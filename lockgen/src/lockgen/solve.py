@@ -52,7 +52,7 @@ class SolveError(LockgenError):
     """No environment satisfies the target's specs under its virtual packages."""
 
 
-DEFAULTS_CHANNELS = ["https://repo.anaconda.com/pkgs/main", "https://repo.anaconda.com/pkgs/r"]
+DEFAULTS_CHANNELS = lf.DEFAULTS_CHANNELS
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,14 @@ from typing import TYPE_CHECKING
 
 from lockgen.errors import LockgenError
 from lockgen.findings import Report
-from lockgen.formats.locks import META_TARGET, check_file_name, resolve_target
+from lockgen.formats.locks import (
+    MAX_LOCK_PACKAGES,
+    META_TARGET,
+    check_file_name,
+    exact_release_problem,
+    read_lock_text,
+    resolve_target,
+)
 from lockgen.load import default_envs_dir
 from lockgen.matrix import Matrix
 from lockgen.output import write_text, write_texts
@@ -470,34 +477,46 @@ def write_lockfile(lock: Lockfile, path: Path) -> Path:
     return write_text(path, lambda: lockfile_text(lock, path.name))
 
 
-_MAX_LOCK_BYTES = 256 * 2**20  # far above any real lock (a CUDA lock is well under 1 MiB)
-
-
 def load_yaml(path: Path) -> object:
     """The YAML document of a lockfile or spec, read with :func:`no_alias_loader` (no
-    anchors, no aliases: a kilobyte of nested aliases would otherwise expand to gigabytes);
-    any problem is a :class:`LockgenError` naming the file."""
-    import yaml
-
-    path = Path(path)
-    if not path.exists():
-        raise LockgenError(f"{path} does not exist")
-    if not path.is_file():
-        raise LockgenError(f"{path} is not a file")
+    anchors, no aliases: a kilobyte of nested aliases would otherwise expand to gigabytes)
+    from a regular file of at most :data:`~lockgen.formats.locks.MAX_LOCK_BYTES`; any problem
+    is a :class:`LockgenError` naming the file."""
     try:
-        if path.stat().st_size > _MAX_LOCK_BYTES:
-            raise LockgenError(f"{path} is over {_MAX_LOCK_BYTES >> 20} MiB: not a lockfile")
-        text = path.read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise LockgenError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise LockgenError(f"{path} is not UTF-8 text: {exc}") from None
+        import yaml
+    except ImportError:  # pragma: no cover - PyYAML comes with conda-lock (the lock extra)
+        _require_conda_lock()
+        raise
+    text = read_lock_text(Path(path), "YAML file")
+    fast = getattr(yaml, "CSafeLoader", None)  # libyaml: a 16 MiB file in seconds, not minutes
     try:
-        return yaml.load(text, Loader=no_alias_loader())
+        if fast is None:
+            return yaml.load(text, Loader=no_alias_loader())
+        _check_events(Path(path), yaml.parse(text, Loader=fast))
+        return yaml.load(text, Loader=fast)
     except yaml.YAMLError as exc:
         raise LockgenError(f"{path} is not readable YAML: {exc}") from None
     except RecursionError:
         raise LockgenError(f"{path}: YAML nested too deeply") from None
+
+
+# A CUDA lock is some tens of thousands of YAML nodes; the events of a document are counted
+# (in C) before any is composed into Python objects.
+MAX_YAML_EVENTS = 2_000_000
+
+
+def _check_events(path: Path, events) -> None:
+    """No anchors, no aliases, at most :data:`MAX_YAML_EVENTS` events."""
+    import yaml
+
+    for n, event in enumerate(events):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise LockgenError(
+                f"{path}: YAML anchors and aliases are not allowed in a lockfile "
+                f"(line {event.start_mark.line + 1})"
+            )
+        if n > MAX_YAML_EVENTS:
+            raise LockgenError(f"{path} holds over {MAX_YAML_EVENTS} YAML nodes: not a lockfile")
 
 
 @functools.cache
@@ -526,16 +545,17 @@ def no_alias_loader() -> type:
 def read_lockfile(path: Path) -> Lockfile:
     """Parse a conda-lock lockfile as ``conda_lock.lockfile.parse_conda_lock_file`` does
     (versions 1 and 2), from YAML read by :func:`load_yaml`."""
+    path = Path(path)
+    content = load_yaml(path)  # before conda-lock is imported: a bad file is refused at once
     _require_conda_lock()
     from conda_lock.lockfile import lockfile_v1_to_v2
     from conda_lock.lockfile.v1.models import Lockfile as LockfileV1
     from conda_lock.lockfile.v2prelim.models import Lockfile
 
-    path = Path(path)
-    content = load_yaml(path)
     if not isinstance(content, dict):
         raise LockgenError(f"{path} is not a conda-lock lockfile: not a YAML mapping")
     version = content.pop("version", None)
+    _check_package_list(path, content.get("package"))
     try:
         if version == 1:
             lock = lockfile_v1_to_v2(LockfileV1.model_validate(content))
@@ -549,8 +569,42 @@ def read_lockfile(path: Path) -> Lockfile:
     except LockgenError:
         raise
     except Exception as exc:
-        raise LockgenError(f"{path} is not a conda-lock lockfile: {exc}") from None
+        raise LockgenError(f"{path} is not a conda-lock lockfile: {_one_line(exc)}") from None
     return lock
+
+
+def _check_package_list(path: Path, packages: object) -> None:
+    """At most :data:`~lockgen.formats.locks.MAX_LOCK_PACKAGES` packages, and no package
+    twice for one platform (conda-lock's own reader only asserts that, without a word)."""
+    if not isinstance(packages, list):
+        return
+    if len(packages) > MAX_LOCK_PACKAGES:
+        raise LockgenError(
+            f"{path} lists {len(packages)} packages: not a lock (at most {MAX_LOCK_PACKAGES})"
+        )
+    seen: set[tuple] = set()
+    for p in packages:
+        if not isinstance(p, dict):
+            continue
+        key = (p.get("manager"), p.get("name"), p.get("platform"))
+        if key in seen and all(isinstance(k, str) for k in key):
+            raise LockgenError(
+                f"{path} is not a conda-lock lockfile: {key[0]} package {key[1]} is listed "
+                f"twice for {key[2]}"
+            )
+        seen.add(key)
+
+
+def _one_line(exc: Exception) -> str:
+    """A reader's error in one line: pydantic's as a count and the first, others' first line
+    (or the exception's name when it says nothing)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and hasattr(exc, "error_count"):
+        first = exc.errors()[0] if exc.error_count() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return f"{exc.error_count()} validation errors; first: {where}: {first.get('msg', '?')}"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def custom(lock: Lockfile) -> dict[str, str]:
@@ -637,8 +691,9 @@ def _check_torch(report: Report, target: Target, platform: str, pkgs: dict) -> N
         report.error(
             "torch", f"{desc} is a CUDA {got} build, target {target.name} is CUDA {target.cuda}"
         )
-    if not Version.parse(torch.version).matches_prefix(target.torch):
-        report.error("torch", f"{platform}: pytorch {torch.version} is not torch {target.torch}")
+    problem = exact_release_problem("pytorch", torch.version, target.torch, None)
+    if problem:
+        report.error("torch", f"{platform}: {problem}")
     vision = pkgs.get("torchvision")
     if vision is None:
         report.error("torch", f"{platform}: no torchvision package in the lock")
@@ -657,10 +712,9 @@ def _check_torch(report: Report, target: Target, platform: str, pkgs: dict) -> N
                 f"{platform}: torchvision build {vision.build} is for CUDA "
                 f"{vgot}, not {target.cuda}",
             )
-        if not Version.parse(vision.version).matches_prefix(target.torchvision):
-            report.error(
-                "torch", f"{platform}: torchvision {vision.version} is not {target.torchvision}"
-            )
+        problem = exact_release_problem("torchvision", vision.version, target.torchvision, None)
+        if problem:
+            report.error("torch", f"{platform}: {problem}")
     # cuDNN
     if target.cudnn is not None:
         cudnn = build_cudnn(build)
@@ -744,15 +798,106 @@ def _check_packages(report: Report, lock: Lockfile) -> None:
                 report.error("package", f"{where}: dependency {name} {spec!r} ({exc})")
 
 
-def check_channel_hashes(lock: Lockfile, report: Report) -> None:
-    """Compare each conda package's md5/sha256 with its channel's repodata (network or
-    ``file://``)."""
+# conda's "defaults" on Linux; "name" channels live on anaconda.org
+DEFAULTS_CHANNELS = ["https://repo.anaconda.com/pkgs/main", "https://repo.anaconda.com/pkgs/r"]
+_ANACONDA = "https://conda.anaconda.org/"
+_ARCHIVE_SUFFIXES = (".conda", ".tar.bz2")
+
+
+def channel_urls(channel: str) -> list[str]:
+    """The base URLs of a channel as a lock names it: a URL as given, ``defaults`` as conda
+    expands it on Linux, a name on anaconda.org."""
+    if "://" in channel:
+        return [channel.rstrip("/")]
+    if channel == "defaults":
+        return list(DEFAULTS_CHANNELS)
+    return [_ANACONDA + channel.strip("/")]
+
+
+def lock_channels(lock: Lockfile, target: Target) -> list[str]:
+    """The channels the lock's packages may come from: the ``--channel`` overrides the lock
+    was solved from, recorded in it, else the target's own."""
+    return recorded_channel_overrides(lock) or list(target.conda_channels)
+
+
+def _check_channels(report: Report, lock: Lockfile, target: Target) -> list[str]:
+    """The lock names the channels it was solved from; returns their base URLs."""
+    channels = lock_channels(lock, target)
+    named = [str(getattr(c, "url", c)) for c in lock.metadata.channels]
+    if named != channels:
+        report.error(
+            "channel",
+            f"the lock names the channels {', '.join(named) or 'none'}, target {target.name}'s "
+            f"are {', '.join(channels)}",
+        )
+    if recorded_channel_overrides(lock):
+        report.warn(
+            "channel",
+            f"solved with --channel {' '.join(channels)} instead of target {target.name}'s "
+            f"channels ({', '.join(target.conda_channels)}): its packages are held to those",
+        )
+    return [u for c in channels for u in channel_urls(c)]
+
+
+def archive_name(p: LockedDependency) -> tuple[str, ...]:
+    """The file names a conda package of this name, version and build has."""
+    return tuple(f"{p.name}-{p.version}-{p.build}{suffix}" for suffix in _ARCHIVE_SUFFIXES)
+
+
+def package_url_problem(p: LockedDependency, bases: Sequence[str]) -> str | None:
+    """Why a conda package's URL is not ``<channel>/<platform or noarch>/<its file>`` for one
+    of the channel base URLs, written plainly (None: it is). A URL is parsed once, here:
+    backslashes, ``.``/``..`` or empty segments, encoded separators, queries, fragments and
+    credentials are refused, so that every reader (lockgen, rattler) finds the same file."""
+    import urllib.parse
+
+    url = p.url or ""
+    parts = urllib.parse.urlsplit(url)
+    if (
+        parts.scheme not in ("https", "http", "file")
+        or parts.query
+        or parts.fragment
+        or "\\" in url
+        or "@" in parts.netloc
+        or "?" in url
+        or "#" in url
+    ):
+        return f"{url!r} is not a plain http(s):// or file:// URL"
+    segments = urllib.parse.unquote(parts.path).split("/")[1:]
+    if any(s in ("", ".", "..") for s in segments) or re.search(r"%(2f|5c|2e)", url, re.I):
+        return f"{url} has an empty, '.', '..' or encoded separator segment"
+    base, subdir, filename = url.rsplit("/", 2)
+    if base not in bases:
+        return f"{url} is not in the lock's channels ({', '.join(bases)})"
+    if subdir not in (p.platform, "noarch"):
+        return f"{url} is in {subdir}/, not {p.platform}/ or noarch/"
+    if urllib.parse.unquote(filename) not in archive_name(p):
+        return f"{url} is the file {filename}, the entry is {p.name} {p.version} {p.build}"
+    return None
+
+
+def _check_urls(report: Report, lock: Lockfile, bases: Sequence[str]) -> None:
+    for p in lock.package:
+        where = f"{p.platform}: {p.name} {p.version}"
+        if p.manager != "conda":
+            report.error(
+                "source", f"{where} is a {p.manager} package: lockgen's conda locks hold conda ones"
+            )
+            continue
+        problem = package_url_problem(p, bases)
+        if problem:
+            report.error("source", f"{where}: {problem}")
+
+
+def check_channel_hashes(lock: Lockfile, report: Report, bases: Sequence[str]) -> None:
+    """Compare each conda package (whose URL lies in one of ``bases``) with the record its
+    channel's repodata publishes for that file: name, version, build, md5 and sha256."""
     import rattler
 
     groups: dict[tuple[str, str], list] = defaultdict(list)
     for p in lock.package:
-        if p.manager != "conda" or not p.url:
-            continue
+        if p.manager != "conda" or package_url_problem(p, bases):
+            continue  # reported by the URL check
         base, subdir, _ = p.url.rsplit("/", 2)
         groups[(base, subdir)].append(p)
 
@@ -769,7 +914,8 @@ def check_channel_hashes(lock: Lockfile, report: Report) -> None:
     try:
         published = asyncio.run(fetch())
     except Exception as exc:
-        report.error("hash", f"cannot read the channels' repodata to compare hashes: {exc}")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        report.error("hash", f"cannot read the channels' repodata to compare hashes: {first}")
         return
     for key, pkgs in groups.items():
         index = published.get(key, {})
@@ -779,6 +925,13 @@ def check_channel_hashes(lock: Lockfile, report: Report) -> None:
             if rec is None:
                 report.error("hash", f"{where} is not in its channel's repodata")
                 continue
+            said = (str(rec.name.normalized), str(rec.version), str(rec.build))
+            if said != (p.name, p.version, p.build):
+                report.error(
+                    "hash",
+                    f"{where}: the channel publishes this file as {' '.join(said)}, the lock "
+                    f"says {p.name} {p.version} {p.build}",
+                )
             md5 = rec.md5.hex() if rec.md5 else None
             sha = rec.sha256.hex() if rec.sha256 else None
             if md5 and p.hash.md5 != md5 or sha and p.hash.sha256 != sha:
@@ -871,14 +1024,17 @@ def verify_lock(
         pkgs = by_platform[platform]
         _check_torch(report, target, platform, pkgs)
         _check_cuda_selector(report, target, platform, pkgs)
+    bases = _check_channels(report, lock, target)
+    _check_urls(report, lock, bases)
     _check_hashes(report, lock)
     _check_packages(report, lock)
     if check_channels:
-        check_channel_hashes(lock, report)
+        check_channel_hashes(lock, report, bases)
     _check_content_hash(report, lock, target, envs_dir, matrix)
     report.checked = [
         "target",
         "platforms",
+        "channels and URLs",
         "hashes",
         "torch build",
         "CUDA",

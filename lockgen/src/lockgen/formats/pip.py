@@ -44,7 +44,15 @@ from typing import TYPE_CHECKING
 
 from lockgen.errors import LockgenError
 from lockgen.findings import Report
-from lockgen.formats.locks import check_file_name, read_lock_text, resolve_target
+from lockgen.formats.locks import (
+    check_file_name,
+    exact_release_problem,
+    marker_holds,
+    marker_problem,
+    read_lock_text,
+    resolve_target,
+    target_machines,
+)
 from lockgen.index import canonical_name
 from lockgen.matrix import Matrix
 from lockgen.output import write_text
@@ -326,12 +334,17 @@ def lock_pip(
 
 @dataclass
 class Requirement:
+    """One requirement line as pip reads it: ``name==version [; marker] --hash=...``.
+    ``problems`` says why it breaks lockgen's rules (a direct URL, extras, no exact pin, an
+    option other than ``--hash``); ``name`` is canonical, ``version`` the pinned text."""
+
     raw: str
     name: str
     version: str
     pinned: bool
     marker: str = ""
     hashes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -376,48 +389,125 @@ def _option(item: str) -> tuple[str, str]:
     return name, value.strip() if name in _TAKES_VALUE or sep else ""
 
 
+# pip's own rules (pip._internal.req.req_file): a comment is ``#`` at the start of a line or
+# after whitespace; a raw line ending in a backslash continues on the next, unless it is a
+# comment, which ends the logical line; ${VAR} is taken from the environment.
+_COMMENT = re.compile(r"(^|\s+)#.*$")
+
+
+def _logical_lines(text: str) -> list[str]:
+    """The logical lines pip reads from a requirements file: joined, comments dropped."""
+    joined: list[str] = []
+    buf: list[str] = []
+    for line in text.splitlines():
+        if not line.endswith("\\") or _COMMENT.match(line):
+            if _COMMENT.match(line):
+                line = " " + line
+            if buf:
+                joined.append("".join([*buf, line]))
+                buf = []
+            else:
+                joined.append(line)
+        else:
+            buf.append(line.strip("\\"))
+    if buf:
+        joined.append("".join(buf))
+    out = []
+    for line in joined:
+        line = _COMMENT.sub("", line).strip()
+        if line:
+            out.append(line)
+    return out
+
+
+def _shown(line: str) -> str:
+    return line if len(line) <= 120 else line[:117] + "..."
+
+
+def _split_args_options(line: str) -> tuple[str, str]:
+    """pip's split of a line at its first space-separated token that starts with ``-``."""
+    tokens = line.split(" ")
+    for i, token in enumerate(tokens):
+        if token.startswith("-"):
+            return " ".join(tokens[:i]), " ".join(tokens[i:])
+    return line, ""
+
+
+def _hash_options(options: str, problems: list[str]) -> list[str]:
+    """The ``--hash`` values of a requirement's options (``--hash=V`` or ``--hash V``); any
+    other option is a problem (pip would obey it)."""
+    import shlex
+
+    try:
+        tokens = shlex.split(options)
+    except ValueError as exc:
+        problems.append(f"unreadable options ({exc})")
+        return []
+    hashes = []
+    it = iter(tokens)
+    for token in it:
+        if token.startswith("--hash="):
+            hashes.append(token.removeprefix("--hash="))
+        elif token == "--hash":
+            hashes.append(next(it, ""))
+        else:
+            problems.append(f"option {token!r}: lockgen's pip locks give --hash and nothing else")
+    return hashes
+
+
+def _requirement(line: str) -> Requirement:
+    """One requirement line, read as pip reads it (``packaging``'s grammar), with the
+    problems that break lockgen's rules."""
+    from packaging.requirements import InvalidRequirement
+    from packaging.requirements import Requirement as Pep508
+
+    problems: list[str] = []
+    args, options = _split_args_options(line)
+    hashes = _hash_options(options, problems)
+    spec, _, marker = args.partition(";")
+    marker = marker.strip()
+    if "${" in line:
+        problems.append("${...} is replaced from the environment by pip")
+    try:
+        req = Pep508(spec.strip())
+    except InvalidRequirement as exc:
+        problems.append(f"not a requirement pip reads as a name and a pin ({exc})")
+        return Requirement(line, spec.strip(), "", False, marker, hashes, problems)
+    name = canonical_name(req.name)
+    if req.url:
+        problems.append(f"a direct URL ({req.url}): pip would download it from there")
+    if req.extras:
+        problems.append(f"extras [{','.join(sorted(req.extras))}]")
+    if req.marker:
+        problems.append("a marker inside the requirement")
+    specs = list(req.specifier)
+    pinned = len(specs) == 1 and specs[0].operator == "==" and "*" not in specs[0].version
+    version = specs[0].version if pinned else ""
+    if not pinned and not req.url:
+        problems.append(f"not pinned with == to one version ({spec.strip()})")
+    return Requirement(line, name, version, pinned, marker, hashes, problems)
+
+
 def parse_requirements(text: str) -> Requirements:
-    """Enough of the requirements format to check lockgen's own hash-locks as pip reads
-    them: ``# lockgen:`` lines, every option line (``--index-url``, ``-i``,
-    ``--extra-index-url``, ...: pip obeys each, so verify sees each), and ``name==version
-    [; marker] --hash=...`` entries."""
+    """A requirements file as pip reads it (its line joining, comments and option syntax;
+    ``packaging``'s requirement grammar): ``# lockgen:`` lines, every option line
+    (``--index-url``, ``-i``, ``--extra-index-url``, ...: pip obeys each, so verify sees each),
+    and ``name==version [; marker] --hash=...`` entries."""
+    text = text.removeprefix("\ufeff")  # pip decodes a UTF-8 byte-order mark away
     meta: dict[str, str] = {}
-    logical: list[str] = []
-    buf = ""
     for line in text.splitlines():
         s = line.strip()
         if s.startswith("# lockgen:"):
             for part in s.removeprefix("# lockgen:").split():
                 k, _, v = part.partition("=")
                 meta[k] = v
-            continue
-        if s.startswith("#"):
-            continue
-        s = re.sub(r"\s+#.*$", "", s)  # pip drops a comment after whitespace
-        if s.endswith("\\"):
-            buf += s[:-1] + " "
-            continue
-        if buf + s:
-            logical.append(buf + s)
-        buf = ""
-    if buf.strip():
-        logical.append(buf)
     entries = []
     options = []
-    for item in logical:
-        item = item.strip()
+    for item in _logical_lines(text):
         if item.startswith("-"):
             options.append(_option(item))
-            continue
-        spec, _, rest = item.partition(" --hash=")
-        hashes = [h.split()[0] for h in (" --hash=" + rest).split(" --hash=")[1:] if h.split()]
-        requirement, _, marker = spec.partition(";")
-        requirement = requirement.strip()
-        pinned = "==" in requirement
-        name, _, version = requirement.partition("==")
-        entries.append(
-            Requirement(item, name.strip(), version.strip(), pinned, marker.strip(), hashes)
-        )
+        else:
+            entries.append(_requirement(item))
     return Requirements(meta, entries, options)
 
 
@@ -488,19 +578,54 @@ def check_cudnn_wheels(report: Report, target: Target, cudnns) -> None:
 def check_torch_wheel(
     report: Report, target: Target, what: str, version: str, want: Version, pypi: bool
 ) -> None:
-    v = Version.parse(version)
-    if not v.matches_prefix(want):
-        report.error("torch", f"{what} {version} is not {what} {want}")
-    if pypi:
-        if v.local is not None:
-            report.error("torch", f"{what} {version}: PyPI builds carry no +{v.local}")
-    elif v.local != target.tag:
-        report.error(
-            "torch",
-            f"{what} {version} is the {v.local or 'untagged'} build, target {target.name} "
-            f"is {target.tag}"
-            + (" (a CPU build)" if v.local == "cpu" and not target.is_cpu else ""),
-        )
+    """The locked torch or torchvision is exactly the target's release and build: no other
+    patch, no pre-, post- or dev release; from PyPI no local tag, else the target's."""
+    local = version.partition("+")[2] if pypi else ""
+    if local:
+        report.error("torch", f"{what} {version}: PyPI builds carry no +{local}")
+        return
+    problem = exact_release_problem(what, version, want, None if pypi else target.tag)
+    if problem:
+        report.error("torch", problem)
+
+
+def version_problem(name: str, version: str) -> str | None:
+    """Why a pinned version is not one lockgen locks: not PEP 440, or a pre- or dev release
+    (a resolution never picks one unless asked to)."""
+    from packaging.version import InvalidVersion
+    from packaging.version import Version as Pep440
+
+    try:
+        v = Pep440(version)
+    except InvalidVersion:
+        return f"{name} {version!r} is not a PEP 440 version"
+    if v.pre or v.dev is not None:
+        return f"{name} {version} is a pre- or development release"
+    return None
+
+
+def check_installed_everywhere(
+    report: Report, target: Target, installed, pypi: bool, listed=()
+) -> None:
+    """``installed``: ``{machine: {name: ...}}``; ``listed``: every name in the lock. torch
+    and torchvision, and for a PyPI CUDA build the CUDA runtime, are installed on every
+    machine the target promises."""
+    if not installed:
+        report.error("platform", f"lockgen knows the markers of none of {target.platforms}")
+    needed = ["torch", "torchvision"]
+    if pypi and target.cuda is not None:
+        needed.append(canonical_name(cuda_runtime_package(target.cuda)))
+    locked = {name for names in installed.values() for name in names} | set(listed)
+    for what in needed:
+        missing = [str(m) for m, names in installed.items() if what not in names]
+        if what not in locked:
+            report.error("torch", f"no {what} in the lock")
+        elif missing:
+            report.error(
+                "platform",
+                f"{what} is not installed on {', '.join(missing)} (its markers leave it out); "
+                f"target {target.name} promises it on every platform x Python",
+            )
 
 
 # -- pip hash-locks ---------------------------------------------------------------------------
@@ -508,24 +633,23 @@ def check_torch_wheel(
 
 def check_requirements(report: Report, req, target: Target, check_index: bool) -> None:
     """Every check of a parsed pip hash-lock against its target (see the module docstring)."""
-    from lockgen.index import canonical_name
-
     if not req.entries:
         report.error("hash", "no requirements in the file")
-    seen: set[tuple[str, str]] = set()
     for e in req.entries:
-        if not e.pinned:
-            report.error("hash", f"{e.name}: not pinned with == ({e.raw})")
+        for problem in e.problems:
+            report.error("pin", f"{e.name}: {problem}: {_shown(e.raw)}")
         if not e.hashes or not all(
             h.startswith("sha256:") and _SHA256.match(h.removeprefix("sha256:")) for h in e.hashes
         ):
             report.error("hash", f"{e.name}: missing or malformed --hash (sha256:<64 hex>)")
-        key = (canonical_name(e.name), e.marker)
-        if key in seen:
-            report.error(
-                "hash", f"{e.name}: listed twice" + (f" for {e.marker}" if e.marker else "")
-            )
-        seen.add(key)
+        if e.pinned and not e.problems:
+            problem = version_problem(e.name, e.version)
+            if problem:
+                report.error("pin", problem)
+        if e.marker:
+            problem = marker_problem(e.marker)
+            if problem:
+                report.error("marker", f"{e.name}: {problem}")
     want_platforms = ",".join(target.platforms)
     want_pythons = ",".join(p.raw for p in sorted(target.pythons))
     have = (req.meta.get("platforms", "?"), req.meta.get("pythons", "?"))
@@ -544,30 +668,52 @@ def check_requirements(report: Report, req, target: Target, check_index: bool) -
             f"resolved from {index or '?'}, but target {target.name}'s build comes from "
             f"{source.url}",
         )
-    by_name: dict[str, list] = defaultdict(list)
-    for e in req.entries:
-        by_name[canonical_name(e.name)].append(e)
     pypi = source.kind == "pypi"
+    readable = [e for e in req.entries if e.pinned and not (e.marker and marker_problem(e.marker))]
+    installed = _installed_per_machine(report, readable, target)
+    by_name: dict[str, list] = defaultdict(list)
+    for e in readable:
+        by_name[e.name].append(e)
     for what, want in (("torch", target.torch), ("torchvision", target.torchvision)):
-        if not by_name.get(what):
-            report.error("torch", f"no {what} in the lock")
         for e in by_name.get(what, []):
             check_torch_wheel(report, target, what, e.version, want, pypi)
-    runtimes = [
-        (n, e.version)
-        for n, es in by_name.items()
-        if n.startswith("nvidia-cuda-runtime")
-        for e in es
-    ]
+    check_installed_everywhere(report, target, installed, pypi, by_name)
+    runtimes = [(e.name, e.version) for e in readable if e.name.startswith("nvidia-cuda-runtime")]
     check_cuda_runtime(report, target, runtimes, pypi)
-    cudnns = [
-        (n, e.version) for n, es in by_name.items() if n.startswith("nvidia-cudnn") for e in es
-    ]
+    cudnns = [(e.name, e.version) for e in readable if e.name.startswith("nvidia-cudnn")]
     check_cudnn_wheels(report, target, cudnns)
     if check_index and index:
         check_index_hashes(
             report, index, [(e.name, e.version, sha256s(e.hashes)) for e in req.entries]
         )
+
+
+def _installed_per_machine(report: Report, entries, target: Target) -> dict:
+    """``{machine: {name: entry}}``: what pip installs on each machine the target promises,
+    the entries whose markers hold there. Two entries of one name on one machine, and a
+    marker that depends on the Python patch release, are errors."""
+    installed: dict = {}
+    for machine in target_machines(target):
+        chosen: dict[str, Requirement] = {}
+        for e in entries:
+            holds = marker_holds(e.marker, machine)
+            if holds is None:
+                report.error(
+                    "marker",
+                    f"{e.name}: marker {e.marker!r} depends on the Python patch release on "
+                    f"{machine}",
+                )
+            if holds is False:
+                continue
+            if e.name in chosen:
+                report.error(
+                    "pin",
+                    f"{e.name}: listed twice for {machine} "
+                    f"({_shown(chosen[e.name].raw)}; {_shown(e.raw)})",
+                )
+            chosen[e.name] = e
+        installed[machine] = chosen
+    return installed
 
 
 def _check_pip_options(report: Report, req) -> None:
@@ -596,7 +742,7 @@ def verify_requirements(
     path: Path, matrix: Matrix, target: Target | None = None, check_index: bool = False
 ) -> Report:
     path = Path(path)
-    req = parse_requirements(read_lock_text(path, "pip requirements file"))
+    req = parse_requirements(read_lock_text(path, "pip requirements file", bom=True))
     name = req.meta.get("target") or path.name.removesuffix(".requirements.txt")
     report = Report(str(path), name)
     if target is None:
@@ -606,6 +752,13 @@ def verify_requirements(
         check_file_name(report, path, ".requirements.txt", target)
     report.target = target.name
     check_requirements(report, req, target, check_index)
-    report.checked = ["pins", "hashes", "platforms x pythons", "index", "torch build", "CUDA"]
+    report.checked = [
+        "pins",
+        "hashes",
+        "markers per platform x python",
+        "index",
+        "torch build",
+        "CUDA",
+    ]
     report.checked += ["index hashes"] if check_index else []
     return report

@@ -48,17 +48,28 @@ from typing import TYPE_CHECKING
 
 from lockgen.errors import LockgenError
 from lockgen.findings import Report
-from lockgen.formats.locks import resolve_target
+from lockgen.formats.locks import (
+    MAX_LOCK_PACKAGES,
+    Machine,
+    marker_holds,
+    marker_problem,
+    read_lock_text,
+    resolve_target,
+    target_machines,
+)
 from lockgen.formats.pip import (
     PIP_PROJECT_REQUIREMENTS,
     PLATFORM_MARKERS,
     check_cuda_runtime,
     check_cudnn_wheels,
     check_index_hashes,
+    check_installed_everywhere,
     check_torch_wheel,
     cuda_runtime_package,
     uv_command,
+    version_problem,
 )
+from lockgen.index import canonical_name
 from lockgen.matrix import Matrix
 from lockgen.output import write_text, write_texts
 from lockgen.targets import PYPI, Target
@@ -318,25 +329,6 @@ def _uv_root(lock: dict) -> dict | None:
     )
 
 
-def _uv_closure(packages: list[dict], start: str) -> set[str]:
-    """Names reachable from ``start`` through dependencies and every extra."""
-    from lockgen.index import canonical_name
-
-    edges: dict[str, set[str]] = defaultdict(set)
-    for p in packages:
-        deps = list(p.get("dependencies", []))
-        for extra in (p.get("optional-dependencies") or {}).values():
-            deps += extra
-        edges[canonical_name(p["name"])] |= {canonical_name(d["name"]) for d in deps}
-    seen, todo = set(), [canonical_name(start)]
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo += edges.get(n, ())
-    return seen
-
-
 def _check_uv_stale(report: Report, lock: dict, root: dict, target: Target, envs_dir) -> None:
     for problem in uv_rendered_is_current(target, envs_dir):
         report.error("stale", f"{problem}; re-render and re-lock")
@@ -380,8 +372,8 @@ def _check_uv_hashes(report: Report, packages: list[dict]) -> list[tuple]:
     for p in packages:
         if "registry" not in (p.get("source") or {}):
             continue
-        files = list(p.get("wheels") or []) + ([p["sdist"]] if p.get("sdist") else [])
         where = f"{p.get('name')} {p.get('version')}"
+        files = _files(p)
         if not files:
             report.error("hash", f"{where}: no wheel or sdist with a hash in the lock")
         hashes = []
@@ -395,6 +387,190 @@ def _check_uv_hashes(report: Report, packages: list[dict]) -> list[tuple]:
     return pins
 
 
+def _files(p: dict) -> list[dict]:
+    files = [f for f in (p.get("wheels") or []) if isinstance(f, dict)]
+    return files + ([p["sdist"]] if isinstance(p.get("sdist"), dict) else [])
+
+
+# PyPI's index and where it serves files from
+_PYPI_FILES = "https://files.pythonhosted.org/packages/"
+
+
+def _file_prefix(registry: str, pypi_index: str) -> str:
+    """Where the files of a registry lie: PyPI's on its file host, any other index's under
+    the index's own folder (``https://download.pytorch.org/whl/cu126/``)."""
+    if registry.rstrip("/") == pypi_index.rstrip("/"):
+        return _PYPI_FILES
+    return registry.rstrip("/") + "/"
+
+
+def _url_problem(url: str, prefix: str) -> str | None:
+    """Why a file URL of the lock is not a plain https URL under ``prefix`` (None: it is)."""
+    import urllib.parse
+
+    if not isinstance(url, str) or not url:
+        return "no URL"
+    parts = urllib.parse.urlsplit(url)
+    if (
+        parts.scheme != "https"
+        or parts.query
+        or parts.fragment
+        or "\\" in url
+        or "@" in parts.netloc
+    ):
+        return f"{url} is not a plain https URL (no query, fragment, credentials or backslash)"
+    segments = urllib.parse.unquote(parts.path).split("/")[1:]
+    if any(s in ("", ".", "..") for s in segments) or re.search(r"%(2f|5c|2e)", url, re.I):
+        return f"{url} has an empty, '.', '..' or encoded separator segment"
+    if not url.startswith(prefix):
+        return f"{url} is not under {prefix}"
+    return None
+
+
+def _file_name_problem(url: str, name: str, version: str) -> str | None:
+    """Why the file name of a wheel or sdist URL does not name the entry's project and
+    version, local tag included (None: it does)."""
+    import urllib.parse
+
+    from packaging.utils import (
+        InvalidSdistFilename,
+        InvalidWheelFilename,
+        parse_sdist_filename,
+        parse_wheel_filename,
+    )
+    from packaging.version import InvalidVersion
+    from packaging.version import Version as Pep440
+
+    filename = urllib.parse.unquote(url.rsplit("/", 1)[-1])
+    try:
+        if filename.endswith(".whl"):
+            got_name, got_version = parse_wheel_filename(filename)[:2]
+        else:
+            got_name, got_version = parse_sdist_filename(filename)
+        want = Pep440(version)
+    except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion) as exc:
+        return f"{filename}: not a wheel or sdist of {name} {version} ({exc})"
+    if canonical_name(got_name) != canonical_name(name) or got_version != want:
+        return f"{filename} is {got_name} {got_version}, the entry is {name} {version}"
+    return None
+
+
+def _check_uv_sources(report: Report, packages: list[dict], root: dict, target: Target) -> None:
+    """Every package but the project comes from a registry: torch and torchvision from the
+    target's index, the rest from PyPI; every file lies under its registry's files and is
+    named for its entry; torch and torchvision are exactly the target's release and build,
+    nothing else is a pre- or dev release."""
+    source = target.pip_source
+    pypi_index = target.pip_channel.index_url
+    for p in packages:
+        if p is root:
+            continue
+        name, version = str(p.get("name")), str(p.get("version"))
+        where = f"{name} {version}"
+        src = p.get("source") or {}
+        registry = src.get("registry") if isinstance(src, dict) else None
+        if not isinstance(registry, str):
+            kind = ", ".join(src) if isinstance(src, dict) else repr(src)
+            report.error(
+                "source",
+                f"{where} comes from a {kind or '?'} source: only index packages are checked",
+            )
+            continue
+        own = name in ("torch", "torchvision")
+        allowed = source.url if own else pypi_index
+        if registry.rstrip("/") != allowed.rstrip("/"):
+            report.error(
+                "torch" if own else "source",
+                f"{where} comes from {registry}, but target {target.name}'s "
+                + (
+                    f"build comes from {source.url}"
+                    if own
+                    else f"other packages come from {pypi_index}"
+                ),
+            )
+            continue
+        prefix = _file_prefix(registry, pypi_index)
+        for f in _files(p):
+            problem = _url_problem(f.get("url"), prefix) or _file_name_problem(
+                f["url"], name, version
+            )
+            if problem:
+                report.error("source", f"{where}: {problem}")
+        if not own:
+            problem = version_problem(name, version)
+            if problem:
+                report.error("pin", problem)
+        for dep in _deps(p, all_extras=True):
+            marker = dep.get("marker", "")
+            if marker and marker_problem(marker):
+                report.error(
+                    "marker", f"{where}: dependency {dep.get('name')}: {marker_problem(marker)}"
+                )
+
+
+def _deps(p: dict, extras=(), all_extras: bool = False) -> list[dict]:
+    """The dependency entries of a package, with those of the extras asked for (every extra,
+    and the project's dependency groups, which ``uv sync`` installs, with ``all_extras``)."""
+    deps = [d for d in (p.get("dependencies") or []) if isinstance(d, dict)]
+    optional = p.get("optional-dependencies") or {}
+    groups = p.get("dev-dependencies") or {}
+    for name, more in (
+        [*optional.items(), *groups.items()]
+        if isinstance(optional, dict) and isinstance(groups, dict)
+        else []
+    ):
+        if all_extras or name in extras or name in groups:
+            deps += [d for d in more if isinstance(d, dict)]
+    return deps
+
+
+def _installed(report: Report, packages: list[dict], root: dict, machine: Machine) -> dict:
+    """``{name: package}``: what ``uv sync`` installs on the machine, walking from the project
+    through the dependencies (and extras) whose markers hold there."""
+    by_name: dict[str, list[dict]] = defaultdict(list)
+    for p in packages:
+        by_name[canonical_name(str(p.get("name")))].append(p)
+    installed: dict[str, dict] = {}
+    todo, seen = [(root, ())], set()
+    while todo:
+        pkg, extras = todo.pop()
+        key = (id(pkg), tuple(sorted(extras)))
+        if key in seen:
+            continue
+        seen.add(key)
+        for dep in _deps(pkg, extras):
+            marker = str(dep.get("marker", ""))
+            if marker and marker_problem(marker):
+                continue  # reported by the source check
+            holds = marker_holds(marker, machine)
+            if holds is None:
+                report.error(
+                    "marker",
+                    f"{dep.get('name')}: marker {marker!r} depends on the Python patch release",
+                )
+            if holds is False:
+                continue
+            name = canonical_name(str(dep.get("name")))
+            choices = [
+                c
+                for c in by_name.get(name, [])
+                if "version" not in dep or str(c.get("version")) == str(dep["version"])
+            ]
+            if len(choices) != 1:
+                report.error(
+                    "package",
+                    f"{machine}: dependency {dep} names {len(choices)} packages of the lock",
+                )
+                continue
+            chosen = choices[0]
+            if name in installed and installed[name] is not chosen:
+                report.error("package", f"{machine}: two versions of {name} would be installed")
+            installed[name] = chosen
+            extra = dep.get("extra") or []
+            todo.append((chosen, tuple(extra) if isinstance(extra, list) else ()))
+    return installed
+
+
 def verify_uv_lock(
     path: Path,
     matrix: Matrix,
@@ -403,17 +579,40 @@ def verify_uv_lock(
     check_index: bool = False,
 ) -> Report:
     """Check a ``uv.lock`` against its target: the project it locks is the one ``render``
-    writes now, torch/torchvision are the target's build from its index (a PyPI build's
-    dependencies reach the target's CUDA runtime; a wheel-index build carries its +tag),
-    every platform is required, every file has a sha256 (with ``check_index``: the one the
+    writes now; every package comes from its index (torch and torchvision from the target's)
+    with files under that index named for the entry; torch/torchvision are exactly the
+    target's release and build; on every platform x Python of the target the lock installs
+    torch, torchvision and (a PyPI CUDA build) the CUDA runtime torch's dependencies reach;
+    every platform is required; every file has a sha256 (with ``check_index``: the one the
     index publishes)."""
     path = Path(path)
-    report = Report(str(path), None)
+    text = read_lock_text(path, "uv.lock")
     try:
-        lock = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        lock = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise LockgenError(f"{path} is not a readable uv.lock: {exc}") from None
+    try:
+        return _verify_uv(path, lock, matrix, envs_dir, target, check_index)
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:  # a field of another type
+        raise LockgenError(
+            f"{path} is not a uv.lock lockgen can read: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _verify_uv(
+    path: Path,
+    lock: dict,
+    matrix: Matrix,
+    envs_dir: Path | None,
+    target: Target | None,
+    check_index: bool,
+) -> Report:
+    report = Report(str(path), None)
     packages = [p for p in lock.get("package", []) if isinstance(p, dict) and "name" in p]
+    if len(packages) > MAX_LOCK_PACKAGES:
+        raise LockgenError(
+            f"{path} has {len(packages)} packages: not a lock (at most {MAX_LOCK_PACKAGES})"
+        )
     root = _uv_root(lock)
     if root is None:
         report.error("target", "the lock has no project (a virtual root package)")
@@ -436,40 +635,50 @@ def verify_uv_lock(
     envs_dir = Path(envs_dir) if envs_dir else path.resolve().parent.parent.parent
     _check_uv_stale(report, lock, root, target, envs_dir)
     _check_uv_platforms(report, lock, target)
-    source = target.pip_source
-    pypi = source.kind == "pypi"
-    by_name: dict[str, list[dict]] = defaultdict(list)
-    for p in packages:
-        by_name[p["name"]].append(p)
+    _check_uv_sources(report, packages, root, target)
+    pypi = target.pip_source.kind == "pypi"
     for what, want in (("torch", target.torch), ("torchvision", target.torchvision)):
-        if not by_name.get(what):
-            report.error("torch", f"no {what} in the lock")
-        for p in by_name.get(what, []):
-            check_torch_wheel(report, target, what, str(p.get("version")), want, pypi)
-            registry = (p.get("source") or {}).get("registry", "")
-            if registry.rstrip("/") != source.url.rstrip("/"):
-                report.error(
-                    "torch",
-                    f"{what} comes from {registry or '?'}, but target {target.name}'s build "
-                    f"comes from {source.url}",
-                )
-    reach = _uv_closure(packages, "torch") if by_name.get("torch") else set()
-    runtimes = [
-        (p["name"], str(p.get("version")))
-        for p in packages
-        if p["name"].startswith("nvidia-cuda-runtime") and p["name"] in reach
-    ]
-    check_cuda_runtime(report, target, runtimes, pypi)
-    cudnns = [
-        (p["name"], str(p.get("version")))
-        for p in packages
-        if p["name"].startswith("nvidia-cudnn") and p["name"] in reach
-    ]
-    check_cudnn_wheels(report, target, cudnns)
+        for p in packages:
+            if p["name"] == what:
+                check_torch_wheel(report, target, what, str(p.get("version")), want, pypi)
+    installed = {m: _installed(report, packages, root, m) for m in target_machines(target)}
+    check_installed_everywhere(
+        report, target, installed, pypi, {canonical_name(str(p["name"])) for p in packages}
+    )
+    runtimes, cudnns = set(), set()
+    for machine, names in installed.items():
+        torch = names.get("torch")
+        reach = _installed(report, packages, torch, machine) if torch else {}
+        for n, p in reach.items():
+            if n.startswith("nvidia-cuda-runtime"):
+                runtimes.add((n, str(p.get("version"))))
+            if n.startswith("nvidia-cudnn"):
+                cudnns.add((n, str(p.get("version"))))
+        if (
+            torch
+            and pypi
+            and target.cuda is not None
+            and not any(n.startswith("nvidia-cuda-runtime") for n in reach)
+        ):
+            report.error(
+                "torch",
+                f"no {cuda_runtime_package(target.cuda)} in the lock among torch's dependencies "
+                f"on {machine}: this torch is a CPU build",
+            )
+    # absent: reported per machine above
+    check_cuda_runtime(report, target, sorted(runtimes), pypi=False)
+    check_cudnn_wheels(report, target, sorted(cudnns))
     pins = _check_uv_hashes(report, packages)
     if check_index:
         for registry in sorted({p[3] for p in pins}):
             check_index_hashes(report, registry, [p[:3] for p in pins if p[3] == registry])
-    report.checked = ["project", "platforms", "torch build", "CUDA", "hashes"]
+    report.checked = [
+        "project",
+        "sources",
+        "markers per platform x python",
+        "torch build",
+        "CUDA",
+        "hashes",
+    ]
     report.checked += ["index hashes"] if check_index else []
     return report
