@@ -18,6 +18,7 @@ from checkout import ENVS
 
 from lockgen.cli import main
 from lockgen.errors import LockgenError
+from lockgen.findings import Severity
 from lockgen.verify import verify_file
 
 
@@ -28,7 +29,7 @@ def _cli(*argv, **inject):
 
 
 def _errors(report) -> str:
-    return "\n".join(f.message for f in report.findings if f.level == "error")
+    return "\n".join(f.message for f in report.findings if f.severity == Severity.ERROR)
 
 
 # -- pip hash-locks: read as pip reads them ---------------------------------------------------
@@ -194,7 +195,7 @@ def test_verify_json_reports_the_good_files_beside_a_missing_one(matrix, tmp_pat
     assert rc == 1
     reports = json.loads(out)  # before: one error line, exit 2, no JSON
     assert [r["ok"] for r in reports] == [True, False, True]
-    assert "does not exist" in reports[1]["findings"][0]["message"]
+    assert "No such file or directory" in reports[1]["findings"][0]["message"]
 
 
 # -- uv.lock: its TOML, every file URL, markers per platform x Python -------------------------
