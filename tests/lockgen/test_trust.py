@@ -191,7 +191,9 @@ def test_a_fifo_or_device_as_a_lock_is_refused_unread(tmp_path, matrix, name):
 def test_verify_json_reports_the_good_files_beside_a_missing_one(matrix, tmp_path):
     import json
 
-    rc, out, err = _cli("verify", "--format", "json", PIP, tmp_path / "missing.requirements.txt", PIP)
+    rc, out, err = _cli(
+        "verify", "--format", "json", PIP, tmp_path / "missing.requirements.txt", PIP
+    )
     assert rc == 1
     reports = json.loads(out)  # before: one error line, exit 2, no JSON
     assert [r["ok"] for r in reports] == [True, False, True]
