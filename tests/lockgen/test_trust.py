@@ -650,3 +650,25 @@ def test_ctrl_c_during_a_real_install_is_one_line_and_leaves_nothing(cu121, tmp_
     assert not prefix.exists()
     assert not [p for p in tmp_path.iterdir() if ".lockgen-" in p.name]
     assert os.listdir(tmp_path) == ["envs"]
+
+
+def test_verify_without_packaging_uses_pips_own_grammar(tmp_path):
+    """The Nix shell verifies its pip lock with a bare venv's python and lockgen's source: no
+    ``packaging`` there, but pip's copy of it, which must give the same verdicts."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / PIP.name
+    bad.write_text(
+        PIP.read_text().replace("torch==2.8.0 ", 'torch==2.8.0 ; sys_platform == "win32" ', 1)
+    )
+    script = (
+        "import sys; sys.modules['packaging'] = None\n"
+        "from lockgen.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    for lock, want in ((PIP, 0), (bad, 1)):
+        r = subprocess.run([sys.executable, "-c", script, "verify", str(lock)],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert r.returncode == want, r.stdout + r.stderr
+        assert "Traceback" not in r.stderr and "packaging" not in r.stderr

@@ -196,6 +196,8 @@ def to_repodata_records(packages: Sequence[dict]):
     """:func:`record_fields` dicts → ``rattler.RepoDataRecord``."""
     try:
         return _records(packages)
+    except InstallInterrupted:
+        raise
     except Exception as exc:  # ValueError, TypeError, rattler's InvalidVersionError, ...
         raise LockgenError(f"a package of the lock cannot be installed: {exc}") from None
 
@@ -453,15 +455,21 @@ def install_lockfile(
 def _staging_folder(prefix: Path):
     """A private folder beside ``prefix`` (same file system: the old prefix moves into it),
     removed afterwards."""
+    with _signals_held() as held:  # a signal between creating it and owning it would leak it
+        try:
+            prefix.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{prefix.name}.lockgen-", dir=prefix.parent))
+        except OSError as exc:
+            raise LockgenError(
+                f"cannot create {prefix}: {exc.strerror or exc}; nothing was installed"
+            ) from None
     try:
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.TemporaryDirectory(prefix=f".{prefix.name}.lockgen-", dir=prefix.parent)
-    except OSError as exc:
-        raise LockgenError(
-            f"cannot create {prefix}: {exc.strerror or exc}; nothing was installed"
-        ) from None
-    with tmp:
-        yield Path(tmp.name)
+        if held:
+            raise InstallInterrupted(held[0].name, held[0].value)
+        yield staging
+    finally:
+        with _signals_ignored():  # the clean-up itself is not cut short
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _stage(packages, staging: Path, cache_dir: Path | None) -> tuple[list[dict], dict]:
@@ -520,6 +528,26 @@ def _build(prefix: Path, replace: bool, staging: Path, link) -> None:
                 f"installing into {prefix} failed: {exc.strerror or exc}; {state}"
             ) from None
         raise
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM that arrive inside the block are kept (in the list it yields), to be
+    acted on once the block is done, instead of interrupting it."""
+    import signal
+    import threading
+
+    held: list[signal.Signals] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    keep = {s: signal.signal(s, lambda n, _f: held.append(signal.Signals(n))) for s in
+            (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    try:
+        yield held
+    finally:
+        for s, h in keep.items():
+            signal.signal(s, h)
 
 
 @contextlib.contextmanager

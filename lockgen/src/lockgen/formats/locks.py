@@ -160,7 +160,9 @@ def target_machines(target: Target) -> list[Machine]:
 
 def marker_problem(text: str) -> str | None:
     """Why an environment marker cannot be evaluated for a target's machines (None: it can)."""
-    from packaging.markers import InvalidMarker, Marker
+    from lockgen.formats.pep508 import markers
+
+    InvalidMarker, Marker = markers.InvalidMarker, markers.Marker
 
     try:
         Marker(text)
@@ -181,9 +183,9 @@ def marker_holds(text: str, machine: Machine) -> bool | None:
     release (it must not: a target promises every patch release). An empty marker holds."""
     if not text:
         return True
-    from packaging.markers import Marker
+    from lockgen.formats.pep508 import markers
 
-    marker = Marker(text)
+    marker = markers.Marker(text)
     seen = {marker.evaluate(machine.environment(patch)) for patch in _PATCHES}
     return seen.pop() if len(seen) == 1 else None
 
@@ -192,9 +194,9 @@ def exact_release_problem(what: str, text: str, want: Version, local: str | None
     """Why the pinned version ``text`` is not exactly release ``want`` with local tag ``local``
     (None: it is). A pre-, post- or dev release, or another patch release, is not the
     release the matrix knows."""
-    from packaging.version import InvalidVersion
-    from packaging.version import Version as Pep440
+    from lockgen.formats.pep508 import version as pep440
 
+    InvalidVersion, Pep440 = pep440.InvalidVersion, pep440.Version
     try:
         got, release = Pep440(text), Pep440(want.raw.split("+")[0])
     except InvalidVersion:

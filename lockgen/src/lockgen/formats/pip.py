@@ -458,8 +458,9 @@ def _hash_options(options: str, problems: list[str]) -> list[str]:
 def _requirement(line: str) -> Requirement:
     """One requirement line, read as pip reads it (``packaging``'s grammar), with the
     problems that break lockgen's rules."""
-    from packaging.requirements import InvalidRequirement
-    from packaging.requirements import Requirement as Pep508
+    from lockgen.formats.pep508 import requirements
+
+    InvalidRequirement, Pep508 = requirements.InvalidRequirement, requirements.Requirement
 
     problems: list[str] = []
     args, options = _split_args_options(line)
@@ -592,9 +593,9 @@ def check_torch_wheel(
 def version_problem(name: str, version: str) -> str | None:
     """Why a pinned version is not one lockgen locks: not PEP 440, or a pre- or dev release
     (a resolution never picks one unless asked to)."""
-    from packaging.version import InvalidVersion
-    from packaging.version import Version as Pep440
+    from lockgen.formats.pep508 import version as pep440
 
+    InvalidVersion, Pep440 = pep440.InvalidVersion, pep440.Version
     try:
         v = Pep440(version)
     except InvalidVersion:

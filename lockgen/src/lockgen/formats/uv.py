@@ -432,23 +432,19 @@ def _file_name_problem(url: str, name: str, version: str) -> str | None:
     version, local tag included (None: it does)."""
     import urllib.parse
 
-    from packaging.utils import (
-        InvalidSdistFilename,
-        InvalidWheelFilename,
-        parse_sdist_filename,
-        parse_wheel_filename,
-    )
-    from packaging.version import InvalidVersion
-    from packaging.version import Version as Pep440
+    from lockgen.formats.pep508 import utils
+    from lockgen.formats.pep508 import version as pep440
+
+    InvalidVersion, Pep440 = pep440.InvalidVersion, pep440.Version
 
     filename = urllib.parse.unquote(url.rsplit("/", 1)[-1])
     try:
         if filename.endswith(".whl"):
-            got_name, got_version = parse_wheel_filename(filename)[:2]
+            got_name, got_version = utils.parse_wheel_filename(filename)[:2]
         else:
-            got_name, got_version = parse_sdist_filename(filename)
+            got_name, got_version = utils.parse_sdist_filename(filename)
         want = Pep440(version)
-    except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion) as exc:
+    except (utils.InvalidWheelFilename, utils.InvalidSdistFilename, InvalidVersion) as exc:
         return f"{filename}: not a wheel or sdist of {name} {version} ({exc})"
     if canonical_name(got_name) != canonical_name(name) or got_version != want:
         return f"{filename} is {got_name} {got_version}, the entry is {name} {version}"
