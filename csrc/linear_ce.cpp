@@ -306,7 +306,7 @@ inline bool needs_row_kernels(const Options& o) {
   return o.capped() || o.weighted() || o.return_predicted;
 }
 
-constexpr int64_t kThreeGemmMinRows = 16;  // see the three-GEMM plan below
+constexpr int64_t kThreeGemmMinRows = 64;  // see the three-GEMM plan below
 
 // The three-GEMM forward (ThreeGemmForward below) runs where forward computes the gradients, in
 // row chunks of the plan (an explicit chunk_size, or PyTorch's rule where it leaves at least
@@ -725,9 +725,10 @@ constexpr int64_t kBlockCols = 512;
 // kThreeGemmMinRows (above): the weight is streamed from memory once per chunk, so with few
 // rows per chunk the three GEMMs are bound by memory (a (rows x H) x (H x V) GEMM does 2 rows
 // flops per weight element read); the four-GEMM vocabulary blocks keep their tiles in cache.
-// Measured on one core (fp32, CPU time, three-GEMM plan over the blocks' time, a busy machine):
-// N=2048 H=512 V=32000 with chunks of 16, 32 and 64 rows 0.77x to 0.83x. Below 16 rows (PyTorch's
-// rule gives 4 at N=1020 H=256 V=128256) the blocks stay; unmeasured there yet.
+// Measured on one core (fp32, CPU time, a busy machine): N=2048 H=512 V=32000, the three-GEMM
+// plan in chunks of 16 to 64 rows took 0.77x to 0.83x the blocks' time; N=1020 H=256 V=128256,
+// chunks of 64 rows 2.9 s, of 16 rows 5.8 s, the blocks 3.2 to 3.7 s. So 64 rows at least
+// (PyTorch's rule gives 4 rows at N=1020 H=256 V=128256: the blocks run there).
 
 inline ChunkPlan chunk_plan(int64_t rows, int64_t V) {
   ChunkPlan p;

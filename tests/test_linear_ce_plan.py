@@ -16,11 +16,11 @@ pytestmark = pytest.mark.compiled  # the compiled CPU kernel's plans
 
 # (N, H, V, chunk_size): several chunks with a short last one, several class blocks with a
 # short last one (blocks hold 512 classes), and the default plans of a large vocabulary:
-# PyTorch's chunk rule leaves 16 rows (three GEMMs) or one row (the four-GEMM blocks).
+# PyTorch's chunk rule leaves 64 rows (three GEMMs) or one row (the four-GEMM blocks).
 SHAPES = [
     pytest.param(37, 8, 1100, 8, id="chunks of 8, 3 class blocks"),
     pytest.param(5, 6, 700, 2, id="chunks of 2"),
-    pytest.param(512, 64, 3000, None, id="default plan, three GEMMs in chunks of 16"),
+    pytest.param(1024, 64, 1024, None, id="default plan, three GEMMs in chunks of 64"),
     pytest.param(300, 4, 3000, None, id="default plan, vocabulary blocks"),
 ]
 
