@@ -9,7 +9,14 @@ all requiring grad) for:
   eager          F.cross_entropy(F.linear(x, W, b), target)
   torch-chunked  torch.nn.functional.linear_cross_entropy(..., options=LinearCrossEntropyOptions())
   gpufit         gpufit.ops.fused_linear_cross_entropy
+  cce            Cut Cross-Entropy's linear_cross_entropy (when cut_cross_entropy is importable):
+                 its torch_compile implementation on CPU, its CUDA kernel ("cce") on a GPU; it
+                 takes no bias, so it gets none (the bias here is zero: the same loss, minus a
+                 bias gradient that costs one pass over the logits)
   liger          LigerFusedLinearCrossEntropyLoss (CUDA only, when liger_kernel is importable)
+and, timed in the same rounds, the GEMM floor: the three GEMMs of the math alone (logits
+x @ W.T + b, grad_x = G @ W, grad_W = G.T @ x, on the whole (N, V) matrix, no softmax), the
+least any three-GEMM plan can take; each variant's time is also given as a multiple of it.
 Sizes (N, H, V): CPU (256, 256, 32000) and (2048, 512, 32000) (--quick: the first); CUDA
 (4096, 1024, 32000) and (4096, 1024, 128256) (--quick: N=2048, H=512). On the CPU each size runs
 at 1 thread and at all cores (--threads to choose), side by side; --busy K keeps K busy-looping
@@ -61,6 +68,13 @@ def _variants(torch, device: str) -> dict:
     if not hasattr(F, "linear_cross_entropy"):  # torch < 2.13 has no native fused version
         print(f"torch {torch.__version__} has no F.linear_cross_entropy: skipping torch-chunked")
         del variants["torch-chunked"]
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+    except ImportError:
+        print("cut_cross_entropy is not installed: skipping cce")
+    else:
+        impl = "cce" if device == "cuda" else "torch_compile"
+        variants["cce"] = lambda x, w, t, b: cce(x, w, t, impl=impl)
     if device == "cuda":
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -100,6 +114,21 @@ class Case:
         self.sync()
         return time.perf_counter() - start
 
+    def gemms(self) -> None:
+        """The three GEMMs of forward + backward, alone (the result of the first stands in for
+        the logits' gradient)."""
+        with self.torch.no_grad():
+            z = self.torch.addmm(self.b, self.x, self.w.t())
+            self.torch.mm(z, self.w)
+            self.torch.mm(z.t(), self.x)
+
+    def floor_seconds(self, _fn=None) -> float:
+        self.sync()
+        start = time.perf_counter()
+        self.gemms()
+        self.sync()
+        return time.perf_counter() - start
+
     def loss(self, fn) -> float:
         with self.torch.no_grad():
             return float(fn(self.x, self.w, self.t, self.b).float())
@@ -128,16 +157,22 @@ class BusyProcesses:
             proc.wait()
 
 
+FLOOR = "gemm floor"
+
+
 def time_case(case: Case, variants: dict, threads: int, rounds: int, progress) -> dict:
+    """Median seconds of each variant and of the GEMM floor (FLOOR), alternating."""
     case.torch.set_num_threads(threads)
     for fn in variants.values():  # warm-up at this thread count
         case.step(fn)
-    times = {name: [] for name in variants}
-    names = list(variants)
+    case.gemms()
+    times = {name: [] for name in [*variants, FLOOR]}
+    names = list(times)
     for r in range(rounds):
         # each round starts with another variant, so that none always runs after the same one
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name].append(case.seconds(variants[name]))
+            measure = case.floor_seconds if name == FLOOR else case.seconds
+            times[name].append(measure(variants.get(name)))
         progress(f"round {r + 1}/{rounds}: " + ", ".join(
             f"{name} {ts[-1] * 1e3:.0f} ms" for name, ts in times.items()
         ))  # fmt: skip
@@ -152,6 +187,7 @@ def plot(rows, path: Path) -> None:
 
     names = list(rows[0]["peak_bytes"])
     runs = [(r, th) for r in rows for th in r["seconds"]]
+    floor_xs = list(range(len(runs)))
     fig, axes = plt.subplots(1, 2, figsize=(max(9, 2.6 * len(runs) + 3), 4.2))
     width = 0.8 / len(names)
     mem_labels = [f"N={r['N']} H={r['H']}\nV={r['V']}" for r in rows]
@@ -160,6 +196,8 @@ def plot(rows, path: Path) -> None:
         axes[0].bar(xs, [r["peak_bytes"][name] / MIB for r in rows], width, label=name)
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(runs))]
         axes[1].bar(xs, [r["seconds"][th][name] * 1e3 for r, th in runs], width, label=name)
+    floors = [r["seconds"][th][FLOOR] * 1e3 for r, th in runs]
+    axes[1].scatter(floor_xs, floors, marker="_", s=900, color="black", label=FLOOR, zorder=3)
     axes[0].set_xticks(range(len(rows)), mem_labels)
     axes[0].set_ylabel("peak extra memory, MiB (lower is better)")
     time_labels = [f"N={r['N']} V={r['V']}\n{th} thread{'s' * (th != '1')}" for r, th in runs]
@@ -244,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                 "time_vs_eager": {
                     th: {m: s[m] / s["eager"] for m in s} for th, s in seconds.items()
                 },
+                "time_vs_gemm_floor": {
+                    th: {m: s[m] / s[FLOOR] for m in s} for th, s in seconds.items()
+                },
             })  # fmt: skip
             del case
     load_after = os.getloadavg()
@@ -260,6 +301,18 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"  {name:>13}  {mem / MIB:8.1f} MiB ({row['memory_vs_eager'][name]:5.2f}x)"
                   f"{cells}   loss {row['loss'][name]:.5f}")  # fmt: skip
+        floor = "".join(
+            f"  {per_variant[FLOOR] * 1e3:9.1f} ms ({row['time_vs_eager'][th][FLOOR]:5.2f}x)"
+            for th, per_variant in row["seconds"].items()
+        )
+        print(f"  {FLOOR:>13}  {'3 GEMMs alone':>22}{floor}")
+        for th, per_variant in row["seconds"].items():
+            ratios = ", ".join(
+                f"{name} {row['time_vs_gemm_floor'][th][name]:.2f}x"
+                for name in per_variant
+                if name != FLOOR
+            )
+            print(f"  {th} thread(s), time over the GEMM floor: {ratios}")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
     report = {
         "benchmark": "linear_ce",

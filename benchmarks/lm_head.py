@@ -12,6 +12,9 @@ One training step (forward + backward, no optimizer) of a tiny random-init Llama
                  torch_compile implementation on CPU, its CUDA kernel ("cce") on a GPU
   liger          LigerFusedLinearCrossEntropyLoss on the hidden states (CUDA only)
 The last three get the labels shifted as the model shifts them. Vocabularies 32000 and 128256.
+Timed in the same rounds, the head's GEMM floor: the three GEMMs of the head's forward +
+backward alone (logits, grad of the hidden states, grad of lm_head's weight; (tokens, hidden) x
+(hidden, vocab)), the least a three-GEMM head can add to the model's own step.
 Memory: peak bytes allocated during the step above what was allocated before it (parameters
 excluded, the gradients produced included), each variant in a fresh process after one warm-up
 step; CPU: the torch profiler's allocation records (benchmarks/memory.py), CUDA:
@@ -114,6 +117,19 @@ class Workload:
         self.sync()
         return time.perf_counter() - start
 
+    def head_gemms(self) -> float:
+        """Seconds of the head's three GEMMs alone, on hidden states of the batch's shape."""
+        torch = self.torch
+        w = self.stock.lm_head.weight.detach()
+        x = torch.randn(self.ids.numel(), w.shape[1], device=w.device, dtype=w.dtype)
+        self.sync()
+        start = time.perf_counter()
+        z = x @ w.t()
+        torch.mm(z, w)
+        torch.mm(z.t(), x)
+        self.sync()
+        return time.perf_counter() - start
+
     def peak_bytes(self, fn) -> int:
         for model in (self.stock, self.fused):
             model.zero_grad(set_to_none=True)
@@ -161,14 +177,21 @@ def memory_in_fresh_process(args, variant: str, vocab: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+FLOOR = "head gemm floor"
+
+
 def time_variants(work: Workload, names, rounds: int, progress) -> dict:
+    """Median seconds of each variant's step and of the head's GEMM floor (FLOOR)."""
     fns = {name: work.loss_fn(name) for name in names}
     for fn in fns.values():  # warm-up
         work.step(fn)
-    times = {name: [] for name in names}
+    work.head_gemms()
+    order = [*names, FLOOR]
+    times = {name: [] for name in order}
     for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name].append(work.seconds(fns[name]))
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            seconds = work.head_gemms() if name == FLOOR else work.seconds(fns[name])
+            times[name].append(seconds)
         progress(f"round {r + 1}/{rounds}: " + ", ".join(
             f"{name} {ts[-1] * 1e3:.0f} ms" for name, ts in times.items()))  # fmt: skip
     return {name: statistics.median(ts) for name, ts in times.items()}
@@ -188,6 +211,8 @@ def plot(rows, path: Path) -> None:
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(rows))]
         axes[0].bar(xs, [r["peak_bytes"][name] / MIB for r in rows], width, label=name)
         axes[1].bar(xs, [r["seconds"][name] * 1e3 for r in rows], width, label=name)
+    floors = [r["seconds"][FLOOR] * 1e3 for r in rows]
+    axes[1].scatter(range(len(rows)), floors, marker="_", s=900, color="black", label=FLOOR)
     for ax, what in zip(axes, ("peak extra memory, MiB", "step time, ms"), strict=True):
         ax.set_xticks(range(len(rows)), labels)
         ax.set_ylabel(f"{what} (lower is better)")
@@ -249,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             "loss": {n: m["loss"] for n, m in memory.items()},
             "memory_vs_stock": {n: peak[n] / peak["stock"] for n in peak},
             "time_vs_stock": {n: seconds[n] / seconds["stock"] for n in seconds},
+            "time_vs_cce": {n: seconds[n] / seconds["cce"] for n in seconds}
+            if "cce" in seconds else {},
         })  # fmt: skip
     load_after = os.getloadavg()
     for row in rows:
@@ -259,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"({row['memory_vs_stock'][name]:5.2f}x)  step "
                   f"{row['seconds'][name] * 1e3:8.1f} ms ({row['time_vs_stock'][name]:5.2f}x)"
                   f"  loss {row['loss'][name]:.5f}")  # fmt: skip
+        print(f"  {FLOOR:>13}  the head's 3 GEMMs alone: {row['seconds'][FLOOR] * 1e3:.1f} ms"
+              + "".join(f"; {n} {row['time_vs_cce'][n]:.2f}x cce" for n in row["time_vs_cce"]
+                        if n not in (FLOOR, "cce")))  # fmt: skip
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
     report = {
         "benchmark": "lm_head",

@@ -4,6 +4,12 @@
 //   one chunk      all the logits fit the scratch budget (PyTorch's chunk rule, below) or 1 MiB:
 //                  one GEMM for all logits, one C++ pass per row (rows in parallel), the gradient
 //                  GEMMs; a small head (MNIST: 64 x 10 logits) costs a handful of ATen calls.
+//   three GEMMs    fp32/fp64 when forward computes the gradients (a scalar loss that needs them)
+//                  in row chunks: PyTorch's chunk rows where they are at least kThreeGemmMinRows,
+//                  or an explicit chunk_size. Each chunk's logits, one GEMM, stay in a (rows, V)
+//                  scratch until its softmax statistics are known; then they become the gradient
+//                  in place and feed grad_x and grad_weight (ThreeGemmForward). Backward only
+//                  scales what forward stored.
 //   vocabulary     the default otherwise, for fp32/fp64: two parallel phases (BlockEngine), each
 //   blocks         one parallel region whose threads take tiles from a shared counter, run their
 //                  GEMMs single-threaded and never wait on each other inside the phase:
@@ -14,9 +20,10 @@
 //                                     gradient, that block's rows of grad_weight and grad_bias.
 //                  4 GEMMs in all, no buffer larger than one tile per thread, and no two threads
 //                  ever write the same output.
-//   row chunks     an explicit chunk_size (rows per chunk), and every bf16/fp16 call: the chunk
-//                  loops of linear_ce.h, with the row kernels CpuKernels below (the same loops
-//                  the CUDA kernels run).
+//   row chunks     an explicit chunk_size (rows per chunk) where the three GEMMs do not run,
+//                  softcap and class weights, and every bf16/fp16 call: the chunk loops of
+//                  linear_ce.h, with the row kernels CpuKernels below (the same loops the CUDA
+//                  kernels run).
 // Each row's log-sum-exp is formed from z - max, and long sums are pairwise (pairwise_sum) or
 // blocked, so fp32 keeps its precision over a vocabulary of 2**20.
 #include <ATen/Dispatch.h>
@@ -24,6 +31,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/amax.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/max.h>
 #include <ATen/ops/sum.h>
 #include <torch/library.h>
 
@@ -114,13 +122,18 @@ acc_t row_max(const scalar_t* row, int64_t cols) {
   return m;
 }
 
-// The row's max, and in *arg the first column that holds it (0 when every column is -inf).
+// The row's max, and in *arg the first column that holds it (0 when every column is -inf). A
+// nan is the max, as for torch.argmax: the first nan and its column are returned.
 template <typename scalar_t, typename acc_t>
 acc_t row_max(const scalar_t* row, int64_t cols, int64_t* arg) {
   acc_t m = neg_inf<acc_t>();
   *arg = 0;
   for (int64_t j = 0; j < cols; ++j) {
     const acc_t v = static_cast<acc_t>(row[j]);
+    if (std::isnan(v)) {
+      *arg = j;
+      return v;
+    }
     if (v > m) {
       m = v;
       *arg = j;
@@ -161,8 +174,11 @@ struct CpuKernels {
           int64_t arg = 0;
           const acc_t bmax = pp != nullptr ? row_max<scalar_t, acc_t>(row, cols, &arg)
                                            : row_max<scalar_t, acc_t>(row, cols);
-          if (pp != nullptr && bmax > m_old) pp[i] = col0 + arg;
-          const acc_t m = bmax > m_old ? bmax : m_old;
+          // a nan max (only row_max with arg returns one) wins over numbers, an earlier nan
+          // over later ones: torch.argmax's rule; a nan m makes s and the loss nan
+          const bool nan_block = std::isnan(bmax) && !std::isnan(m_old);
+          if (pp != nullptr && (bmax > m_old || nan_block)) pp[i] = col0 + arg;
+          const acc_t m = bmax > m_old || nan_block ? bmax : m_old;
           if (m == neg_inf<acc_t>()) {  // every column so far is -inf: s stays 0
             if (smoothing && cols > 0) zrp[i] = neg_inf<acc_t>();
             continue;
@@ -290,6 +306,17 @@ inline bool needs_row_kernels(const Options& o) {
   return o.capped() || o.weighted() || o.return_predicted;
 }
 
+constexpr int64_t kThreeGemmMinRows = 64;  // see the three-GEMM plan below
+
+// The three-GEMM forward (ThreeGemmForward below) runs where forward computes the gradients, in
+// row chunks of the plan (an explicit chunk_size, or PyTorch's rule where it leaves at least
+// kThreeGemmMinRows rows), without a softcap or class weights.
+inline bool uses_three_gemms(const CpuPlan& plan, const Options& o, bool with_grads) {
+  const bool chunked = plan.kind == CpuPlan::Kind::RowChunks ||
+                       (plan.kind == CpuPlan::Kind::Blocks && plan.rows >= kThreeGemmMinRows);
+  return with_grads && chunked && !o.capped() && !o.weighted();
+}
+
 // d loss / d (row loss) of a reduced loss on the CPU: 1/count (mean), 1/num_items (sum with it;
 // read here, a CPU tensor's value costs no wait) or 1.
 inline double cpu_scale(const Options& o, int64_t count) {
@@ -322,6 +349,7 @@ double sum_as_double(const at::Tensor& t) {
 // The outputs of a CPU forward before the loss is reduced.
 struct Partial {
   at::Tensor row_loss, lse, lse_lo, grad_x, grad_w, grad_b;
+  at::Tensor predicted;  // (N,) int64 for return_predicted, else undefined
 };
 
 inline at::Tensor none_like(const at::Tensor& t) { return at::empty({0}, t.options()); }
@@ -671,6 +699,269 @@ struct BlockEngine {
   }
 };
 
+// ---------------------------------------------------------------- three GEMMs in row chunks
+
+// The forward with gradients, for fp32/fp64 and a scalar loss: each chunk of rows is multiplied
+// with the weight once, and the chunk's logits stay in a (rows, V) scratch, in class blocks,
+// until the chunk's softmax statistics are known; then each block becomes its softmax gradient
+// in place and feeds grad_x and grad_weight. Three GEMMs in all (logits, grad_x, grad_weight),
+// the floor for this math. Each step is one parallel region over the class blocks, taken from a
+// shared counter; a block's task first finishes the previous chunk there (gradient, its grad_x
+// share, that block's rows of grad_weight and grad_bias) and then starts the next chunk there
+// (logits, block statistics), so each block of the weight is read from memory once for both.
+// No two tasks write the same rows of grad_weight; each worker sums its grad_x share apart.
+struct ChunkPlan {
+  int64_t rows;     // rows per chunk
+  int64_t cols;     // classes per block
+  int64_t blocks;   // ceil(V / cols)
+  int64_t workers;  // threads of each region
+};
+
+// Classes per block: a block's (rows, 512) tile and its (512, H) slices of the weight and of
+// grad_weight stay in a core's L2 between the block's GEMMs; blocks of 256 to 1024 classes ran
+// alike (one core, fp32, N=1020 H=256 V=128256).
+constexpr int64_t kBlockCols = 512;
+
+// kThreeGemmMinRows (above): the weight is streamed from memory once per chunk, so with few
+// rows per chunk the three GEMMs are bound by memory (a (rows x H) x (H x V) GEMM does 2 rows
+// flops per weight element read); the four-GEMM vocabulary blocks keep their tiles in cache.
+// Measured on one core (fp32, CPU time, a busy machine): N=2048 H=512 V=32000, the three-GEMM
+// plan in chunks of 16 to 64 rows took 0.77x to 0.83x the blocks' time; N=1020 H=256 V=128256,
+// chunks of 64 rows 2.9 s, of 16 rows 5.8 s, the blocks 3.2 to 3.7 s. So 64 rows at least
+// (PyTorch's rule gives 4 rows at N=1020 H=256 V=128256: the blocks run there).
+
+inline ChunkPlan chunk_plan(int64_t rows, int64_t V) {
+  ChunkPlan p;
+  p.rows = std::max<int64_t>(1, rows);
+  p.cols = std::min(V, kBlockCols);
+  p.blocks = (V + p.cols - 1) / p.cols;
+  p.workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.blocks));
+  return p;
+}
+
+template <typename scalar_t>
+struct ThreeGemmForward {
+  const linear_ce::Flat& f;
+  const ChunkPlan p;
+  const int64_t ignore_index;
+  const double eps, z_loss;
+  const scalar_t scale;  // d loss / d (row loss) of a kept row
+  const bool predicted;
+  at::Tensor* grad_x;  // each may be null: not wanted
+  at::Tensor* grad_w;
+  at::Tensor* grad_b;
+
+  at::Tensor tiles;    // p.rows * V: block b's (rows, cols_b) tile at offset b * rows * cols
+  at::Tensor partial;  // (workers, rows, H): each worker's share of the chunk's grad_x
+  // Per block b and chunk row i, at b * rows + i: the block's max, sum of exp(z - max), sum of
+  // (z - max) (label smoothing), first column of the max (return_predicted), the subtracted
+  // shift (the max, 0 where it is -inf), and the gradient's factor exp(max - lse) a_i.
+  std::vector<scalar_t> bmax, bsum, brel, shift, factor;
+  std::vector<int64_t> barg;
+  std::vector<scalar_t> zt;  // per chunk row: the target's logit
+
+  ThreeGemmForward(const linear_ce::Flat& flat, const ChunkPlan& plan, const Options& o,
+                   double loss_scale, at::Tensor* gx, at::Tensor* gw, at::Tensor* gb)
+      : f(flat), p(plan), ignore_index(o.ignore_index), eps(o.label_smoothing), z_loss(o.z_loss),
+        scale(static_cast<scalar_t>(loss_scale)), predicted(o.return_predicted), grad_x(gx),
+        grad_w(gw), grad_b(gb) {
+    const auto opts = f.x.options();
+    tiles = at::empty({p.rows * f.V}, opts);
+    if (grad_x != nullptr) partial = at::empty({p.workers, p.rows, f.H}, opts);
+    const size_t n = static_cast<size_t>(p.blocks * p.rows);
+    bmax.resize(n);
+    bsum.resize(n);
+    brel.resize(n);
+    shift.resize(n);
+    factor.resize(n);
+    if (predicted) barg.resize(n);
+    zt.resize(static_cast<size_t>(p.rows));
+  }
+
+  int64_t cols_of(int64_t b) const { return std::min(p.cols, f.V - b * p.cols); }
+
+  at::Tensor tile(int64_t b, int64_t rows) const {
+    return tiles.narrow(0, b * p.rows * p.cols, rows * cols_of(b)).view({rows, cols_of(b)});
+  }
+
+  // A (rows, 1) column over a per-block vector (block b), for broadcasting over a tile.
+  template <typename T>
+  at::Tensor column(std::vector<T>& v, int64_t b, int64_t rows, at::ScalarType type) const {
+    return at::from_blob(v.data() + b * p.rows, {rows, 1}, f.x.options().dtype(type));
+  }
+
+  // Block b of the chunk at rows [r0, r0 + rows): logits, the block's statistics, and the tile
+  // left holding exp(z - shift).
+  void start_block(int64_t b, int64_t r0, int64_t rows) {
+    const int64_t c0 = b * p.cols, cols = cols_of(b);
+    at::Tensor z = tile(b, rows);
+    linear_ce::logits_into(z, f.x.narrow(0, r0, rows), f.weight.narrow(0, c0, cols),
+                           f.bias.defined() ? f.bias.narrow(0, c0, cols) : at::Tensor());
+    const at::ScalarType st = f.x.scalar_type();
+    at::Tensor maxima = column(bmax, b, rows, st).view({rows});
+    if (predicted) {
+      at::Tensor args = column(barg, b, rows, at::kLong).view({rows});
+      at::max_out(maxima, args, z, 1);  // torch's rule: a nan is the max, the first one wins
+    } else {
+      at::amax_out(maxima, z, {1});
+    }
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const int64_t* tp = f.target.const_data_ptr<int64_t>() + r0;
+    scalar_t* m = bmax.data() + b * p.rows;
+    scalar_t* sh = shift.data() + b * p.rows;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t t = tp[i];
+      if (t != ignore_index && t >= c0 && t < c0 + cols) zt[i] = zp[i * cols + t - c0];
+      sh[i] = m[i] == neg_inf<scalar_t>() ? scalar_t(0) : m[i];
+    }
+    z.sub_(column(shift, b, rows, st));
+    if (eps != 0.0) {
+      at::Tensor rel = column(brel, b, rows, st).view({rows});
+      at::sum_out(rel, z, {1});
+    }
+    z.exp_();
+    at::Tensor sums = column(bsum, b, rows, st).view({rows});
+    at::sum_out(sums, z, {1});
+  }
+
+  // Block b of the chunk at rows [r0, r0 + rows), whose statistics are final: the tile becomes
+  // d loss / d z in place, then its share of grad_x (worker w's), its rows of grad_weight and
+  // grad_bias (first: the first chunk, which writes instead of adding).
+  void finish_block(int64_t b, int64_t r0, int64_t rows, int64_t w, bool first) {
+    const int64_t c0 = b * p.cols, cols = cols_of(b);
+    const at::ScalarType st = f.x.scalar_type();
+    at::Tensor z = tile(b, rows);
+    z.mul_(column(factor, b, rows, st));
+    scalar_t* zp = z.data_ptr<scalar_t>();
+    const int64_t* tp = f.target.const_data_ptr<int64_t>() + r0;
+    const scalar_t smooth = scale * static_cast<scalar_t>(eps / static_cast<double>(f.V));
+    const scalar_t onehot = scale * static_cast<scalar_t>(1.0 - eps);
+    for (int64_t i = 0; i < rows; ++i) {
+      scalar_t* row = zp + i * cols;
+      const int64_t t = tp[i];
+      if (t == ignore_index) {
+        std::fill(row, row + cols, scalar_t(0));
+        continue;
+      }
+      if (eps != 0.0) {
+        for (int64_t j = 0; j < cols; ++j) row[j] -= smooth;
+      }
+      if (t >= c0 && t < c0 + cols) row[t - c0] -= onehot;
+    }
+    const at::Tensor wb = f.weight.narrow(0, c0, cols);
+    if (grad_x != nullptr) partial[w].narrow(0, 0, rows).addmm_(z, wb);
+    const at::Tensor xr = f.x.narrow(0, r0, rows);
+    if (grad_w != nullptr) {
+      at::Tensor gw = grad_w->narrow(0, c0, cols);
+      if (first) {
+        at::mm_out(gw, z.t(), xr);
+      } else {
+        gw.addmm_(z.t(), xr);
+      }
+    }
+    if (grad_b != nullptr) {
+      at::Tensor gb = grad_b->narrow(0, c0, cols);
+      if (first) {
+        at::sum_out(gb, z, {0});
+      } else {
+        gb.add_(at::sum(z, {0}));
+      }
+    }
+  }
+
+  // The chunk's rows from the blocks' statistics: lse, lse_lo, the row loss, the argmax, and
+  // each block's gradient factor.
+  void finish_rows(int64_t r0, int64_t rows, scalar_t* lse, scalar_t* lse_lo, scalar_t* row_loss,
+                   int64_t* pred) {
+    const int64_t* tp = f.target.const_data_ptr<int64_t>() + r0;
+    const bool smoothing = eps != 0.0;
+    for (int64_t i = 0; i < rows; ++i) {
+      scalar_t m = neg_inf<scalar_t>();
+      int64_t arg = 0;
+      for (int64_t b = 0; b < p.blocks; ++b) {
+        const scalar_t mb = bmax[b * p.rows + i];
+        // a nan max wins over any number, and the first nan over later ones (torch.argmax)
+        if (mb > m || (std::isnan(mb) && !std::isnan(m))) {
+          m = mb;
+          if (predicted) arg = b * p.cols + barg[b * p.rows + i];
+        }
+      }
+      scalar_t s = 0, zrel = 0;
+      for (int64_t b = 0; b < p.blocks; ++b) {
+        const int64_t k = b * p.rows + i;
+        if (bmax[k] == neg_inf<scalar_t>()) {
+          if (smoothing) zrel = neg_inf<scalar_t>();
+          continue;
+        }
+        s += bsum[k] * std::exp(shift[k] - m);
+        if (smoothing) zrel += brel[k] + static_cast<scalar_t>(cols_of(b)) * (shift[k] - m);
+      }
+      const int64_t t = tp[i];
+      const bool ignored = t == ignore_index;
+      const scalar_t ls = std::log(s);
+      const scalar_t l = m + ls;
+      const scalar_t lo = std::isfinite(l) ? two_sum_lo(m, ls, l) : scalar_t(0);
+      lse[r0 + i] = l;
+      lse_lo[r0 + i] = lo;
+      if (pred != nullptr) pred[r0 + i] = ignored ? ignore_index : arg;
+      scalar_t loss = ls - static_cast<scalar_t>(1.0 - eps) * (zt[i] - m);
+      if (smoothing) loss -= static_cast<scalar_t>(eps / static_cast<double>(f.V)) * zrel;
+      row_loss[r0 + i] = ignored ? scalar_t(0) : loss + static_cast<scalar_t>(z_loss) * l * l;
+      // softmax_ij a_i = exp(z_ij - shift_ib) exp((shift_ib - lse_i) - lse_lo_i) a_i
+      const scalar_t a = ignored ? scalar_t(0)
+                                 : scale * (scalar_t(1) + static_cast<scalar_t>(2 * z_loss) * l);
+      for (int64_t b = 0; b < p.blocks; ++b) {
+        const int64_t k = b * p.rows + i;
+        factor[k] = bmax[k] == neg_inf<scalar_t>() ? scalar_t(0)
+                                                   : std::exp((shift[k] - l) - lo) * a;
+      }
+    }
+  }
+
+  void run(scalar_t* lse, scalar_t* lse_lo, scalar_t* row_loss, int64_t* pred) {
+    const int64_t N = f.N;
+    int64_t pending = -1, pending_rows = 0;  // the chunk whose gradients are still to come
+    for (int64_t r0 = 0; pending >= 0 || r0 < N; r0 += p.rows) {
+      const int64_t rows = r0 < N ? std::min(p.rows, N - r0) : 0;
+      if (grad_x != nullptr && pending >= 0) partial.zero_();
+      cpu_threads::run_tasks(p.blocks, p.workers, [&](int64_t b, int64_t w) {
+        if (pending >= 0) finish_block(b, pending, pending_rows, w, pending == 0);
+        if (rows > 0) start_block(b, r0, rows);
+      });
+      if (grad_x != nullptr && pending >= 0) {
+        at::Tensor gx = grad_x->narrow(0, pending, pending_rows);
+        at::sum_out(gx, partial.narrow(1, 0, pending_rows), {0});
+      }
+      if (rows > 0) finish_rows(r0, rows, lse, lse_lo, row_loss, pred);
+      pending = rows > 0 ? r0 : -1;
+      pending_rows = rows;
+    }
+  }
+};
+
+Partial three_gemm_forward(const linear_ce::Flat& f, int64_t rows, int64_t count,
+                           const Options& o, std::array<bool, 3> grad_mask) {
+  const int64_t N = f.N, H = f.H, V = f.V;
+  const auto opts = f.x.options();
+  Partial out{at::empty({N}, opts), at::empty({N}, opts), at::empty({N}, opts),
+              none_like(f.x),       none_like(f.x),       none_like(f.x)};
+  if (grad_mask[0]) out.grad_x = at::empty({N, H}, opts);
+  if (grad_mask[1]) out.grad_w = at::empty({V, H}, opts);
+  const bool want_b = grad_mask[2] && f.bias.defined();
+  if (want_b) out.grad_b = at::empty({V}, opts);
+  if (o.return_predicted) out.predicted = at::empty({N}, f.target.options());
+  AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), kOp, [&] {
+    ThreeGemmForward<scalar_t> engine(f, chunk_plan(std::min(rows, N), V), o, cpu_scale(o, count),
+                                      grad_mask[0] ? &out.grad_x : nullptr,
+                                      grad_mask[1] ? &out.grad_w : nullptr,
+                                      want_b ? &out.grad_b : nullptr);
+    engine.run(out.lse.data_ptr<scalar_t>(), out.lse_lo.data_ptr<scalar_t>(),
+               out.row_loss.data_ptr<scalar_t>(),
+               o.return_predicted ? out.predicted.data_ptr<int64_t>() : nullptr);
+  });
+  return out;
+}
+
 Partial blocks_forward(const linear_ce::Flat& f, const CpuPlan& cp, int64_t count,
                        const Options& o, bool with_grads, std::array<bool, 3> grad_mask) {
   const int64_t N = f.N, H = f.H, V = f.V;
@@ -753,14 +1044,16 @@ linear_ce::Outputs forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_
     return linear_ce::forward<CpuKernels>(x_in, weight_in, target_in, bias_in, o, grad_mask);
   }
   const CpuPlan plan = cpu_plan(f.N, f.V, f.H, o.chunk_size);
-  if (plan.kind == CpuPlan::Kind::RowChunks || needs_row_kernels(o)) {
+  const bool with_grads = linear_ce::grads_in_forward(f.x.scalar_type(), o.reduction, grad_mask);
+  const bool three_gemms = uses_three_gemms(plan, o, with_grads);
+  if (!three_gemms && (plan.kind == CpuPlan::Kind::RowChunks || needs_row_kernels(o))) {
     Options chunked = o;
     chunked.chunk_size = std::max<int64_t>(1, plan.rows);
     return linear_ce::forward<CpuKernels>(x_in, weight_in, target_in, bias_in, chunked,
                                           grad_mask);
   }
-  const bool with_grads = linear_ce::grads_in_forward(f.x.scalar_type(), o.reduction, grad_mask);
-  Partial out = plan.kind == CpuPlan::Kind::Blocks
+  Partial out = three_gemms ? three_gemm_forward(f, plan.rows, count, o, grad_mask)
+                : plan.kind == CpuPlan::Kind::Blocks
                     ? blocks_forward(f, plan, count, o, with_grads, grad_mask)
                     : one_chunk_forward(f, count, o, with_grads, grad_mask);
   at::Tensor loss;
@@ -772,7 +1065,9 @@ linear_ce::Outputs forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_
   }
   if (with_grads && grad_mask[0]) out.grad_x = out.grad_x.view(x_in.sizes());
   return {loss,       out.lse.view(target_in.sizes()), out.lse_lo.view(target_in.sizes()),
-          at::empty({0}, f.target.options()), out.grad_x, out.grad_w, out.grad_b};
+          out.predicted.defined() ? out.predicted.view(target_in.sizes())
+                                  : at::empty({0}, f.target.options()),
+          out.grad_x, out.grad_w, out.grad_b};
 }
 
 linear_ce::Grads backward_cpu(const at::Tensor& grad_loss,

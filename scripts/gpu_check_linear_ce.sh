@@ -17,7 +17,7 @@ status=0
 
 echo "=== linear-ce cuda tests"
 timeout 600 "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/test_linear_ce.py \
-  tests/test_linear_ce_llm.py 2>&1 \
+  tests/test_linear_ce_llm.py tests/test_linear_ce_plan.py 2>&1 \
   | tee "$OUT/linear-ce-cuda-tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 

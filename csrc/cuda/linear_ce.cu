@@ -62,20 +62,35 @@ __device__ __forceinline__ acc_t zrel_at(const RowState<acc_t>& a, acc_t m) {
   return a.zrel + a.count * (a.m - m);
 }
 
-// The first column of the larger max (of the smaller column on a tie).
+template <typename acc_t>
+__device__ __forceinline__ bool is_nan(acc_t v) {
+  return v != v;
+}
+
+// The first column of the larger max (of the smaller column on a tie). A nan max is larger than
+// any number, as for torch.argmax.
 template <typename acc_t>
 __device__ __forceinline__ long long merged_arg(const RowState<acc_t>& a, const RowState<acc_t>& b) {
   if (a.arg < 0) return b.arg;
   if (b.arg < 0) return a.arg;
+  if (is_nan(a.m) != is_nan(b.m)) return is_nan(a.m) ? a.arg : b.arg;
   if (a.m > b.m) return a.arg;
   if (b.m > a.m) return b.arg;
   return a.arg < b.arg ? a.arg : b.arg;
 }
 
+// The larger max, nan where either is nan.
+template <typename acc_t>
+__device__ __forceinline__ acc_t merged_max(acc_t a, acc_t b) {
+  if (is_nan(a)) return a;
+  if (is_nan(b)) return b;
+  return a > b ? a : b;
+}
+
 template <typename acc_t>
 __device__ __forceinline__ RowState<acc_t> merge(const RowState<acc_t>& a,
                                                  const RowState<acc_t>& b) {
-  const acc_t m = a.m > b.m ? a.m : b.m;
+  const acc_t m = merged_max(a.m, b.m);
   const acc_t count = a.count + b.count;
   const long long arg = merged_arg(a, b);
   if (m == neg_inf<acc_t>()) return {m, acc_t(0), count > acc_t(0) ? m : acc_t(0), count, arg};
@@ -87,7 +102,12 @@ __device__ __forceinline__ RowState<acc_t> merge(const RowState<acc_t>& a,
 // Column j with (capped) logit v and class weight w.
 template <typename acc_t>
 __device__ __forceinline__ void push(RowState<acc_t>& st, acc_t v, acc_t w, long long j) {
-  if (v > st.m) {
+  if (is_nan(v) && !is_nan(st.m)) {  // the row's max from here on (torch.argmax's rule)
+    st.m = v;
+    st.s = v;
+    st.zrel = v;
+    st.arg = j;
+  } else if (v > st.m) {
     st.zrel = zrel_at(st, v);
     st.s = st.s * ::exp(st.m - v) + acc_t(1);
     st.m = v;
@@ -161,7 +181,8 @@ __global__ void stats_kernel(const scalar_t* __restrict__ z, int64_t cols, int64
     // the columns before this block: [0, col0)
     const RowState<acc_t> before{m[i], s[i], zrel[i], weights.before(col0), -1};
     const RowState<acc_t> state = merge(before, st);
-    if (pred != nullptr && st.arg >= 0 && st.m > before.m) pred[i] = col0 + st.arg;
+    const bool nan_block = is_nan(st.m) && !is_nan(before.m);
+    if (pred != nullptr && st.arg >= 0 && (st.m > before.m || nan_block)) pred[i] = col0 + st.arg;
     m[i] = state.m;
     s[i] = state.s;
     zrel[i] = state.zrel;

@@ -53,7 +53,7 @@ from gpufit.examples.training import (  # noqa: F401  (re-exported for callers o
     save_checkpoint,
 )
 from gpufit.nn import FusedLinearReLU, fuse
-from gpufit.ops import fused_linear_cross_entropy
+from gpufit.ops import LinearCEOptions, run_fused_linear_cross_entropy
 
 CHECKPOINT_FORMAT = "gpufit-mnist-checkpoint/1"
 # A checkpoint holds the MLP's 203,530 weights and Adam's two moments (2.4 MiB) and a short
@@ -74,6 +74,10 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.layers(self.flatten(x))
+
+
+# The loss's options (the defaults: mean over all rows), validated once and not per step.
+_MEAN_LOSS = LinearCEOptions()
 
 
 class FusedMLP(MLP):
@@ -97,7 +101,7 @@ class FusedMLP(MLP):
         head = self.layers[2]
         if target is None:
             return head(hidden)
-        return fused_linear_cross_entropy(hidden, head.weight, target, head.bias)
+        return run_fused_linear_cross_entropy(_MEAN_LOSS, hidden, head.weight, target, head.bias)
 
 
 # ================================================================ the two implementations

@@ -1,0 +1,185 @@
+"""The plans of fused_linear_cross_entropy's CPU kernel against eager PyTorch: the three-GEMM
+forward (gradients formed while each chunk's logits are at hand, backward only scales them),
+the four-GEMM plan it leaves to (a differentiated lse, create_graph, no gradients), and the
+argmax of return_predicted, which follows torch.argmax's rule for nan (a nan logit is the max).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpufit import ops
+
+pytestmark = pytest.mark.compiled  # the compiled CPU kernel's plans
+
+# (N, H, V, chunk_size): several chunks with a short last one, several class blocks with a
+# short last one (blocks hold 512 classes), and the default plans of a large vocabulary:
+# PyTorch's chunk rule leaves 64 rows (three GEMMs) or one row (the four-GEMM blocks).
+SHAPES = [
+    pytest.param(37, 8, 1100, 8, id="chunks of 8, 3 class blocks"),
+    pytest.param(5, 6, 700, 2, id="chunks of 2"),
+    pytest.param(1024, 64, 1024, None, id="default plan, three GEMMs in chunks of 64"),
+    pytest.param(300, 4, 3000, None, id="default plan, vocabulary blocks"),
+]
+
+
+def make_inputs(n, h, v, dtype=torch.float64, seed=0, ignore=-100):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=g, dtype=dtype)
+    w = torch.randn(v, h, generator=g, dtype=dtype) / h**0.5
+    b = torch.randn(v, generator=g, dtype=dtype) * 0.1
+    t = torch.randint(0, v, (n,), generator=g)
+    t[::7] = ignore
+    return x, w, t, b
+
+
+def leaves(*tensors):
+    return [t.clone().requires_grad_() for t in tensors]
+
+
+def eager_loss(x, w, t, b, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+               reduction="mean"):  # fmt: skip
+    logits = F.linear(x, w, b)
+    loss = F.cross_entropy(
+        logits, t, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        reduction="none",
+    )  # fmt: skip
+    keep = t != ignore_index
+    loss = loss + z_loss * torch.logsumexp(logits, 1) ** 2 * keep
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / keep.sum()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,h,v,chunk", SHAPES)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"label_smoothing": 0.1, "z_loss": 1e-3}, {"reduction": "sum", "ignore_index": 3}],
+    ids=["plain", "smoothing+z_loss", "sum, ignore 3"],
+)
+def test_three_gemm_plan_matches_eager(n, h, v, chunk, options, threads):
+    x, w, t, b = make_inputs(n, h, v, ignore=options.get("ignore_index", -100))
+    ref = leaves(x, w, b)
+    eager_loss(ref[0], ref[1], t, ref[2], **options).backward()
+    ours = leaves(x, w, b)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        loss = ops.fused_linear_cross_entropy(ours[0], ours[1], t, ours[2], chunk_size=chunk,
+                                              **options)  # fmt: skip
+        loss.backward()
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(loss, eager_loss(x, w, t, b, **options), rtol=1e-10, atol=1e-12)
+    for mine, theirs in zip(ours, ref, strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,h,v,chunk", SHAPES)
+def test_stored_gradients_are_scaled_and_kept_for_retain_graph(n, h, v, chunk):
+    # backward scales what forward stored, never in place: a retained graph gives the same
+    # gradients again, and a grad_output of 3 gives three times them
+    x, w, t, b = make_inputs(n, h, v)
+    ours = leaves(x, w, b)
+    loss = ops.fused_linear_cross_entropy(ours[0], ours[1], t, ours[2], chunk_size=chunk)
+    first = torch.autograd.grad(loss, ours, retain_graph=True)
+    again = torch.autograd.grad(loss, ours, retain_graph=True)
+    tripled = torch.autograd.grad(loss * 3, ours)
+    ref = leaves(x, w, b)
+    expected = torch.autograd.grad(eager_loss(ref[0], ref[1], t, ref[2]), ref)
+    for a, b_, c, e in zip(first, again, tripled, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(b_, e, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(c, 3 * e, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,h,v,chunk", SHAPES)
+def test_differentiated_lse_takes_its_own_gradient(n, h, v, chunk):
+    # forward cannot know that lse will be differentiated: backward adds its softmax term
+    x, w, t, b = make_inputs(n, h, v)
+    ours = leaves(x, w, b)
+    loss, lse = ops.fused_linear_cross_entropy(ours[0], ours[1], t, ours[2], chunk_size=chunk,
+                                               return_lse=True)  # fmt: skip
+    (loss + 0.5 * lse.square().mean()).backward()
+    ref = leaves(x, w, b)
+    logits = F.linear(ref[0], ref[1], ref[2])
+    (eager_loss(ref[0], ref[1], t, ref[2]) + 0.5 * torch.logsumexp(logits, 1).square().mean()
+     ).backward()  # fmt: skip
+    for mine, theirs in zip(ours, ref, strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,h,v,chunk", SHAPES)
+def test_double_backward_through_the_three_gemm_plan(n, h, v, chunk):
+    x, w, t, b = make_inputs(n, h, v)
+    ours = leaves(x, w, b)
+    loss = ops.fused_linear_cross_entropy(ours[0], ours[1], t, ours[2], chunk_size=chunk)
+    (gx,) = torch.autograd.grad(loss, ours[0], create_graph=True)
+    gx.square().sum().backward()
+    ref = leaves(x, w, b)
+    (rgx,) = torch.autograd.grad(eager_loss(ref[0], ref[1], t, ref[2]), ref[0], create_graph=True)
+    rgx.square().sum().backward()
+    for mine, theirs in zip(ours, ref, strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-8, atol=1e-11)
+
+
+# ---------------------------------------------------------------- return_predicted and nan
+
+
+def nan_inputs(n, h, v, dtype):
+    x, w, t, b = make_inputs(n, h, v, dtype=dtype)
+    w[3] = float("nan")  # every row's logit of class 3 is nan
+    x[1, :] = float("nan")  # row 1: every logit nan
+    return x, w, t, b
+
+
+PREDICTED_CASES = [
+    pytest.param(12, 8, 30, None, torch.float32, id="one chunk"),
+    pytest.param(12, 8, 30, 4, torch.float32, id="row chunks"),
+    pytest.param(37, 8, 1100, 8, torch.float64, id="chunks and class blocks"),
+    pytest.param(300, 4, 3000, None, torch.float32, id="default plan, large vocabulary"),
+    pytest.param(12, 8, 30, 16, torch.bfloat16, id="bf16 blocks"),
+    pytest.param(12, 8, 1030, 500, torch.bfloat16, id="bf16, nan in the first block"),
+]
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["with grad", "no grad"])
+@pytest.mark.parametrize("n,h,v,chunk,dtype", PREDICTED_CASES)
+def test_predicted_follows_torch_argmax_on_nan(n, h, v, chunk, dtype, grad):
+    x, w, t, b = nan_inputs(n, h, v, dtype)
+    if grad:
+        w.requires_grad_()
+    loss, predicted = ops.fused_linear_cross_entropy(
+        x, w, t, b, chunk_size=chunk, reduction="none" if not grad else "mean",
+        return_predicted=True,
+    )  # fmt: skip
+    expected = torch.argmax(F.linear(x.float(), w.detach().float(), b.float()), 1)
+    expected = torch.where(t == -100, -100, expected)
+    assert torch.equal(predicted, expected), (predicted, expected)
+    assert (predicted[t != -100] == 3).any()  # the nan class won somewhere: the case is real
+    assert torch.isnan(loss).any()
+
+
+@pytest.mark.parametrize("n,h,v,chunk,dtype", PREDICTED_CASES)
+def test_predicted_matches_torch_argmax_without_nan(n, h, v, chunk, dtype):
+    x, w, t, b = make_inputs(n, h, v, dtype=dtype)
+    w.requires_grad_()
+    _, predicted = ops.fused_linear_cross_entropy(x, w, t, b, chunk_size=chunk,
+                                                  return_predicted=True)  # fmt: skip
+    logits = F.linear(x, w.detach(), b).float()
+    expected = torch.where(t == -100, -100, torch.argmax(logits, 1))
+    assert torch.equal(predicted, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,h,v,chunk,dtype", PREDICTED_CASES)
+def test_predicted_follows_torch_argmax_on_nan_cuda(n, h, v, chunk, dtype):
+    x, w, t, b = (a.cuda() for a in nan_inputs(n, h, v, dtype))
+    _, predicted = ops.fused_linear_cross_entropy(x, w, t, b, chunk_size=chunk,
+                                                  return_predicted=True)  # fmt: skip
+    expected = torch.argmax(F.linear(x.float(), w.float(), b.float()), 1)
+    expected = torch.where(t == -100, -100, expected)
+    assert torch.equal(predicted, expected), (predicted, expected)
