@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from checkout import ENVS
 from lockgen_fakes import fake_machine
 
 from lockgen.cli import COMMANDS, main
+from lockgen.errors import LockgenError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -231,3 +233,36 @@ def test_every_command_with_machine_output_takes_format_json(command):
     p = argparse.ArgumentParser()
     parser.configure(p)
     assert "json" in next(a for a in p._actions if a.dest == "format").choices
+
+
+@pytest.mark.parametrize(
+    "channel, why",
+    [
+        ("http://[::1", "is not a URL (Invalid IPv6 URL)"),
+        ("https://example.invalid:99999/x", "is not a URL (Port out of range"),
+        ("ftp://example.invalid/conda", "a channel is an http(s) or file URL"),
+    ],
+)
+def test_lock_names_a_bad_channel_url_not_the_env_file(channel, why, capsys):
+    """Issue 22 U3: `--channel 'http://[::1'` blamed envs/cu121.yml; it is the flag's value."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["lock", "cu121", "--channel", channel], out=io.StringIO())
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert why in err and "argument --channel" in err and ".yml" not in err
+
+
+def test_an_error_of_several_lines_is_printed_as_one(tmp_path, capsys):
+    """Issue 22 U3: errors from the engines underneath ("...\\nCaused by: ...") are one line."""
+
+    class Solver:
+        def solve(self, job):
+            raise LockgenError("could not read the channel\nCaused by: no such file\n")
+
+    for spec in ("cu121.yml", "cu121.virtual-packages.yml"):  # what `lockgen render` wrote
+        (tmp_path / spec).write_text((ENVS / spec).read_text())
+    rc = main(["lock", "cu121", "--envs", str(tmp_path)], out=io.StringIO(), solver=Solver())
+    err = capsys.readouterr().err
+    assert (
+        rc == 2 and err == "lockgen: error: could not read the channel; Caused by: no such file\n"
+    )

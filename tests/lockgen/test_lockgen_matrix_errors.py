@@ -329,3 +329,22 @@ def test_bad_matrix_through_the_cli_is_an_error_not_a_traceback(tmp_path, capsys
     assert rc == 2
     assert "lockgen: error:" in captured.err and "does not match torch 2.1" in captured.err
     assert "Traceback" not in captured.err + captured.out
+
+
+@pytest.mark.parametrize(
+    "version, why",
+    [
+        ("2.14.1rc1", "pre-, post- or development release"),
+        ("2.14.1.post1", "pre-, post- or development release"),
+        ("2.14.1.dev20260101", "pre-, post- or development release"),
+        ("2.14.7", "is not a release of torch 2.14 the matrix knows"),
+        ("2.5.9", "is not a release of torch 2.5 the matrix knows"),
+    ],
+)
+def test_a_target_pins_only_a_final_release_the_matrix_knows(tmp_path, version, why):
+    """Issue 22, S4's targets part: `torch = "2.14.1rc1"` rendered `torch==2.14.1rc1+cu126`."""
+    minor = ".".join(version.split(".")[:2])
+    old = next(line for line in TARGETS.splitlines() if line.startswith(f'torch = "{minor}.'))
+    targets = replace_once(TARGETS, old, f'torch = "{version}"')
+    with pytest.raises(MatrixError, match=why):
+        load_matrix(write(tmp_path, targets=targets))

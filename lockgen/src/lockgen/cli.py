@@ -481,6 +481,20 @@ def _run_flake(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
 # -- render / lock / verify / install ---------------------------------------------------------
 
 
+def _channel_url(text: str) -> str:
+    """A --channel value: a conda channel's URL (or a channel name), readable as a URL."""
+    import urllib.parse
+
+    try:
+        url = urllib.parse.urlsplit(text)
+        url.port  # noqa: B018 - a bad port is only found when read
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a URL ({exc})") from None
+    if url.scheme and url.scheme not in ("http", "https", "file"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a channel is an http(s) or file URL")
+    return text
+
+
 def _envs_dir(args: argparse.Namespace, m):
     from pathlib import Path
 
@@ -571,6 +585,7 @@ def _configure_lock(p: argparse.ArgumentParser) -> None:
         "--channel",
         action="append",
         default=[],
+        type=_channel_url,
         metavar="URL",
         help="solve against these channels instead of the target's (repeatable)",
     )
@@ -888,7 +903,9 @@ def main(
     try:
         return args._run(args, out, seams)
     except LockgenError as exc:
-        err.write(f"lockgen: error: {exc}\n")
+        # one line, whatever an engine underneath wrote ("...\nCaused by: ..." from rattler)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        err.write(f"lockgen: error: {'; '.join(lines)}\n")
         return getattr(exc, "exit_code", EXIT_USAGE)
     except KeyboardInterrupt:  # outside an install (which handles its own): nothing half-done
         err.write("lockgen: interrupted\n")

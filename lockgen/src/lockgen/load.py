@@ -520,6 +520,12 @@ def _load_targets(file: Path, data: dict[str, Any], m: Matrix) -> dict[str, Targ
         release = m.find_release(torch)
         if release is None:
             e.fail(f"torch {torch} resolves to no release of the matrix")
+        if torch.suffix:
+            e.fail(f"torch {torch} is a pre-, post- or development release: a target pins a "
+                   "final release the matrix knows")  # fmt: skip
+        unknown = release.unknown_patch(torch)
+        if unknown:
+            e.fail(unknown)
         if release.torchvision is None:
             e.fail(f"torch {release.torch} has no verified torchvision in the matrix")
         elif torchvision.minor != release.torchvision:
