@@ -1,9 +1,10 @@
 """How much memory and time does gpufit.fuse save on a transformers LM's head and loss?
 
     python -m benchmarks.lm_head [--device cpu|cuda] [--vocab 32000 128256] [--rounds 5]
-                                 [--quick] [--out out/benchmarks]
+                                 [--family llama|smollm3|qwen3] [--quick] [--out out/benchmarks]
 
-One training step (forward + backward, no optimizer) of a tiny random-init Llama (hidden 256,
+One training step (forward + backward, no optimizer) of a tiny random-init Llama (or another
+family whose head and loss follow the standard pattern, with --family; hidden 256,
 2 layers, intermediate 1024, batch 4 x 256 tokens; fp32 on CPU, bf16 on CUDA) whose loss is:
   stock          transformers' own: logits from lm_head, then ForCausalLMLoss
   gpufit         the same model after gpufit.fuse (fused_linear_cross_entropy, no logits)
@@ -40,12 +41,16 @@ VARIANTS = {"cpu": ("stock", "gpufit", "torch-chunked", "cce"),
             "cuda": ("stock", "gpufit", "torch-chunked", "cce", "liger")}  # fmt: skip
 SHAPE = {"hidden": 256, "layers": 2, "intermediate": 1024, "batch": 4, "tokens": 256}
 QUICK_SHAPE = {**SHAPE, "batch": 2, "tokens": 64}
+# --family: transformers' config and model class names; each gets the same tiny shape
+FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+            "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM"),
+            "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}  # fmt: skip
 
 
 class Workload:
     """The model (stock and fused copies), one batch, and a training step per variant."""
 
-    def __init__(self, device: str, dtype, vocab: int, shape: dict):
+    def __init__(self, device: str, dtype, vocab: int, shape: dict, family: str = "llama"):
         import torch
         import transformers
 
@@ -53,12 +58,14 @@ class Workload:
 
         self.torch, self.device = torch, device
         torch.manual_seed(0)
-        config = transformers.LlamaConfig(
+        config_class, model_class = (getattr(transformers, n) for n in FAMILIES[family])
+        config = config_class(
             vocab_size=vocab, hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
             intermediate_size=shape["intermediate"], num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=shape["tokens"],
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
         )  # fmt: skip
-        self.stock = transformers.LlamaForCausalLM(config).to(device, dtype).train()
+        self.stock = model_class(config).to(device, dtype).train()
         self.fused = gpufit.fuse(copy.deepcopy(self.stock))
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, vocab, (shape["batch"], shape["tokens"]), generator=g)
@@ -153,7 +160,8 @@ def _installed(variant: str) -> bool:
 
 def measure_memory(args, dtype) -> dict:
     """In this (fresh) process: one variant's loss after a warm-up step, and its peak."""
-    work = Workload(args.device, dtype, args.vocab[0], QUICK_SHAPE if args.quick else SHAPE)
+    shape = QUICK_SHAPE if args.quick else SHAPE
+    work = Workload(args.device, dtype, args.vocab[0], shape, args.family)
     fn = work.loss_fn(args.memory_of)
     loss = work.step(fn)  # warm-up: torch.compile, allocator pools
     return {"loss": loss, "peak_bytes": work.peak_bytes(fn)}
@@ -170,6 +178,8 @@ def memory_in_fresh_process(args, variant: str, vocab: int) -> dict:
         str(vocab),
         "--memory-of",
         variant,
+        "--family",
+        args.family,
     ] + ["--quick"] * args.quick
     done = subprocess.run(command, capture_output=True, text=True)  # fmt: skip
     if done.returncode != 0:
@@ -218,7 +228,7 @@ def plot(rows, path: Path) -> None:
         ax.set_ylabel(f"{what} (lower is better)")
         ax.legend(fontsize=8)
     r = rows[0]
-    fig.suptitle(f"tiny Llama training step, batch {r['batch']} x {r['tokens']}, "
+    fig.suptitle(f"tiny {r['family']} training step, batch {r['batch']} x {r['tokens']}, "
                  f"{r['device']} {r['dtype']}")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -229,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama",
+                        help="the family of the tiny random-init model")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: batch 2 x 64, vocabulary 32000, 1 round")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("out/benchmarks"))
@@ -263,13 +275,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             memory[name] = memory_in_fresh_process(args, name, vocab)
             print(f"{label}: {name} peak {memory[name]['peak_bytes'] / MIB:.1f} MiB", flush=True)
-        work = Workload(args.device, dtype, vocab, shape)
+        work = Workload(args.device, dtype, vocab, shape, args.family)
         progress = lambda text, label=label: print(f"{label}: {text}", flush=True)  # noqa: E731
         seconds = time_variants(work, names, rounds, progress)
         del work
         peak = {n: m["peak_bytes"] for n, m in memory.items()}
         rows.append({
             "device": args.device, "dtype": dtype_name, "vocab": vocab, **shape,
+            "family": args.family,
             "seconds": seconds, "peak_bytes": peak,
             "loss": {n: m["loss"] for n, m in memory.items()},
             "memory_vs_stock": {n: peak[n] / peak["stock"] for n in peak},
@@ -297,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": {"before": load_before, "after": load_after},
         "rows": rows,
     }
-    stem = args.out / f"lm_head_{args.device}_{dtype_name}{'_quick' * args.quick}"
+    family = "" if args.family == "llama" else f"_{args.family}"
+    stem = args.out / f"lm_head{family}_{args.device}_{dtype_name}{'_quick' * args.quick}"
     report_out.write(stem, report, lambda p: plot(rows, p))
     return 0
 
