@@ -886,13 +886,8 @@ def main(
 ) -> int:
     """Run lockgen; returns the exit code. The keywords replace the real machine and solvers
     (:class:`Seams`; tests pass ``prober=Prober(...)`` to ``doctor``)."""
-    seams = Seams(
-        prober=prober,
-        solver=solver,
-        pip_resolver=pip_resolver,
-        uv_runner=uv_runner,
-        pypi_get=pypi_get,
-    )
+    seams = Seams(prober=prober, solver=solver, pip_resolver=pip_resolver, uv_runner=uv_runner,
+                  pypi_get=pypi_get)  # fmt: skip
     out = out or sys.stdout
     err = err or sys.stderr
     parser = build_parser()
