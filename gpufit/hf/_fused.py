@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from gpufit import ops
-from gpufit.hf._models import UnsupportedModelError, check_weight
+from gpufit.hf._models import UnsupportedModelError, check_weight, is_engine_code
 from gpufit.hf._source import HeadSpec, describe_path
 
 _CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("gpufit_hf_call", default=None)
@@ -117,7 +117,7 @@ class _Call:
         self.loss_calls += 1
         if self.loss_calls > 1:
             raise self.refuse("its loss_function was called twice in one fused forward")
-        if self.head_calls != 1 or logits is not self.output:
+        if self.head_calls != 1 or not _handed_through(logits, self.output):
             raise self.refuse(
                 "its loss_function got a tensor other than the one its head returned (an "
                 "unrecognised transform of the logits, or a hook); the fused loss would differ"
@@ -150,6 +150,32 @@ class _Call:
             )
 
 
+def _handed_through(got: torch.Tensor, output: torch.Tensor) -> bool:
+    """Whether ``got`` is ``output``, or ``output`` handed on by the identity autograd functions
+    an engine applies to a module's outputs to hook its backward (DeepSpeed ZeRO-3 passes each
+    output through ``outputs.detach()`` in one): the same storage, shape, strides, dtype and
+    version, and between the two only such functions, each of the one before."""
+    if got is output:
+        return True
+    same_data = (
+        torch.is_tensor(got)
+        and got.data_ptr() == output.data_ptr()
+        and got.shape == output.shape
+        and got.stride() == output.stride()
+        and got.dtype == output.dtype
+        and got._version == output._version
+    )
+    if not same_data:
+        return False
+    fn = got.grad_fn
+    while fn is not output.grad_fn:
+        forward_cls = getattr(fn, "_forward_cls", None)
+        if forward_cls is None or not is_engine_code(forward_cls) or len(fn.next_functions) != 1:
+            return False
+        fn = fn.next_functions[0][0]
+    return True
+
+
 def _describe(operation: tuple) -> str:
     kind, *rest = operation
     return {"mul": "* {}", "div": "/ {}", "tanh": "tanh", "cast": ".{}()"}[kind].format(*rest)
@@ -174,6 +200,13 @@ class _HeadOutput(torch.Tensor):
         if args and type(args[0]) is cls and args[0]._expects(func, args, kwargs):
             args[0].pending.popleft()
             return args[0]
+        if func is torch.Tensor.detach and len(args) == 1 and type(args[0]) is cls:
+            # an engine's identity function (ZeRO-3's) hands on the output detached: the same
+            # loss, with the same operations still to come
+            with torch._C.DisableTorchFunctionSubclass():
+                detached = args[0].detach().as_subclass(cls)
+            detached.pending = args[0].pending
+            return detached
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
 
