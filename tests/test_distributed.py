@@ -189,11 +189,32 @@ def _fsdp2_case(rank, mesh, layout: str, tied=False, fuse_first=False, bf16=Fals
     return figures
 
 
+def tensor_parallel_refusal(rank: int, mesh) -> str:
+    """A vocabulary-sharded (ColwiseParallel) head: fuse admits the model, its first training
+    forward refuses the DTensor weight inside the head's call; the refusal's message."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from gpufit import hf
+
+    model = tiny_llama(tied=False)
+    parallelize_module(model.lm_head, mesh, ColwiseParallel(output_layouts=Replicate()))
+    hf.fuse(model)
+    ids, labels = rank_batch(rank)
+    try:
+        model(input_ids=ids, labels=labels)
+    except hf.UnsupportedModelError as error:
+        return str(error)
+    return "not refused"
+
+
 def fsdp2_cases(rank: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (WORLD,))
+    refusal = tensor_parallel_refusal(rank, mesh)
     return {
+        "tensor-parallel-refused": {"refusal": refusal},
         "root": _fsdp2_case(rank, mesh, "root"),
         "own-unit-fuse-first": _fsdp2_case(rank, mesh, "own", fuse_first=True),
         "tail": _fsdp2_case(rank, mesh, "tail"),
@@ -304,6 +325,8 @@ def assert_matches(reports: list[dict]) -> None:
     for rank, report in enumerate(reports):
         for case, f in report.items():
             where = f"rank {rank}, {case}: {f}"
+            if "refusal" in f:
+                continue
             loss_rel, param_atol = (BF16_REL, BF16_REL * f["update"]) if "bf16" in case else (
                 LOSS_REL, PARAM_ATOL)  # fmt: skip
             assert f["fused"], where
@@ -332,6 +355,8 @@ def test_fsdp2_fully_shard(tmp_path):
     reports = run_ranks("fsdp2", tmp_path)
     assert_matches(reports)
     for report in reports:
+        refusal = report.pop("tensor-parallel-refused")["refusal"]
+        assert "lm_head's weight is a DTensor" in refusal, refusal
         assert len(report) == 6
         for case, f in report.items():
             assert f["fused"] and f["partitioned"], case
