@@ -98,7 +98,7 @@ def _ds_config(stage: int) -> dict:
     }
 
 
-def _deepspeed_case(rank: int, stage: int, tied: bool, how: str) -> dict:
+def _deepspeed_case(rank: int, stage: int, tied: bool, how: str, fuse_first=True) -> dict:
     import deepspeed
 
     from gpufit import hf
@@ -107,11 +107,14 @@ def _deepspeed_case(rank: int, stage: int, tied: bool, how: str) -> dict:
     ref = tiny_llama(tied)
     model = copy.deepcopy(ref)
     ref_loss, ref_params = reference_step(ref, ids, labels)
-    hf.fuse(model)
+    if fuse_first:
+        hf.fuse(model)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
         config=_ds_config(stage), dist_init_required=False,
     )  # fmt: skip
+    if not fuse_first:
+        hf.fuse(engine)  # the engine holds the model as .module
     head = engine.module.lm_head
     partitioned = tuple(head.weight.shape) == (0,)
     if how == "engine":
@@ -134,15 +137,16 @@ def _deepspeed_case(rank: int, stage: int, tied: bool, how: str) -> dict:
 def deepspeed_cases(rank: int) -> dict:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     cases = {}
-    for stage, tied, how in [
-        (3, False, "engine"),
-        (3, True, "engine"),
-        (3, False, "outside"),
-        (3, True, "outside"),
-        (2, False, "engine"),
+    for stage, tied, how, fuse_first in [
+        (3, False, "engine", True),
+        (3, True, "engine", False),
+        (3, False, "outside", True),
+        (3, True, "outside", True),
+        (2, False, "engine", False),
     ]:
         name = f"zero{stage}-{'tied' if tied else 'untied'}-{how}"
-        cases[name] = _deepspeed_case(rank, stage, tied, how)
+        name += "-fuse-first" if fuse_first else "-fuse-after"
+        cases[name] = _deepspeed_case(rank, stage, tied, how, fuse_first)
     return cases
 
 
