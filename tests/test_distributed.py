@@ -32,16 +32,20 @@ PARAM_ATOL = 1e-5  # after a step of lr 1: the update is the gradient itself
 BF16_REL = 2e-2
 
 
-def tiny_llama(tied: bool, seed: int = 0):
+def tiny_llama(tied: bool, seed: int = 0, family: str = "Llama"):
+    """A tiny random-init Llama (or Gemma2: its softcap, folded into the fused op, bends the
+    logits)."""
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
+    extra = {"head_dim": 8, "final_logit_softcapping": 0.05, "sliding_window": 8}
+    config = getattr(transformers, f"{family}Config")(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied,
+        **(extra if family == "Gemma2" else {}),
     )  # fmt: skip
-    return transformers.LlamaForCausalLM(config).train()
+    return getattr(transformers, f"{family}ForCausalLM")(config).train()
 
 
 def rank_batch(rank: int):
@@ -98,13 +102,13 @@ def _ds_config(stage: int) -> dict:
     }
 
 
-def _deepspeed_case(rank: int, stage: int, tied: bool, how: str, fuse_first=True) -> dict:
+def _deepspeed_case(rank, stage, tied, how, fuse_first=True, family="Llama") -> dict:
     import deepspeed
 
     from gpufit import hf
 
     ids, labels = rank_batch(rank)
-    ref = tiny_llama(tied)
+    ref = tiny_llama(tied, family=family)
     model = copy.deepcopy(ref)
     ref_loss, ref_params = reference_step(ref, ids, labels)
     if fuse_first:
@@ -147,6 +151,9 @@ def deepspeed_cases(rank: int) -> dict:
         name = f"zero{stage}-{'tied' if tied else 'untied'}-{how}"
         name += "-fuse-first" if fuse_first else "-fuse-after"
         cases[name] = _deepspeed_case(rank, stage, tied, how, fuse_first)
+    # ZeRO-3 hands the head's output on detached; the softcap's operations still find it
+    cases["zero3-gemma2-softcap-engine"] = _deepspeed_case(rank, 3, True, "engine",
+                                                           family="Gemma2")  # fmt: skip
     return cases
 
 
@@ -347,7 +354,7 @@ def test_deepspeed_zero3_and_zero2(tmp_path):
     reports = run_ranks("deepspeed", tmp_path)
     assert_matches(reports)
     for report in reports:
-        assert len(report) == 5
+        assert len(report) == 6
         for case, f in report.items():
             # a ZeRO-3 head that stayed whole would prove nothing about gathering it
             assert f["partitioned"] == case.startswith("zero3"), case
