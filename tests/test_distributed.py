@@ -65,6 +65,9 @@ def reference_step(model, ids, labels) -> tuple[float, dict]:
     loss.backward()
     after = {}
     for name, p in model.named_parameters():
+        if p.grad is None:  # frozen
+            after[name] = p.detach().clone()
+            continue
         grad = p.grad.clone()
         dist.all_reduce(grad)
         after[name] = (p.detach() - LR * grad / WORLD).clone()
@@ -109,6 +112,12 @@ def _deepspeed_case(rank, stage, tied, how, fuse_first=True, family="Llama") -> 
 
     ids, labels = rank_batch(rank)
     ref = tiny_llama(tied, family=family)
+    if family == "Llama" and how == "peft":  # LoRA on attention, the head trained in full
+        import peft
+
+        config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                 modules_to_save=["lm_head"])  # fmt: skip
+        ref = peft.get_peft_model(ref, config)
     model = copy.deepcopy(ref)
     ref_loss, ref_params = reference_step(ref, ids, labels)
     if fuse_first:
@@ -119,13 +128,14 @@ def _deepspeed_case(rank, stage, tied, how, fuse_first=True, family="Llama") -> 
     )  # fmt: skip
     if not fuse_first:
         hf.fuse(engine)  # the engine holds the model as .module
-    head = engine.module.lm_head
-    partitioned = tuple(head.weight.shape) == (0,)
-    if how == "engine":
+    lm = hf.causal_lm(engine.module)
+    head = lm.lm_head
+    partitioned = tuple(hf.head_linear(head).weight.shape) == (0,)
+    if how in ("engine", "peft"):
         out = engine(input_ids=ids, labels=labels)
         loss, fused = out.loss, out.logits is None
     else:  # the model's body, then the loss outside any forward of the engine
-        hidden = engine.module.model(input_ids=ids).last_hidden_state
+        hidden = lm.model(input_ids=ids).last_hidden_state
         loss, fused = hf.causal_lm_loss(hidden, head, labels), True
     engine.backward(loss)
     engine.step()
@@ -151,6 +161,8 @@ def deepspeed_cases(rank: int) -> dict:
         name = f"zero{stage}-{'tied' if tied else 'untied'}-{how}"
         name += "-fuse-first" if fuse_first else "-fuse-after"
         cases[name] = _deepspeed_case(rank, stage, tied, how, fuse_first)
+    # PEFT's modules_to_save wrapper around the head: its trained copy is gathered and fused
+    cases["zero3-peft-modules-to-save"] = _deepspeed_case(rank, 3, False, "peft")
     # ZeRO-3 hands the head's output on detached; the softcap's operations still find it
     cases["zero3-gemma2-softcap-engine"] = _deepspeed_case(rank, 3, True, "engine",
                                                            family="Gemma2")  # fmt: skip
@@ -354,7 +366,7 @@ def test_deepspeed_zero3_and_zero2(tmp_path):
     reports = run_ranks("deepspeed", tmp_path)
     assert_matches(reports)
     for report in reports:
-        assert len(report) == 6
+        assert len(report) == 7
         for case, f in report.items():
             # a ZeRO-3 head that stayed whole would prove nothing about gathering it
             assert f["partitioned"] == case.startswith("zero3"), case
