@@ -32,7 +32,13 @@ import torch
 from torch import nn
 
 from gpufit import ops
-from gpufit.hf._models import UnsupportedModelError, check_weight, is_engine_code
+from gpufit.hf._models import (
+    UnsupportedModelError,
+    check_weight,
+    head_chain,
+    is_checkpoint_wrapper,
+    is_engine_code,
+)
 from gpufit.hf._source import HeadSpec, describe_path
 
 _CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("gpufit_hf_call", default=None)
@@ -355,27 +361,58 @@ LOSS_FUNCTION = _loss_function
 _head_forward._gpufit_dispatcher = True  # a bound method reads its function's attributes
 
 
+@torch.compiler.disable
+def _unwrapped_forward(wrapper, *args, **kwargs):
+    """An activation-checkpoint wrapper's forward around the head while fused calls run: in a
+    fused call, the wrapped module's own call (the fused loss keeps no logits, so there is
+    nothing to recompute, and a recomputation in backward would run outside the fused call);
+    its own forward otherwise."""
+    call = _CALL.get()
+    if call is not None and any(w is wrapper for w in call.unwrapped):
+        return wrapper._checkpoint_wrapped_module(*args, **kwargs)
+    previous = _Patches.previous(wrapper, "forward")
+    if previous is _Patches.ABSENT or getattr(previous, "__func__", None) is _unwrapped_forward:
+        return type(wrapper).forward(wrapper, *args, **kwargs)
+    return previous(*args, **kwargs)
+
+
+_unwrapped_forward._gpufit_dispatcher = True
+
+
+def _patches(call: _Call, head_only: bool) -> list[tuple[object, str, object]]:
+    """(object, attribute, dispatcher) for each attribute a fused call needs set."""
+    patches = [(w, "forward", types.MethodType(_unwrapped_forward, w)) for w in call.unwrapped]
+    patches.append((call.linear, "forward", types.MethodType(_head_forward, call.linear)))
+    if not head_only:
+        model = call.owner
+        patches.append((model, "_loss_function", types.MethodType(_loss_function, model)))
+    return patches
+
+
 def enter(call: _Call, head_only: bool = False) -> contextvars.Token:
     """Install the dispatchers (if this is the first call that needs them) and make ``call``
     this context's; returns the token ``leave`` needs."""
-    _Patches.acquire(call.linear, "forward", types.MethodType(_head_forward, call.linear))
-    if not head_only:
-        try:
-            model = call.owner
-            _Patches.acquire(model, "_loss_function", types.MethodType(_loss_function, model))
-        except BaseException:
-            _Patches.release(call.linear, "forward")
-            raise
+    done = []
+    try:
+        for obj, attr, value in _patches(call, head_only):
+            _Patches.acquire(obj, attr, value)
+            done.append((obj, attr))
+    except BaseException:
+        for obj, attr in reversed(done):
+            _Patches.release(obj, attr)
+        raise
     return _CALL.set(call)
 
 
 def leave(call: _Call, token: contextvars.Token, head_only: bool = False) -> None:
     _CALL.reset(token)
-    if not head_only:
-        _Patches.release(call.owner, "_loss_function")
-    _Patches.release(call.linear, "forward")
+    for obj, attr, _value in reversed(_patches(call, head_only)):
+        _Patches.release(obj, attr)
 
 
-def new_call(owner, linear, labels, shift_labels, num_items, ignore_index, chunk_size, fold_now):
-    return _Call(owner, linear, labels, shift_labels, num_items, ignore_index, chunk_size,
+def new_call(owner, head, linear, labels, shift_labels, num_items, ignore_index, chunk_size,
+             fold_now):  # fmt: skip
+    call = _Call(owner, linear, labels, shift_labels, num_items, ignore_index, chunk_size,
                  fold_now)  # fmt: skip
+    call.unwrapped = [m for m in head_chain(head, linear) if is_checkpoint_wrapper(m)]
+    return call

@@ -140,12 +140,8 @@ def head_linear(head: nn.Module, *, meta_ok: bool = False, unit: bool = False) -
     name = type(head).__name__
     if name == "FullyShardedDataParallel" and _from(type(head), "torch"):
         return head_linear(head._fsdp_wrapped_module, meta_ok=meta_ok, unit=True)
-    if name == "CheckpointWrapper" and _from(type(head), "torch"):
-        raise UnsupportedModelError(
-            "gpufit: lm_head is wrapped for activation checkpointing; its recomputation in "
-            "backward would run outside the fused call. Leave the head out of checkpointing "
-            "(the fused loss keeps no logits to save)"
-        )
+    if is_checkpoint_wrapper(head):  # a fused call bypasses it (_fused._unwrapped_forward)
+        return head_linear(head._checkpoint_wrapped_module, meta_ok=meta_ok, unit=unit)
     if not (type(head) is nn.Linear or _is_fsdp2_linear(head)):
         raise UnsupportedModelError(
             f"gpufit: lm_head is a {type(head).__module__}.{type(head).__name__}, not a plain "
@@ -173,6 +169,12 @@ def _is_sharded(weight: torch.Tensor) -> bool:
     return hasattr(weight, "ds_id") or (
         type(weight).__name__ == "DTensor" and _from(type(weight), "torch")
     )
+
+
+def is_checkpoint_wrapper(module: nn.Module) -> bool:
+    """torch's activation-checkpoint wrapper (``checkpoint_wrapper``, as FSDP and accelerate
+    apply it)."""
+    return type(module).__name__ == "CheckpointWrapper" and _from(type(module), "torch")
 
 
 def _is_fsdp2_linear(module: nn.Module) -> bool:
