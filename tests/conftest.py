@@ -22,6 +22,7 @@ EXTRA_OF = {
     "peft": "lm",
     "sentencepiece": "lm",
     "mistral_common": "lm",
+    "deepspeed": "deepspeed",
 }
 
 

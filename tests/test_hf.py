@@ -112,7 +112,7 @@ def loss_and_grads(model, **inputs):
     loss = model(**inputs).loss
     loss.backward()
     grads = {
-        n.removeprefix("module.").removeprefix("_checkpoint_wrapped_module."): p.grad.clone()
+        n.removeprefix("module.").replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
         for n, p in model.named_parameters()
         if p.grad is not None
     }  # a wrapper's parameter names as the model's own
@@ -500,13 +500,20 @@ def test_a_wrapper_and_activation_checkpointing_of_the_whole_model():
     assert_same_training(stock, checkpointed, inputs)
 
 
-def test_a_checkpointed_head_is_refused():
+def test_a_checkpointed_head_trains_through_its_wrapper():
+    # a fused call bypasses the head's checkpoint wrapper (nothing to recompute); a call
+    # outside one goes through it
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    model = tiny_model("llama")
+    stock = tiny_model("llama")
+    inputs = dict(zip(("input_ids", "labels"), batch(), strict=True))
+    model = copy.deepcopy(stock)
     model.lm_head = checkpoint_wrapper(model.lm_head)
-    with pytest.raises(hf.UnsupportedModelError, match="activation checkpointing"):
-        gpufit.fuse(model)
+    gpufit.fuse(model)
+    assert_same_training(stock, model, inputs)
+    assert "forward" not in vars(model.lm_head)  # the bypass is gone after the call
+    hidden = torch.randn(2, 3, 32, requires_grad=True)
+    torch.testing.assert_close(model.lm_head(hidden), stock.lm_head(hidden))
 
 
 def test_the_handshake_refuses_a_transform_the_source_reading_missed(monkeypatch):

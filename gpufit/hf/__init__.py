@@ -91,8 +91,8 @@ def causal_lm_loss(
         raise ValueError("gpufit.hf.causal_lm_loss: give labels or shift_labels")
     linear = head_linear(lm_head)
     operations = (logit_scale, softcap, [])
-    call = _fused.new_call(None, linear, labels, shift_labels, num_items_in_batch, ignore_index,
-                           chunk_size, lambda: operations)  # fmt: skip
+    call = _fused.new_call(None, lm_head, linear, labels, shift_labels, num_items_in_batch,
+                           ignore_index, chunk_size, lambda: operations)  # fmt: skip
     token = _fused.enter(call, head_only=True)
     try:
         loss = lm_head(hidden_states)
@@ -132,9 +132,9 @@ def _labels_position(forward) -> int | None:
 def _enter(model: nn.Module, labels, kwargs: dict):
     """Check the model for this call and start it; refuses (changing nothing) a model or head
     the fused loss cannot stand in for."""
-    spec, _head, linear = admit(model, _fused.LOSS_FUNCTION)
+    spec, head, linear = admit(model, _fused.LOSS_FUNCTION)
     call = _fused.new_call(
-        model, linear, labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"),
+        model, head, linear, labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"),
         kwargs.get("ignore_index", -100), vars(model)[_FUSED].chunk_size,
         functools.partial(_fused.fold, spec, model),
     )  # fmt: skip

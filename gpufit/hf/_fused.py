@@ -32,7 +32,13 @@ import torch
 from torch import nn
 
 from gpufit import ops
-from gpufit.hf._models import UnsupportedModelError, check_weight
+from gpufit.hf._models import (
+    UnsupportedModelError,
+    check_weight,
+    head_chain,
+    is_checkpoint_wrapper,
+    is_engine_code,
+)
 from gpufit.hf._source import HeadSpec, describe_path
 
 _CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("gpufit_hf_call", default=None)
@@ -117,7 +123,7 @@ class _Call:
         self.loss_calls += 1
         if self.loss_calls > 1:
             raise self.refuse("its loss_function was called twice in one fused forward")
-        if self.head_calls != 1 or logits is not self.output:
+        if self.head_calls != 1 or not _handed_through(logits, self.output):
             raise self.refuse(
                 "its loss_function got a tensor other than the one its head returned (an "
                 "unrecognised transform of the logits, or a hook); the fused loss would differ"
@@ -150,6 +156,32 @@ class _Call:
             )
 
 
+def _handed_through(got: torch.Tensor, output: torch.Tensor) -> bool:
+    """Whether ``got`` is ``output``, or ``output`` handed on by the identity autograd functions
+    an engine applies to a module's outputs to hook its backward (DeepSpeed ZeRO-3 passes each
+    output through ``outputs.detach()`` in one): the same storage, shape, strides, dtype and
+    version, and between the two only such functions, each of the one before."""
+    if got is output:
+        return True
+    same_data = (
+        torch.is_tensor(got)
+        and got.data_ptr() == output.data_ptr()
+        and got.shape == output.shape
+        and got.stride() == output.stride()
+        and got.dtype == output.dtype
+        and got._version == output._version
+    )
+    if not same_data:
+        return False
+    fn = got.grad_fn
+    while fn is not output.grad_fn:
+        forward_cls = getattr(fn, "_forward_cls", None)
+        if forward_cls is None or not is_engine_code(forward_cls) or len(fn.next_functions) != 1:
+            return False
+        fn = fn.next_functions[0][0]
+    return True
+
+
 def _describe(operation: tuple) -> str:
     kind, *rest = operation
     return {"mul": "* {}", "div": "/ {}", "tanh": "tanh", "cast": ".{}()"}[kind].format(*rest)
@@ -174,6 +206,13 @@ class _HeadOutput(torch.Tensor):
         if args and type(args[0]) is cls and args[0]._expects(func, args, kwargs):
             args[0].pending.popleft()
             return args[0]
+        if func is torch.Tensor.detach and len(args) == 1 and type(args[0]) is cls:
+            # an engine's identity function (ZeRO-3's) hands on the output detached: the same
+            # loss, with the same operations still to come
+            with torch._C.DisableTorchFunctionSubclass():
+                detached = args[0].detach().as_subclass(cls)
+            detached.pending = args[0].pending
+            return detached
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
 
@@ -322,27 +361,58 @@ LOSS_FUNCTION = _loss_function
 _head_forward._gpufit_dispatcher = True  # a bound method reads its function's attributes
 
 
+@torch.compiler.disable
+def _unwrapped_forward(wrapper, *args, **kwargs):
+    """An activation-checkpoint wrapper's forward around the head while fused calls run: in a
+    fused call, the wrapped module's own call (the fused loss keeps no logits, so there is
+    nothing to recompute, and a recomputation in backward would run outside the fused call);
+    its own forward otherwise."""
+    call = _CALL.get()
+    if call is not None and any(w is wrapper for w in call.unwrapped):
+        return wrapper._checkpoint_wrapped_module(*args, **kwargs)
+    previous = _Patches.previous(wrapper, "forward")
+    if previous is _Patches.ABSENT or getattr(previous, "__func__", None) is _unwrapped_forward:
+        return type(wrapper).forward(wrapper, *args, **kwargs)
+    return previous(*args, **kwargs)
+
+
+_unwrapped_forward._gpufit_dispatcher = True
+
+
+def _patches(call: _Call, head_only: bool) -> list[tuple[object, str, object]]:
+    """(object, attribute, dispatcher) for each attribute a fused call needs set."""
+    patches = [(w, "forward", types.MethodType(_unwrapped_forward, w)) for w in call.unwrapped]
+    patches.append((call.linear, "forward", types.MethodType(_head_forward, call.linear)))
+    if not head_only:
+        model = call.owner
+        patches.append((model, "_loss_function", types.MethodType(_loss_function, model)))
+    return patches
+
+
 def enter(call: _Call, head_only: bool = False) -> contextvars.Token:
     """Install the dispatchers (if this is the first call that needs them) and make ``call``
     this context's; returns the token ``leave`` needs."""
-    _Patches.acquire(call.linear, "forward", types.MethodType(_head_forward, call.linear))
-    if not head_only:
-        try:
-            model = call.owner
-            _Patches.acquire(model, "_loss_function", types.MethodType(_loss_function, model))
-        except BaseException:
-            _Patches.release(call.linear, "forward")
-            raise
+    done = []
+    try:
+        for obj, attr, value in _patches(call, head_only):
+            _Patches.acquire(obj, attr, value)
+            done.append((obj, attr))
+    except BaseException:
+        for obj, attr in reversed(done):
+            _Patches.release(obj, attr)
+        raise
     return _CALL.set(call)
 
 
 def leave(call: _Call, token: contextvars.Token, head_only: bool = False) -> None:
     _CALL.reset(token)
-    if not head_only:
-        _Patches.release(call.owner, "_loss_function")
-    _Patches.release(call.linear, "forward")
+    for obj, attr, _value in reversed(_patches(call, head_only)):
+        _Patches.release(obj, attr)
 
 
-def new_call(owner, linear, labels, shift_labels, num_items, ignore_index, chunk_size, fold_now):
-    return _Call(owner, linear, labels, shift_labels, num_items, ignore_index, chunk_size,
+def new_call(owner, head, linear, labels, shift_labels, num_items, ignore_index, chunk_size,
+             fold_now):  # fmt: skip
+    call = _Call(owner, linear, labels, shift_labels, num_items, ignore_index, chunk_size,
                  fold_now)  # fmt: skip
+    call.unwrapped = [m for m in head_chain(head, linear) if is_checkpoint_wrapper(m)]
+    return call

@@ -119,11 +119,13 @@ def class_name(model: nn.Module) -> str:
 # ================================================================ the head
 
 
-def head_linear(head: nn.Module, *, meta_ok: bool = False) -> nn.Linear:
+def head_linear(head: nn.Module, *, meta_ok: bool = False, unit: bool = False) -> nn.Linear:
     """The plain ``nn.Linear`` whose weight (and bias) ``head`` computes its logits with, or an
     UnsupportedModelError naming what stands in the way. A PEFT ``modules_to_save`` wrapper
     resolves to the copy its forward would call, as PEFT itself chooses it; an FSDP1 unit to the
-    module it wraps; an FSDP2 ``FSDPLinear`` is the Linear itself."""
+    module it wraps; an FSDP2 ``FSDPLinear`` is the Linear itself. The weight of a sharded
+    head (``unit``: inside an FSDP1 unit) is checked inside the head's call, where it is
+    gathered."""
     if _is_peft_class(head, "ModulesToSaveWrapper"):
         active = head.active_adapters
         if head.disable_adapters or not active or active[0] not in head.modules_to_save:
@@ -137,13 +139,9 @@ def head_linear(head: nn.Module, *, meta_ok: bool = False) -> nn.Linear:
         )
     name = type(head).__name__
     if name == "FullyShardedDataParallel" and _from(type(head), "torch"):
-        return head_linear(head._fsdp_wrapped_module, meta_ok=meta_ok)
-    if name == "CheckpointWrapper" and _from(type(head), "torch"):
-        raise UnsupportedModelError(
-            "gpufit: lm_head is wrapped for activation checkpointing; its recomputation in "
-            "backward would run outside the fused call. Leave the head out of checkpointing "
-            "(the fused loss keeps no logits to save)"
-        )
+        return head_linear(head._fsdp_wrapped_module, meta_ok=meta_ok, unit=True)
+    if is_checkpoint_wrapper(head):  # a fused call bypasses it (_fused._unwrapped_forward)
+        return head_linear(head._checkpoint_wrapped_module, meta_ok=meta_ok, unit=unit)
     if not (type(head) is nn.Linear or _is_fsdp2_linear(head)):
         raise UnsupportedModelError(
             f"gpufit: lm_head is a {type(head).__module__}.{type(head).__name__}, not a plain "
@@ -158,9 +156,25 @@ def head_linear(head: nn.Module, *, meta_ok: bool = False) -> nn.Linear:
             "gpufit: lm_head is offloaded (its weight lives elsewhere until its forward runs); "
             "load the head onto the device to use the fused loss"
         )
-    if not _is_fsdp2_linear(head):
+    if not (unit or _is_fsdp2_linear(head) or _is_sharded(weight)):
         check_weight(head)
     return head
+
+
+def _is_sharded(weight: torch.Tensor) -> bool:
+    """A weight an engine may gather around its module's call only: a DeepSpeed ZeRO-3
+    parameter (it has a ``ds_id``), or a DTensor (FSDP2 unshards one it manages into a plain
+    tensor for the call of the group that holds it; one it does not manage stays a DTensor
+    there, which the call refuses)."""
+    return hasattr(weight, "ds_id") or (
+        type(weight).__name__ == "DTensor" and _from(type(weight), "torch")
+    )
+
+
+def is_checkpoint_wrapper(module: nn.Module) -> bool:
+    """torch's activation-checkpoint wrapper (``checkpoint_wrapper``, as FSDP and accelerate
+    apply it)."""
+    return type(module).__name__ == "CheckpointWrapper" and _from(type(module), "torch")
 
 
 def _is_fsdp2_linear(module: nn.Module) -> bool:
@@ -201,6 +215,12 @@ def _hook_owner(hook) -> str:
     return getattr(hook, "__module__", None) or ""
 
 
+def is_engine_code(obj) -> bool:
+    """Whether a hook function (or an autograd Function class) is an engine's own, one that
+    gathers or releases parameters around a call (FSDP, DeepSpeed ZeRO-3)."""
+    return _hook_owner(obj).startswith(_ENGINE_HOOK_MODULES)
+
+
 def check_hooks(chain: list[nn.Module]) -> None:
     """No hook on the head (or a wrapper of it) but an engine's, and no forward set on the
     instance but gpufit's own: either could rewrite the head's output or input, and would act
@@ -235,7 +255,7 @@ def check_hooks(chain: list[nn.Module]) -> None:
             )
     for owner, table, hooks in tables:
         for hook in hooks.values():
-            if not _hook_owner(hook).startswith(_ENGINE_HOOK_MODULES):
+            if not is_engine_code(hook):
                 where = "a module (globally)" if owner is None else "lm_head"
                 raise UnsupportedModelError(
                     f"gpufit: {where} has a hook ({table.strip('_')}: {hook!r}), which would act "

@@ -1,0 +1,397 @@
+"""gpufit.fuse under distributed engines, on 2 CPU ranks over gloo: each engine's cases run in
+one spawned pair of processes (importing transformers in each child is most of the ~20 s).
+
+Every rank trains a tiny Llama on its own data; the reference is an unfused copy with the stock
+transformers loss on the same data, its gradients all-reduced (averaged) across the ranks. Each
+case compares the loss on each rank and every parameter after one SGD step (lr 1: the update is
+the averaged gradient) with the reference. Workers write a JSON report per rank and end with
+barrier, destroy_process_group and os._exit (a worker that returns normally sometimes aborts in
+gloo's teardown after correct results).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+VOCAB = 96
+WORLD = 2
+LR = 1.0
+LOSS_REL = 1e-5
+PARAM_ATOL = 1e-5  # after a step of lr 1: the update is the gradient itself
+BF16_REL = 2e-2
+
+
+def tiny_llama(tied: bool, seed: int = 0, family: str = "Llama"):
+    """A tiny random-init Llama (or Gemma2: its softcap, folded into the fused op, bends the
+    logits)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    extra = {"head_dim": 8, "final_logit_softcapping": 0.05, "sliding_window": 8}
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied,
+        **(extra if family == "Gemma2" else {}),
+    )  # fmt: skip
+    return getattr(transformers, f"{family}ForCausalLM")(config).train()
+
+
+def rank_batch(rank: int):
+    """Different tokens on each rank, the first few positions of each row ignored."""
+    g = torch.Generator().manual_seed(100 + rank)
+    ids = torch.randint(3, VOCAB, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    labels[1, :5] = -100
+    return ids, labels
+
+
+def reference_step(model, ids, labels) -> tuple[float, dict]:
+    """The unfused loss on this rank, and every parameter after one SGD step on the gradients
+    averaged over the ranks (by name; a tied weight once)."""
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    after = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:  # frozen
+            after[name] = p.detach().clone()
+            continue
+        grad = p.grad.clone()
+        dist.all_reduce(grad)
+        after[name] = (p.detach() - LR * grad / WORLD).clone()
+    after["update"] = max((after[n] - p).abs().max().item() for n, p in model.named_parameters())
+    return loss.item(), after
+
+
+def compare(loss: float, ref_loss: float, params: dict, ref_params: dict) -> dict:
+    """Figures of one case: the two losses, the largest parameter difference and update."""
+    ref_params = dict(ref_params)
+    update = ref_params.pop("update")
+    assert params.keys() == ref_params.keys(), (sorted(params), sorted(ref_params))
+    err = max((params[n] - ref_params[n]).abs().max().item() for n in ref_params)
+    return {"loss": loss, "ref_loss": ref_loss, "param_err": err, "update": update,
+            "params": len(ref_params)}  # fmt: skip
+
+
+# ================================================================ DeepSpeed
+
+
+def _ds_config(stage: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {
+            "stage": stage,
+            # a tiny head would otherwise stay whole (persistence threshold 1e5 elements)
+            "stage3_param_persistence_threshold": 0,
+            "stage3_max_reuse_distance": 0,
+            "stage3_prefetch_bucket_size": 0,
+        },
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # DeepSpeed's default clips at 1.0
+        "steps_per_print": 10**9,
+    }
+
+
+def _deepspeed_case(rank, stage, tied, how, fuse_first=True, family="Llama") -> dict:
+    import deepspeed
+
+    from gpufit import hf
+
+    ids, labels = rank_batch(rank)
+    ref = tiny_llama(tied, family=family)
+    if family == "Llama" and how == "peft":  # LoRA on attention, the head trained in full
+        import peft
+
+        config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                 modules_to_save=["lm_head"])  # fmt: skip
+        ref = peft.get_peft_model(ref, config)
+    model = copy.deepcopy(ref)
+    ref_loss, ref_params = reference_step(ref, ids, labels)
+    if fuse_first:
+        hf.fuse(model)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+        config=_ds_config(stage), dist_init_required=False,
+    )  # fmt: skip
+    if not fuse_first:
+        hf.fuse(engine)  # the engine holds the model as .module
+    lm = hf.causal_lm(engine.module)
+    head = lm.lm_head
+    partitioned = tuple(hf.head_linear(head).weight.shape) == (0,)
+    if how in ("engine", "peft"):
+        out = engine(input_ids=ids, labels=labels)
+        loss, fused = out.loss, out.logits is None
+    else:  # the model's body, then the loss outside any forward of the engine
+        hidden = lm.model(input_ids=ids).last_hidden_state
+        loss, fused = hf.causal_lm_loss(hidden, head, labels), True
+    engine.backward(loss)
+    engine.step()
+    named = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(named.values())):
+        params = {n: p.detach().clone() for n, p in named.items()}
+    figures = compare(loss.item(), ref_loss, params, ref_params)
+    figures.update(partitioned=partitioned, fused=fused)
+    engine.destroy()
+    return figures
+
+
+def deepspeed_cases(rank: int) -> dict:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    cases = {}
+    for stage, tied, how, fuse_first in [
+        (3, False, "engine", True),
+        (3, True, "engine", False),
+        (3, False, "outside", True),
+        (3, True, "outside", True),
+        (2, False, "engine", False),
+    ]:
+        name = f"zero{stage}-{'tied' if tied else 'untied'}-{how}"
+        name += "-fuse-first" if fuse_first else "-fuse-after"
+        cases[name] = _deepspeed_case(rank, stage, tied, how, fuse_first)
+    # PEFT's modules_to_save wrapper around the head: its trained copy is gathered and fused
+    cases["zero3-peft-modules-to-save"] = _deepspeed_case(rank, 3, False, "peft")
+    # ZeRO-3 hands the head's output on detached; the softcap's operations still find it
+    cases["zero3-gemma2-softcap-engine"] = _deepspeed_case(rank, 3, True, "engine",
+                                                           family="Gemma2")  # fmt: skip
+    return cases
+
+
+# ================================================================ FSDP2 (fully_shard)
+
+
+def _fsdp2_case(rank, mesh, layout: str, tied=False, fuse_first=False, bf16=False) -> dict:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from gpufit import hf
+
+    ids, labels = rank_batch(rank)
+    ref = tiny_llama(tied)
+    model = copy.deepcopy(ref)
+    ref_loss, ref_params = reference_step(ref, ids, labels)
+    options = {"mesh": mesh}
+    if bf16:
+        options["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    if fuse_first:
+        hf.fuse(model)
+    for layer in model.model.layers:
+        fully_shard(layer, **options)
+    if layout == "own":
+        fully_shard(model.lm_head, **options)
+    elif layout == "tail":  # accelerate's grouping of the last modules (a tied weight's too)
+        tail = [model.model.embed_tokens] if tied else []
+        tail += [model.model.norm, model.lm_head]
+        fully_shard(tail, reshard_after_forward=False, **options)
+    fully_shard(model, **options)
+    if not fuse_first:
+        hf.fuse(model)
+    sharded = isinstance(model.lm_head.weight, DTensor)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    params = {
+        n: (p.full_tensor() - LR * p.grad.full_tensor()).detach()
+        for n, p in model.named_parameters()
+    }  # fmt: skip
+    figures = compare(out.loss.item(), ref_loss, params, ref_params)
+    figures.update(partitioned=sharded, fused=out.logits is None, cls=type(model).__name__)
+    return figures
+
+
+def tensor_parallel_refusal(rank: int, mesh) -> str:
+    """A vocabulary-sharded (ColwiseParallel) head: fuse admits the model, its first training
+    forward refuses the DTensor weight inside the head's call; the refusal's message."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from gpufit import hf
+
+    model = tiny_llama(tied=False)
+    parallelize_module(model.lm_head, mesh, ColwiseParallel(output_layouts=Replicate()))
+    hf.fuse(model)
+    ids, labels = rank_batch(rank)
+    try:
+        model(input_ids=ids, labels=labels)
+    except hf.UnsupportedModelError as error:
+        return str(error)
+    return "not refused"
+
+
+def fsdp2_cases(rank: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    refusal = tensor_parallel_refusal(rank, mesh)
+    return {
+        "tensor-parallel-refused": {"refusal": refusal},
+        "root": _fsdp2_case(rank, mesh, "root"),
+        "own-unit-fuse-first": _fsdp2_case(rank, mesh, "own", fuse_first=True),
+        "tail": _fsdp2_case(rank, mesh, "tail"),
+        "tied-fuse-first": _fsdp2_case(rank, mesh, "root", tied=True, fuse_first=True),
+        "tied-tail": _fsdp2_case(rank, mesh, "tail", tied=True),
+        "bf16-own-unit": _fsdp2_case(rank, mesh, "own", bf16=True),
+    }
+
+
+# ================================================================ FSDP1
+
+
+def _fsdp1_case(rank: int, use_orig_params: bool, fuse_first: bool) -> dict:
+    import functools
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from gpufit import hf
+
+    ids, labels = rank_batch(rank)
+    ref = tiny_llama(tied=False)
+    model = copy.deepcopy(ref)
+    ref_loss, ref_params = reference_step(ref, ids, labels)
+    if fuse_first:
+        hf.fuse(model)
+    head = model.lm_head
+    policy = functools.partial(
+        lambda_auto_wrap_policy,
+        lambda_fn=lambda m: m is head or isinstance(m, LlamaDecoderLayer),
+    )  # fmt: skip
+    wrapped = FSDP(model, auto_wrap_policy=policy, use_orig_params=use_orig_params,
+                   device_id=torch.device("cpu"))  # fmt: skip
+    if not fuse_first:
+        hf.fuse(wrapped)
+    own_unit = type(model.lm_head).__name__ == "FullyShardedDataParallel"
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=LR)
+    out = wrapped(input_ids=ids, labels=labels)
+    out.loss.backward()
+    optimizer.step()
+    with FSDP.summon_full_params(wrapped):
+        params = {
+            n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+            for n, p in wrapped.named_parameters()
+        }  # fmt: skip
+    figures = compare(out.loss.item(), ref_loss, params, ref_params)
+    figures.update(partitioned=own_unit, fused=out.logits is None)
+    return figures
+
+
+def fsdp1_cases(rank: int) -> dict:
+    return {
+        "own-unit-orig-params": _fsdp1_case(rank, use_orig_params=True, fuse_first=False),
+        "own-unit-flat-params-fuse-first": _fsdp1_case(
+            rank, use_orig_params=False, fuse_first=True
+        ),  # fmt: skip
+    }
+
+
+# ================================================================ spawning
+
+
+ENGINES = {"deepspeed": deepspeed_cases, "fsdp2": fsdp2_cases, "fsdp1": fsdp1_cases}
+
+
+def _worker(rank: int, engine: str, init_file: str, out_dir: str) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+        timeout=timedelta(seconds=120),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    status = 0
+    try:
+        report = ENGINES[engine](rank)
+    except BaseException:
+        report, status = {"error": traceback.format_exc()}, 1
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
+    if status == 0:
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def run_ranks(engine: str, tmp_path: Path) -> list[dict]:
+    """Both ranks' reports of ``engine``'s cases; a rank that failed fails the test with its
+    traceback."""
+    try:
+        mp.start_processes(
+            _worker, args=(engine, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD,
+            start_method="spawn",
+        )  # fmt: skip
+    except Exception as error:
+        tracebacks = [
+            json.loads(p.read_text()).get("error", "")
+            for p in sorted(tmp_path.glob("rank*.json"))
+        ]  # fmt: skip
+        pytest.fail(f"{error}\n" + "\n".join(t for t in tracebacks if t))
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def assert_matches(reports: list[dict]) -> None:
+    """Every case on every rank: the fused loss ran, equal to the reference's (bf16 mixed
+    precision against the fp32 reference: loosely)."""
+    for rank, report in enumerate(reports):
+        for case, f in report.items():
+            where = f"rank {rank}, {case}: {f}"
+            if "refusal" in f:
+                continue
+            loss_rel, param_atol = (BF16_REL, BF16_REL * f["update"]) if "bf16" in case else (
+                LOSS_REL, PARAM_ATOL)  # fmt: skip
+            assert f["fused"], where
+            assert abs(f["loss"] - f["ref_loss"]) <= loss_rel * abs(f["ref_loss"]), where
+            assert f["param_err"] <= param_atol, where
+            assert f["update"] > 1e-3, where  # the step moved the parameters
+            print(f"{where}")
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_and_zero2(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("deepspeed")
+    reports = run_ranks("deepspeed", tmp_path)
+    assert_matches(reports)
+    for report in reports:
+        assert len(report) == 7
+        for case, f in report.items():
+            # a ZeRO-3 head that stayed whole would prove nothing about gathering it
+            assert f["partitioned"] == case.startswith("zero3"), case
+
+
+@pytest.mark.slow
+def test_fsdp2_fully_shard(tmp_path):
+    pytest.importorskip("transformers")
+    reports = run_ranks("fsdp2", tmp_path)
+    assert_matches(reports)
+    for report in reports:
+        refusal = report.pop("tensor-parallel-refused")["refusal"]
+        assert "lm_head's weight is a DTensor" in refusal, refusal
+        assert len(report) == 6
+        for case, f in report.items():
+            assert f["fused"] and f["partitioned"], case
+            assert f["cls"] == "FSDPLlamaForCausalLM", case
+
+
+@pytest.mark.slow
+def test_fsdp1_head_in_its_own_unit(tmp_path):
+    pytest.importorskip("transformers")
+    reports = run_ranks("fsdp1", tmp_path)
+    assert_matches(reports)
+    for report in reports:
+        assert len(report) == 2
+        for case, f in report.items():
+            assert f["fused"] and f["partitioned"], case
