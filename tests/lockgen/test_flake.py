@@ -80,15 +80,17 @@ def test_one_shell_per_target_and_a_default(matrix, nixcfg, flake_text):
         "lockgen/data/targets.toml, lockgen/data/nix.toml;\n# do not edit"
     )
     blocks = re.findall(r"^        ([a-z0-9_-]+) = \{$", flake_text, re.M)
-    assert blocks == list(matrix.targets)  # one attribute set per target, in file order
+    # one attribute set per target, in file order; none for an LLM stack target
+    shelled = [t for t in matrix.targets.values() if not t.is_stack]
+    assert blocks == [t.name for t in shelled] and len(shelled) < len(matrix.targets)
     assert f"shells // {{ default = shells.{nixcfg.default}; }}" in flake_text
     assert "x86_64-linux =" in flake_text and "darwin" not in flake_text
     # aarch64 shells exactly for the targets whose wheels have linux-aarch64 builds
-    aarch = [t.name for t in matrix.targets.values() if "linux-aarch64" in t.platforms]
+    aarch = [t.name for t in shelled if "linux-aarch64" in t.platforms]
     assert aarch == ["cu130"]
     assert 'systems = [ "x86_64-linux" "aarch64-linux" ];' in flake_text
     assert flake_text.count('systems = [ "x86_64-linux" "aarch64-linux" ];') == len(aarch)
-    for t in matrix.targets.values():
+    for t in shelled:
         assert f'GPUFIT_TARGET = "{t.name}";' in flake_text
         assert f'GPUFIT_REQUIREMENTS = "envs/{t.name}.requirements.txt";' in flake_text
 
@@ -158,7 +160,7 @@ def test_aarch64_shells_where_a_target_supports_it(flake_text):
 
 
 def test_arch_lists_follow_the_matrix_without_unsourced_ptx(matrix, flake_text):
-    for t in matrix.targets.values():
+    for t in (t for t in matrix.targets.values() if not t.is_stack):
         for conda_platform, archs in t.arch_lists.items():
             assert archs.torch_cuda_arch_list in flake_text, (t.name, conda_platform)
     # the 2.14.1 x86_64 wheels carry no compute_120 PTX (the installed wheel's arch list)
@@ -235,9 +237,8 @@ def test_cli_writes_checks_and_prints(tmp_path):
     rc, text, _ = _cli("flake", "--check", "--output", str(out))
     assert rc == 1 and "is missing" in text
     rc, text, _ = _cli("flake", "--output", str(out))
-    assert (
-        rc == 0 and text.startswith("wrote ") and f"{len(load_matrix().targets)} dev shells" in text
-    )
+    shells = sum(not t.is_stack for t in load_matrix().targets.values())
+    assert rc == 0 and text.startswith("wrote ") and f"({shells} dev shells;" in text
     rc, text, _ = _cli("flake", "--output", str(out))
     assert rc == 0 and text.startswith("wrote ")  # never read first to decide
     rc, text, _ = _cli("flake", "--check", "--output", str(out))
@@ -423,12 +424,15 @@ def test_nix_flake_show_lists_every_shell(nix, matrix):
     r = nix.run("nix", "flake", "show", "--json", nix.ref)
     shells = json.loads(r.stdout)["devShells"]
     assert set(shells) == {"x86_64-linux", "aarch64-linux"}
-    assert set(shells["x86_64-linux"]) == {*matrix.targets, "default"}
+    shelled = {n for n, t in matrix.targets.items() if not t.is_stack}
+    assert set(shells["x86_64-linux"]) == {*shelled, "default"}
     assert set(shells["aarch64-linux"]) == {"cu130", "default"}
 
 
 @needs_nix
-@pytest.mark.parametrize("target", [*load_matrix().targets, "default"])
+@pytest.mark.parametrize(
+    "target", [*(n for n, t in load_matrix().targets.items() if not t.is_stack), "default"]
+)
 def test_nix_eval_drv_path(nix, target):
     r = nix.run("nix", "eval", "--raw", f"{nix.ref}#devShells.x86_64-linux.{target}.drvPath")
     assert r.stdout.endswith(".drv")

@@ -183,7 +183,8 @@ def test_python_m_lockgen_bad_input():
     assert p.returncode == 2
     assert p.stderr.strip() == (
         "lockgen: error: unknown target 'nope' (known targets: cpu, "
-        "cu118, cu121, cu124, cu126, cu128, cu129, cu130)"
+        "cu118, cu121, cu124, cu126, cu128, cu129, cu130, sft-cu130, sft-cu128-xformers, "
+        "trl-vllm-cu130)"
     )
 
 

@@ -309,7 +309,8 @@ def test_target_conda_routes(matrix):
 def test_pip_source_is_pypi_only_where_pypi_has_the_build(matrix):
     """PyPI's torch is one CUDA build per release, and on linux-aarch64 only from 2.11."""
     kinds = {n: t.pip_source.kind for n, t in matrix.targets.items()}
-    assert {n for n, k in kinds.items() if k == "pypi"} == {"cu124", "cu128", "cu130"}
+    stacks = {"sft-cu130", "sft-cu128-xformers", "trl-vllm-cu130"}  # PyPI's torch by rule
+    assert {n for n, k in kinds.items() if k == "pypi"} == {"cu124", "cu128", "cu130", *stacks}
     assert matrix.target("cu130").platforms == ("linux-64", "linux-aarch64")
     assert matrix.target("cu130").pip_source.url == "https://pypi.org/simple"
     assert matrix.target("cu126").pip_source.url == "https://download.pytorch.org/whl/cu126"

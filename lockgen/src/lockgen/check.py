@@ -883,7 +883,10 @@ def _target(m: Matrix, c: Candidate, platform: str) -> str | None:
         (
             t.name
             for t in m.targets.values()
-            if t.release is c.release and t.cuda == c.cuda and platform in t.platforms
+            if t.release is c.release
+            and t.cuda == c.cuda
+            and platform in t.platforms
+            and not t.is_stack
         ),
         None,
     )

@@ -206,6 +206,7 @@ def _target_json(t, target_routes) -> dict:
         "pip_source": t.pip_source.kind,
         "pip_index_url": t.pip_index_url,
         "pip_requirements": list(t.pip_requirements),
+        "stack": list(t.stack),
         "driver_linux": (
             t.driver_floor.full.raw if t.driver_floor and t.driver_floor.full else None
         ),
@@ -237,6 +238,7 @@ def _target_table(t, target_routes) -> str:
         ("virtual packages", virtual),
         ("pip index", j["pip_index_url"]),
         ("pip requirements", ", ".join(j["pip_requirements"])),
+        ("LLM stack", ", ".join(j["stack"]) or "none"),
         ("driver (Linux)", driver),
         (
             "GPU archs",
@@ -275,6 +277,8 @@ def _run_targets(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
             f"{t.name}: torch {t.torch} + torchvision {t.torchvision} + {cuda}, Python "
             f"{t.python_range}, {', '.join(t.platforms)}{mark}\n"
         )
+        if t.is_stack:
+            out.write(f"  LLM stack: {', '.join(t.stack)}\n")
         for r in by_target[t.name]:
             what = r.command if r.status != "none" else r.note
             out.write(f"  {r.flavor:<5}  {r.status:<7}  {what}\n")
@@ -474,7 +478,8 @@ def _run_flake(args: argparse.Namespace, out: TextIO, seams: Seams) -> int:
         out.write(f"{path} is stale; regenerate with `lockgen flake`:\n{diff}\n")
         return EXIT_FAIL
     write_flake(path, text)
-    out.write(f"wrote {path} ({len(m.targets)} dev shells)\n")
+    shells = sum(not t.is_stack for t in m.targets.values())
+    out.write(f"wrote {path} ({shells} dev shells; none for LLM stack targets)\n")
     return EXIT_OK
 
 

@@ -558,7 +558,7 @@ def _rank(x: Machine, mt: Match) -> tuple:
 def _target_for(x: Machine, release: Release, cuda: Version | None) -> Target | None:
     t = x.torch
     for target in x.m.targets.values():
-        if target.release is not release or target.cuda != cuda:
+        if target.release is not release or target.cuda != cuda or target.is_stack:
             continue
         if t is None or x.release is not release or target.torch.raw == t.base_version:
             return target

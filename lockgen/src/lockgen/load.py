@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lockgen.errors import LockgenError, MatrixError
+from lockgen.index import canonical_name
 from lockgen.gpus import SEGMENTS, Architecture, Gpu, GpuList
 from lockgen.matrix import (
     CHANNEL_KINDS,
@@ -34,7 +35,7 @@ from lockgen.matrix import (
     Release,
 )
 from lockgen.tables import Table, check_top, read_toml
-from lockgen.targets import Target
+from lockgen.targets import PYPI, STACK_NO_CONDA, Target
 from lockgen.versions import Capability, Version, parse_cuda
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -557,6 +558,11 @@ def _load_targets(file: Path, data: dict[str, Any], m: Matrix) -> dict[str, Targ
                     f"CUDA {cuda} ships cuDNN {build.cudnn})"
                 )
         channel = _target_conda_channel(e, m, release, cuda)
+        stack = _target_stack(e)
+        prereleases = tuple(canonical_name(n) for n in e.strs("prereleases", required=False))
+        glibc = e.text("glibc", required=False) or None
+        if glibc is not None and not re.fullmatch(r"2\.\d+", glibc):
+            e.fail(f"glibc {glibc!r} is not a glibc version like 2.31")
         platforms = e.strs("platforms")
         if not platforms:
             e.fail("'platforms' is empty")
@@ -596,8 +602,48 @@ def _load_targets(file: Path, data: dict[str, Any], m: Matrix) -> dict[str, Targ
             floor,
             m.virtual_packages,
             tuple(pythons),
+            stack,
+            glibc,
+            prereleases,
         )
+        if stack:
+            _check_stack_target(e, targets[name])
     return targets
+
+
+# a stack pin: a PyPI name, optional extras, one exact version
+_STACK_PIN = re.compile(
+    r"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[A-Za-z0-9._,-]+\])?==([0-9][A-Za-z0-9.]*)"
+)
+
+
+def _target_stack(e: Table) -> tuple[str, ...]:
+    """An LLM stack target's pins beside torch (``stack = ["transformers==5.25.0", ...]``):
+    each one package, optional extras and one exact version, no torch nor torchvision."""
+    pins = e.strs("stack", required=False)
+    seen: set[str] = set()
+    for pin in pins:
+        got = _STACK_PIN.fullmatch(pin)
+        if got is None:
+            e.fail(f"stack pin {pin!r} is not NAME==VERSION or NAME[EXTRA]==VERSION")
+        name = canonical_name(got.group(1))
+        if name in ("torch", "torchvision") or name in seen:
+            e.fail(f"stack pin {pin!r}: torch and torchvision are the target's own fields, "
+                   "and a package is pinned once")  # fmt: skip
+        seen.add(name)
+    return tuple(pins)
+
+
+def _check_stack_target(e: Table, t: Target) -> None:
+    """A stack target takes torch from PyPI (the stack's facts are PyPI's files) and has no
+    conda channel (no channel's builds of the stack are in the facts)."""
+    if t.pip_source.kind != PYPI:
+        e.fail(
+            f"a stack target takes torch from PyPI, whose files the stack facts describe; "
+            f"torch {t.torch} + CUDA {t.cuda} is not PyPI's build ({t.pip_source.why})"
+        )
+    if t.conda_channel is not None:
+        e.fail("a stack target has no conda channel: " + STACK_NO_CONDA)
 
 
 def _target_conda_channel(

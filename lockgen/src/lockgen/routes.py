@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lockgen.errors import LockgenError
 from lockgen.matrix import Matrix
-from lockgen.targets import PYPI, Target
+from lockgen.targets import PYPI, STACK_NO_NIX, Target
 
 LOCKED, NO_LOCK, NONE = "locked", "no lock", "none"
 FLAVORS = ("pip", "uv", "conda", "nix")
@@ -58,7 +58,7 @@ def pip_route(target: Target, envs_dir: Path) -> Route:
             "pip", LOCKED, f"pip install --require-hashes -r envs/{target.name}.requirements.txt"
         )
     source = target.pip_source
-    pins = f"torch=={target.torch.raw} torchvision=={target.torchvision.raw}"
+    pins = target.pip_shell_words
     if source.kind == PYPI:
         return Route("pip", NO_LOCK, f"pip install {pins}", _lock_how(target, "pip", False))
     return Route(
@@ -104,6 +104,8 @@ def conda_route(matrix: Matrix, target: Target, envs_dir: Path) -> Route:
 
 
 def nix_route(target: Target, shells: dict | None, pip: Route, why_not: str = "") -> Route:
+    if target.is_stack:
+        return Route("nix", NONE, note=f"no dev shell for an LLM stack target: {STACK_NO_NIX}")
     if shells is None or target.name not in shells:
         return Route("nix", NONE, note=why_not or "no dev shell for this target in flake.nix")
     if pip.status == LOCKED:

@@ -200,7 +200,7 @@ def _requires(r: StackRelease, extras: Sequence[str], name: str):
     return [q for q in r.requires if q.name == name and (q.extra is None or q.extra in extras)]
 
 
-def _judge(
+def judge(
     stack: Stack,
     r: StackRelease,
     tb: TorchBuild,
@@ -208,6 +208,8 @@ def _judge(
     extras: Sequence[str],
     pins: Sequence[str],
 ) -> Pick:
+    """One release against one torch build: installs, loads, runs on the GPUs asked (also
+    what ``lockgen verify`` runs on each package of a stack lock)."""
     name, v = r.package, r.version
     out: list[Finding] = []
     unverified: list[str] = []
@@ -468,7 +470,7 @@ def _try(
     pins: dict[str, list[str]] = {}
     for w in withs:
         cands = [r for r in stack.releases[w.name] if w.version in (None, r.version)]
-        judged = [_judge(stack, r, tb, req, w.extras, pins.get(w.name, ())) for r in cands]
+        judged = [judge(stack, r, tb, req, w.extras, pins.get(w.name, ())) for r in cands]
         best = next((p for p in judged if p.ok), None)
         if best is None:
             # the newest release an extra's pins allow tells more than one outside them

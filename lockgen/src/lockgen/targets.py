@@ -19,7 +19,10 @@ resolved against the matrix into a :class:`Target` that render, lock, verify and
     compatibility floor, ``full`` = toolkit driver), ``arch_lists`` (per platform, an
     ArchList: ``archs`` as Capabilities, ``names`` like ``("7.5", ..., "12.0+PTX")``,
     ``torch_cuda_arch_list`` like ``"7.5;8.0;...;12.0+PTX"``; the wheels' list, else the
-    conda channel's), ``arch_list`` (the first platform's), ``verified``.
+    conda channel's), ``arch_list`` (the first platform's), ``verified``; for an LLM stack
+    target, ``stack`` (its exact pins beside torch: ``("transformers==5.25.0", ...)``, part of
+    ``pip_requirements``), ``is_stack`` and ``glibc`` (the oldest glibc its wheels need, when
+    above the matrix's ``__glibc``).
 """
 
 from __future__ import annotations
@@ -42,6 +45,21 @@ def pip_version_spec(version: Version) -> str:
 
 
 PYPI, WHEEL_INDEX = "pypi", "wheel-index"
+
+# Why an LLM stack target has no conda environment and no Nix shell: what lockgen promises
+# about a stack is that every compiled package links torch's CUDA major, and its facts
+# (lockgen/data/stack*.toml) describe PyPI's files (and some PyTorch index and GitHub builds),
+# no conda channel's and no nixpkgs' builds of the stack.
+STACK_NO_CONDA = (
+    "the stack facts (lockgen/data/stack*.toml) record no conda channel's builds of the "
+    "stack's packages nor the CUDA major they link, so lockgen cannot promise they match "
+    "torch's; install the pip or uv lock"
+)
+STACK_NO_NIX = (
+    "nixpkgs' builds of the stack's packages and the CUDA major they link are not in the "
+    "facts (lockgen/data/nix.toml pins nixpkgs for the CUDA toolchain and Python only), so "
+    "lockgen cannot promise they match torch's; install the pip or uv lock"
+)
 
 
 @dataclass(frozen=True)
@@ -80,6 +98,14 @@ class Target:
     driver_floor: DriverFloor | None
     base_virtual_packages: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     pythons: tuple[Version, ...] = ()
+    stack: tuple[str, ...] = ()  # an LLM stack target: its exact pins beside torch
+    glibc: str | None = None  # the oldest glibc its wheels need, when above the matrix's
+    prereleases: tuple[str, ...] = ()  # packages its locks may pin at a pre-release
+
+    @property
+    def is_stack(self) -> bool:
+        """An LLM fine-tuning stack target: torch, torchvision and the pins in ``stack``."""
+        return bool(self.stack)
 
     @property
     def arch_list(self) -> ArchList | None:
@@ -144,6 +170,7 @@ class Target:
         return (
             f"torch{pip_version_spec(self.torch)}",
             f"torchvision{pip_version_spec(self.torchvision)}",
+            *self.stack,
         )
 
     @property
@@ -179,14 +206,20 @@ class Target:
         out: dict[str, dict[str, str]] = {}
         for platform in self.platforms:
             vp = dict(self.base_virtual_packages.get(platform, {}))
+            if self.glibc is not None:
+                vp["__glibc"] = self.glibc
             if self.cuda is not None:
                 vp["__cuda"] = self.cuda.raw
             out[platform] = vp
         return out
 
+    @property
+    def pip_shell_words(self) -> str:
+        """``pip_requirements`` as shell words (quoted where a shell would glob them)."""
+        return " ".join(f'"{r}"' if set("*[") & set(r) else r for r in self.pip_requirements)
+
     def pip_install_command(self) -> str:
-        reqs = " ".join(f'"{r}"' if "*" in r else r for r in self.pip_requirements)
-        return f"pip install {reqs} --index-url {self.pip_index_url}"
+        return f"pip install {self.pip_shell_words} --index-url {self.pip_index_url}"
 
     @property
     def python_range(self) -> str:

@@ -90,7 +90,7 @@ from lockgen.formats.locks import (
 from lockgen.load import default_envs_dir
 from lockgen.matrix import Matrix
 from lockgen.output import write_text, write_texts
-from lockgen.targets import Target
+from lockgen.targets import STACK_NO_CONDA, Target
 from lockgen.versions import Version
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -140,6 +140,8 @@ def target_paths(envs_dir: Path, name: str) -> TargetPaths:
 def channel_support(matrix: Matrix, target: Target) -> Support:
     """What the matrix says about the target's conda channel supplying its build."""
     ch = target.conda_channel
+    if target.is_stack:
+        return Support(NO_CHANNEL, f"no conda channel, being an LLM stack target: {STACK_NO_CONDA}")
     if ch is None:
         return Support(NO_CHANNEL, f"no conda channel: {_conda_elsewhere(matrix, target)}")
     if target.is_cpu:

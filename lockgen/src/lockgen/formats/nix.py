@@ -265,6 +265,8 @@ def plan_shells(matrix: Matrix, config: NixConfig) -> tuple[Shell, ...]:
         raise LockgenError("no targets loaded: a flake needs lockgen/data/targets.toml")
     shells = []
     for t in matrix.targets.values():
+        if t.is_stack:  # no shell: STACK_NO_NIX
+            continue
         systems = tuple(
             dict.fromkeys(config.systems[p] for p in t.platforms if p in config.systems)
         )

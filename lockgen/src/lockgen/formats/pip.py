@@ -56,6 +56,8 @@ from lockgen.formats.locks import (
 from lockgen.index import canonical_name
 from lockgen.matrix import Matrix
 from lockgen.output import write_text
+from lockgen.stack_lock import CHECKED as STACK_CHECKED
+from lockgen.stack_lock import check_stack_lock
 from lockgen.targets import Target
 from lockgen.versions import Version
 
@@ -87,6 +89,17 @@ def _run(argv: Sequence[str]) -> subprocess.CompletedProcess:
 def cuda_runtime_package(cuda: Version) -> str:
     """The PyPI wheel of the CUDA runtime (``nvidia-cuda-runtime-cu12``; no suffix from 13)."""
     return "nvidia-cuda-runtime" if cuda.major >= 13 else f"nvidia-cuda-runtime-cu{cuda.major}"
+
+
+def is_cuda_runtime_wheel(name: str) -> bool:
+    """``nvidia-cuda-runtime`` or ``nvidia-cuda-runtime-cu12``, not another NVIDIA wheel."""
+    return re.fullmatch(r"nvidia-cuda-runtime(-cu\d+)?", name) is not None
+
+
+def is_cudnn_wheel(name: str) -> bool:
+    """``nvidia-cudnn-cu13`` (cuDNN itself), not ``nvidia-cudnn-frontend`` (its C++/Python
+    API, versioned on its own)."""
+    return re.fullmatch(r"nvidia-cudnn(-cu\d+)?", name) is not None
 
 
 def uv_command() -> list[str]:
@@ -274,6 +287,11 @@ def requirements_text(target: Target, index_url: str, why: str, resolved: Mappin
         f"# of every chosen wheel, as published by {index_url} ({why}).",
         f"# {target.summary()}; covers {', '.join(target.platforms)} x Python "
         f"{target.python_range}.",
+        *(
+            [f"# Needs glibc >= {target.glibc} (manylinux_2_{target.glibc.split('.')[1]} wheels)."]
+            if target.glibc
+            else []
+        ),
         f"# Install: pip install --require-hashes -r envs/{target.name}.requirements.txt",
         f"# lockgen: target={target.name}",
         f"# lockgen: index-url={index_url}",
@@ -322,11 +340,14 @@ def lock_pip(
     report = Report(str(requirements_path(envs_dir, target)), target.name)
     check_requirements(report, parse_requirements(text), target, check_index=False)
     build_errors = [
-        f for f in report.findings if f.severity == "error" and f.code in ("torch", "cuda", "cudnn")
+        f
+        for f in report.findings
+        if f.severity == "error" and f.code in ("torch", "cuda", "cudnn", "stack")
     ]
     if build_errors:
         raise LockgenError(
-            f"{target.name}: {url} did not give the target's build; not written:\n"
+            f"{target.name}: {url} did not give the target's build (or a stack package "
+            "that loads with it); not written:\n"
             + "\n".join(f"  {f.message}" for f in build_errors)
         )
     return write_text(requirements_path(envs_dir, target), text)
@@ -590,9 +611,10 @@ def check_torch_wheel(
         report.error("torch", problem)
 
 
-def version_problem(name: str, version: str) -> str | None:
+def version_problem(name: str, version: str, pre_ok: bool = False) -> str | None:
     """Why a pinned version is not one lockgen locks: not PEP 440, or a pre- or dev release
-    (a resolution never picks one unless asked to)."""
+    (a resolution never picks one unless asked to; ``pre_ok``: a pre-release is asked for,
+    the target names the package in ``prereleases``)."""
     from lockgen.formats.pep508 import version as pep440
 
     InvalidVersion, Pep440 = pep440.InvalidVersion, pep440.Version
@@ -600,7 +622,7 @@ def version_problem(name: str, version: str) -> str | None:
         v = Pep440(version)
     except InvalidVersion:
         return f"{name} {version!r} is not a PEP 440 version"
-    if v.pre or v.dev is not None:
+    if v.dev is not None or (v.pre and not pre_ok):
         return f"{name} {version} is a pre- or development release"
     return None
 
@@ -644,7 +666,7 @@ def check_requirements(report: Report, req, target: Target, check_index: bool) -
         ):
             report.error("hash", f"{e.name}: missing or malformed --hash (sha256:<64 hex>)")
         if e.pinned and not e.problems:
-            problem = version_problem(e.name, e.version)
+            problem = version_problem(e.name, e.version, e.name in target.prereleases)
             if problem:
                 report.error("pin", problem)
         if e.marker:
@@ -679,10 +701,13 @@ def check_requirements(report: Report, req, target: Target, check_index: bool) -
         for e in by_name.get(what, []):
             check_torch_wheel(report, target, what, e.version, want, pypi)
     check_installed_everywhere(report, target, installed, pypi, by_name)
-    runtimes = [(e.name, e.version) for e in readable if e.name.startswith("nvidia-cuda-runtime")]
+    runtimes = [(e.name, e.version) for e in readable if is_cuda_runtime_wheel(e.name)]
     check_cuda_runtime(report, target, runtimes, pypi)
-    cudnns = [(e.name, e.version) for e in readable if e.name.startswith("nvidia-cudnn")]
+    cudnns = [(e.name, e.version) for e in readable if is_cudnn_wheel(e.name)]
     check_cudnn_wheels(report, target, cudnns)
+    if target.is_stack:
+        versions = {m: {n: e.version for n, e in names.items()} for m, names in installed.items()}
+        check_stack_lock(report, target, versions)
     if check_index and index:
         check_index_hashes(
             report, index, [(e.name, e.version, sha256s(e.hashes)) for e in req.entries]
@@ -762,4 +787,5 @@ def verify_requirements(
         "CUDA",
     ]
     report.checked += ["index hashes"] if check_index else []
+    report.checked += [STACK_CHECKED] if target.is_stack else []
     return report

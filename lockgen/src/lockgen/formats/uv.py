@@ -66,12 +66,16 @@ from lockgen.formats.pip import (
     check_installed_everywhere,
     check_torch_wheel,
     cuda_runtime_package,
+    is_cuda_runtime_wheel,
+    is_cudnn_wheel,
     uv_command,
     version_problem,
 )
 from lockgen.index import canonical_name
 from lockgen.matrix import Matrix
 from lockgen.output import write_text, write_texts
+from lockgen.stack_lock import CHECKED as STACK_CHECKED
+from lockgen.stack_lock import check_stack_lock
 from lockgen.targets import PYPI, Target
 
 if sys.version_info >= (3, 11):
@@ -110,8 +114,8 @@ def index_name(target: Target) -> str:
 
 
 def dependencies(target: Target) -> list[str]:
-    """The project's dependencies: torch and torchvision pinned to the build, numpy, and for
-    a PyPI-default CUDA build its CUDA runtime."""
+    """The project's dependencies: torch and torchvision pinned to the build, numpy, for
+    a PyPI-default CUDA build its CUDA runtime, and an LLM stack target's pins."""
     exact = [len(v.raw.split(".")) >= 3 for v in (target.torch, target.torchvision)]
     if not all(exact):
         raise LockgenError(
@@ -123,7 +127,7 @@ def dependencies(target: Target) -> list[str]:
     deps += list(PIP_PROJECT_REQUIREMENTS)
     if target.cuda is not None and target.pip_source.kind == PYPI:
         deps.append(f"{cuda_runtime_package(target.cuda)}=={target.cuda.raw}.*")
-    return deps
+    return deps + list(target.stack)
 
 
 def requires_python(target: Target) -> str:
@@ -333,13 +337,15 @@ def _check_uv_stale(report: Report, lock: dict, root: dict, target: Target, envs
     for problem in uv_rendered_is_current(target, envs_dir):
         report.error("stale", f"{problem}; re-render and re-lock")
     locked = {
-        (d.get("name"), d.get("specifier", ""))
+        (d.get("name"), tuple(sorted(d.get("extras") or ())), d.get("specifier", ""))
         for d in (root.get("metadata") or {}).get("requires-dist", [])
     }
     wanted = set()
     for dep in dependencies(target):
-        name = re.split(r"[=<>!~ ]", dep, maxsplit=1)[0]
-        wanted.add((name, dep[len(name) :].strip()))
+        got = re.fullmatch(r"([^=<>!~ \[]+)(?:\[([^\]]*)\])?(.*)", dep)
+        assert got is not None
+        extras = tuple(sorted(x for x in (got.group(2) or "").split(",") if x))
+        wanted.add((got.group(1), extras, got.group(3).strip()))
     if locked != wanted:
         report.error(
             "stale",
@@ -493,7 +499,7 @@ def _check_uv_sources(report: Report, packages: list[dict], root: dict, target: 
             if problem:
                 report.error("source", f"{where}: {problem}")
         if not own:
-            problem = version_problem(name, version)
+            problem = version_problem(name, version, canonical_name(name) in target.prereleases)
             if problem:
                 report.error("pin", problem)
         for dep in _deps(p, all_extras=True):
@@ -646,15 +652,15 @@ def _verify_uv(
         torch = names.get("torch")
         reach = _installed(report, packages, torch, machine) if torch else {}
         for n, p in reach.items():
-            if n.startswith("nvidia-cuda-runtime"):
+            if is_cuda_runtime_wheel(n):
                 runtimes.add((n, str(p.get("version"))))
-            if n.startswith("nvidia-cudnn"):
+            if is_cudnn_wheel(n):
                 cudnns.add((n, str(p.get("version"))))
         if (
             torch
             and pypi
             and target.cuda is not None
-            and not any(n.startswith("nvidia-cuda-runtime") for n in reach)
+            and not any(is_cuda_runtime_wheel(n) for n in reach)
         ):
             report.error(
                 "torch",
@@ -664,6 +670,12 @@ def _verify_uv(
     # absent: reported per machine above
     check_cuda_runtime(report, target, sorted(runtimes), pypi=False)
     check_cudnn_wheels(report, target, sorted(cudnns))
+    if target.is_stack:
+        versions = {
+            m: {n: str(p.get("version")) for n, p in names.items()}
+            for m, names in installed.items()
+        }
+        check_stack_lock(report, target, versions)
     pins = _check_uv_hashes(report, packages)
     if check_index:
         for registry in sorted({p[3] for p in pins}):
@@ -677,4 +689,5 @@ def _verify_uv(
         "hashes",
     ]
     report.checked += ["index hashes"] if check_index else []
+    report.checked += [STACK_CHECKED] if target.is_stack else []
     return report
