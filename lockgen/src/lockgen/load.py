@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from lockgen.errors import LockgenError, MatrixError
-from lockgen.index import canonical_name
 from lockgen.gpus import SEGMENTS, Architecture, Gpu, GpuList
+from lockgen.index import canonical_name
 from lockgen.matrix import (
     CHANNEL_KINDS,
     PLATFORMS,

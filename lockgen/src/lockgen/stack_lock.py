@@ -77,6 +77,7 @@ def _judge_one(
     found = [f for f in pick.findings if f.severity in (ERROR, WARNING)]
     chosen = next((a for a in release.artifacts if a.file == pick.file), None)
     if chosen is not None and chosen.is_sdist and _has_binary(stack, name, version):
+        found = [f for f in found if f.code != "build"]  # what building it needs: moot here
         found.append(
             Finding(
                 ERROR,
@@ -125,7 +126,10 @@ def check_stack_lock(
                 continue
             found, facts = _judge_one(stack, target, machine, name, version)
             unverified.update(dict.fromkeys(facts))
-            for f in found:
+            for f in found:  # the machine is named once, after the message
+                f = Finding(
+                    f.severity, f.code, f.message.replace(f" on Python {machine.python}", "")
+                )
                 where.setdefault(f, []).append(str(machine))
     every = len(installed)
     for f, machines in where.items():
