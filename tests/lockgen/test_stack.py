@@ -353,3 +353,26 @@ def test_deepspeed_ops_need_an_nvcc_that_matches_torch():
     assert "nvcc 13.0 exactly" in res["conflicts"][0]["message"]
     _, res = check_json("--torch", "2.10", "--with", "deepspeed")
     assert "an nvcc 12.x" in res["conflicts"][0]["message"]
+
+
+def test_the_transformers_cap_vllm_declares_is_enforced():
+    """vllm 0.31.0 requires transformers<5.18.0: with transformers 5.25.0 asked it is
+    refused, whichever is named first; unpinned, the newest vllm without the cap is taken."""
+    for order in (
+        ("vllm==0.31.0", "transformers==5.25.0"),
+        ("transformers==5.25.0", "vllm==0.31.0"),
+    ):
+        args = ["--torch", "2.13"] + [a for w in order for a in ("--with", w)]
+        rc, res = check_json(*args)
+        assert rc == 1, order
+        assert any(
+            "transformers" in c["message"] and "<5.18.0" in c["message"] for c in res["conflicts"]
+        ), res["conflicts"]
+        for s in res["suggestions"]:
+            assert check_json(*s)[0] == 0, s
+    rc, res = check_json("--torch", "2.13", "--with", "transformers==5.25.0", "--with", "vllm")
+    assert rc == 0
+    assert {p["package"]: p["version"] for p in res["packages"]}["vllm"] == "0.30.0"
+    # without transformers asked, the newest vllm for torch 2.13 (0.32.0) is picked
+    rc, res = check_json("--torch", "2.13", "--with", "vllm")
+    assert rc == 0 and res["packages"][0]["version"] == "0.32.0"

@@ -12,7 +12,7 @@ from pypi_replay import Replay
 from lockgen import pypi
 from lockgen.cli import main
 from lockgen.probe import CommandResult, Prober
-from lockgen.stack_doctor import INVENTORY
+from lockgen.stack_doctor import IMPORT_ALL, INVENTORY
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -126,3 +126,102 @@ def test_a_working_pure_python_stack():
     assert rc == 0
     (peft,) = res["packages"]
     assert peft["fix"] is None and peft["cuda"] == []
+
+
+# -- every import from one interpreter: torch imported once, a forked child per package ---------
+
+
+def _import_all_here(tmp_path, modules: dict[str, str], limit: int = 60) -> dict:
+    """IMPORT_ALL run for real by this interpreter, in a folder of stand-in packages."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-c", IMPORT_ALL, json.dumps(modules), str(limit)]
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_import_all_keeps_each_import_apart(tmp_path):
+    """Each package is imported in a child of its own: a C-level message on fd 2, an import
+    error, a crash and a hang are each told apart, and none reaches the others."""
+    warning = "WARNING[XFORMERS]: xFormers can't load C++/CUDA extensions."
+    (tmp_path / "warns.py").write_text(
+        f"import os\nos.write(2, {(warning + chr(10)).encode()!r})\n"
+    )
+    (tmp_path / "broken.py").write_text(
+        "raise ImportError('/x/_C.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')\n"
+    )
+    (tmp_path / "crashes.py").write_text("import os\nos.abort()\n")
+    (tmp_path / "hangs.py").write_text("import time\ntime.sleep(60)\n")
+    (tmp_path / "fine.py").write_text("import sys\nsys.modules[__name__].ok = True\n")
+    got = _import_all_here(
+        tmp_path,
+        {n: n for n in ("warns", "broken", "crashes", "hangs", "fine")},
+        limit=2,
+    )
+    assert got["warns"]["status"] == 0 and "can't load C++/CUDA" in got["warns"]["output"]
+    assert got["broken"]["status"] == 1 and "undefined symbol" in got["broken"]["output"]
+    assert got["crashes"]["status"] < 0  # killed by a signal, the others went on
+    assert got["hangs"]["status"] == -14  # SIGALRM: outlived its time
+    assert got["fine"] == {"status": 0, "output": ""}
+
+
+def test_doctor_imports_every_package_in_one_run():
+    """Two child runs whatever the number of packages: the inventory and IMPORT_ALL (each
+    used to be a run of its own, each importing torch again)."""
+    inventory = {
+        "xformers": {"version": "0.0.35", "libs": []},
+        "bitsandbytes": {"version": "0.50.2", "libs": []},
+        "liger-kernel": {"version": "0.8.5", "libs": []},
+        "torch": {"version": "2.14.1", "cuda": "13.0"},
+    }
+    calls = []
+
+    def run(argv, timeout):
+        calls.append(argv[2])
+        if argv[2] == INVENTORY:
+            return CommandResult(0, json.dumps(inventory))
+        assert argv[2] == IMPORT_ALL, argv[2]
+        modules = json.loads(argv[3])
+        assert set(modules) == {"xformers", "bitsandbytes", "liger-kernel"}
+        warn = "WARNING[XFORMERS]: xFormers can't load C++/CUDA extensions. built for CUDA 12"
+        return CommandResult(
+            0,
+            json.dumps(
+                {
+                    "xformers": {"status": 0, "output": warn},
+                    "bitsandbytes": {"status": 1, "output": "OSError: x.so: undefined symbol: f"},
+                    "liger-kernel": {"status": 0, "output": ""},
+                }
+            ),
+        )
+
+    rc, res = doctor(run)
+    assert calls == [INVENTORY, IMPORT_ALL]
+    by = {p["package"]: {f["code"]: f["message"] for f in p["findings"]} for p in res["packages"]}
+    assert "can't load C++/CUDA extensions" in by["xformers"]["load"]
+    assert "undefined symbol: f" in by["bitsandbytes"]["abi"]
+    assert by["liger-kernel"]["import"] == "import liger_kernel works"
+    assert rc == 1
+
+
+def test_doctor_falls_back_to_one_import_per_process():
+    """Where IMPORT_ALL gives no answer (no os.fork there), each package is imported alone."""
+    inventory = {
+        "bitsandbytes": {"version": "0.50.2", "libs": []},
+        "torch": {"version": "2.14.1", "cuda": "13.0"},
+    }
+    calls = []
+
+    def run(argv, timeout):
+        calls.append(argv[2])
+        if argv[2] == INVENTORY:
+            return CommandResult(0, json.dumps(inventory))
+        if argv[2] == IMPORT_ALL:
+            return CommandResult(1, "", "AttributeError: module 'os' has no attribute 'fork'")
+        return CommandResult(0)
+
+    rc, res = doctor(run)
+    assert calls == [INVENTORY, IMPORT_ALL, "import bitsandbytes"]
+    assert rc == 0

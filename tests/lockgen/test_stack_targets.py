@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import re
 
 import pytest
@@ -59,6 +60,14 @@ def test_the_stack_targets_are_listed_with_their_pins(matrix):
         assert f"\n{name}: torch {t.torch} " in text
         assert f"  LLM stack: {', '.join(t.stack)}\n" in text
         assert t.pip_source.kind == "pypi"
+    # what the lock workflow reads to re-resolve every target, the stack ones among them
+    out = io.StringIO()
+    assert main(["targets", "--format", "json"], out=out) == 0
+    listed = {t["name"]: t for t in json.loads(out.getvalue())}
+    for name in STACKS:
+        assert listed[name]["stack"] == list(matrix.target(name).stack)
+        assert listed[name]["install"]["conda"]["status"] == NONE
+    assert listed["cu130"]["stack"] == []
     assert "trl[vllm]==1.16.0" in matrix.target("trl-vllm-cu130").pip_requirements
     assert "xformers==0.0.34" in matrix.target("sft-cu128-xformers").stack
     assert not any(p.startswith("xformers") for p in matrix.target("sft-cu130").stack)

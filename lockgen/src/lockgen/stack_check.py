@@ -206,7 +206,7 @@ def judge(
     tb: TorchBuild,
     req: Request,
     extras: Sequence[str],
-    pins: Sequence[str],
+    pins: Sequence[tuple[str, str]],
 ) -> Pick:
     """One release against one torch build: installs, loads, runs on the GPUs asked (also
     what ``lockgen verify`` runs on each package of a stack lock)."""
@@ -214,9 +214,9 @@ def judge(
     out: list[Finding] = []
     unverified: list[str] = []
     label = f"{name} {v}"
-    for spec in pins:
+    for spec, who in pins:
         if not contains(spec, v):
-            out.append(Finding(ERROR, "install", f"{label}: outside {spec} (asked by an extra)"))
+            out.append(Finding(ERROR, "install", f"{label}: outside {spec} (asked by {who})"))
     if r.requires_python and not contains(r.requires_python, tb.python.raw):
         out.append(Finding(ERROR, "install", f"{label} needs Python {r.requires_python}"))
     for q in _requires(r, extras, "torch"):
@@ -467,23 +467,57 @@ def _try(
     the ones none passes, the release asked for (or the newest) with its findings."""
     picks: list[Pick] = []
     failed: list[Pick] = []
-    pins: dict[str, list[str]] = {}
+    pins: dict[str, list[tuple[str, str]]] = {}  # name: (spec, who asks) from the picks so far
     for w in withs:
         cands = [r for r in stack.releases[w.name] if w.version in (None, r.version)]
-        judged = [judge(stack, r, tb, req, w.extras, pins.get(w.name, ())) for r in cands]
+        judged = [
+            _against(judge(stack, r, tb, req, w.extras, pins.get(w.name, ())), picks, w.extras)
+            for r in cands
+        ]
         best = next((p for p in judged if p.ok), None)
         if best is None:
-            # the newest release an extra's pins allow tells more than one outside them
-            inside = [
-                p for p in judged if not any("asked by an extra" in f.message for f in p.findings)
-            ]
+            # the newest release the picks' pins allow tells more than one outside them
+            inside = [p for p in judged if not any(" (asked by " in f.message for f in p.findings)]
             failed.append((inside or judged)[0])
             continue
         picks.append(best)
-        for q in best.release.requires:
-            if q.extra in w.extras and q.spec:
-                pins.setdefault(q.name, []).append(q.spec)
+        label = f"{best.release.package} {best.release.version}"
+        for q in _stack_requires(stack, best.release, w.extras):
+            pins.setdefault(q.name, []).append((q.spec, label))
     return picks, failed
+
+
+def _stack_requires(stack: Stack, r: StackRelease, extras: Sequence[str]):
+    """What ``r`` (with ``extras``) requires of the other stack packages (not torch or
+    torchvision, judged against the torch build): ``vllm 0.31.0`` → ``transformers<5.18.0``."""
+    return [
+        q
+        for q in r.requires
+        if (q.extra is None or q.extra in extras)
+        and q.spec
+        and q.name in stack.releases
+        and q.name not in ("torch", "torchvision")
+    ]
+
+
+def _against(p: Pick, picks: Sequence[Pick], extras: Sequence[str]) -> Pick:
+    """``p`` with an error for each package already picked that its requirements exclude (a
+    vllm that caps transformers below the transformers asked for)."""
+    chosen = {x.release.package: x.release.version for x in picks}
+    stack_reqs = [
+        q for q in p.release.requires if (q.extra is None or q.extra in extras) and q.spec
+    ]
+    out = [
+        Finding(
+            ERROR,
+            "install",
+            f"{p.release.package} {p.release.version} requires {q.name}{q.spec}: "
+            f"{q.name} {chosen[q.name]} asked",
+        )
+        for q in stack_reqs
+        if q.name in chosen and not contains(q.spec, chosen[q.name])
+    ]
+    return replace(p, findings=p.findings + tuple(out)) if out else p
 
 
 def check_stack(

@@ -2,7 +2,8 @@
 
 For each package of the stack facts that is installed in the inspected interpreter: its
 version, the CUDA majors its compiled libraries link (their ELF ``DT_NEEDED``, read from disk
-by lockgen itself), whether it imports in a child process (its "undefined symbol", "cannot
+by lockgen itself), whether it imports in a child process of its own (forked from one
+interpreter that imported torch once, :data:`IMPORT_ALL`; its "undefined symbol", "cannot
 open shared object file" and "can't load C++/CUDA extensions" messages caught), and a fix as
 one pip line, chosen by :func:`lockgen.stack_check.check_stack` against the installed torch.
 The interpreter is run through the doctor's :class:`~lockgen.probe.Prober` (``run``,
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lockgen.check import Request
 from lockgen.findings import ERROR, NOTE, OK, WARNING, Finding
 from lockgen.matrix import Matrix
-from lockgen.probe import Prober
+from lockgen.probe import CommandResult, Prober
 from lockgen.pypi import PypiError, cuda_majors, file_needed
 from lockgen.stack import Stack
 from lockgen.stack_check import With, check_stack
@@ -44,6 +46,46 @@ except Exception as exc:
     out["torch"] = {"error": f"{type(exc).__name__}: {exc}"}
 print(json.dumps(out))
 """
+# Every import in one interpreter that imports torch once and forks a child per package: each
+# child imports only its package (isolated: a crash, a hang or a half-loaded module stays in
+# it), its stdout and stderr captured at the file descriptors (C++ extensions print there).
+# One torch import instead of one per package: torch's import is most of each child's time.
+IMPORT_ALL = r"""
+import json, os, signal, sys, tempfile, traceback
+try:
+    import torch  # noqa: F401
+except Exception:
+    pass
+limit = int(sys.argv[2])
+out = {}
+for name, module in json.loads(sys.argv[1]).items():
+    with tempfile.TemporaryFile() as cap:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.dup2(cap.fileno(), 1)
+                os.dup2(cap.fileno(), 2)
+                signal.alarm(limit)
+                __import__(module)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        cap.seek(0)
+        text = cap.read().decode("utf-8", "replace")
+    out[name] = {"status": status, "output": text[-20000:]}
+print(json.dumps(out))
+"""
+ALARM = getattr(signal, "SIGALRM", 14)  # what ends an import that outlives its time
 IMPORTS = {
     "xformers": "xformers.ops",
     "flash-attn": "flash_attn",
@@ -92,11 +134,39 @@ def _lib_cuda(libs: Sequence[str], needed: Callable[[str], tuple[str, ...]]) -> 
     return tuple(sorted(majors))
 
 
-def _import_findings(prober: Prober, name: str) -> list[Finding]:
+def _import_all(prober: Prober, names: Sequence[str]) -> dict[str, CommandResult] | None:
+    """How ``import MODULE`` went for each of ``names`` that has a module to import, all in
+    one run of :data:`IMPORT_ALL`; None when that run gives no answer (no ``os.fork``, say):
+    then each is imported in a process of its own."""
+    modules = {n: IMPORTS[n] for n in names if n in IMPORTS}
+    if not modules:
+        return {}
+    limit = max(1, int(prober.torch_timeout))
+    argv = [prober.python_exe, "-c", IMPORT_ALL, json.dumps(modules), str(limit)]
+    res = prober.run(argv, prober.torch_timeout * (len(modules) + 1))
+    try:
+        got = json.loads(res.stdout) if res.ok else None
+        return {
+            n: CommandResult(
+                0 if got[n]["status"] == 0 else 1,
+                "",
+                str(got[n]["output"]),
+                timed_out=got[n]["status"] == -ALARM,
+            )
+            for n in modules
+        }
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def _import_findings(prober: Prober, name: str, res: CommandResult | None = None) -> list[Finding]:
+    """What ``import MODULE`` of the package said: ``res`` when :func:`_import_all` ran it,
+    else a process of its own."""
     module = IMPORTS.get(name)
     if module is None:
         return []
-    res = prober.run([prober.python_exe, "-c", f"import {module}"], prober.torch_timeout)
+    if res is None:
+        res = prober.run([prober.python_exe, "-c", f"import {module}"], prober.torch_timeout)
     text = res.stdout + res.stderr
     found = [
         Finding(sev, code, f"{name}: {m.group(0)}")
@@ -197,11 +267,12 @@ def diagnose_stack(
     cuda = parse_cuda(t["cuda"]) if t.get("cuda") else None
     head = [Finding(NOTE, "torch", f"torch {t['version']} (CUDA {cuda or 'none: CPU build'})")]
     found = []
+    imported = _import_all(prober, sorted(inv)) or {}
     for name in sorted(inv):
         info = inv[name]
         linked = _lib_cuda(info.get("libs", ()), needed or file_needed)
         fixes, fix = _fix(m, stack, torch, cuda, name, info["version"], linked)
-        findings = fixes + _import_findings(prober, name)
+        findings = fixes + _import_findings(prober, name, imported.get(name))
         found.append(Installed(name, info["version"], linked, tuple(findings), fix))
     return head, found
 
