@@ -46,10 +46,10 @@ except Exception as exc:
     out["torch"] = {"error": f"{type(exc).__name__}: {exc}"}
 print(json.dumps(out))
 """
-# Every import in one interpreter that imports torch once and forks a child per package: each
-# child imports only its package (isolated: a crash, a hang or a half-loaded module stays in
-# it), its stdout and stderr captured at the file descriptors (C++ extensions print there).
-# One torch import instead of one per package: torch's import is most of each child's time.
+# Every import in one interpreter that imports torch once and forks a child per package, all
+# at once: each child imports only its package (isolated: a crash, a hang or a half-loaded
+# module stays in it), its stdout and stderr captured at the file descriptors (C++ extensions
+# print there). One torch import instead of one per package, and the imports side by side.
 IMPORT_ALL = r"""
 import json, os, signal, sys, tempfile, traceback
 try:
@@ -57,31 +57,35 @@ try:
 except Exception:
     pass
 limit = int(sys.argv[2])
-out = {}
+children = {}
 for name, module in json.loads(sys.argv[1]).items():
-    with tempfile.TemporaryFile() as cap:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 0
+    cap = tempfile.TemporaryFile()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.dup2(cap.fileno(), 1)
+            os.dup2(cap.fileno(), 2)
+            signal.alarm(limit)
+            __import__(module)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
             try:
-                os.dup2(cap.fileno(), 1)
-                os.dup2(cap.fileno(), 2)
-                signal.alarm(limit)
-                __import__(module)
-            except BaseException:
-                traceback.print_exc()
-                code = 1
+                sys.stdout.flush()
+                sys.stderr.flush()
             finally:
-                try:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                finally:
-                    os._exit(code)
-        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-        cap.seek(0)
-        text = cap.read().decode("utf-8", "replace")
+                os._exit(code)
+    children[name] = (pid, cap)
+out = {}
+for name, (pid, cap) in children.items():
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    cap.seek(0)
+    text = cap.read().decode("utf-8", "replace")
+    cap.close()
     out[name] = {"status": status, "output": text[-20000:]}
 print(json.dumps(out))
 """
