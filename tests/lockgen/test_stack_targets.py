@@ -319,3 +319,18 @@ def test_prereleases_are_accepted_only_for_the_packages_the_target_names(matrix,
     )
     report = verify_file(path, matrix)
     assert any("0.66b2 is a pre- or development release" in m for m in _errors(report))
+
+
+def test_a_package_named_for_another_cuda_major_is_noted_not_judged(matrix, stack):
+    """nvidia-cutlass-dsl-libs-cu12 comes with vllm's deps beside the CUDA 13 torch: the facts
+    know nothing of it, so verify says so instead of passing over it in silence."""
+    report = verify_file(ENVS / "trl-vllm-cu130.requirements.txt", matrix)
+    notes = [f.message for f in report.findings if f.severity == "note"]
+    assert any(n.startswith("nvidia-cutlass-dsl-libs-cu12 is named for CUDA 12") for n in notes)
+    assert not any("cutlass-dsl-libs-cu13" in n for n in notes)  # torch's own major
+    t = matrix.target("sft-cu130")
+    report = Report("x", t.name)
+    check_stack_lock(report, t, _installed(t, **{"cupy-cuda12x": "13.6.0"}), stack)
+    assert report.ok and any(
+        "cupy-cuda12x is named for CUDA 12" in f.message for f in report.findings
+    )

@@ -19,11 +19,14 @@ installs there. On each machine:
   installing machine, against whatever CUDA toolkit is there, so no lock can promise it.
 
 Each problem is reported once, with the machines it holds on. The facts the verdict rests
-on that were not read from an artifact are named in a note.
+on that were not read from an artifact are named in a note, and so is a package the facts do
+not know whose name says it is for another CUDA major than torch's
+(``nvidia-cutlass-dsl-libs-cu12`` beside a CUDA 13 torch): nothing is known of what it loads.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from lockgen.check import Request
@@ -42,6 +45,13 @@ def stack_pin(pin: str) -> tuple[str, str]:
     """``("trl", "1.16.0")`` of the pin ``trl[vllm]==1.16.0``."""
     spec, _, version = pin.partition("==")
     return canonical_name(spec.partition("[")[0]), version
+
+
+def _named_cuda(name: str) -> int | None:
+    """The CUDA major a wheel's name says it is for: ``nvidia-nccl-cu13`` → 13,
+    ``cupy-cuda12x`` → 12; None when it names none."""
+    got = re.search(r"(?:^|-)cu(?:da)?(\d{2})x?(?:-|$)", name)
+    return int(got.group(1)) if got else None
 
 
 def _pure_python(releases: tuple[StackRelease, ...]) -> bool:
@@ -137,6 +147,17 @@ def check_stack_lock(
         report.findings.append(
             Finding(f.severity, "stack" if f.severity == ERROR else f.code, f.message + on)
         )
+    for name in sorted({n for names in installed.values() for n in names} - set(stack.releases)):
+        named = _named_cuda(name)
+        if named is not None and target.cuda is not None and named != target.cuda.major:
+            report.findings.append(
+                Finding(
+                    NOTE,
+                    "stack",
+                    f"{name} is named for CUDA {named} (torch is a CUDA {target.cuda.major} "
+                    "build); the stack facts hold nothing on it, so it is not judged",
+                )
+            )
     if unverified:
         report.findings.append(
             Finding(NOTE, "stack", "rests on unverified facts: " + "; ".join(unverified))
