@@ -167,36 +167,39 @@ def test_import_all_keeps_each_import_apart(tmp_path):
     assert got["fine"] == {"status": 0, "output": ""}
 
 
-def test_doctor_imports_every_package_in_one_run():
-    """Two child runs whatever the number of packages: the inventory and IMPORT_ALL (each
-    used to be a run of its own, each importing torch again)."""
-    inventory = {
-        "xformers": {"version": "0.0.35", "libs": []},
-        "bitsandbytes": {"version": "0.50.2", "libs": []},
-        "liger-kernel": {"version": "0.8.5", "libs": []},
-        "torch": {"version": "2.14.1", "cuda": "13.0"},
-    }
-    calls = []
+def recording_python(packages: dict[str, str], import_all: CommandResult):
+    """A replayed interpreter holding ``packages`` (name: version) beside torch 2.14.1
+    (CUDA 13.0) that answers IMPORT_ALL with ``import_all``, every other import with success;
+    and the list of the scripts it was asked to run."""
+    inventory = {n: {"version": v, "libs": []} for n, v in packages.items()}
+    inventory["torch"] = {"version": "2.14.1", "cuda": "13.0"}
+    calls: list[str] = []
 
     def run(argv, timeout):
         calls.append(argv[2])
         if argv[2] == INVENTORY:
             return CommandResult(0, json.dumps(inventory))
-        assert argv[2] == IMPORT_ALL, argv[2]
-        modules = json.loads(argv[3])
-        assert set(modules) == {"xformers", "bitsandbytes", "liger-kernel"}
-        warn = "WARNING[XFORMERS]: xFormers can't load C++/CUDA extensions. built for CUDA 12"
-        return CommandResult(
-            0,
-            json.dumps(
-                {
-                    "xformers": {"status": 0, "output": warn},
-                    "bitsandbytes": {"status": 1, "output": "OSError: x.so: undefined symbol: f"},
-                    "liger-kernel": {"status": 0, "output": ""},
-                }
-            ),
-        )
+        if argv[2] == IMPORT_ALL:
+            assert set(json.loads(argv[3])) <= set(packages)
+            return import_all
+        return CommandResult(0)
 
+    return run, calls
+
+
+def test_doctor_imports_every_package_in_one_run():
+    """Two child runs whatever the number of packages: the inventory and IMPORT_ALL (each
+    used to be a run of its own, each importing torch again)."""
+    warn = "WARNING[XFORMERS]: xFormers can't load C++/CUDA extensions. built for CUDA 12"
+    answers = {
+        "xformers": {"status": 0, "output": warn},
+        "bitsandbytes": {"status": 1, "output": "OSError: x.so: undefined symbol: f"},
+        "liger-kernel": {"status": 0, "output": ""},
+    }
+    run, calls = recording_python(
+        {"xformers": "0.0.35", "bitsandbytes": "0.50.2", "liger-kernel": "0.8.5"},
+        CommandResult(0, json.dumps(answers)),
+    )
     rc, res = doctor(run)
     assert calls == [INVENTORY, IMPORT_ALL]
     by = {p["package"]: {f["code"]: f["message"] for f in p["findings"]} for p in res["packages"]}
@@ -208,20 +211,8 @@ def test_doctor_imports_every_package_in_one_run():
 
 def test_doctor_falls_back_to_one_import_per_process():
     """Where IMPORT_ALL gives no answer (no os.fork there), each package is imported alone."""
-    inventory = {
-        "bitsandbytes": {"version": "0.50.2", "libs": []},
-        "torch": {"version": "2.14.1", "cuda": "13.0"},
-    }
-    calls = []
-
-    def run(argv, timeout):
-        calls.append(argv[2])
-        if argv[2] == INVENTORY:
-            return CommandResult(0, json.dumps(inventory))
-        if argv[2] == IMPORT_ALL:
-            return CommandResult(1, "", "AttributeError: module 'os' has no attribute 'fork'")
-        return CommandResult(0)
-
+    no_fork = CommandResult(1, "", "AttributeError: module 'os' has no attribute 'fork'")
+    run, calls = recording_python({"bitsandbytes": "0.50.2"}, no_fork)
     rc, res = doctor(run)
     assert calls == [INVENTORY, IMPORT_ALL, "import bitsandbytes"]
     assert rc == 0
