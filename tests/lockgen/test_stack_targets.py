@@ -334,3 +334,15 @@ def test_a_package_named_for_another_cuda_major_is_noted_not_judged(matrix, stac
     assert report.ok and any(
         "cupy-cuda12x is named for CUDA 12" in f.message for f in report.findings
     )
+
+
+def test_a_pre_release_of_a_stack_package_is_reported_not_a_crash(matrix, tmp_path):
+    src = ENVS / "sft-cu130.requirements.txt"
+    path = tmp_path / src.name
+    path.write_text(src.read_text().replace("bitsandbytes==0.50.2 ", "bitsandbytes==0.51.0rc1 "))
+    report = verify_file(path, matrix)
+    errors = _errors(report)
+    assert any(m.startswith("bitsandbytes 0.51.0rc1: the stack facts hold no such") for m in errors)
+    assert any(
+        "pins bitsandbytes==0.50.2" in m and "locks bitsandbytes 0.51.0rc1" in m for m in errors
+    )

@@ -30,6 +30,7 @@ import re
 from collections.abc import Mapping
 
 from lockgen.check import Request
+from lockgen.errors import LockgenError
 from lockgen.findings import ERROR, NOTE, WARNING, Finding, Report
 from lockgen.formats.locks import Machine
 from lockgen.index import canonical_name
@@ -58,8 +59,17 @@ def _pure_python(releases: tuple[StackRelease, ...]) -> bool:
     return all(a.is_sdist or a.platform == "any" for r in releases for a in r.artifacts)
 
 
+def same_version(a: str, b: str) -> bool:
+    """``0.0.35`` and ``0.0.35.0`` are one release; a version the stack facts' final-release
+    grammar does not read (a pre-release, say) is the same only as itself."""
+    try:
+        return key(a) == key(b)
+    except LockgenError:
+        return a == b
+
+
 def _release(stack: Stack, name: str, version: str) -> StackRelease | None:
-    return next((r for r in stack.releases[name] if key(r.version) == key(version)), None)
+    return next((r for r in stack.releases[name] if same_version(r.version, version)), None)
 
 
 def _judge_one(
@@ -110,7 +120,7 @@ def _check_pins(report: Report, target: Target, installed) -> None:
         name, version = stack_pin(pin)
         for machine, names in installed.items():
             got = names.get(name)
-            if got is None or key(got) != key(version):
+            if got is None or not same_version(got, version):
                 what = f"locks {name} {got}" if got else f"does not install {name}"
                 report.error(
                     "stack",
