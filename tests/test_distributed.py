@@ -32,7 +32,7 @@ PARAM_ATOL = 1e-5  # after a step of lr 1: the update is the gradient itself
 BF16_REL = 2e-2
 
 
-def tiny_llama(tied: bool, seed: int = 0, family: str = "Llama"):
+def tiny_llama(tied: bool, seed: int = 0, family: str = "Llama", vocab: int = VOCAB):
     """A tiny random-init Llama (or Gemma2: its softcap, folded into the fused op, bends the
     logits)."""
     import transformers
@@ -40,7 +40,7 @@ def tiny_llama(tied: bool, seed: int = 0, family: str = "Llama"):
     torch.manual_seed(seed)
     extra = {"head_dim": 8, "final_logit_softcapping": 0.05, "sliding_window": 8}
     config = getattr(transformers, f"{family}Config")(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied,
         **(extra if family == "Gemma2" else {}),
@@ -212,32 +212,11 @@ def _fsdp2_case(rank, mesh, layout: str, tied=False, fuse_first=False, bf16=Fals
     return figures
 
 
-def tensor_parallel_refusal(rank: int, mesh) -> str:
-    """A vocabulary-sharded (ColwiseParallel) head: fuse admits the model, its first training
-    forward refuses the DTensor weight inside the head's call; the refusal's message."""
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
-
-    from gpufit import hf
-
-    model = tiny_llama(tied=False)
-    parallelize_module(model.lm_head, mesh, ColwiseParallel(output_layouts=Replicate()))
-    hf.fuse(model)
-    ids, labels = rank_batch(rank)
-    try:
-        model(input_ids=ids, labels=labels)
-    except hf.UnsupportedModelError as error:
-        return str(error)
-    return "not refused"
-
-
 def fsdp2_cases(rank: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (WORLD,))
-    refusal = tensor_parallel_refusal(rank, mesh)
     return {
-        "tensor-parallel-refused": {"refusal": refusal},
         "root": _fsdp2_case(rank, mesh, "root"),
         "own-unit-fuse-first": _fsdp2_case(rank, mesh, "own", fuse_first=True),
         "tail": _fsdp2_case(rank, mesh, "tail"),
@@ -298,10 +277,153 @@ def fsdp1_cases(rank: int) -> dict:
     }
 
 
+# ================================================================ tensor parallel (vocab-sharded)
+
+TP_VOCAB = 97  # uneven over 2 ranks: rows 0-48 and 49-96
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if type(t).__name__ == "DTensor" else t
+
+
+def _tp_model_case(rank, mesh, style: str, how="engine", family="Llama", dtype=None) -> dict:
+    """A tiny causal LM whose lm_head is ColwiseParallel over the 2 ranks (the same batch on
+    both, as tensor parallelism has it), fused, against the unsharded unfused model."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from gpufit import hf
+
+    ids, labels = rank_batch(0)
+    ref = tiny_llama(tied=False, family=family, vocab=TP_VOCAB)
+    if dtype is not None:
+        ref = ref.to(dtype)
+    model = copy.deepcopy(ref)
+    ref_loss, ref_params = reference_step(ref, ids, labels)
+    # torch's default keeps the logits vocabulary-sharded (for loss_parallel); transformers'
+    # own plan for Llama's head ("colwise_gather_output") gathers them
+    layout = {"default": ColwiseParallel(), "gather": ColwiseParallel(output_layouts=Replicate())}
+    parallelize_module(model.lm_head, mesh, layout[style])
+    hf.fuse(model)
+    if how == "engine":
+        out = model(input_ids=ids, labels=labels)
+        loss, fused = out.loss, out.logits is None
+    else:  # the model's body, then the loss outside its forward
+        hidden = model.model(input_ids=ids).last_hidden_state
+        loss, fused = hf.causal_lm_loss(hidden, model.lm_head, labels), True
+    loss.backward()
+    params = {n: (_full(p) - LR * _full(p.grad)).detach() for n, p in model.named_parameters()}
+    figures = compare(loss.item(), ref_loss, params, ref_params)
+    shard = model.lm_head.weight.to_local().shape[0]
+    figures.update(partitioned=shard < TP_VOCAB, fused=fused, shard=shard)
+    return figures
+
+
+def _tp_linear_case(rank, mesh, dtype, **options) -> dict:
+    """A Linear (bias too) ColwiseParallel over the 2 ranks, its loss through causal_lm_loss
+    (targets given already shifted; every fifth ignored), against F.cross_entropy of the whole
+    logits in fp64 from the same (rounded) inputs: the loss, x's gradient and each rank's
+    rows of the weight's and bias's gradients."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from gpufit import hf
+
+    g = torch.Generator().manual_seed(7)
+    n, hidden = 24, 16
+    x = torch.randn(1, n, hidden, generator=g).to(dtype)
+    target = torch.randint(0, TP_VOCAB, (1, n), generator=g)
+    target[0, ::5] = -100
+    head = torch.nn.Linear(hidden, TP_VOCAB).to(dtype)
+    ref_head = copy.deepcopy(head).double()
+    x_ref = x.detach().double().requires_grad_()
+    logits = ref_head(x_ref)
+    if options.get("softcap"):
+        logits = options["softcap"] * torch.tanh(logits / options["softcap"])
+    ref = torch.nn.functional.cross_entropy(logits[0], target[0], reduction="sum")
+    ref = ref / options.get("num_items_in_batch", (target != -100).sum())
+    ref.backward()
+    parallelize_module(head, mesh, ColwiseParallel())
+    x_tp = x.detach().requires_grad_()
+    loss = hf.causal_lm_loss(x_tp, head, None, shift_labels=target, **options)
+    loss.backward()
+    start = 0 if rank == 0 else TP_VOCAB - head.weight.to_local().shape[0]
+    rows = slice(start, start + head.weight.to_local().shape[0])
+    pairs = {
+        "x": (x_tp.grad, x_ref.grad),
+        "weight": (head.weight.grad.to_local(), ref_head.weight.grad[rows]),
+        "bias": (head.bias.grad.to_local(), ref_head.bias.grad[rows]),
+    }
+    errors = {k: (got.double() - want).abs().max().item() for k, (got, want) in pairs.items()}
+    scale = max(x_ref.grad.abs().max().item(), ref_head.weight.grad.abs().max().item())
+    return {"loss": loss.item(), "ref_loss": ref.item(), "grad_err": max(errors.values()),
+            "grad_scale": scale, "errors": errors, "dtype": str(dtype)}  # fmt: skip
+
+
+def _tp_refusals(rank, mesh) -> dict:
+    """Layouts the fused loss does not take, each refused with its reason in the head's call."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+    from gpufit import hf
+
+    def refusal(head, x) -> str:
+        try:
+            hf.causal_lm_loss(x, head, torch.randint(0, TP_VOCAB, (1, 6)))
+        except hf.UnsupportedModelError as error:
+            return str(error)
+        return "not refused"
+
+    def linear():
+        torch.manual_seed(0)
+        return torch.nn.Linear(16, TP_VOCAB, bias=False)
+
+    x = torch.randn(1, 6, 16)
+    rowwise = parallelize_module(linear(), mesh, RowwiseParallel())
+    replicated = distribute_module(linear(), mesh)  # every parameter Replicate
+    bare = linear()  # a Shard(0) weight put there by hand, no input hook: x stays plain
+    bare.weight = torch.nn.Parameter(distribute_tensor(bare.weight.detach(), mesh, [Shard(0)]))
+    mesh_2d = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "tp"))
+    two_d = linear()
+    two_d.weight = torch.nn.Parameter(
+        distribute_tensor(two_d.weight.detach(), mesh_2d, [Replicate(), Shard(0)])
+    )  # fmt: skip
+    return {
+        "hidden-sharded": refusal(rowwise, x),
+        "replicated": refusal(replicated, x),
+        "plain-input": refusal(bare, x),
+        "2-d-mesh": refusal(two_d, x),
+    }
+
+
+def tensor_parallel_cases(rank: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",))
+    return {
+        "refusals": _tp_refusals(rank, mesh),
+        "linear-fp32": _tp_linear_case(rank, mesh, torch.float32),
+        "linear-fp32-softcap-num-items": _tp_linear_case(
+            rank, mesh, torch.float32, softcap=3.0, num_items_in_batch=40
+        ),  # fmt: skip
+        "linear-bf16": _tp_linear_case(rank, mesh, torch.bfloat16),
+        "model-default-layout": _tp_model_case(rank, mesh, "default"),
+        "model-gather-layout": _tp_model_case(rank, mesh, "gather"),
+        "model-outside-forward": _tp_model_case(rank, mesh, "default", how="outside"),
+        "model-gemma2-softcap": _tp_model_case(rank, mesh, "gather", family="Gemma2"),
+        "model-bf16": _tp_model_case(rank, mesh, "default", dtype=torch.bfloat16),
+    }
+
+
 # ================================================================ spawning
 
 
-ENGINES = {"deepspeed": deepspeed_cases, "fsdp2": fsdp2_cases, "fsdp1": fsdp1_cases}
+ENGINES = {
+    "deepspeed": deepspeed_cases,
+    "fsdp2": fsdp2_cases,
+    "fsdp1": fsdp1_cases,
+    "tensor_parallel": tensor_parallel_cases,
+}
 
 
 def _worker(rank: int, engine: str, init_file: str, out_dir: str) -> None:
@@ -378,8 +500,6 @@ def test_fsdp2_fully_shard(tmp_path):
     reports = run_ranks("fsdp2", tmp_path)
     assert_matches(reports)
     for report in reports:
-        refusal = report.pop("tensor-parallel-refused")["refusal"]
-        assert "lm_head's weight is a DTensor" in refusal, refusal
         assert len(report) == 6
         for case, f in report.items():
             assert f["fused"] and f["partitioned"], case
@@ -395,3 +515,26 @@ def test_fsdp1_head_in_its_own_unit(tmp_path):
         assert len(report) == 2
         for case, f in report.items():
             assert f["fused"] and f["partitioned"], case
+
+
+@pytest.mark.slow
+def test_tensor_parallel_vocabulary_sharded_head(tmp_path):
+    pytest.importorskip("transformers")
+    reports = run_ranks("tensor_parallel", tmp_path)
+    for rank, report in enumerate(reports):
+        refusals = report.pop("refusals")
+        assert "DTensor (Shard(dim=1))" in refusals["hidden-sharded"], refusals
+        assert "DTensor (Replicate())" in refusals["replicated"], refusals
+        assert "its input is a plain tensor" in refusals["plain-input"], refusals
+        assert "over a 2-D mesh" in refusals["2-d-mesh"], refusals
+        for case in [c for c in report if c.startswith("linear")]:
+            f = report.pop(case)
+            tol = BF16_REL if "bf16" in case else LOSS_REL
+            where = f"rank {rank}, {case}: {f}"
+            assert abs(f["loss"] - f["ref_loss"]) <= tol * abs(f["ref_loss"]), where
+            assert f["grad_err"] <= tol * f["grad_scale"], where
+            print(where)
+        assert len(report) == 5
+        for case, f in report.items():
+            assert f["partitioned"] and f["shard"] == (49, 48)[rank], case
+    assert_matches(reports)

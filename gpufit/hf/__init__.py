@@ -97,7 +97,7 @@ def causal_lm_loss(
     try:
         loss = lm_head(hidden_states)
     finally:
-        _fused.leave(call, token, head_only=True)
+        _fused.leave(call, token)
     if call.head_calls != 1:
         raise UnsupportedModelError(
             f"gpufit.hf.causal_lm_loss: calling lm_head ran {call.head_calls} fused losses "
