@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
 import sys
 import traceback
 from datetime import timedelta
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+REPO = Path(__file__).resolve().parents[1]
 VOCAB = 96
 WORLD = 2
 LR = 1.0
@@ -538,3 +540,62 @@ def test_tensor_parallel_vocabulary_sharded_head(tmp_path):
         for case, f in report.items():
             assert f["partitioned"] and f["shard"] == (49, 48)[rank], case
     assert_matches(reports)
+
+
+# ================================================================ gpufit lm --fsdp under torchrun
+
+LM_TEXT = (
+    "The quick brown fox jumps over the lazy dog while the dog sleeps in the afternoon sun; "
+    "a fox is quick and a dog is lazy, and both of them like the warm sun. "
+) * 12
+LM_ARGS = dict(model="tiny", steps=4, batch_size=4, seq_len=16, lr=1e-3, device="cpu",
+               threads=1, quiet=True)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_lm_fsdp_under_torchrun_equals_one_process(tmp_path):
+    """``torchrun --nproc_per_node=2 -m gpufit.examples.lm --fsdp``: 2 ranks of 2 sequences
+    each train the same steps as one process on the 4 (every sequence has as many targets, so
+    the mean of the ranks' mean losses is the batch's), to fp32 tolerance."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("sentencepiece")
+    pytest.importorskip("mistral_common")
+    from gpufit.examples import lm
+    from gpufit.examples.lm_config import LMConfig
+
+    text = tmp_path / "text.txt"
+    text.write_text(LM_TEXT, encoding="utf-8")
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in
+             LM_ARGS.items()]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path]),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "gpufit.examples.lm", "--fsdp", "--text", str(text), *flags,
+           "--out", str(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("lm: loss") == 1, proc.stdout  # rank 0 alone reports
+    assert "FSDP over 2 ranks" in proc.stdout, proc.stdout
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["summary"]["world_size"] == 2
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+    one = lm.train(LMConfig(text=str(text), **LM_ARGS))["losses"]
+    two = metrics["losses"]
+    assert len(two) == len(one) == 4
+    assert one[0] - one[-1] > 0.05, one  # the steps trained: later losses depend on them
+    diff = max(abs(a - b) for a, b in zip(one, two, strict=True))
+    print(f"lm --fsdp, 2 ranks vs 1 process: losses {two} vs {one}, max diff {diff:.2e}")
+    assert diff <= 1e-5 * max(one), (one, two)
+
+
+def test_lm_fsdp_needs_torchrun(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    from gpufit.__main__ import main
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    text = tmp_path / "text.txt"
+    text.write_text(LM_TEXT, encoding="utf-8")
+    assert main(["lm", "--fsdp", "--text", str(text), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--fsdp: launch with torchrun" in err, err
