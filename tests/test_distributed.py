@@ -159,6 +159,7 @@ def deepspeed_cases(rank: int) -> dict:
         (3, False, "outside", True),
         (3, True, "outside", True),
         (2, False, "engine", False),
+        (1, True, "engine", True),
     ]:
         name = f"zero{stage}-{'tied' if tied else 'untied'}-{how}"
         name += "-fuse-first" if fuse_first else "-fuse-after"
@@ -168,7 +169,20 @@ def deepspeed_cases(rank: int) -> dict:
     # ZeRO-3 hands the head's output on detached; the softcap's operations still find it
     cases["zero3-gemma2-softcap-engine"] = _deepspeed_case(rank, 3, True, "engine",
                                                            family="Gemma2")  # fmt: skip
+    cases["lm-deepspeed-losses"] = _lm_deepspeed_losses(rank)
     return cases
+
+
+def _lm_deepspeed_losses(rank: int) -> list[float]:
+    """``gpufit lm --deepspeed docs/deepspeed_zero3.json`` on this rank (RANK and WORLD_SIZE
+    set, as torchrun sets them): the step losses of the whole batch."""
+    from gpufit.examples import lm
+    from gpufit.examples.lm_config import LMConfig
+
+    text = Path(os.environ["GPUFIT_TEST_OUT"], f"text{rank}.txt")
+    text.write_text(LM_TEXT, encoding="utf-8")
+    config = str(REPO / "docs" / "deepspeed_zero3.json")
+    return lm.train(LMConfig(text=str(text), deepspeed=config, **LM_ARGS))["losses"]
 
 
 # ================================================================ FSDP2 (fully_shard)
@@ -231,7 +245,7 @@ def fsdp2_cases(rank: int) -> dict:
 # ================================================================ FSDP1
 
 
-def _fsdp1_case(rank: int, use_orig_params: bool, fuse_first: bool) -> dict:
+def _fsdp1_case(rank: int, use_orig_params: bool, fuse_first: bool, own_unit=True) -> dict:
     import functools
 
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -249,13 +263,13 @@ def _fsdp1_case(rank: int, use_orig_params: bool, fuse_first: bool) -> dict:
     head = model.lm_head
     policy = functools.partial(
         lambda_auto_wrap_policy,
-        lambda_fn=lambda m: m is head or isinstance(m, LlamaDecoderLayer),
+        lambda_fn=lambda m: (own_unit and m is head) or isinstance(m, LlamaDecoderLayer),
     )  # fmt: skip
     wrapped = FSDP(model, auto_wrap_policy=policy, use_orig_params=use_orig_params,
                    device_id=torch.device("cpu"))  # fmt: skip
     if not fuse_first:
         hf.fuse(wrapped)
-    own_unit = type(model.lm_head).__name__ == "FullyShardedDataParallel"
+    in_own_unit = type(model.lm_head).__name__ == "FullyShardedDataParallel"
     optimizer = torch.optim.SGD(wrapped.parameters(), lr=LR)
     out = wrapped(input_ids=ids, labels=labels)
     out.loss.backward()
@@ -266,7 +280,7 @@ def _fsdp1_case(rank: int, use_orig_params: bool, fuse_first: bool) -> dict:
             for n, p in wrapped.named_parameters()
         }  # fmt: skip
     figures = compare(out.loss.item(), ref_loss, params, ref_params)
-    figures.update(partitioned=own_unit, fused=out.logits is None)
+    figures.update(partitioned=in_own_unit, fused=out.logits is None)
     return figures
 
 
@@ -275,6 +289,10 @@ def fsdp1_cases(rank: int) -> dict:
         "own-unit-orig-params": _fsdp1_case(rank, use_orig_params=True, fuse_first=False),
         "own-unit-flat-params-fuse-first": _fsdp1_case(
             rank, use_orig_params=False, fuse_first=True
+        ),  # fmt: skip
+        # the usual transformer-layer wrap: the head in the root unit
+        "root-unit-flat-params": _fsdp1_case(
+            rank, use_orig_params=False, fuse_first=False, own_unit=False
         ),  # fmt: skip
     }
 
@@ -430,6 +448,7 @@ ENGINES = {
 
 def _worker(rank: int, engine: str, init_file: str, out_dir: str) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ["GPUFIT_TEST_OUT"] = out_dir
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
         timeout=timedelta(seconds=120),
@@ -487,10 +506,24 @@ def assert_matches(reports: list[dict]) -> None:
 def test_deepspeed_zero3_and_zero2(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("deepspeed")
+    pytest.importorskip("sentencepiece")
+    pytest.importorskip("mistral_common")
+    from gpufit.examples import lm
+    from gpufit.examples.lm_config import LMConfig
+
     reports = run_ranks("deepspeed", tmp_path)
+    # gpufit lm --deepspeed (ZeRO-3, docs/deepspeed_zero3.json): 2 ranks of 2 sequences each
+    # train as one process on the 4
+    (tmp_path / "text.txt").write_text(LM_TEXT, encoding="utf-8")
+    one = lm.train(LMConfig(text=str(tmp_path / "text.txt"), **LM_ARGS))["losses"]
+    for rank, report in enumerate(reports):
+        two = report.pop("lm-deepspeed-losses")
+        diff = max(abs(a - b) for a, b in zip(one, two, strict=True))
+        print(f"rank {rank}, lm --deepspeed: losses {two} vs one process {one}, diff {diff:.2e}")
+        assert one[0] - one[-1] > 0.05 and diff <= 1e-5 * max(one), (one, two)
     assert_matches(reports)
     for report in reports:
-        assert len(report) == 7
+        assert len(report) == 8
         for case, f in report.items():
             # a ZeRO-3 head that stayed whole would prove nothing about gathering it
             assert f["partitioned"] == case.startswith("zero3"), case
@@ -509,14 +542,14 @@ def test_fsdp2_fully_shard(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp1_head_in_its_own_unit(tmp_path):
+def test_fsdp1_head_in_its_own_unit_and_in_the_root_unit(tmp_path):
     pytest.importorskip("transformers")
     reports = run_ranks("fsdp1", tmp_path)
     assert_matches(reports)
     for report in reports:
-        assert len(report) == 2
+        assert len(report) == 3
         for case, f in report.items():
-            assert f["fused"] and f["partitioned"], case
+            assert f["fused"] and f["partitioned"] == case.startswith("own-unit"), case
 
 
 @pytest.mark.slow
@@ -552,36 +585,50 @@ LM_ARGS = dict(model="tiny", steps=4, batch_size=4, seq_len=16, lr=1e-3, device=
                threads=1, quiet=True)  # fmt: skip
 
 
+TORCHRUN_LINE = "torchrun --standalone --nproc_per_node=2 -m gpufit.examples.lm --fsdp"
+
+
+def readme_torchrun_argv() -> list[str]:
+    """The arguments of the README's ``torchrun ... -m gpufit.examples.lm --fsdp`` line."""
+    import shlex
+
+    lines = [line for line in (REPO / "README.md").read_text().splitlines()
+             if line.startswith(TORCHRUN_LINE)]  # fmt: skip
+    assert len(lines) == 1, f"README.md shows {len(lines)} lines starting {TORCHRUN_LINE!r}"
+    return shlex.split(lines[0].split("  #")[0])[len(TORCHRUN_LINE.split()) :]
+
+
 @pytest.mark.slow
-def test_lm_fsdp_under_torchrun_equals_one_process(tmp_path):
-    """``torchrun --nproc_per_node=2 -m gpufit.examples.lm --fsdp``: 2 ranks of 2 sequences
-    each train the same steps as one process on the 4 (every sequence has as many targets, so
-    the mean of the ranks' mean losses is the batch's), to fp32 tolerance."""
+def test_readme_lm_fsdp_line_equals_one_process(tmp_path):
+    """The README's ``torchrun --nproc_per_node=2 -m gpufit.examples.lm --fsdp ...`` (its
+    --out put in a temporary folder): 2 ranks, each on half of every batch, train the same
+    steps as one process on the whole batches (every sequence has as many targets, so the mean
+    of the ranks' mean losses is the batch's), to fp32 tolerance."""
     pytest.importorskip("transformers")
     pytest.importorskip("sentencepiece")
     pytest.importorskip("mistral_common")
     from gpufit.examples import lm
-    from gpufit.examples.lm_config import LMConfig
 
-    text = tmp_path / "text.txt"
-    text.write_text(LM_TEXT, encoding="utf-8")
-    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in
-             LM_ARGS.items()]  # fmt: skip
+    argv = readme_torchrun_argv()
+    argv[argv.index("--out") + 1] = str(tmp_path / "out")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path]),
            "OMP_NUM_THREADS": "1"}  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "gpufit.examples.lm", "--fsdp", "--text", str(text), *flags,
-           "--out", str(tmp_path / "out")]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", *TORCHRUN_LINE.split()[1:], *argv]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("lm: loss") == 1, proc.stdout  # rank 0 alone reports
-    assert "FSDP over 2 ranks" in proc.stdout, proc.stdout
+    assert "FSDP2 over 2 ranks" in proc.stdout, proc.stdout
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["summary"]["world_size"] == 2
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
-    one = lm.train(LMConfig(text=str(text), **LM_ARGS))["losses"]
+    one_process = lm.build_parser().parse_args([a for a in argv if a not in ("--fsdp", "--out",
+                                                str(tmp_path / "out"))])  # fmt: skip
+    one_process.text = str(REPO / one_process.text)
+    from gpufit.examples.lm_config import config_from_args
+
+    one = lm.train(config_from_args(one_process))["losses"]
     two = metrics["losses"]
-    assert len(two) == len(one) == 4
+    assert len(two) == len(one) >= 3
     assert one[0] - one[-1] > 0.05, one  # the steps trained: later losses depend on them
     diff = max(abs(a - b) for a, b in zip(one, two, strict=True))
     print(f"lm --fsdp, 2 ranks vs 1 process: losses {two} vs {one}, max diff {diff:.2e}")
