@@ -635,14 +635,39 @@ def test_readme_lm_fsdp_line_equals_one_process(tmp_path):
     assert diff <= 1e-5 * max(one), (one, two)
 
 
-def test_lm_fsdp_needs_torchrun(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("transformers")
+def test_lm_engine_flags_refuse_bad_launches_and_configs(tmp_path, monkeypatch, capsys):
+    """Each a one-line error, exit 2, before any process group or model: --fsdp or
+    --deepspeed without torchrun, torchrun without either, both, --resume, a batch that does
+    not divide among the ranks, and a DeepSpeed config that is no JSON object, has its own
+    optimizer or other batch sizes."""
     from gpufit.__main__ import main
+
+    text = tmp_path / "text.txt"
+    text.write_text(LM_TEXT, encoding="utf-8")
+    configs = {"broken": "{", "list": "[1]", "optimizer": '{"optimizer": {"type": "Adam"}}',
+               "sizes": '{"train_micro_batch_size_per_gpu": 3}'}  # fmt: skip
+    for name, body in configs.items():
+        (tmp_path / f"{name}.json").write_text(body)
+
+    def error(*argv) -> str:
+        assert main(["lm", "--text", str(text), "--steps", "1", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        return err
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    text = tmp_path / "text.txt"
-    text.write_text(LM_TEXT, encoding="utf-8")
-    assert main(["lm", "--fsdp", "--text", str(text), "--steps", "1"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--fsdp: launch with torchrun" in err, err
+    assert "--fsdp: launch with torchrun" in error("--fsdp")
+    assert "--deepspeed: launch with torchrun" in error("--deepspeed", str(tmp_path / "x.json"))
+    monkeypatch.setenv("RANK", "0")  # as torchrun starts a rank of 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "launched by torchrun without --fsdp or --deepspeed" in error()
+    assert "choose one engine" in error("--fsdp", "--deepspeed", str(tmp_path / "x.json"))
+    assert "--resume is not supported yet" in error("--fsdp", "--resume", str(text))
+    assert "give a multiple of 2" in error("--fsdp", "--batch-size", "3")
+    assert "no such file" in error("--deepspeed", str(tmp_path / "x.json"))
+    assert "not a JSON file" in error("--deepspeed", str(tmp_path / "broken.json"))
+    assert "not a JSON object" in error("--deepspeed", str(tmp_path / "list.json"))
+    assert "has an 'optimizer' section" in error("--deepspeed", str(tmp_path / "optimizer.json"))
+    err = error("--deepspeed", str(tmp_path / "sizes.json"), "--batch-size", "4")
+    assert "train_micro_batch_size_per_gpu is 3, but this run has 2" in err, err

@@ -321,11 +321,12 @@ def train(cfg: LMConfig) -> dict:
         if problems:
             raise UsageError("; ".join(problems))
         dist = _launch(cfg)
+        ds_config = deepspeed_config(cfg, dist) if cfg.deepspeed else None
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = training.pick_device(cfg.device, dist)
         with training.process_group(dist, device):
-            return _train(cfg, dist, device)
+            return _train(cfg, dist, device, ds_config)
 
 
 def _launch(cfg: LMConfig) -> training.Distributed:
@@ -397,10 +398,9 @@ class _Stepper:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def _deepspeed(model, optimizer, cfg: LMConfig, dist: training.Distributed):
-    """(the DeepSpeed engine, its model) for the model and optimizer, as --deepspeed FILE
-    configures it."""
-    config = deepspeed_config(cfg, dist)
+def _deepspeed(model, optimizer, cfg: LMConfig, config: dict):
+    """The DeepSpeed engine of the model and optimizer, as ``config`` (--deepspeed FILE's)
+    sets it up."""
     try:
         import deepspeed
     except ModuleNotFoundError:
@@ -451,7 +451,8 @@ def _batch_loss(loss: torch.Tensor, cfg: LMConfig, dist: training.Distributed) -
     return total.item() / dist.world_size
 
 
-def _train(cfg: LMConfig, dist: training.Distributed, device: torch.device) -> dict:
+def _train(cfg: LMConfig, dist: training.Distributed, device: torch.device,
+           ds_config: dict | None) -> dict:  # fmt: skip
     if cfg.model != TINY:
         check_model_folder(Path(cfg.model))
     text, text_sha256 = read_text(cfg.text)
@@ -483,7 +484,7 @@ def _train(cfg: LMConfig, dist: training.Distributed, device: torch.device) -> d
         model = shard(model, device, dist)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    engine = _deepspeed(model, optimizer, cfg, dist) if cfg.deepspeed else None
+    engine = _deepspeed(model, optimizer, cfg, ds_config) if cfg.deepspeed else None
     step_with = _Stepper(optimizer, engine)
     forward = model if engine is None else engine
     run = {
