@@ -4,7 +4,10 @@ In a fused training forward, the innermost ``nn.Linear`` of the head computes th
 input (``fused_linear_cross_entropy``: no logits) and returns it as its output; the model's
 ``loss_function`` then receives that tensor and returns it. The loss thus runs inside the head's
 call, where every engine (FSDP1/2, DeepSpeed ZeRO-3) has the weight gathered, and leaves it as
-that call's output, on which they hook backward. What the call needs (labels, shift_labels,
+that call's output, on which they hook backward. A tensor-parallel head (ColwiseParallel: its
+weight a DTensor sharded over the vocabulary) computes it from its own rows and the other
+ranks' statistics (_tensor_parallel.py) and returns it past the style's output hook, which
+converts logits' layouts (_LayoutHook). What the call needs (labels, shift_labels,
 num_items_in_batch, the transforms' values) is handed to it through a context variable, so a
 call of the same head elsewhere (another thread, another context) is the stock one.
 

@@ -190,12 +190,13 @@ def is_fsdp2_linear(module: nn.Module) -> bool:
 
 def check_weight(linear: nn.Linear) -> None:
     """The head's weight is one plain floating tensor (inside the head's call, after any engine
-    gathered it): not a DTensor, not an empty ZeRO-3 placeholder, not quantized."""
+    gathered it): not an empty ZeRO-3 placeholder, not quantized. (A DTensor weight, of a
+    tensor-parallel head, is _tensor_parallel.sharded_head's to check.)"""
     weight = linear.weight
     if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
         raise UnsupportedModelError(
-            f"gpufit: lm_head's weight is a {type(weight).__name__} (sharded or quantized) "
-            "within its own call, not a plain tensor; a tensor-parallel head is not supported yet"
+            f"gpufit: lm_head's weight is a {type(weight).__name__} (quantized or otherwise "
+            "wrapped) within its own call, not a plain tensor"
         )
     if not weight.is_floating_point():
         raise UnsupportedModelError(
