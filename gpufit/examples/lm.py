@@ -314,23 +314,152 @@ def library_chatter(quiet: bool):
 
 
 def train(cfg: LMConfig) -> dict:
-    """Fine-tune as configured; returns the summary (and 'losses': this run's step losses)."""
+    """Fine-tune as configured; returns the summary (and 'losses': this run's step losses, of
+    the whole batch under --fsdp)."""
     with library_chatter(cfg.quiet):
-        return _train(cfg)
+        problems = config_problems(cfg)
+        if problems:
+            raise UsageError("; ".join(problems))
+        dist = _launch(cfg)
+        ds_config = deepspeed_config(cfg, dist) if cfg.deepspeed else None
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = training.pick_device(cfg.device, dist)
+        with training.process_group(dist, device):
+            return _train(cfg, dist, device, ds_config)
 
 
-def _train(cfg: LMConfig) -> dict:
-    problems = config_problems(cfg)
-    if problems:
-        raise UsageError("; ".join(problems))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = training.pick_device(cfg.device, training.Distributed())
+def _launch(cfg: LMConfig) -> training.Distributed:
+    """The ranks torchrun launched (none without it), checked against --fsdp."""
+    dist = training.Distributed.from_env()
+    flag = _engine_flag(cfg)
+    if cfg.fsdp and cfg.deepspeed:
+        raise UsageError("--fsdp and --deepspeed: choose one engine")
+    if flag and not dist.active:
+        raise UsageError(f"{flag}: launch with torchrun --nproc_per_node=N (one process per "
+                         "GPU, or CPU ranks with --device cpu)")  # fmt: skip
+    if dist.active and not flag:
+        raise UsageError("launched by torchrun without --fsdp or --deepspeed: each rank would "
+                         "train alone; pass one to train one model across the ranks")  # fmt: skip
+    if flag and cfg.resume:
+        raise UsageError(f"{flag}: --resume is not supported yet (no checkpoint is written "
+                         f"under {flag})")  # fmt: skip
+    if flag and cfg.batch_size % dist.world_size:
+        raise UsageError(f"--batch-size {cfg.batch_size}: under {flag} each of the "
+                         f"{dist.world_size} ranks takes an equal share of the batch; give a "
+                         f"multiple of {dist.world_size}")  # fmt: skip
+    return dist
+
+
+def _engine_flag(cfg: LMConfig) -> str | None:
+    """The flag of the engine that trains across the ranks (None: one process)."""
+    return "--fsdp" if cfg.fsdp else ("--deepspeed" if cfg.deepspeed else None)
+
+
+def deepspeed_config(cfg: LMConfig, dist: training.Distributed) -> dict:
+    """--deepspeed FILE's JSON config, with the batch this run gives each rank (a size the
+    file sets must agree with it)."""
+    flag = f"--deepspeed {cfg.deepspeed}"
+    data = training.read_regular_file(cfg.deepspeed, "--deepspeed", "a JSON file", 2**20)
+    try:
+        config = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{flag}: not a JSON file ({training.first_line(err)})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{flag}: holds {training.describe(config)}, not a JSON object")
+    if "optimizer" in config:
+        raise UsageError(f"{flag}: has an 'optimizer' section; gpufit lm gives DeepSpeed its "
+                         "own AdamW (--lr), so leave it out")  # fmt: skip
+    share = cfg.batch_size // dist.world_size
+    sizes = {"train_batch_size": cfg.batch_size, "train_micro_batch_size_per_gpu": share,
+             "gradient_accumulation_steps": 1}  # fmt: skip
+    for key, value in sizes.items():
+        if config.setdefault(key, value) != value:
+            raise UsageError(f"{flag}: {key} is {config[key]!r}, but this run has {value} "
+                             f"(--batch-size {cfg.batch_size} over {dist.world_size} ranks, one "
+                             "micro-batch per step)")  # fmt: skip
+    return config
+
+
+class _Stepper:
+    """Backward and optimizer step, as the engine does them (a DeepSpeed engine's own, or
+    the optimizer's)."""
+
+    def __init__(self, optimizer, engine=None):
+        self.optimizer, self.engine = optimizer, engine
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()
+            return
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _deepspeed(model, optimizer, cfg: LMConfig, config: dict):
+    """The DeepSpeed engine of the model and optimizer, as ``config`` (--deepspeed FILE's)
+    sets it up."""
+    try:
+        import deepspeed
+    except ModuleNotFoundError:
+        raise UsageError("--deepspeed needs deepspeed: pip install 'gpufit[deepspeed]'") from None
+    try:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                          dist_init_required=False)  # fmt: skip
+    except (ValueError, KeyError, AssertionError) as err:
+        raise UsageError(f"--deepspeed {cfg.deepspeed}: {training.first_line(err)}") from None
+    return engine
+
+
+def shard(model, device: torch.device, dist: training.Distributed):
+    """FSDP2 over the ranks: each decoder layer (the classes the model names as
+    ``_no_split_modules``) its own unit, the rest (embeddings, final norm, the head) the
+    root's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from gpufit import hf
+
+    mesh = init_device_mesh(device.type, (dist.world_size,))
+    units = set(getattr(hf.causal_lm(model), "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if type(module).__name__ in units:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _rank_rows(ids: torch.Tensor, cfg: LMConfig, dist: training.Distributed) -> torch.Tensor:
+    """This rank's equal share of the step's batch (all of it without --fsdp)."""
+    if not _engine_flag(cfg):
+        return ids
+    share = cfg.batch_size // dist.world_size
+    return ids[dist.rank * share : (dist.rank + 1) * share]
+
+
+def _batch_loss(loss: torch.Tensor, cfg: LMConfig, dist: training.Distributed) -> float:
+    """The step's loss over the whole batch: across ranks, the mean of the ranks' (each the
+    mean over as many tokens: every sequence has seq_len - 1 targets)."""
+    if not _engine_flag(cfg):
+        return loss.item()
+    import torch.distributed as torch_dist
+
+    total = loss.detach().float().clone()
+    torch_dist.all_reduce(total)
+    return total.item() / dist.world_size
+
+
+def _train(cfg: LMConfig, dist: training.Distributed, device: torch.device,
+           ds_config: dict | None) -> dict:  # fmt: skip
     if cfg.model != TINY:
         check_model_folder(Path(cfg.model))
     text, text_sha256 = read_text(cfg.text)
     resume_state = load_checkpoint(cfg.resume) if cfg.resume else None
     out = Path(cfg.out) if cfg.out else (Path(cfg.resume).parent if cfg.resume else None)
+    if not dist.writer:
+        out = None
     if out is not None:
         training.check_output_dir(out, "--out" if cfg.out else "--resume's folder")
 
@@ -351,8 +480,13 @@ def _train(cfg: LMConfig) -> dict:
         except hf.UnsupportedModelError as err:
             raise UsageError(f"--fused: {err} (or train with --no-fused)") from None
     model.to(device).train()
+    if cfg.fsdp:
+        model = shard(model, device, dist)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    engine = _deepspeed(model, optimizer, cfg, ds_config) if cfg.deepspeed else None
+    step_with = _Stepper(optimizer, engine)
+    forward = model if engine is None else engine
     run = {
         "model": cfg.model, "text_sha256": text_sha256, "tokens": len(tokens),
         "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "lr": cfg.lr, "seed": cfg.seed,
@@ -383,15 +517,16 @@ def _train(cfg: LMConfig) -> dict:
         flag = "--out" if cfg.out else "--resume's folder"
         claim = training.OutputClaim(out, CHECKPOINT_FORMAT, run, cfg.overwrite, flag)
         claim.check()
-        training.check_free_space(out, 2 * 3 * training.state_bytes(trainable_state(model)))
+        if not _engine_flag(cfg):
+            training.check_free_space(out, 2 * 3 * training.state_bytes(trainable_state(model)))
 
-    progress = training.Progress(cfg.quiet)
-    trainable = sum(p.numel() for p in params)
+    progress = training.Progress(cfg.quiet or not dist.writer)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3: partitioned
     progress.line(
         f"lm: {cfg.model} ({trainable:,} trainable parameters{', LoRA' * cfg.lora}) on "
         f"{device}, {len(tokens):,} tokens of {cfg.text}, steps {first + 1}..{cfg.steps} of "
         f"batch {cfg.batch_size} x {cfg.seq_len}, loss {'fused' if cfg.fused else 'stock'}"
-        f"{', bf16 autocast' * cfg.bf16}"
+        f"{', bf16 autocast' * cfg.bf16}{_engine_note(cfg, dist)}"
     )
     autocast = torch.autocast(device.type, torch.bfloat16) if cfg.bf16 else nullcontext()
     if device.type == "cuda":
@@ -399,18 +534,17 @@ def _train(cfg: LMConfig) -> dict:
     training.sync(device)
     start = time.perf_counter()
     for step in range(first, cfg.steps):
-        ids = batches.batch(step).to(device)
+        ids = _rank_rows(batches.batch(step), cfg, dist).to(device)
         with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
-        losses.append(loss.item())
+            loss = forward(input_ids=ids, labels=ids).loss
+        losses.append(_batch_loss(loss, cfg, dist))
         if not math.isfinite(losses[-1]):
             raise OutputError(non_finite_loss_message(cfg, model, step, first, losses[-1]))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_with(loss)
         done = step + 1
         progress.update(1, 1, done - first, cfg.steps - first, loss, start, cfg.batch_size)
-        if claim is not None and (done % cfg.save_every == 0 or done == cfg.steps):
+        saving = not _engine_flag(cfg) and (done % cfg.save_every == 0 or done == cfg.steps)
+        if claim is not None and saving:
             claim.recheck()
             state = {
                 "format": CHECKPOINT_FORMAT, "run": run, "config": asdict(cfg), "step": done,
@@ -426,6 +560,8 @@ def _train(cfg: LMConfig) -> dict:
         "tokens_per_s": (cfg.steps - first) * cfg.batch_size * cfg.seq_len / seconds,
         "seconds": seconds, "peak_memory_kind": memory_kind, "peak_memory_bytes": memory,
         "device": str(device), "fused": cfg.fused,
+        "world_size": dist.world_size if _engine_flag(cfg) else 1,
+        "engine": {"--fsdp": "FSDP2", "--deepspeed": "DeepSpeed"}.get(_engine_flag(cfg)),
     }  # fmt: skip
     if claim is not None:
         claim.recheck()
@@ -465,7 +601,16 @@ def summary_line(s: dict) -> str:
         f"over {s['trained_steps']} steps | {s['peak_memory_kind']} "
         f"{s['peak_memory_bytes'] / 2**20:,.0f} MiB | {s['device']}, "
         f"{'fused' if s['fused'] else 'stock'} loss"
+        + (f", {s['engine']} over {s['world_size']} ranks" if s.get("engine") else "")
     )
+
+
+def _engine_note(cfg: LMConfig, dist: training.Distributed) -> str:
+    if not _engine_flag(cfg):
+        return ""
+    engine = "FSDP2" if cfg.fsdp else f"DeepSpeed ({cfg.deepspeed})"
+    return (f", {engine} over {dist.world_size} ranks ({cfg.batch_size // dist.world_size} "
+            "sequences each; metrics only, no checkpoint)")  # fmt: skip
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -483,5 +628,25 @@ def run_cli(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
-    print(summary_line(summary), flush=True)
+    if training.Distributed.from_env().writer:
+        print(summary_line(summary), flush=True)
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gpufit.examples.lm_config import add_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="python -m gpufit.examples.lm",
+        description="Fine-tune a causal LM on a local text file (the same as gpufit lm)",
+    )
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,6 +29,8 @@ class LMConfig:
     bf16: bool = False
     fused: bool = True
     device: str = "auto"
+    fsdp: bool = False  # FSDP2 over the ranks torchrun launched
+    deepspeed: str | None = None  # or DeepSpeed, configured by this JSON file
     out: str | None = None
     resume: str | None = None
     overwrite: bool = False  # replace another run's checkpoint in --out
@@ -101,6 +103,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fused", action=argparse.BooleanOptionalAction, default=d.fused,
         help="compute the loss with gpufit.fuse (no logits) or as transformers does "
         "(default: fused)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fsdp", action="store_true",
+        help="under torchrun: shard the model with FSDP2 (fully_shard) over the ranks, each "
+        "training on an equal share of every batch (gloo on CPU, nccl on GPUs); writes "
+        "metrics.json, no checkpoint",
+    )  # fmt: skip
+    parser.add_argument(
+        "--deepspeed", metavar="FILE",
+        help="under torchrun: train with DeepSpeed as this JSON config sets it up (ZeRO stage "
+        "etc.; gpufit lm gives it the batch sizes and its AdamW), each rank on an equal share "
+        "of every batch; e.g. docs/deepspeed_zero3.json; metrics.json, no checkpoint",
     )  # fmt: skip
     parser.add_argument("--device", choices=DEVICES, default=d.device,
                         help="auto: cuda if a GPU is visible (default: %(default)s)")  # fmt: skip

@@ -79,13 +79,14 @@ def causal_lm_loss(
 
     hidden_states (batch, seq, hidden) are the final hidden states (before the head); lm_head
     the model's head (``model.lm_head``: a plain ``nn.Linear``, or PEFT's modules_to_save
-    wrapper or an FSDP unit of one). Token t predicts ``labels[:, t + 1]`` (the last position
-    predicts nothing) unless ``shift_labels`` (batch, seq), already shifted, is given. The loss
-    is the mean over tokens whose label is not ``ignore_index``, or with ``num_items_in_batch``
-    (an int or a 0-dim tensor: the token count over all micro-batches of a gradient-accumulation
-    step) their sum divided by it, as transformers' Trainer computes it. The logits are
-    ``logit_scale * lm_head(hidden_states)``, then ``softcap * tanh(logits / softcap)`` if a
-    softcap is given (Gemma's final softcap).
+    wrapper or an FSDP unit of one, or one that ``ColwiseParallel`` shards over the vocabulary:
+    then each rank computes on its own rows, _tensor_parallel.py). Token t predicts
+    ``labels[:, t + 1]`` (the last position predicts nothing) unless ``shift_labels`` (batch,
+    seq), already shifted, is given. The loss is the mean over tokens whose label is not
+    ``ignore_index``, or with ``num_items_in_batch`` (an int or a 0-dim tensor: the token count
+    over all micro-batches of a gradient-accumulation step) their sum divided by it, as
+    transformers' Trainer computes it. The logits are ``logit_scale * lm_head(hidden_states)``,
+    then ``softcap * tanh(logits / softcap)`` if a softcap is given (Gemma's final softcap).
     """
     if shift_labels is None and labels is None:
         raise ValueError("gpufit.hf.causal_lm_loss: give labels or shift_labels")
@@ -97,7 +98,7 @@ def causal_lm_loss(
     try:
         loss = lm_head(hidden_states)
     finally:
-        _fused.leave(call, token, head_only=True)
+        _fused.leave(call, token)
     if call.head_calls != 1:
         raise UnsupportedModelError(
             f"gpufit.hf.causal_lm_loss: calling lm_head ran {call.head_calls} fused losses "

@@ -4,7 +4,10 @@ In a fused training forward, the innermost ``nn.Linear`` of the head computes th
 input (``fused_linear_cross_entropy``: no logits) and returns it as its output; the model's
 ``loss_function`` then receives that tensor and returns it. The loss thus runs inside the head's
 call, where every engine (FSDP1/2, DeepSpeed ZeRO-3) has the weight gathered, and leaves it as
-that call's output, on which they hook backward. What the call needs (labels, shift_labels,
+that call's output, on which they hook backward. A tensor-parallel head (ColwiseParallel: its
+weight a DTensor sharded over the vocabulary) computes it from its own rows and the other
+ranks' statistics (_tensor_parallel.py) and returns it past the style's output hook, which
+converts logits' layouts (_LayoutHook). What the call needs (labels, shift_labels,
 num_items_in_batch, the transforms' values) is handed to it through a context variable, so a
 call of the same head elsewhere (another thread, another context) is the stock one.
 
@@ -26,7 +29,7 @@ import contextvars
 import numbers
 import threading
 import types
-from collections import deque
+from collections import OrderedDict, deque
 
 import torch
 from torch import nn
@@ -36,10 +39,12 @@ from gpufit.hf._models import (
     UnsupportedModelError,
     check_weight,
     head_chain,
+    hook_owner,
     is_checkpoint_wrapper,
     is_engine_code,
 )
 from gpufit.hf._source import HeadSpec, describe_path
+from gpufit.hf._tensor_parallel import is_dtensor, sharded_head, vocab_parallel_cross_entropy
 
 _CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("gpufit_hf_call", default=None)
 
@@ -59,16 +64,24 @@ def fused_causal_lm_loss(
     logit_scale: float,
     chunk_size: int | None,
 ) -> torch.Tensor:
-    """transformers' ForCausalLMLoss of ``linear``'s logits of hidden_states, fused."""
+    """transformers' ForCausalLMLoss of ``linear``'s logits of hidden_states, fused (a
+    vocabulary-sharded head's too: _tensor_parallel.py)."""
     if shift_labels is None:
         if labels is None:
             raise ValueError("gpufit.hf.causal_lm_loss: give labels or shift_labels")
         labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
         shift_labels = labels[..., 1:]
     target = shift_labels.reshape(-1).to(hidden_states.device)
-    x = hidden_states.reshape(-1, hidden_states.shape[-1])
     if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(x.device)
+        num_items_in_batch = num_items_in_batch.to(hidden_states.device)
+    if is_dtensor(linear.weight):
+        x, weight, bias, start, group = sharded_head(linear, hidden_states)
+        return vocab_parallel_cross_entropy(
+            x.reshape(-1, x.shape[-1]), weight, target, bias, vocab_start=start, group=group,
+            ignore_index=ignore_index, num_items=num_items_in_batch, softcap=softcap,
+            logit_scale=logit_scale, chunk_size=chunk_size,
+        )  # fmt: skip
+    x = hidden_states.reshape(-1, hidden_states.shape[-1])
     return ops.fused_linear_cross_entropy(
         x, linear.weight, target, linear.bias, ignore_index=ignore_index,
         reduction="mean" if num_items_in_batch is None else "sum", softcap=softcap,
@@ -107,7 +120,8 @@ class _Call:
         self.head_calls += 1
         if self.head_calls > 1:
             raise self.refuse("its head was called twice in one fused forward")
-        check_weight(linear)
+        if not is_dtensor(linear.weight):  # a sharded head's layout: sharded_head checks it
+            check_weight(linear)
         logit_scale, softcap, operations = self.fold()
         loss = fused_causal_lm_loss(
             hidden_states, linear, self.labels, shift_labels=self.shift_labels,
@@ -379,10 +393,48 @@ def _unwrapped_forward(wrapper, *args, **kwargs):
 _unwrapped_forward._gpufit_dispatcher = True
 
 
+class _LayoutHook:
+    """A tensor-parallel style's output hook on the head (DTensor's ``distribute_module``
+    registers it: it converts the logits' layout) while fused calls run: in a fused call the
+    head returns the loss, the same on every rank, which it hands on unchanged; the hook's own
+    conversion otherwise."""
+
+    _gpufit_dispatcher = True
+
+    def __init__(self, linear: nn.Linear, hook):
+        self.linear, self.hook = linear, hook
+
+    def __call__(self, module, *args, **kwargs):
+        call = _CALL.get()
+        if call is not None and call.linear is self.linear:
+            return None
+        return self.hook(module, *args, **kwargs)
+
+    @staticmethod
+    def converts_layout(hook) -> bool:
+        return isinstance(hook, _LayoutHook) or hook_owner(hook) == "torch.distributed.tensor._api"
+
+
+def _output_hooks(linear: nn.Linear) -> OrderedDict | None:
+    """The head's forward hooks with each layout hook behind a _LayoutHook, or None if it has
+    none (no tensor-parallel style on it)."""
+    hooks = linear._forward_hooks
+    if not any(_LayoutHook.converts_layout(h) for h in hooks.values()):
+        return None
+    return OrderedDict(
+        (key, _LayoutHook(linear, h) if _LayoutHook.converts_layout(h) and not isinstance(
+            h, _LayoutHook) else h)
+        for key, h in hooks.items()
+    )  # fmt: skip
+
+
 def _patches(call: _Call, head_only: bool) -> list[tuple[object, str, object]]:
     """(object, attribute, dispatcher) for each attribute a fused call needs set."""
     patches = [(w, "forward", types.MethodType(_unwrapped_forward, w)) for w in call.unwrapped]
     patches.append((call.linear, "forward", types.MethodType(_head_forward, call.linear)))
+    hooks = _output_hooks(call.linear)
+    if hooks is not None:
+        patches.append((call.linear, "_forward_hooks", hooks))
     if not head_only:
         model = call.owner
         patches.append((model, "_loss_function", types.MethodType(_loss_function, model)))
@@ -393,8 +445,9 @@ def enter(call: _Call, head_only: bool = False) -> contextvars.Token:
     """Install the dispatchers (if this is the first call that needs them) and make ``call``
     this context's; returns the token ``leave`` needs."""
     done = []
+    call.patches = _patches(call, head_only)
     try:
-        for obj, attr, value in _patches(call, head_only):
+        for obj, attr, value in call.patches:
             _Patches.acquire(obj, attr, value)
             done.append((obj, attr))
     except BaseException:
@@ -404,9 +457,9 @@ def enter(call: _Call, head_only: bool = False) -> contextvars.Token:
     return _CALL.set(call)
 
 
-def leave(call: _Call, token: contextvars.Token, head_only: bool = False) -> None:
+def leave(call: _Call, token: contextvars.Token) -> None:
     _CALL.reset(token)
-    for obj, attr, _value in reversed(_patches(call, head_only)):
+    for obj, attr, _value in reversed(call.patches):
         _Patches.release(obj, attr)
 
 

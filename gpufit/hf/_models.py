@@ -142,7 +142,7 @@ def head_linear(head: nn.Module, *, meta_ok: bool = False, unit: bool = False) -
         return head_linear(head._fsdp_wrapped_module, meta_ok=meta_ok, unit=True)
     if is_checkpoint_wrapper(head):  # a fused call bypasses it (_fused._unwrapped_forward)
         return head_linear(head._checkpoint_wrapped_module, meta_ok=meta_ok, unit=unit)
-    if not (type(head) is nn.Linear or _is_fsdp2_linear(head)):
+    if not (type(head) is nn.Linear or is_fsdp2_linear(head)):
         raise UnsupportedModelError(
             f"gpufit: lm_head is a {type(head).__module__}.{type(head).__name__}, not a plain "
             "torch.nn.Linear (a quantized or otherwise replaced head is not supported); the "
@@ -156,7 +156,7 @@ def head_linear(head: nn.Module, *, meta_ok: bool = False, unit: bool = False) -
             "gpufit: lm_head is offloaded (its weight lives elsewhere until its forward runs); "
             "load the head onto the device to use the fused loss"
         )
-    if not (unit or _is_fsdp2_linear(head) or _is_sharded(weight)):
+    if not (unit or is_fsdp2_linear(head) or _is_sharded(weight)):
         check_weight(head)
     return head
 
@@ -177,7 +177,7 @@ def is_checkpoint_wrapper(module: nn.Module) -> bool:
     return type(module).__name__ == "CheckpointWrapper" and _from(type(module), "torch")
 
 
-def _is_fsdp2_linear(module: nn.Module) -> bool:
+def is_fsdp2_linear(module: nn.Module) -> bool:
     """FSDP2's fully_shard makes a module's class ``FSDP<Name>(FSDPModule, <Name>)``."""
     bases = type(module).__bases__
     return (
@@ -190,12 +190,13 @@ def _is_fsdp2_linear(module: nn.Module) -> bool:
 
 def check_weight(linear: nn.Linear) -> None:
     """The head's weight is one plain floating tensor (inside the head's call, after any engine
-    gathered it): not a DTensor, not an empty ZeRO-3 placeholder, not quantized."""
+    gathered it): not an empty ZeRO-3 placeholder, not quantized. (A DTensor weight, of a
+    tensor-parallel head, is _tensor_parallel.sharded_head's to check.)"""
     weight = linear.weight
     if type(weight) is not nn.Parameter and type(weight) is not torch.Tensor:
         raise UnsupportedModelError(
-            f"gpufit: lm_head's weight is a {type(weight).__name__} (sharded or quantized) "
-            "within its own call, not a plain tensor; a tensor-parallel head is not supported yet"
+            f"gpufit: lm_head's weight is a {type(weight).__name__} (quantized or otherwise "
+            "wrapped) within its own call, not a plain tensor"
         )
     if not weight.is_floating_point():
         raise UnsupportedModelError(
@@ -208,7 +209,7 @@ def check_weight(linear: nn.Linear) -> None:
         )
 
 
-def _hook_owner(hook) -> str:
+def hook_owner(hook) -> str:
     """The module a hook's function was defined in (through functools.partial)."""
     while isinstance(hook, functools.partial):
         hook = hook.func
@@ -218,7 +219,7 @@ def _hook_owner(hook) -> str:
 def is_engine_code(obj) -> bool:
     """Whether a hook function (or an autograd Function class) is an engine's own, one that
     gathers or releases parameters around a call (FSDP, DeepSpeed ZeRO-3)."""
-    return _hook_owner(obj).startswith(_ENGINE_HOOK_MODULES)
+    return hook_owner(obj).startswith(_ENGINE_HOOK_MODULES)
 
 
 def check_hooks(chain: list[nn.Module]) -> None:
@@ -255,7 +256,7 @@ def check_hooks(chain: list[nn.Module]) -> None:
             )
     for owner, table, hooks in tables:
         for hook in hooks.values():
-            if not is_engine_code(hook):
+            if not (is_engine_code(hook) or getattr(hook, "_gpufit_dispatcher", False)):
                 where = "a module (globally)" if owner is None else "lm_head"
                 raise UnsupportedModelError(
                     f"gpufit: {where} has a hook ({table.strip('_')}: {hook!r}), which would act "
