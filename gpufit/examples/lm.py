@@ -636,12 +636,11 @@ def run_cli(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from gpufit.examples.lm_config import add_arguments
 
-    parser = argparse.ArgumentParser(
-        prog="python -m gpufit.examples.lm",
-        description="Fine-tune a causal LM on a local text file (the same as gpufit lm)",
+    return training.example_parser(
+        "python -m gpufit.examples.lm",
+        "Fine-tune a causal LM on a local text file (the same as gpufit lm)",
+        add_arguments,
     )
-    add_arguments(parser)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,7 @@ from gpufit.examples.training import (  # noqa: F401  (re-exported for callers o
     Distributed,
     OutputError,
     UsageError,
+    example_parser,
     save_checkpoint,
 )
 from gpufit.nn import FusedLinearReLU, fuse
@@ -670,12 +671,11 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpufit.examples.mnist",
-        description="MNIST MLP (784-256-10): the PyTorch tutorial loop or gpufit's fused version",
+    return example_parser(
+        "python -m gpufit.examples.mnist",
+        "MNIST MLP (784-256-10): the PyTorch tutorial loop or gpufit's fused version",
+        add_arguments,
     )
-    add_arguments(parser)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

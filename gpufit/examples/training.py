@@ -8,6 +8,7 @@ line naming the problem; the commands print them without a traceback.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import pickle
@@ -26,6 +27,14 @@ import torch
 from torch import nn
 
 from fsatomic import write_atomic
+
+
+def example_parser(prog: str, description: str, add_arguments) -> argparse.ArgumentParser:
+    """The command line of one example: its name as ``python -m`` runs it, its one-line
+    description and the arguments its config module declares."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    return parser
 
 
 class UsageError(RuntimeError):
