@@ -332,12 +332,15 @@ inline CpuPlan cpu_plan(int64_t N, int64_t V, int64_t H, int64_t chunk_size) {
   return {Kind::Blocks, rows, rows * V};
 }
 
-// softcap, class weights, return_predicted, a temperature and the per-row outputs (entropy,
-// log_sum_sq_probs, mean_logits) run in the row kernels (CpuKernels, through linear_ce.h's chunk
-// loops) for fp32/fp64 too, in row chunks of the plan's scratch: the one-chunk pass and the
-// block engine know only the other options.
-inline bool needs_row_kernels(const Options& o) {
-  return o.capped() || o.weighted() || o.return_predicted || o.tempered() || o.row_outputs();
+// softcap and class weights run in the row kernels (CpuKernels, through linear_ce.h's chunk
+// loops) for fp32/fp64 too, in row chunks of the plan's scratch: the block engine knows only
+// the other options. The one-chunk pass knows neither return_predicted, a temperature nor the
+// per-row outputs (entropy, log_sum_sq_probs, mean_logits): those run the row kernels in one
+// chunk.
+inline bool needs_row_kernels(const Options& o) { return o.capped() || o.weighted(); }
+
+inline bool one_chunk_pass_serves(const Options& o) {
+  return !o.return_predicted && !o.tempered() && !o.row_outputs();
 }
 
 constexpr int64_t kThreeGemmMinRows = 64;  // see the three-GEMM plan below
@@ -385,6 +388,7 @@ double sum_as_double(const at::Tensor& t) {
 struct Partial {
   at::Tensor row_loss, lse, lse_lo, grad_x, grad_w, grad_b;
   at::Tensor predicted;  // (N,) int64 for return_predicted, else undefined
+  at::Tensor entropy, log_sum_sq_probs, mean_logits;  // (N,) where asked, else undefined
 };
 
 inline at::Tensor none_like(const at::Tensor& t) { return at::empty({0}, t.options()); }
@@ -521,29 +525,42 @@ inline EnginePlan engine_plan(int64_t N, int64_t V, int64_t H, int64_t budget) {
   return p;
 }
 
-// Per-row coefficients of d loss / d z for given statistics (see linear_ce.h):
-//   dz_ij = exp(z_ij - lse_i) * a_i - b_i - o_i [j == t_i],
-// a_i = (c_i (1 + 2 z_loss lse_i) + g_i) exp(-lse_lo_i), b_i = c_i eps / V, o_i = c_i (1 - eps),
-// c_i the row's loss scale (0 when ignored), g_i its lse gradient.
+// Per-row coefficients of d loss / d z (z the GEMM's logits, before the temperature) for given
+// statistics (see linear_ce.h), with t_ij = z_ij / T - lse_i:
+//   dz_ij = exp(t_ij) * (a_i - beta_i t_ij) - b_i - o_i [j == t_i],
+// a_i = (c_i (1 + 2 z_loss lse_i) + g_i - e_i (H_i - lse_lo_i)) exp(-lse_lo_i) / T,
+// beta_i = e_i exp(-lse_lo_i) / T (the entropy's term, -e p (log p + H); empty without it),
+// b_i = c_i eps / V / T, o_i = c_i (1 - eps) / T, c_i the row's loss scale (0 when ignored),
+// g_i its lse gradient, e_i its entropy gradient and H_i its entropy.
 template <typename scalar_t>
 struct GradRows {
-  std::vector<scalar_t> a, b, o;
+  std::vector<scalar_t> a, b, o, beta;
 };
 
 template <typename scalar_t>
 GradRows<scalar_t> grad_rows(const int64_t* target, int64_t N, int64_t V, const scalar_t* lse,
                              const scalar_t* lse_lo, const scalar_t* scale, bool per_row,
-                             const scalar_t* grad_lse, const Options& o) {
+                             const scalar_t* grad_lse, const Options& o,
+                             const scalar_t* grad_entropy = nullptr,
+                             const scalar_t* entropy = nullptr) {
   const int64_t ignore_index = o.ignore_index;
   const double eps = o.label_smoothing, z_loss = o.z_loss;
+  const scalar_t inv_t = static_cast<scalar_t>(o.inv_temperature());
   GradRows<scalar_t> r{std::vector<scalar_t>(N), std::vector<scalar_t>(N),
-                       std::vector<scalar_t>(N)};
+                       std::vector<scalar_t>(N), std::vector<scalar_t>()};
+  if (grad_entropy != nullptr) r.beta.resize(N);
   for (int64_t i = 0; i < N; ++i) {
     const scalar_t c = target[i] == ignore_index ? scalar_t(0) : scale[per_row ? i : 0];
     const scalar_t g = grad_lse != nullptr ? grad_lse[i] : scalar_t(0);
-    r.a[i] = (c * (scalar_t(1) + scalar_t(2 * z_loss) * lse[i]) + g) * std::exp(-lse_lo[i]);
-    r.b[i] = c * static_cast<scalar_t>(eps / static_cast<double>(V));
-    r.o[i] = c * static_cast<scalar_t>(1.0 - eps);
+    const scalar_t back = std::exp(-lse_lo[i]) * inv_t;
+    scalar_t a = c * (scalar_t(1) + scalar_t(2 * z_loss) * lse[i]) + g;
+    if (grad_entropy != nullptr) {
+      a -= grad_entropy[i] * (entropy[i] - lse_lo[i]);
+      r.beta[i] = grad_entropy[i] * back;
+    }
+    r.a[i] = a * back;
+    r.b[i] = c * static_cast<scalar_t>(eps / static_cast<double>(V)) * inv_t;
+    r.o[i] = c * static_cast<scalar_t>(1.0 - eps) * inv_t;
   }
   return r;
 }
@@ -555,16 +572,23 @@ struct BlockEngine {
   EnginePlan plan;
   int64_t ignore_index;
   double eps, z_loss;  // the options' label_smoothing and z_loss
+  double inv_t;        // 1 / temperature: the GEMM's scale
+  bool predicted;      // return_predicted
+  bool entropy, squares, mean;  // the per-row outputs asked for
   at::Tensor buffers;  // (workers, tile)
+  at::Tensor scratch;  // (workers, tile) for the entropy and log_sum_sq_probs sums, else empty
 
   BlockEngine(const linear_ce::Flat& flat, const EnginePlan& p, const Options& o)
       : f(flat), plan(p), ignore_index(o.ignore_index), eps(o.label_smoothing), z_loss(o.z_loss),
-        buffers(at::empty({p.workers, p.tile}, flat.x.options())) {}
+        inv_t(o.inv_temperature()), predicted(o.return_predicted), entropy(o.return_entropy),
+        squares(o.return_log_sum_sq_probs), mean(o.return_mean_logits),
+        buffers(at::empty({p.workers, p.tile}, flat.x.options())),
+        scratch(at::empty({entropy || squares ? p.workers * p.tile : 0}, flat.x.options())) {}
 
   at::Tensor logits(int64_t worker, int64_t r0, int64_t rows, int64_t c0, int64_t cols) const {
     at::Tensor z = linear_ce::chunk_view(buffers[worker], rows, cols);
     linear_ce::logits_into(z, f.x.narrow(0, r0, rows), f.weight.narrow(0, c0, cols),
-                           f.bias.defined() ? f.bias.narrow(0, c0, cols) : at::Tensor());
+                           f.bias.defined() ? f.bias.narrow(0, c0, cols) : at::Tensor(), inv_t);
     return z;
   }
 
@@ -575,7 +599,14 @@ struct BlockEngine {
     const auto col = [&](const scalar_t* v) {
       return at::from_blob(const_cast<scalar_t*>(v) + r0, {rows, 1}, z.options());
     };
-    z.sub_(col(lse)).exp_().mul_(col(g.a.data()));
+    z.sub_(col(lse));
+    if (g.beta.empty()) {
+      z.exp_().mul_(col(g.a.data()));
+    } else {  // exp(t) (a - beta t), 0 where t = -inf (p = 0)
+      at::Tensor coef = col(g.a.data()) - z * col(g.beta.data());
+      coef.masked_fill_(z == -std::numeric_limits<double>::infinity(), 0);
+      z.exp_().mul_(coef);
+    }
     if (eps != 0.0) z.sub_(col(g.b.data()));
     scalar_t* zp = z.data_ptr<scalar_t>();
     const int64_t* tp = f.target.const_data_ptr<int64_t>();
@@ -619,9 +650,11 @@ struct BlockEngine {
 
   // Phase A of the forward: statistics and loss of every row and, with grad_x (the loss's, for
   // the given per-row scale), flash-style: grad_x_i = a_i / s_i sum_j exp(z_ij - m_i) w_j
-  // - o_i w_{t_i} - b_i sum_j w_j.
+  // - o_i w_{t_i} - b_i sum_j w_j (each divided by the temperature). With `out` (the per-row
+  // outputs: Partial's predicted, entropy, log_sum_sq_probs, mean_logits, where defined), also
+  // each row's argmax and the sums behind the others.
   void row_tiles_forward(scalar_t* lse, scalar_t* lse_lo, scalar_t* row_loss, scalar_t scale,
-                         at::Tensor* grad_x) const {
+                         at::Tensor* grad_x, Partial& out) const {
     const int64_t N = f.N, V = f.V, H = f.H;
     const bool smoothing = eps != 0.0;
     const scalar_t* bp = nullptr;
@@ -632,29 +665,49 @@ struct BlockEngine {
     }
     const int64_t* tp = f.target.const_data_ptr<int64_t>();
     const scalar_t* wp = f.weight.const_data_ptr<scalar_t>();
+    int64_t* pred = predicted ? out.predicted.data_ptr<int64_t>() : nullptr;
+    scalar_t* ent = entropy ? out.entropy.data_ptr<scalar_t>() : nullptr;
+    scalar_t* lss = squares ? out.log_sum_sq_probs.data_ptr<scalar_t>() : nullptr;
+    scalar_t* mean_out = mean ? out.mean_logits.data_ptr<scalar_t>() : nullptr;
     const int64_t tiles = (N + plan.rows_a - 1) / plan.rows_a;
     cpu_threads::run_tasks(tiles, std::min(plan.workers, tiles), [&](int64_t k, int64_t w) {
       const int64_t r0 = k * plan.rows_a, rows = std::min(plan.rows_a, N - r0);
       std::vector<scalar_t> m(rows, neg_inf<scalar_t>()), s(rows, 0), zt(rows, 0), zrel(rows, 0),
-          factor(rows), shift(rows);
+          factor(rows), shift(rows), u(rows, 0), q(rows, 0), zsum(rows, 0);
+      std::vector<int64_t> arg(rows, 0);
       at::Tensor acc;
       if (grad_x != nullptr) acc = grad_x->narrow(0, r0, rows).zero_();
       scalar_t* accp = acc.defined() ? acc.data_ptr<scalar_t>() : nullptr;
       const auto opts = f.x.options();
       const at::Tensor shift_col = at::from_blob(shift.data(), {rows, 1}, opts);
       at::Tensor bmax = at::empty({rows}, opts), bsum = at::empty({rows}, opts),
-                 rel = at::empty({rows}, opts);
+                 rel = at::empty({rows}, opts), bidx = at::empty({rows}, opts.dtype(at::kLong)),
+                 bu = at::empty({rows}, opts), bq = at::empty({rows}, opts),
+                 bz = at::empty({rows}, opts);
       const scalar_t* bm = bmax.const_data_ptr<scalar_t>();
       const scalar_t* bs = bsum.const_data_ptr<scalar_t>();
       const scalar_t* rp = rel.const_data_ptr<scalar_t>();
+      const int64_t* bi = bidx.const_data_ptr<int64_t>();
+      const scalar_t* bup = bu.const_data_ptr<scalar_t>();
+      const scalar_t* bqp = bq.const_data_ptr<scalar_t>();
+      const scalar_t* bzp = bz.const_data_ptr<scalar_t>();
       for (int64_t c0 = 0; c0 < V; c0 += plan.cols_a) {
         const int64_t cols = std::min(plan.cols_a, V - c0);
         at::Tensor z = logits(w, r0, rows, c0, cols);
-        at::amax_out(bmax, z, {1});
+        if (predicted) {
+          at::max_out(bmax, bidx, z, 1);  // torch's rule: a nan is the max, the first one wins
+        } else {
+          at::amax_out(bmax, z, {1});
+        }
+        if (mean) at::sum_out(bz, z, {1});
         const scalar_t* zp = z.const_data_ptr<scalar_t>();
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t t = tp[r0 + i];
           if (t != ignore_index && t >= c0 && t < c0 + cols) zt[i] = zp[i * cols + t - c0];
+          if (predicted && (bm[i] > m[i] || (std::isnan(bm[i]) && !std::isnan(m[i])))) {
+            arg[i] = c0 + bi[i];
+          }
+          if (mean) zsum[i] += bzp[i];
           const scalar_t m_new = bm[i] > m[i] || std::isnan(bm[i]) ? bm[i] : m[i];
           factor[i] = m[i] == neg_inf<scalar_t>() ? scalar_t(0) : std::exp(m[i] - m_new);
           shift[i] = m_new == neg_inf<scalar_t>() ? scalar_t(0) : m_new;
@@ -663,6 +716,9 @@ struct BlockEngine {
                       : c0 == 0                      ? scalar_t(0)
                                                      : zrel[i] + scalar_t(c0) * (m[i] - m_new);
           }
+          // the entropy's sum so far relative to the new max (uses the old s)
+          if (entropy && factor[i] != scalar_t(0)) u[i] = factor[i] * (u[i] + (m[i] - m_new) * s[i]);
+          if (squares) q[i] *= factor[i] * factor[i];
           // grad_x's sum so far was taken relative to the old max (nothing yet while it was -inf)
           if (accp != nullptr && m_new != m[i] && m[i] != neg_inf<scalar_t>()) {
             scalar_t* ai = accp + i * H;
@@ -677,12 +733,29 @@ struct BlockEngine {
             if (m[i] != neg_inf<scalar_t>()) zrel[i] += rp[i];
           }
         }
+        at::Tensor d;  // z - shift, kept for the entropy's sum of exp(d) d
+        if (entropy || squares) d = scratch.narrow(0, w * plan.tile, rows * cols).view({rows, cols});
+        if (entropy) d.copy_(z);
         z.exp_();
         at::sum_out(bsum, z, {1});
+        if (entropy) {  // sum exp(d) d, 0 where exp(d) is 0
+          d.mul_(z).nan_to_num_(0.0, 0.0, 0.0);
+          at::sum_out(bu, d, {1});
+        }
+        if (squares) {
+          at::mul_out(d, z, z);
+          at::sum_out(bq, d, {1});
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          if (m[i] == neg_inf<scalar_t>()) continue;  // every column so far is -inf
+          if (entropy) u[i] += bup[i];
+          if (squares) q[i] += bqp[i];
+        }
         for (int64_t i = 0; i < rows; ++i) s[i] = s[i] * factor[i] + bs[i];
         if (acc.defined()) acc.addmm_(z, f.weight.narrow(0, c0, cols));
       }
       scalar_t* gx = accp;
+      const scalar_t inv_temperature = static_cast<scalar_t>(inv_t);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t t = tp[r0 + i];
         const bool ignored = t == ignore_index;
@@ -690,6 +763,10 @@ struct BlockEngine {
         const scalar_t l = m[i] + ls;
         lse[r0 + i] = l;
         lse_lo[r0 + i] = std::isfinite(l) ? two_sum_lo(m[i], ls, l) : scalar_t(0);
+        if (pred != nullptr) pred[r0 + i] = ignored ? ignore_index : arg[i];
+        if (ent != nullptr) ent[r0 + i] = ls - u[i] / s[i];
+        if (lss != nullptr) lss[r0 + i] = std::log(q[i]) - scalar_t(2) * ls;
+        if (mean_out != nullptr) mean_out[r0 + i] = zsum[i] / static_cast<scalar_t>(V);
         scalar_t loss = ls - scalar_t(1.0 - eps) * (zt[i] - m[i]);
         if (smoothing) loss -= static_cast<scalar_t>(eps / static_cast<double>(V)) * zrel[i];
         row_loss[r0 + i] = ignored ? scalar_t(0) : loss + static_cast<scalar_t>(z_loss) * l * l;
@@ -699,12 +776,14 @@ struct BlockEngine {
           std::fill(gi, gi + H, scalar_t(0));
           continue;
         }
-        const scalar_t a = scale * (scalar_t(1) + scalar_t(2 * z_loss) * l) / s[i];
-        const scalar_t o = scale * scalar_t(1.0 - eps);
+        const scalar_t a =
+            scale * (scalar_t(1) + scalar_t(2 * z_loss) * l) / s[i] * inv_temperature;
+        const scalar_t o = scale * scalar_t(1.0 - eps) * inv_temperature;
         const scalar_t* wt = wp + t * H;
         for (int64_t h = 0; h < H; ++h) gi[h] = gi[h] * a - o * wt[h];
         if (bp != nullptr) {
-          const scalar_t b = scale * static_cast<scalar_t>(eps / static_cast<double>(V));
+          const scalar_t b =
+              scale * static_cast<scalar_t>(eps / static_cast<double>(V)) * inv_temperature;
           for (int64_t h = 0; h < H; ++h) gi[h] -= b * bp[h];
         }
       }
@@ -1009,13 +1088,17 @@ Partial blocks_forward(const linear_ce::Flat& f, const CpuPlan& cp, int64_t coun
   if (want_x) out.grad_x = at::empty({N, H}, opts);
   if (want_w) out.grad_w = at::empty({V, H}, opts);
   if (want_b) out.grad_b = at::empty({V}, opts);
+  if (o.return_predicted) out.predicted = at::empty({N}, f.target.options());
+  if (o.return_entropy) out.entropy = at::empty({N}, opts);
+  if (o.return_log_sum_sq_probs) out.log_sum_sq_probs = at::empty({N}, opts);
+  if (o.return_mean_logits) out.mean_logits = at::empty({N}, opts);
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), kOp, [&] {
     const BlockEngine<scalar_t> engine(f, engine_plan(N, V, H, cp.budget), o);
     const scalar_t scale = static_cast<scalar_t>(cpu_scale(o, count));
     scalar_t* lse = out.lse.data_ptr<scalar_t>();
     engine.row_tiles_forward(lse, out.lse_lo.data_ptr<scalar_t>(),
                              out.row_loss.data_ptr<scalar_t>(), scale,
-                             want_x ? &out.grad_x : nullptr);
+                             want_x ? &out.grad_x : nullptr, out);
     if (want_w || want_b) {
       const GradRows<scalar_t> g =
           grad_rows<scalar_t>(f.target.const_data_ptr<int64_t>(), N, V, lse,
@@ -1041,7 +1124,9 @@ linear_ce::Grads blocks_backward(const linear_ce::Flat& f, const CpuPlan& cp,
     const GradRows<scalar_t> g = grad_rows<scalar_t>(
         f.target.const_data_ptr<int64_t>(), N, V, lse, r.lse_lo.const_data_ptr<scalar_t>(),
         r.scale.const_data_ptr<scalar_t>(), r.per_row,
-        r.grad_lse.defined() ? r.grad_lse.const_data_ptr<scalar_t>() : nullptr, o);
+        r.grad_lse.defined() ? r.grad_lse.const_data_ptr<scalar_t>() : nullptr, o,
+        r.grad_entropy.defined() ? r.grad_entropy.const_data_ptr<scalar_t>() : nullptr,
+        r.grad_entropy.defined() ? r.entropy.const_data_ptr<scalar_t>() : nullptr);
     if (grad_mask[0]) engine.row_tiles_backward(lse, g, grad_x);
     if (grad_mask[1] || want_b) {
       engine.class_blocks(lse, g, grad_mask[1] ? &grad_w : nullptr, want_b ? &grad_b : nullptr);
@@ -1081,7 +1166,8 @@ linear_ce::Outputs forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_
   const CpuPlan plan = cpu_plan(f.N, f.V, f.H, o.chunk_size);
   const bool with_grads = linear_ce::grads_in_forward(f.x.scalar_type(), o.reduction, grad_mask);
   const bool three_gemms = uses_three_gemms(plan, o, with_grads);
-  if (!three_gemms && (plan.kind == CpuPlan::Kind::RowChunks || needs_row_kernels(o))) {
+  if (!three_gemms && (plan.kind == CpuPlan::Kind::RowChunks || needs_row_kernels(o) ||
+                      (plan.kind == CpuPlan::Kind::OneChunk && !one_chunk_pass_serves(o)))) {
     Options chunked = o;
     chunked.chunk_size = std::max<int64_t>(1, plan.rows);
     return linear_ce::forward<CpuKernels>(x_in, weight_in, target_in, bias_in, chunked,
@@ -1099,15 +1185,16 @@ linear_ce::Outputs forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_
     loss = at::full({}, sum_as_double(out.row_loss) * cpu_scale(o, count), f.x.options());
   }
   if (with_grads && grad_mask[0]) out.grad_x = out.grad_x.view(x_in.sizes());
-  const at::Tensor none = at::empty({0}, f.x.options());  // the per-row outputs: row kernels
+  const auto shaped = [&](const at::Tensor& t, const at::TensorOptions& opts) {
+    return t.defined() ? t.view(target_in.sizes()) : at::empty({0}, opts);
+  };
   return {loss,
           out.lse.view(target_in.sizes()),
           out.lse_lo.view(target_in.sizes()),
-          out.predicted.defined() ? out.predicted.view(target_in.sizes())
-                                  : at::empty({0}, f.target.options()),
-          none,
-          none.clone(),
-          none.clone(),
+          shaped(out.predicted, f.target.options()),
+          shaped(out.entropy, f.x.options()),
+          shaped(out.log_sum_sq_probs, f.x.options()),
+          shaped(out.mean_logits, f.x.options()),
           out.grad_x,
           out.grad_w,
           out.grad_b};
@@ -1139,9 +1226,7 @@ linear_ce::Grads backward_cpu(const at::Tensor& grad_loss,
     return shared(o.chunk_size);
   }
   const CpuPlan plan = cpu_plan(f.N, f.V, f.H, o.chunk_size);
-  // the entropy's gradient: the row kernels too
-  const bool entropy_grad = grad_entropy.has_value() && grad_entropy->defined();
-  if (plan.kind != CpuPlan::Kind::Blocks || needs_row_kernels(o) || entropy_grad) {
+  if (plan.kind != CpuPlan::Kind::Blocks || needs_row_kernels(o)) {
     return shared(std::max<int64_t>(1, plan.rows));
   }
   const linear_ce::BackwardRows r = linear_ce::backward_rows(
