@@ -24,6 +24,11 @@
 //                  softcap and class weights, and every bf16/fp16 call: the chunk loops of
 //                  linear_ce.h, with the row kernels CpuKernels below (the same loops the CUDA
 //                  kernels run).
+// The three GEMMs and the vocabulary blocks also gather each row's argmax (return_predicted) and
+// the sums behind the per-row outputs (entropy, log_sum_sq_probs, mean_logits) where asked, in
+// the same pass over each tile, and take a temperature as the scale of the logits GEMM; the
+// blocks' backward also takes the entropy's gradient. The one-chunk pass leaves those options to
+// the row kernels, in one chunk.
 // Each row's log-sum-exp is formed from z - max, and long sums are pairwise (pairwise_sum) or
 // blocked, so fp32 keeps its precision over a vocabulary of 2**20.
 #include <ATen/Dispatch.h>
@@ -351,8 +356,7 @@ constexpr int64_t kThreeGemmMinRows = 64;  // see the three-GEMM plan below
 inline bool uses_three_gemms(const CpuPlan& plan, const Options& o, bool with_grads) {
   const bool chunked = plan.kind == CpuPlan::Kind::RowChunks ||
                        (plan.kind == CpuPlan::Kind::Blocks && plan.rows >= kThreeGemmMinRows);
-  return with_grads && chunked && !o.capped() && !o.weighted() && !o.tempered() &&
-         !o.row_outputs();
+  return with_grads && chunked && !o.capped() && !o.weighted();
 }
 
 // d loss / d (row loss) of a reduced loss on the CPU: 1/count (mean), 1/num_items (sum with it;
@@ -861,27 +865,34 @@ struct ThreeGemmForward {
   const double eps, z_loss;
   const scalar_t scale;  // d loss / d (row loss) of a kept row
   const bool predicted;
+  const double inv_t;                 // 1 / temperature: the GEMM's scale
+  const bool entropy, squares, mean;  // the per-row outputs asked for
   at::Tensor* grad_x;  // each may be null: not wanted
   at::Tensor* grad_w;
   at::Tensor* grad_b;
 
   at::Tensor tiles;    // p.rows * V: block b's (rows, cols_b) tile at offset b * rows * cols
   at::Tensor partial;  // (workers, rows, H): each worker's share of the chunk's grad_x
+  at::Tensor scratch;  // (workers, rows * cols) for the entropy's and log_sum_sq_probs' sums
   // Per block b and chunk row i, at b * rows + i: the block's max, sum of exp(z - max), sum of
   // (z - max) (label smoothing), first column of the max (return_predicted), the subtracted
-  // shift (the max, 0 where it is -inf), and the gradient's factor exp(max - lse) a_i.
-  std::vector<scalar_t> bmax, bsum, brel, shift, factor;
+  // shift (the max, 0 where it is -inf), the gradient's factor exp(max - lse) a_i, and where
+  // asked the sums of exp(z - shift) (z - shift), exp(2 (z - shift)) and z.
+  std::vector<scalar_t> bmax, bsum, brel, shift, factor, bu, bq, bz;
   std::vector<int64_t> barg;
   std::vector<scalar_t> zt;  // per chunk row: the target's logit
 
   ThreeGemmForward(const linear_ce::Flat& flat, const ChunkPlan& plan, const Options& o,
                    double loss_scale, at::Tensor* gx, at::Tensor* gw, at::Tensor* gb)
       : f(flat), p(plan), ignore_index(o.ignore_index), eps(o.label_smoothing), z_loss(o.z_loss),
-        scale(static_cast<scalar_t>(loss_scale)), predicted(o.return_predicted), grad_x(gx),
-        grad_w(gw), grad_b(gb) {
+        scale(static_cast<scalar_t>(loss_scale)), predicted(o.return_predicted),
+        inv_t(o.inv_temperature()), entropy(o.return_entropy),
+        squares(o.return_log_sum_sq_probs), mean(o.return_mean_logits), grad_x(gx), grad_w(gw),
+        grad_b(gb) {
     const auto opts = f.x.options();
     tiles = at::empty({p.rows * f.V}, opts);
     if (grad_x != nullptr) partial = at::empty({p.workers, p.rows, f.H}, opts);
+    if (entropy || squares) scratch = at::empty({p.workers, p.rows * p.cols}, opts);
     const size_t n = static_cast<size_t>(p.blocks * p.rows);
     bmax.resize(n);
     bsum.resize(n);
@@ -889,6 +900,9 @@ struct ThreeGemmForward {
     shift.resize(n);
     factor.resize(n);
     if (predicted) barg.resize(n);
+    if (entropy) bu.resize(n);
+    if (squares) bq.resize(n);
+    if (mean) bz.resize(n);
     zt.resize(static_cast<size_t>(p.rows));
   }
 
@@ -905,13 +919,17 @@ struct ThreeGemmForward {
   }
 
   // Block b of the chunk at rows [r0, r0 + rows): logits, the block's statistics, and the tile
-  // left holding exp(z - shift).
-  void start_block(int64_t b, int64_t r0, int64_t rows) {
+  // left holding exp(z - shift) (worker w's scratch for the per-row outputs' sums).
+  void start_block(int64_t b, int64_t r0, int64_t rows, int64_t w) {
     const int64_t c0 = b * p.cols, cols = cols_of(b);
     at::Tensor z = tile(b, rows);
     linear_ce::logits_into(z, f.x.narrow(0, r0, rows), f.weight.narrow(0, c0, cols),
-                           f.bias.defined() ? f.bias.narrow(0, c0, cols) : at::Tensor());
+                           f.bias.defined() ? f.bias.narrow(0, c0, cols) : at::Tensor(), inv_t);
     const at::ScalarType st = f.x.scalar_type();
+    if (mean) {
+      at::Tensor sums = column(bz, b, rows, st).view({rows});
+      at::sum_out(sums, z, {1});
+    }
     at::Tensor maxima = column(bmax, b, rows, st).view({rows});
     if (predicted) {
       at::Tensor args = column(barg, b, rows, at::kLong).view({rows});
@@ -933,9 +951,22 @@ struct ThreeGemmForward {
       at::Tensor rel = column(brel, b, rows, st).view({rows});
       at::sum_out(rel, z, {1});
     }
+    at::Tensor d;  // z - shift, kept for the entropy's sum of exp(d) d
+    if (entropy || squares) d = scratch[w].narrow(0, 0, rows * cols).view({rows, cols});
+    if (entropy) d.copy_(z);
     z.exp_();
     at::Tensor sums = column(bsum, b, rows, st).view({rows});
     at::sum_out(sums, z, {1});
+    if (entropy) {  // 0 where exp(d) is 0
+      d.mul_(z).nan_to_num_(0.0, 0.0, 0.0);
+      at::Tensor u = column(bu, b, rows, st).view({rows});
+      at::sum_out(u, d, {1});
+    }
+    if (squares) {
+      at::mul_out(d, z, z);
+      at::Tensor q = column(bq, b, rows, st).view({rows});
+      at::sum_out(q, d, {1});
+    }
   }
 
   // Block b of the chunk at rows [r0, r0 + rows), whose statistics are final: the tile becomes
@@ -948,8 +979,9 @@ struct ThreeGemmForward {
     z.mul_(column(factor, b, rows, st));
     scalar_t* zp = z.data_ptr<scalar_t>();
     const int64_t* tp = f.target.const_data_ptr<int64_t>() + r0;
-    const scalar_t smooth = scale * static_cast<scalar_t>(eps / static_cast<double>(f.V));
-    const scalar_t onehot = scale * static_cast<scalar_t>(1.0 - eps);
+    const scalar_t back = scale * static_cast<scalar_t>(inv_t);  // through the temperature
+    const scalar_t smooth = back * static_cast<scalar_t>(eps / static_cast<double>(f.V));
+    const scalar_t onehot = back * static_cast<scalar_t>(1.0 - eps);
     for (int64_t i = 0; i < rows; ++i) {
       scalar_t* row = zp + i * cols;
       const int64_t t = tp[i];
@@ -983,10 +1015,13 @@ struct ThreeGemmForward {
     }
   }
 
-  // The chunk's rows from the blocks' statistics: lse, lse_lo, the row loss, the argmax, and
-  // each block's gradient factor.
+  // The chunk's rows from the blocks' statistics: lse, lse_lo, the row loss, the argmax, the
+  // per-row outputs asked for (Partial's), and each block's gradient factor.
   void finish_rows(int64_t r0, int64_t rows, scalar_t* lse, scalar_t* lse_lo, scalar_t* row_loss,
-                   int64_t* pred) {
+                   int64_t* pred, Partial& out) {
+    scalar_t* ent = entropy ? out.entropy.data_ptr<scalar_t>() : nullptr;
+    scalar_t* lss = squares ? out.log_sum_sq_probs.data_ptr<scalar_t>() : nullptr;
+    scalar_t* mean_out = mean ? out.mean_logits.data_ptr<scalar_t>() : nullptr;
     const int64_t* tp = f.target.const_data_ptr<int64_t>() + r0;
     const bool smoothing = eps != 0.0;
     for (int64_t i = 0; i < rows; ++i) {
@@ -1000,15 +1035,19 @@ struct ThreeGemmForward {
           if (predicted) arg = b * p.cols + barg[b * p.rows + i];
         }
       }
-      scalar_t s = 0, zrel = 0;
+      scalar_t s = 0, zrel = 0, u = 0, q = 0, zsum = 0;
       for (int64_t b = 0; b < p.blocks; ++b) {
         const int64_t k = b * p.rows + i;
+        if (mean) zsum += bz[k];
         if (bmax[k] == neg_inf<scalar_t>()) {
           if (smoothing) zrel = neg_inf<scalar_t>();
           continue;
         }
-        s += bsum[k] * std::exp(shift[k] - m);
+        const scalar_t rescale = std::exp(shift[k] - m);
+        s += bsum[k] * rescale;
         if (smoothing) zrel += brel[k] + static_cast<scalar_t>(cols_of(b)) * (shift[k] - m);
+        if (entropy) u += rescale * (bu[k] + (shift[k] - m) * bsum[k]);
+        if (squares) q += rescale * rescale * bq[k];
       }
       const int64_t t = tp[i];
       const bool ignored = t == ignore_index;
@@ -1017,13 +1056,17 @@ struct ThreeGemmForward {
       const scalar_t lo = std::isfinite(l) ? two_sum_lo(m, ls, l) : scalar_t(0);
       lse[r0 + i] = l;
       lse_lo[r0 + i] = lo;
+      if (ent != nullptr) ent[r0 + i] = ls - u / s;
+      if (lss != nullptr) lss[r0 + i] = std::log(q) - scalar_t(2) * ls;
+      if (mean_out != nullptr) mean_out[r0 + i] = zsum / static_cast<scalar_t>(f.V);
       if (pred != nullptr) pred[r0 + i] = ignored ? ignore_index : arg;
       scalar_t loss = ls - static_cast<scalar_t>(1.0 - eps) * (zt[i] - m);
       if (smoothing) loss -= static_cast<scalar_t>(eps / static_cast<double>(f.V)) * zrel;
       row_loss[r0 + i] = ignored ? scalar_t(0) : loss + static_cast<scalar_t>(z_loss) * l * l;
       // softmax_ij a_i = exp(z_ij - shift_ib) exp((shift_ib - lse_i) - lse_lo_i) a_i
       const scalar_t a = ignored ? scalar_t(0)
-                                 : scale * (scalar_t(1) + static_cast<scalar_t>(2 * z_loss) * l);
+                                 : scale * (scalar_t(1) + static_cast<scalar_t>(2 * z_loss) * l) *
+                                       static_cast<scalar_t>(inv_t);
       for (int64_t b = 0; b < p.blocks; ++b) {
         const int64_t k = b * p.rows + i;
         factor[k] = bmax[k] == neg_inf<scalar_t>() ? scalar_t(0)
@@ -1032,7 +1075,7 @@ struct ThreeGemmForward {
     }
   }
 
-  void run(scalar_t* lse, scalar_t* lse_lo, scalar_t* row_loss, int64_t* pred) {
+  void run(scalar_t* lse, scalar_t* lse_lo, scalar_t* row_loss, int64_t* pred, Partial& out) {
     const int64_t N = f.N;
     int64_t pending = -1, pending_rows = 0;  // the chunk whose gradients are still to come
     for (int64_t r0 = 0; pending >= 0 || r0 < N; r0 += p.rows) {
@@ -1040,13 +1083,13 @@ struct ThreeGemmForward {
       if (grad_x != nullptr && pending >= 0) partial.zero_();
       cpu_threads::run_tasks(p.blocks, p.workers, [&](int64_t b, int64_t w) {
         if (pending >= 0) finish_block(b, pending, pending_rows, w, pending == 0);
-        if (rows > 0) start_block(b, r0, rows);
+        if (rows > 0) start_block(b, r0, rows, w);
       });
       if (grad_x != nullptr && pending >= 0) {
         at::Tensor gx = grad_x->narrow(0, pending, pending_rows);
         at::sum_out(gx, partial.narrow(1, 0, pending_rows), {0});
       }
-      if (rows > 0) finish_rows(r0, rows, lse, lse_lo, row_loss, pred);
+      if (rows > 0) finish_rows(r0, rows, lse, lse_lo, row_loss, pred, out);
       pending = rows > 0 ? r0 : -1;
       pending_rows = rows;
     }
@@ -1064,6 +1107,9 @@ Partial three_gemm_forward(const linear_ce::Flat& f, int64_t rows, int64_t count
   const bool want_b = grad_mask[2] && f.bias.defined();
   if (want_b) out.grad_b = at::empty({V}, opts);
   if (o.return_predicted) out.predicted = at::empty({N}, f.target.options());
+  if (o.return_entropy) out.entropy = at::empty({N}, opts);
+  if (o.return_log_sum_sq_probs) out.log_sum_sq_probs = at::empty({N}, opts);
+  if (o.return_mean_logits) out.mean_logits = at::empty({N}, opts);
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), kOp, [&] {
     ThreeGemmForward<scalar_t> engine(f, chunk_plan(std::min(rows, N), V), o, cpu_scale(o, count),
                                       grad_mask[0] ? &out.grad_x : nullptr,
@@ -1071,7 +1117,7 @@ Partial three_gemm_forward(const linear_ce::Flat& f, int64_t rows, int64_t count
                                       want_b ? &out.grad_b : nullptr);
     engine.run(out.lse.data_ptr<scalar_t>(), out.lse_lo.data_ptr<scalar_t>(),
                out.row_loss.data_ptr<scalar_t>(),
-               o.return_predicted ? out.predicted.data_ptr<int64_t>() : nullptr);
+               o.return_predicted ? out.predicted.data_ptr<int64_t>() : nullptr, out);
   });
   return out;
 }
