@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 import warnings
 
 import pytest
@@ -76,6 +77,15 @@ def tiny_llama(**config) -> transformers.PreTrainedModel:
         pad_token_id=2, bos_token_id=1, eos_token_id=2, **config,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(config)
+
+
+def saved_tiny_llama(tmp_path) -> str:
+    """A folder holding tiny_llama(): the trainers that build a reference model load it from
+    the policy's path."""
+    folder = tmp_path / "tiny-llama"
+    if not folder.exists():
+        tiny_llama().save_pretrained(folder)
+    return str(folder)
 
 
 def common_args(tmp_path, **kwargs) -> dict:
@@ -182,7 +192,7 @@ def test_dpo_equal(tmp_path, monkeypatch):
 
     def make():
         args = trl.DPOConfig(**common_args(tmp_path, max_length=32))
-        return trl.DPOTrainer(model=tiny_llama(), args=args, train_dataset=data,
+        return trl.DPOTrainer(model=saved_tiny_llama(tmp_path), args=args, train_dataset=data,
                               processing_class=tokenizer())  # fmt: skip
 
     assert_same_training(make, monkeypatch, metrics=(
@@ -207,7 +217,7 @@ def test_grpo_equal(tmp_path, monkeypatch):
             tmp_path, num_generations=2, max_completion_length=6, temperature=0.7,
             generation_kwargs={"do_sample": True}, beta=0.04,
         ))  # fmt: skip
-        return trl.GRPOTrainer(model=tiny_llama(), reward_funcs=shortness, args=args,
+        return trl.GRPOTrainer(model=saved_tiny_llama(tmp_path), reward_funcs=shortness, args=args,
                                train_dataset=data, processing_class=tokenizer())  # fmt: skip
 
     assert_same_training(make, monkeypatch, metrics=("reward", "entropy", "kl"))
@@ -219,13 +229,15 @@ ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_to
 RESULTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
-def head_inputs(n=37, hidden=16, vocab=300, bias=True, dtype=torch.float32, seed=0):
+def head_inputs(n=37, hidden=16, vocab=300, bias=True, dtype=torch.float32, seed=0,
+                device="cpu"):  # fmt: skip
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, hidden, generator=g, dtype=dtype).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=g, dtype=dtype) * 0.5).requires_grad_()
-    b = (torch.randn(vocab, generator=g, dtype=dtype) * 0.1).requires_grad_() if bias else None
+    x = torch.randn(n, hidden, generator=g, dtype=dtype)
+    w = torch.randn(vocab, hidden, generator=g, dtype=dtype) * 0.5
+    b = torch.randn(vocab, generator=g, dtype=dtype) * 0.1 if bias else None
     t = torch.randint(0, vocab, (n,), generator=g)
-    return x, w, b, t
+    return tuple(None if v is None else v.to(device).requires_grad_(v.is_floating_point())
+                 for v in (x, w, b, t))  # fmt: skip
 
 
 def both_kernels(inputs, monkeypatch, outputs=ALL_OUTPUTS, temperature=1.0, softcap=None,
@@ -241,11 +253,11 @@ def both_kernels(inputs, monkeypatch, outputs=ALL_OUTPUTS, temperature=1.0, soft
             if on_gpufit:
                 stack.enter_context(gpufit.trl.use_gpufit())
             if autocast is not None:
-                stack.enter_context(torch.autocast("cpu", dtype=autocast))
+                stack.enter_context(torch.autocast(x.device.type, dtype=autocast))
             got = trl_utils._ChunkedLogProbFunction.apply(
                 x, w, b, t, temperature, 64, softcap, logit_scale, outputs)  # fmt: skip
         g = torch.Generator().manual_seed(5)
-        upstream = sum((torch.rand(r.shape, generator=g) * r).sum()
+        upstream = sum((torch.rand(r.shape, generator=g).to(r.device) * r).sum()
                        for r in got[:2] if r is not None)  # fmt: skip
         leaves = [v for v in (x, w, b) if v is not None and v.requires_grad]
         grads = torch.autograd.grad(upstream, leaves) if leaves else ()
@@ -329,6 +341,22 @@ def test_kernel_no_rows(monkeypatch):
     x, w, b, t = head_inputs(n=0)
     runs = both_kernels((x, w, b, t), monkeypatch)
     assert_close_runs(runs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_kernel_cuda(monkeypatch, autocast):
+    """On CUDA TRL scores only the kept rows (its compact path) with its Triton kernel."""
+    runs = both_kernels(head_inputs(n=300, hidden=64, vocab=5000, device="cuda"), monkeypatch,
+                        softcap=20.0, temperature=0.9, autocast=autocast)  # fmt: skip
+    tol = 1e-4 if autocast is None else 3e-2
+    assert_close_runs(runs, atol=tol, rtol=tol)
+
+
+def test_without_trl_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl.trainer.utils", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'gpufit\[trl\]'"):
+        gpufit.trl.use_gpufit()
 
 
 def test_fallback_zero3_head(monkeypatch):
