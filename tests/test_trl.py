@@ -190,7 +190,10 @@ def test_sft_equal(tmp_path, monkeypatch, config):
 # ================================================================ DPO
 
 
-def test_dpo_equal(tmp_path, monkeypatch):
+@pytest.mark.parametrize("config", [{}, {"use_weighting": True}], ids=["sigmoid", "wpo-weighting"])
+def test_dpo_equal(tmp_path, monkeypatch, config):
+    """DPO's policy asks for entropy, mean logits and top-1 (and log_sum_sq_probs for WPO's
+    weights); its reference model, loaded from the same folder, for log-probs only."""
     data = datasets.Dataset.from_dict({
         "prompt": TEXTS[:4],
         "chosen": [" Yes.", " Short.", " Right.", " Fine."],
@@ -198,7 +201,7 @@ def test_dpo_equal(tmp_path, monkeypatch):
     })  # fmt: skip
 
     def make():
-        args = trl.DPOConfig(**common_args(tmp_path, max_length=32))
+        args = trl.DPOConfig(**common_args(tmp_path, max_length=32, **config))
         return trl.DPOTrainer(model=saved_tiny_llama(tmp_path), args=args, train_dataset=data,
                               processing_class=tokenizer())  # fmt: skip
 
