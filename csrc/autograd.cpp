@@ -15,6 +15,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/ivalue.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/log_softmax.h>
 #include <ATen/ops/logsumexp.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/one_hot.h>
@@ -147,19 +148,24 @@ struct SavedOptions : torch::CustomClassHolder {
   }
 };
 
-// Differentiable gradients of grad_loss . loss + grad_lse . lse (either may be undefined) from
-// the full logits, the same formulas as the kernels (linear_ce.h).
+// Differentiable gradients of grad_loss . loss + grad_lse . lse + grad_entropy . entropy (each
+// may be undefined) from the full logits, the same formulas as the kernels (linear_ce.h).
 variable_list composite_linear_ce_backward(const at::Tensor& grad_loss, const at::Tensor& grad_lse,
-                                           const at::Tensor& x, const at::Tensor& weight,
-                                           const at::Tensor& target, const at::Tensor& bias,
-                                           const linear_ce::Options& o, const Mask& needs) {
+                                           const at::Tensor& grad_entropy, const at::Tensor& x,
+                                           const at::Tensor& weight, const at::Tensor& target,
+                                           const at::Tensor& bias, const linear_ce::Options& o,
+                                           const Mask& needs) {
   NoAutocast no_autocast;
   const at::ScalarType dtype = x.scalar_type();
   const at::ScalarType acc = linear_ce::acc_type(dtype);
   const int64_t N = target.numel(), V = weight.size(0), H = weight.size(1);
   const at::Tensor x2d = x.reshape({N, H});
-  const at::Tensor raw = at::linear(x2d, weight, optional_tensor(bias)).to(acc);
-  const at::Tensor z = o.capped() ? (raw / o.softcap).tanh() * o.softcap : raw;
+  // half inputs multiplied in fp32, as the kernels do
+  const at::Tensor raw =
+      at::linear(x2d.to(acc), weight.to(acc), bias.defined() ? optional_tensor(bias.to(acc))
+                                                             : c10::nullopt);
+  const at::Tensor capped = o.capped() ? (raw / o.softcap).tanh() * o.softcap : raw;
+  const at::Tensor z = o.tempered() ? capped / o.temperature : capped;
   const at::Tensor lse = at::logsumexp(z, {1});
   const at::Tensor t = target.reshape({-1});
   const at::Tensor valid = t != o.ignore_index;
@@ -192,7 +198,15 @@ variable_list composite_linear_ce_backward(const at::Tensor& grad_loss, const at
     const at::Tensor smooth = (c * (eps / static_cast<double>(V))).unsqueeze(1);
     dz = dz - (cw.defined() ? smooth * cw.w.unsqueeze(0) : smooth);
   }
-  if (o.capped()) dz = dz * (1.0 - (z / o.softcap).pow(2));
+  if (grad_entropy.defined()) {  // d H / d z_j = -p_j (log p_j + H)
+    const at::Tensor logp = at::log_softmax(z, 1);
+    const at::Tensor p = logp.exp();
+    const at::Tensor plogp = at::where(p > 0, p * logp, zero);
+    const at::Tensor entropy = -plogp.sum(1, true);
+    dz = dz - grad_entropy.reshape({N, 1}).to(acc) * at::where(p > 0, p * (logp + entropy), zero);
+  }
+  if (o.capped()) dz = dz * (1.0 - (z / o.tempered_cap()).pow(2));
+  if (o.tempered()) dz = dz * o.inv_temperature();
   const at::Tensor dz_in = dz.to(dtype);
   return {needs[0] ? dz_in.mm(weight).view(x.sizes()) : at::Tensor(),
           needs[1] ? dz_in.t().mm(x2d) : at::Tensor(),
@@ -205,10 +219,11 @@ struct FusedLinearCrossEntropyFunction
                                const at::Tensor& target, const OptTensor& bias,
                                const linear_ce::Options& o, Mask grad_mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, lse, lse_lo, predicted, grad_x, grad_w, grad_b] =
-        op_calls::linear_ce(x, weight, target, bias, o, grad_mask);
-    // loss and lse are differentiable (d lse_i / d z_ij = softmax_ij); the rest is not.
-    ctx->mark_non_differentiable({lse_lo, predicted, grad_x, grad_w, grad_b});
+    auto [loss, lse, lse_lo, predicted, entropy, log_sum_sq_probs, mean_logits, grad_x, grad_w,
+          grad_b] = op_calls::linear_ce(x, weight, target, bias, o, grad_mask);
+    // loss, lse and entropy are differentiable (d lse_i / d z_ij = softmax_ij); the rest is not.
+    ctx->mark_non_differentiable(
+        {lse_lo, predicted, log_sum_sq_probs, mean_logits, grad_x, grad_w, grad_b});
     ctx->set_materialize_grads(false);  // an unused output gets no gradient, not a zero one
     const bool in_forward = linear_ce::grads_in_forward(x.scalar_type(), o.reduction, grad_mask);
     const Mask precomputed = in_forward ? grad_mask : Mask{false, false, false};
@@ -217,8 +232,9 @@ struct FusedLinearCrossEntropyFunction
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     SavedOptions::save(ctx, o);
     ctx->save_for_backward({x, weight, target, bias.value_or(at::Tensor()), lse, lse_lo, grad_x,
-                            grad_w, grad_b});
-    return {loss, lse, lse_lo, predicted, grad_x, grad_w, grad_b};
+                            grad_w, grad_b, entropy});
+    return {loss,    lse,         lse_lo, predicted, entropy, log_sum_sq_probs,
+            mean_logits, grad_x, grad_w,    grad_b};
   }
 
   // Gradients for (x, weight, target, bias, options, grad_mask).
@@ -226,37 +242,42 @@ struct FusedLinearCrossEntropyFunction
     variable_list result(6);
     const at::Tensor& grad_loss = grads[0];
     const at::Tensor& grad_lse = grads[1];
+    const linear_ce::Options& o = SavedOptions::of(ctx);
+    // the entropy output is empty unless asked for (a traced graph may still pass it a gradient)
+    const at::Tensor grad_entropy = o.return_entropy ? grads[4] : at::Tensor();
     // needs_input_grad counts tensor inputs only: x 0, weight 1, target 2, bias 3 when given.
     const Mask needs = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                         ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)};
-    if ((!grad_loss.defined() && !grad_lse.defined()) || !any(needs)) return result;
+    if ((!grad_loss.defined() && !grad_lse.defined() && !grad_entropy.defined()) || !any(needs)) {
+      return result;
+    }
     const variable_list saved = ctx->get_saved_variables();
-    const linear_ce::Options& o = SavedOptions::of(ctx);
     std::array<at::Tensor, 3> out;
     if (at::GradMode::is_enabled()) {
-      const variable_list g = composite_linear_ce_backward(grad_loss, grad_lse, saved[0], saved[1],
-                                                           saved[2], saved[3], o, needs);
+      const variable_list g = composite_linear_ce_backward(
+          grad_loss, grad_lse, grad_entropy, saved[0], saved[1], saved[2], saved[3], o, needs);
       std::copy(g.begin(), g.end(), out.begin());
-    } else if (grad_lse.defined()) {
-      // The lse is used: its softmax term is computed with the loss's, in one backward op (the
-      // gradients precomputed in forward are the loss's alone).
+    } else if (grad_lse.defined() || grad_entropy.defined()) {
+      // The lse or the entropy is used: its term is computed with the loss's, in one backward
+      // op (the gradients precomputed in forward are the loss's alone).
       const at::Tensor& lse = saved[4];
       const at::Tensor loss_grad =
           grad_loss.defined()
               ? grad_loss
               : (o.reduction == linear_ce::Reduction::None ? at::zeros_like(lse)
                                                            : at::zeros({}, lse.options()));
-      std::tie(out[0], out[1], out[2]) =
-          op_calls::linear_ce_backward(loss_grad, grad_lse, saved[0], saved[1], saved[2],
-                                       optional_tensor(saved[3]), lse, saved[5], o, needs);
+      std::tie(out[0], out[1], out[2]) = op_calls::linear_ce_backward(
+          loss_grad, optional_tensor(grad_lse), optional_tensor(grad_entropy), saved[0], saved[1],
+          saved[2], optional_tensor(saved[3]), lse, saved[5],
+          grad_entropy.defined() ? optional_tensor(saved[9]) : c10::nullopt, o, needs);
     } else {
       const Mask precomputed = to_mask(ctx->saved_data["precomputed"]);
       const Mask missing = {needs[0] && !precomputed[0], needs[1] && !precomputed[1],
                             needs[2] && !precomputed[2]};
       if (any(missing)) {
         std::tie(out[0], out[1], out[2]) = op_calls::linear_ce_backward(
-            grad_loss, c10::nullopt, saved[0], saved[1], saved[2], optional_tensor(saved[3]),
-            saved[4], saved[5], o, missing);
+            grad_loss, c10::nullopt, c10::nullopt, saved[0], saved[1], saved[2],
+            optional_tensor(saved[3]), saved[4], saved[5], c10::nullopt, o, missing);
       }
       // The saved gradients are those of the loss itself. Scaled by grad_loss out of place: a
       // graph kept with retain_graph=True must give the same gradients again. For
@@ -283,7 +304,7 @@ op_calls::LinearCeOutputs fused_linear_cross_entropy_autograd(
     GPUFIT_LINEAR_CE_OPTION_PARAMS, Mask grad_mask) {
   const variable_list out = FusedLinearCrossEntropyFunction::apply(
       x, weight, target, bias, linear_ce::Options::parse(GPUFIT_LINEAR_CE_OPTION_ARGS), grad_mask);
-  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6]};
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8], out[9]};
 }
 
 }  // namespace

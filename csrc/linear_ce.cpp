@@ -160,6 +160,9 @@ struct CpuKernels {
       acc_t* ztp = st.zt.data_ptr<acc_t>();
       acc_t* zrp = st.zrel.data_ptr<acc_t>();
       int64_t* pp = st.pred.defined() ? st.pred.data_ptr<int64_t>() : nullptr;
+      acc_t* up = st.u.defined() ? st.u.data_ptr<acc_t>() : nullptr;
+      acc_t* qp = st.q.defined() ? st.q.data_ptr<acc_t>() : nullptr;
+      acc_t* zsp = st.zsum.defined() ? st.zsum.data_ptr<acc_t>() : nullptr;
       // the class weights of this block's columns, and the weight of the columns before it
       const acc_t* wp = cw.defined() ? cw.w.const_data_ptr<acc_t>() + col0 : nullptr;
       const acc_t before_weight =
@@ -179,13 +182,31 @@ struct CpuKernels {
           const bool nan_block = std::isnan(bmax) && !std::isnan(m_old);
           if (pp != nullptr && (bmax > m_old || nan_block)) pp[i] = col0 + arg;
           const acc_t m = bmax > m_old || nan_block ? bmax : m_old;
+          const auto z_at = [&](int64_t j) { return static_cast<acc_t>(row[j]); };
+          if (zsp != nullptr) zsp[i] += pairwise_sum<acc_t>(0, cols, z_at);
           if (m == neg_inf<acc_t>()) {  // every column so far is -inf: s stays 0
             if (smoothing && cols > 0) zrp[i] = neg_inf<acc_t>();
             continue;
           }
           const acc_t sum = pairwise_sum<acc_t>(
               0, cols, [&](int64_t j) { return std::exp(static_cast<acc_t>(row[j]) - m); });
-          sp[i] = (m_old == neg_inf<acc_t>() ? acc_t(0) : sp[i] * std::exp(m_old - m)) + sum;
+          // the earlier blocks' sums re-expressed relative to the new max: factor exp(m_old - m)
+          const bool fresh = m_old == neg_inf<acc_t>();
+          const acc_t rescale = fresh ? acc_t(0) : std::exp(m_old - m);
+          if (up != nullptr) {  // sum e (z - m) = rescale (u_old + (m_old - m) s_old) + block's
+            const acc_t block = pairwise_sum<acc_t>(0, cols, [&](int64_t j) {
+              const acc_t d = z_at(j) - m;
+              const acc_t e = std::exp(d);
+              return e > acc_t(0) ? e * d : acc_t(0);
+            });
+            up[i] = (fresh ? acc_t(0) : rescale * (up[i] + (m_old - m) * sp[i])) + block;
+          }
+          if (qp != nullptr) {
+            const acc_t block = pairwise_sum<acc_t>(
+                0, cols, [&](int64_t j) { return std::exp(acc_t(2) * (z_at(j) - m)); });
+            qp[i] = (fresh ? acc_t(0) : rescale * rescale * qp[i]) + block;
+          }
+          sp[i] = (fresh ? acc_t(0) : sp[i] * rescale) + sum;
           if (smoothing) {
             const acc_t rel =
                 wp != nullptr
@@ -204,9 +225,10 @@ struct CpuKernels {
   }
 
   static void grad(at::Tensor& z, int64_t col0, const at::Tensor& target, int64_t V,
-                   const at::Tensor& lse, const at::Tensor& lse_lo, const at::Tensor& scale,
-                   bool per_row, const at::Tensor& grad_lse, const Options& o,
+                   const linear_ce::BackwardRows& r, const Options& o,
                    const linear_ce::ClassWeights& cw) {
+    const at::Tensor &lse = r.lse, &lse_lo = r.lse_lo, &scale = r.scale, &grad_lse = r.grad_lse;
+    const bool per_row = r.per_row;
     const int64_t rows = z.size(0), cols = z.size(1);
     const int64_t ignore_index = o.ignore_index;
     const double eps = o.label_smoothing;
@@ -218,13 +240,16 @@ struct CpuKernels {
       const acc_t* lop = lse_lo.const_data_ptr<acc_t>();
       const acc_t* cp = scale.const_data_ptr<acc_t>();
       const acc_t* gp = grad_lse.defined() ? grad_lse.const_data_ptr<acc_t>() : nullptr;
+      const acc_t* gep = r.grad_entropy.defined() ? r.grad_entropy.const_data_ptr<acc_t>() : nullptr;
+      const acc_t* hp = gep != nullptr ? r.entropy.const_data_ptr<acc_t>() : nullptr;
       const acc_t* wp = cw.defined() ? cw.w.const_data_ptr<acc_t>() : nullptr;
       const acc_t total_weight = wp != nullptr ? cw.prefix.const_data_ptr<acc_t>()[V] : acc_t(V);
       const acc_t smooth = static_cast<acc_t>(eps / static_cast<double>(V));
       const acc_t keep = static_cast<acc_t>(1.0 - eps);
       const acc_t two_z_loss = static_cast<acc_t>(2.0 * o.z_loss);
-      const acc_t cap = static_cast<acc_t>(o.softcap);
+      const acc_t cap = static_cast<acc_t>(o.tempered_cap());
       const bool capped = o.capped();
+      const acc_t inv_t = static_cast<acc_t>(o.inv_temperature());
       parallel_rows(rows, grain(cols), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           scalar_t* row = zp + i * cols;
@@ -232,7 +257,9 @@ struct CpuKernels {
           check_target(t, ignore_index, V);
           const bool ignored = t == ignore_index;
           const acc_t g = gp != nullptr ? gp[i] : acc_t(0);
-          if (ignored && g == acc_t(0)) {
+          const acc_t e = gep != nullptr ? gep[i] : acc_t(0);  // the entropy's gradient
+          const acc_t entropy = hp != nullptr ? hp[i] : acc_t(0);
+          if (ignored && g == acc_t(0) && e == acc_t(0)) {
             std::fill(row, row + cols, scalar_t(0));
             continue;
           }
@@ -247,10 +274,17 @@ struct CpuKernels {
           const acc_t b = c * smooth;
           const bool has_target = !ignored && t >= col0 && t < col0 + cols;
           const acc_t z_target = has_target ? static_cast<acc_t>(row[t - col0]) : acc_t(0);
-          // d loss / d z_j from the (capped) logit v = z_j, without the one-hot term
+          // d z / d (the GEMM's logit) at the final logit v: softcap and temperature
+          const auto chain = [&](acc_t v) {
+            return (capped ? acc_t(1) - (v / cap) * (v / cap) : acc_t(1)) * inv_t;
+          };
+          // d loss / d z_j from the final logit v = z_j, without the one-hot term
           const auto dz = [&](acc_t v, int64_t j) {
-            acc_t d = std::exp((v - l) - lo) * a - (wp != nullptr ? b * wp[col0 + j] : b);
-            return capped ? d * (acc_t(1) - (v / cap) * (v / cap)) : d;
+            const acc_t log_p = (v - l) - lo;
+            const acc_t p = std::exp(log_p);
+            acc_t d = p * a - (wp != nullptr ? b * wp[col0 + j] : b);
+            if (e != acc_t(0) && p > acc_t(0)) d -= e * p * (log_p + entropy);
+            return d * chain(v);
           };
           for (int64_t j = 0; j < cols; ++j) {
             row[j] = static_cast<scalar_t>(dz(static_cast<acc_t>(row[j]), j));
@@ -258,9 +292,8 @@ struct CpuKernels {
           // The one-hot term, computed from the saved logit so half types round only once.
           if (has_target) {
             const acc_t onehot = c * keep * wt;
-            const acc_t factor =
-                capped ? acc_t(1) - (z_target / cap) * (z_target / cap) : acc_t(1);
-            row[t - col0] = static_cast<scalar_t>(dz(z_target, t - col0) - onehot * factor);
+            row[t - col0] =
+                static_cast<scalar_t>(dz(z_target, t - col0) - onehot * chain(z_target));
           }
         }
       });
@@ -299,11 +332,12 @@ inline CpuPlan cpu_plan(int64_t N, int64_t V, int64_t H, int64_t chunk_size) {
   return {Kind::Blocks, rows, rows * V};
 }
 
-// softcap, class weights and return_predicted run in the row kernels (CpuKernels, through
-// linear_ce.h's chunk loops) for fp32/fp64 too, in row chunks of the plan's scratch: the
-// one-chunk pass and the block engine know only the other options.
+// softcap, class weights, return_predicted, a temperature and the per-row outputs (entropy,
+// log_sum_sq_probs, mean_logits) run in the row kernels (CpuKernels, through linear_ce.h's chunk
+// loops) for fp32/fp64 too, in row chunks of the plan's scratch: the one-chunk pass and the
+// block engine know only the other options.
 inline bool needs_row_kernels(const Options& o) {
-  return o.capped() || o.weighted() || o.return_predicted;
+  return o.capped() || o.weighted() || o.return_predicted || o.tempered() || o.row_outputs();
 }
 
 constexpr int64_t kThreeGemmMinRows = 64;  // see the three-GEMM plan below
@@ -314,7 +348,8 @@ constexpr int64_t kThreeGemmMinRows = 64;  // see the three-GEMM plan below
 inline bool uses_three_gemms(const CpuPlan& plan, const Options& o, bool with_grads) {
   const bool chunked = plan.kind == CpuPlan::Kind::RowChunks ||
                        (plan.kind == CpuPlan::Kind::Blocks && plan.rows >= kThreeGemmMinRows);
-  return with_grads && chunked && !o.capped() && !o.weighted();
+  return with_grads && chunked && !o.capped() && !o.weighted() && !o.tempered() &&
+         !o.row_outputs();
 }
 
 // d loss / d (row loss) of a reduced loss on the CPU: 1/count (mean), 1/num_items (sum with it;
@@ -1025,7 +1060,7 @@ constexpr int64_t kSerialBlockWork = 1 << 22;  // multiply-adds per block
 bool serial_half_blocks(const linear_ce::Flat& f, int64_t chunk_size) {
   const int64_t cols =
       chunk_size > 0 ? chunk_size
-                     : linear_ce::auto_chunk(true, false, f.N, f.V, f.x.element_size());
+                     : linear_ce::auto_chunk(true, false, f.N, f.V, 4);
   return f.N * std::min(cols, f.V) * std::max<int64_t>(f.H, 1) < kSerialBlockWork;
 }
 
@@ -1064,18 +1099,28 @@ linear_ce::Outputs forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_
     loss = at::full({}, sum_as_double(out.row_loss) * cpu_scale(o, count), f.x.options());
   }
   if (with_grads && grad_mask[0]) out.grad_x = out.grad_x.view(x_in.sizes());
-  return {loss,       out.lse.view(target_in.sizes()), out.lse_lo.view(target_in.sizes()),
+  const at::Tensor none = at::empty({0}, f.x.options());  // the per-row outputs: row kernels
+  return {loss,
+          out.lse.view(target_in.sizes()),
+          out.lse_lo.view(target_in.sizes()),
           out.predicted.defined() ? out.predicted.view(target_in.sizes())
                                   : at::empty({0}, f.target.options()),
-          out.grad_x, out.grad_w, out.grad_b};
+          none,
+          none.clone(),
+          none.clone(),
+          out.grad_x,
+          out.grad_w,
+          out.grad_b};
 }
 
 linear_ce::Grads backward_cpu(const at::Tensor& grad_loss,
-                              const c10::optional<at::Tensor>& grad_lse, const at::Tensor& x_in,
-                              const at::Tensor& weight_in, const at::Tensor& target_in,
+                              const c10::optional<at::Tensor>& grad_lse,
+                              const c10::optional<at::Tensor>& grad_entropy,
+                              const at::Tensor& x_in, const at::Tensor& weight_in,
+                              const at::Tensor& target_in,
                               const c10::optional<at::Tensor>& bias_in, const at::Tensor& lse,
-                              const at::Tensor& lse_lo, GPUFIT_LINEAR_CE_OPTION_PARAMS,
-                              std::array<bool, 3> grad_mask) {
+                              const at::Tensor& lse_lo, const c10::optional<at::Tensor>& entropy,
+                              GPUFIT_LINEAR_CE_OPTION_PARAMS, std::array<bool, 3> grad_mask) {
   NoAutocast no_autocast;
   const Options o = Options::parse(GPUFIT_LINEAR_CE_OPTION_ARGS);
   linear_ce::check_inputs(x_in, weight_in, target_in, bias_in, o);
@@ -1084,8 +1129,9 @@ linear_ce::Grads backward_cpu(const at::Tensor& grad_loss,
   const auto shared = [&](int64_t chunk) {
     Options chunked = o;
     chunked.chunk_size = chunk;
-    return linear_ce::backward<CpuKernels>(grad_loss, grad_lse, x_in, weight_in, target_in,
-                                           bias_in, lse, lse_lo, chunked, grad_mask);
+    return linear_ce::backward<CpuKernels>(grad_loss, grad_lse, grad_entropy, x_in, weight_in,
+                                           target_in, bias_in, lse, lse_lo, entropy, chunked,
+                                           grad_mask);
   };
   if (linear_ce::is_half(f.x.scalar_type())) {
     std::optional<cpu_threads::OneThread> serial;
@@ -1093,11 +1139,13 @@ linear_ce::Grads backward_cpu(const at::Tensor& grad_loss,
     return shared(o.chunk_size);
   }
   const CpuPlan plan = cpu_plan(f.N, f.V, f.H, o.chunk_size);
-  if (plan.kind != CpuPlan::Kind::Blocks || needs_row_kernels(o)) {
+  // the entropy's gradient: the row kernels too
+  const bool entropy_grad = grad_entropy.has_value() && grad_entropy->defined();
+  if (plan.kind != CpuPlan::Kind::Blocks || needs_row_kernels(o) || entropy_grad) {
     return shared(std::max<int64_t>(1, plan.rows));
   }
-  const linear_ce::BackwardRows r =
-      linear_ce::backward_rows(grad_loss, grad_lse, target_in, f, lse, lse_lo, o);
+  const linear_ce::BackwardRows r = linear_ce::backward_rows(
+      grad_loss, grad_lse, grad_entropy, target_in, f, lse, lse_lo, entropy, o);
   auto [grad_x, grad_w, grad_b] = blocks_backward(f, plan, r, o, grad_mask);
   if (grad_mask[0]) grad_x = grad_x.view(x_in.sizes());
   return {grad_x, grad_w, grad_b};

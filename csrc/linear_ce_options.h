@@ -31,7 +31,12 @@
   X("Tensor?", const c10::optional<at::Tensor>&, num_items, at::Tensor,                       \
     defined_or_empty(num_items), optional_of(num_items)) SEP()                                 \
   X("int", int64_t, chunk_size, int64_t, chunk_size, chunk_size) SEP()                         \
-  X("bool", bool, return_predicted, bool, return_predicted, return_predicted)
+  X("bool", bool, return_predicted, bool, return_predicted, return_predicted) SEP()           \
+  X("float", double, temperature, double, temperature, temperature) SEP()                      \
+  X("bool", bool, return_entropy, bool, return_entropy, return_entropy) SEP()                  \
+  X("bool", bool, return_log_sum_sq_probs, bool, return_log_sum_sq_probs,                      \
+    return_log_sum_sq_probs) SEP()                                                             \
+  X("bool", bool, return_mean_logits, bool, return_mean_logits, return_mean_logits)
 
 #define GPUFIT_LCE_SCHEMA_ITEM(schema, param, name, field, read, write) schema " " #name
 #define GPUFIT_LCE_PARAM_ITEM(schema, param, name, field, read, write) param name
@@ -92,7 +97,14 @@ inline c10::optional<double> optional_cap(double softcap) {
 // logits become softcap * tanh(z / softcap) (0: none); class_weight, (V,) weight of each class
 // as F.cross_entropy's (undefined: none); num_items, 0-dim: a reduction="sum" loss is divided
 // by it (undefined: none); chunk_size, 0: the op's own plan; return_predicted, also return
-// each row's argmax.
+// each row's argmax; temperature, the (capped) logits are divided by it; return_entropy,
+// return_log_sum_sq_probs, return_mean_logits: also return each row's softmax entropy,
+// log sum_j p_j^2 and mean logit (of the tempered logits).
+//
+// The kernels apply the temperature as a scale of the GEMM, z = (x W^T + b) / T, and the softcap
+// to that as cap / T: (cap / T) tanh((z / T) / (cap / T)) = cap tanh(z / cap) / T, the capped
+// logit divided by T. So every kernel sees the final logits, and its gradient with respect to
+// them is multiplied by 1 / T on the way back to the GEMM's.
 struct Options {
   GPUFIT_LINEAR_CE_OPTIONS(GPUFIT_LCE_FIELD_ITEM, GPUFIT_LCE_NOTHING)
 
@@ -104,6 +116,8 @@ struct Options {
     TORCH_CHECK(z_loss >= 0.0, kOp, ": z_loss must be >= 0, got ", z_loss);
     TORCH_CHECK(!softcap.has_value() || (*softcap > 0.0 && std::isfinite(*softcap)), kOp,
                 ": softcap must be a positive finite number or None, got ", softcap.value_or(0));
+    TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), kOp,
+                ": temperature must be a positive finite number, got ", temperature);
     TORCH_CHECK(chunk_size >= 0, kOp, ": chunk_size must be >= 0 (0: the op's plan), got ",
                 chunk_size);
     const at::Tensor weights = defined_or_empty(class_weight);
@@ -126,6 +140,13 @@ struct Options {
 
   bool smoothing() const { return label_smoothing != 0.0; }
   bool capped() const { return softcap > 0.0; }
+  // the softcap as the kernels apply it, to logits already divided by the temperature
+  double tempered_cap() const { return softcap / temperature; }
+  bool tempered() const { return temperature != 1.0; }
+  double inv_temperature() const { return 1.0 / temperature; }
+  bool row_outputs() const {
+    return return_entropy || return_log_sum_sq_probs || return_mean_logits;
+  }
   bool weighted() const { return class_weight.defined(); }
 };
 

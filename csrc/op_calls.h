@@ -17,9 +17,10 @@ namespace op_calls {
 using OptTensor = c10::optional<at::Tensor>;
 using Mask = std::array<bool, 3>;
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-// loss, lse, lse_lo, predicted, grad_x, grad_weight, grad_bias
-using LinearCeOutputs =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// loss, lse, lse_lo, predicted, entropy, log_sum_sq_probs, mean_logits, grad_x, grad_weight,
+// grad_bias
+using LinearCeOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                   at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> find_op(const char* name) {
@@ -47,9 +48,10 @@ using LinearCeForward = LinearCeOutputs(const at::Tensor& x, const at::Tensor& w
                                         const at::Tensor& target, const OptTensor& bias,
                                         GPUFIT_LINEAR_CE_OPTION_PARAMS, Mask grad_mask);
 using LinearCeBackward = Grads(const at::Tensor& grad_loss, const OptTensor& grad_lse,
-                               const at::Tensor& x, const at::Tensor& weight,
-                               const at::Tensor& target, const OptTensor& bias,
-                               const at::Tensor& lse, const at::Tensor& lse_lo,
+                               const OptTensor& grad_entropy, const at::Tensor& x,
+                               const at::Tensor& weight, const at::Tensor& target,
+                               const OptTensor& bias, const at::Tensor& lse,
+                               const at::Tensor& lse_lo, const OptTensor& entropy,
                                GPUFIT_LINEAR_CE_OPTION_PARAMS, Mask grad_mask);
 
 inline LinearCeOutputs linear_ce(const at::Tensor& x, const at::Tensor& weight,
@@ -61,13 +63,15 @@ inline LinearCeOutputs linear_ce(const at::Tensor& x, const at::Tensor& weight,
 }
 
 inline Grads linear_ce_backward(const at::Tensor& grad_loss, const OptTensor& grad_lse,
-                                const at::Tensor& x, const at::Tensor& weight,
-                                const at::Tensor& target, const OptTensor& bias,
-                                const at::Tensor& lse, const at::Tensor& lse_lo,
+                                const OptTensor& grad_entropy, const at::Tensor& x,
+                                const at::Tensor& weight, const at::Tensor& target,
+                                const OptTensor& bias, const at::Tensor& lse,
+                                const at::Tensor& lse_lo, const OptTensor& entropy,
                                 const linear_ce::Options& options, Mask grad_mask) {
   static const auto op = find_op<LinearCeBackward>("gpufit::fused_linear_cross_entropy_backward");
   return options.call([&](auto&&... args) {
-    return op.call(grad_loss, grad_lse, x, weight, target, bias, lse, lse_lo, args..., grad_mask);
+    return op.call(grad_loss, grad_lse, grad_entropy, x, weight, target, bias, lse, lse_lo,
+                   entropy, args..., grad_mask);
   });
 }
 

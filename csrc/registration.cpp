@@ -25,21 +25,26 @@ TORCH_LIBRARY(gpufit, m) {
   m.def(
       "fused_linear_relu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out, "
       "bool needs_input_grad) -> (Tensor, Tensor, Tensor)");
-  // Returns (loss, lse, lse_lo, predicted, grad_x, grad_weight, grad_bias): loss and lse in
-  // the accumulation type (fp32 for half inputs), lse + lse_lo the log-sum-exp to twice lse's
-  // precision (for backward), each row's argmax for return_predicted (ignore_index on ignored
-  // rows; else empty), and the gradients (of the loss itself, for grad_loss = 1) filled in
+  // Returns (loss, lse, lse_lo, predicted, entropy, log_sum_sq_probs, mean_logits, grad_x,
+  // grad_weight, grad_bias): loss and lse in the accumulation type (fp32 for half inputs),
+  // lse + lse_lo the log-sum-exp to twice lse's precision (for backward), each row's argmax for
+  // return_predicted (ignore_index on ignored rows; else empty), each row's entropy,
+  // log sum_j p_j^2 and mean logit where asked (accumulation type; else empty), and the
+  // gradients (of the loss itself, for grad_loss = 1) filled in
   // forward only where linear_ce.h's grads_in_forward() says so, else empty. The option
   // arguments: csrc/linear_ce_options.h.
   m.def(
       "fused_linear_cross_entropy(Tensor x, Tensor weight, Tensor target, Tensor? bias, "
       GPUFIT_LINEAR_CE_OPTION_SCHEMA
-      ", bool[3] grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // The gradients of grad_loss . loss + grad_lse . lse (grad_lse None: lse unused).
+      ", bool[3] grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor)");
+  // The gradients of grad_loss . loss + grad_lse . lse + grad_entropy . entropy (grad_lse,
+  // grad_entropy None: that output unused; entropy: the forward's, with grad_entropy).
   m.def(
-      "fused_linear_cross_entropy_backward(Tensor grad_loss, Tensor? grad_lse, Tensor x, "
-      "Tensor weight, Tensor target, Tensor? bias, Tensor lse, Tensor lse_lo, "
-      GPUFIT_LINEAR_CE_OPTION_SCHEMA ", bool[3] grad_mask) -> (Tensor, Tensor, Tensor)");
+      "fused_linear_cross_entropy_backward(Tensor grad_loss, Tensor? grad_lse, "
+      "Tensor? grad_entropy, Tensor x, Tensor weight, Tensor target, Tensor? bias, Tensor lse, "
+      "Tensor lse_lo, Tensor? entropy, " GPUFIT_LINEAR_CE_OPTION_SCHEMA
+      ", bool[3] grad_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 // A plain extension module (no pybind11): importing gpufit._C loads the shared library, which

@@ -160,6 +160,14 @@ def _logit_scale_arg(value: object) -> float:
     return scale
 
 
+def _temperature_arg(value: object) -> float:
+    """temperature: a positive finite real number (the logits are divided by it)."""
+    temperature = _float_arg("temperature", value)
+    if not 0.0 < temperature < float("inf"):
+        raise ValueError(f"{OP}: temperature must be a positive finite number, got {temperature}")
+    return temperature
+
+
 def _num_items_to_schema(value, device):
     """An int num_items becomes a 0-dim tensor made on the inputs' device (a fill, no copy
     from the host)."""
@@ -207,6 +215,16 @@ class LinearCEOptions:
     return_predicted: bool = option(False, "bool", functools.partial(_flag_arg, "return_predicted"))
     # applied by gpufit.ops to x and bias before the op: (s x) W^T + s b = s (x W^T + b)
     logit_scale: float = option(1.0, None, _logit_scale_arg)
+    # the logits divided by it after logit_scale and softcap, inside the op (TRL's temperature)
+    temperature: float = option(1.0, "float", _temperature_arg)
+    # per-row outputs of the softmax, each computed only when asked
+    return_entropy: bool = option(False, "bool", functools.partial(_flag_arg, "return_entropy"))
+    return_log_sum_sq_probs: bool = option(
+        False, "bool", functools.partial(_flag_arg, "return_log_sum_sq_probs")
+    )
+    return_mean_logits: bool = option(
+        False, "bool", functools.partial(_flag_arg, "return_mean_logits")
+    )
 
     def __post_init__(self) -> None:
         for name, default, check in _CHECKS:

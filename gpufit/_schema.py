@@ -17,11 +17,12 @@ SCHEMAS: dict[str, str] = {
     "fused_linear_cross_entropy": (
         "(Tensor x, Tensor weight, Tensor target, Tensor? bias, "
         f"{LINEAR_CE_OPTIONS}, bool[3] grad_mask)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "fused_linear_cross_entropy_backward": (
-        "(Tensor grad_loss, Tensor? grad_lse, Tensor x, Tensor weight, Tensor target,"
-        f" Tensor? bias, Tensor lse, Tensor lse_lo, {LINEAR_CE_OPTIONS}, bool[3] grad_mask)"
+        "(Tensor grad_loss, Tensor? grad_lse, Tensor? grad_entropy, Tensor x, Tensor weight,"
+        " Tensor target, Tensor? bias, Tensor lse, Tensor lse_lo, Tensor? entropy,"
+        f" {LINEAR_CE_OPTIONS}, bool[3] grad_mask)"
         " -> (Tensor, Tensor, Tensor)"
     ),
 }

@@ -259,6 +259,10 @@ def fused_linear_cross_entropy(
     return_lse: bool = False,
     return_predicted: bool = False,
     logit_scale: float = 1.0,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    return_log_sum_sq_probs: bool = False,
+    return_mean_logits: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``cross_entropy(x @ weight.T + bias, target)`` without materialising the logits.
 
@@ -291,23 +295,39 @@ def fused_linear_cross_entropy(
     - ``num_items``: only with ``reduction="sum"``: the loss (and its gradient) is the sum /
       num_items (transformers' ``num_items_in_batch``); an int >= 1 or a 0-dim tensor on any
       device, never read on the host.
+    - ``temperature``: a positive finite number; the logits (after ``logit_scale`` and
+      ``softcap``) are divided by it, inside the op, as TRL's trainers define it. The loss, lse,
+      argmax and every per-row output below are those of the tempered logits; with
+      ``reduction="none"``, ``-loss`` is each row's log-probability of its target at that
+      temperature.
     - ``return_predicted``: also return each row's argmax over the (capped) logits, int64 of
-      target's shape, ``ignore_index`` on ignored rows (token accuracy:
-      ``(predicted == target)[target != ignore_index].float().mean()``).
-    - Return: the loss alone, or with ``return_lse`` / ``return_predicted`` the tuple
-      ``(loss, lse, predicted)`` of the ones asked for, in that order.
+      target's shape, ``ignore_index`` on ignored rows; a tie goes to the first maximum, as in
+      ``torch.argmax`` (token accuracy: ``(predicted == target)[target != ignore_index]
+      .float().mean()``; TRL's ``is_top1`` is ``predicted == target``).
+    - Return: the loss alone, or the tuple ``(loss, lse, predicted, entropy, log_sum_sq_probs,
+      mean_logits)`` restricted to the ones asked for, in that order.
     - ``return_lse``: also return the per-row log-sum-exp ``lse_i`` (shape ``target.shape``,
       dtype as the loss's, computed for ignored rows too). It is differentiable
       (d lse_i / d logit_ij = softmax_ij), so a term built from it trains.
+    - ``return_entropy``: also return each row's softmax entropy ``H_i = -sum_j p_ij log p_ij``
+      (shape and dtype as lse's, ignored rows too). Differentiable: d H_i / d logit_ij =
+      -p_ij (log p_ij + H_i), combined with the loss's and lse's gradients in one backward.
+    - ``return_log_sum_sq_probs``: also return ``log sum_j p_ij ** 2`` of each row (TRL's
+      ``log_sum_sq_probs``); ``return_mean_logits``: also return each row's mean logit over
+      the vocabulary. Both as lse's shape and dtype, ignored rows too, and without gradient.
+    - Each per-row output costs only when asked: the statistics it needs are gathered in the
+      same pass over each chunk of logits as the log-sum-exp.
 
     Under ``torch.autocast`` x, weight and bias are cast to the autocast dtype as F.linear's are
     (bf16 hidden states with an fp32 head work as in eager PyTorch); the gradients come back in
     each input's own dtype. Backward reuses the gradients forward computed (fp32/fp64 with a
     scalar loss) or recomputes the logits chunk by chunk; with ``create_graph=True`` it uses
     differentiable ATen ops on the full logits instead (so hessians and gradient penalties are
-    right, at eager PyTorch's memory cost). bf16/fp16 inputs accumulate in fp32 (softmax
-    statistics, the loss, grad_weight inside one GEMM per vocabulary block, grad_x across
-    blocks).
+    right, at eager PyTorch's memory cost). bf16/fp16 inputs accumulate in fp32, and their
+    logits are never rounded to 8 or 11 bits: each block's product ``x @ weight.T`` is formed
+    and kept in fp32 (on CUDA a GEMM with fp32 output; on the CPU a GEMM of the inputs upcast
+    to fp32), then the softmax statistics, the loss, grad_weight inside one GEMM per vocabulary
+    block and grad_x across blocks, all in fp32.
     """
     options = LinearCEOptions(
         ignore_index=ignore_index,
@@ -321,6 +341,10 @@ def fused_linear_cross_entropy(
         return_lse=return_lse,
         return_predicted=return_predicted,
         logit_scale=logit_scale,
+        temperature=temperature,
+        return_entropy=return_entropy,
+        return_log_sum_sq_probs=return_log_sum_sq_probs,
+        return_mean_logits=return_mean_logits,
     )
     return run_fused_linear_cross_entropy(options, x, weight, target, bias)
 
@@ -350,16 +374,19 @@ def run_fused_linear_cross_entropy(
         bias = None if bias is None else bias * options.logit_scale
     grad_on = torch.is_grad_enabled()
     grad_mask = [grad_on and t is not None and t.requires_grad for t in (x, weight, bias)]
-    loss, lse, _lo, predicted, *_ = torch.ops.gpufit.fused_linear_cross_entropy.default(
+    outputs = torch.ops.gpufit.fused_linear_cross_entropy.default(
         x, weight, target, bias, *options.schema_args(x.device), grad_mask
     )
-    if not (options.return_lse or options.return_predicted):
-        return loss
-    return (
-        loss,
-        *((lse,) if options.return_lse else ()),
-        *((predicted,) if options.return_predicted else ()),
+    loss, lse, _lo, predicted, entropy, log_sum_sq_probs, mean_logits = outputs[:7]
+    asked = (
+        (lse, options.return_lse),
+        (predicted, options.return_predicted),
+        (entropy, options.return_entropy),
+        (log_sum_sq_probs, options.return_log_sum_sq_probs),
+        (mean_logits, options.return_mean_logits),
     )
+    extra = tuple(output for output, wanted in asked if wanted)
+    return (loss, *extra) if extra else loss
 
 
 def _check_class_weight(class_weight: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -393,12 +420,21 @@ def _fused_linear_cross_entropy_fake(x, weight, target, bias, *args):
     lse = x.new_empty(target.shape, dtype=acc)
     lse_lo = x.new_empty(target.shape, dtype=acc)
     predicted = target.new_empty(target.shape if options.return_predicted else 0)
+    row_outputs = (
+        x.new_empty(target.shape if wanted else 0, dtype=acc)
+        for wanted in (
+            options.return_entropy,
+            options.return_log_sum_sq_probs,
+            options.return_mean_logits,
+        )
+    )
     in_forward = reference.linear_ce_grads_in_forward(x.dtype, options.reduction, grad_mask)
     return (
         loss,
         lse,
         lse_lo,
         predicted,
+        *row_outputs,
         *_linear_ce_grads_fake(x, weight, bias, grad_mask if in_forward else [False] * 3),
     )
 
@@ -413,8 +449,10 @@ def _linear_ce_grads_fake(x, weight, bias, grad_mask):
 
 
 @torch.library.register_fake("gpufit::fused_linear_cross_entropy_backward")
-def _fused_linear_cross_entropy_backward_fake(grad_loss, grad_lse, x, weight, target, bias, *args):
-    _lse, _lse_lo, *args = args
+def _fused_linear_cross_entropy_backward_fake(
+    grad_loss, grad_lse, grad_entropy, x, weight, target, bias, *args
+):
+    _lse, _lse_lo, _entropy, *args = args
     _, grad_mask = _options_and_mask(args)
     return _linear_ce_grads_fake(x, weight, bias, grad_mask)
 
@@ -422,8 +460,9 @@ def _fused_linear_cross_entropy_backward_fake(grad_loss, grad_lse, x, weight, ta
 def _fused_linear_cross_entropy_setup_context(ctx, inputs, output):
     x, weight, target, bias, *args = inputs
     options, grad_mask = _options_and_mask(args)
-    loss, lse, lse_lo, predicted, grad_x, grad_w, grad_b = output
-    ctx.mark_non_differentiable(lse_lo, predicted, grad_x, grad_w, grad_b)
+    loss, lse, lse_lo, predicted, entropy, lss, mean_logits, grad_x, grad_w, grad_b = output
+    # loss, lse and entropy are differentiable
+    ctx.mark_non_differentiable(lse_lo, predicted, lss, mean_logits, grad_x, grad_w, grad_b)
     ctx.set_materialize_grads(False)
     ctx.options = options
     ctx.has_bias = bias is not None
@@ -432,7 +471,7 @@ def _fused_linear_cross_entropy_setup_context(ctx, inputs, output):
         if reference.linear_ce_grads_in_forward(x.dtype, options.reduction, grad_mask)
         else [False, False, False]
     )
-    ctx.save_for_backward(x, weight, target, bias, lse, lse_lo, grad_x, grad_w, grad_b)
+    ctx.save_for_backward(x, weight, target, bias, lse, lse_lo, entropy, grad_x, grad_w, grad_b)
 
 
 # weights of 4M+ elements: 16 MiB+ of fp32 gradient to copy (csrc/autograd.cpp: the same rule)
@@ -449,23 +488,25 @@ def _is_plain_eager(t: torch.Tensor) -> bool:
     )
 
 
-def _fused_linear_cross_entropy_backward(ctx, grad_loss, grad_lse, _lo, _pred, _gx, _gw, _gb):
+def _fused_linear_cross_entropy_backward(ctx, grad_loss, grad_lse, _lo, _pred, grad_entropy, *_):
     """The reference backend's autograd; csrc/autograd.cpp does the same for the compiled ones."""
-    x, weight, target, bias, lse, lse_lo, grad_x, grad_w, grad_b = ctx.saved_tensors
+    x, weight, target, bias, lse, lse_lo, entropy, grad_x, grad_w, grad_b = ctx.saved_tensors
     needs = [
         ctx.needs_input_grad[0],
         ctx.needs_input_grad[1],
         ctx.has_bias and ctx.needs_input_grad[3],
     ]
     no_grads = (None,) * (4 + _linear_ce_options.SCHEMA_ARG_COUNT + 1)
-    if (grad_loss is None and grad_lse is None) or not any(needs):
-        return no_grads
     options = ctx.options
+    if not options.return_entropy:  # an empty output (a traced graph may still pass a gradient)
+        grad_entropy = None
+    if (grad_loss is None and grad_lse is None and grad_entropy is None) or not any(needs):
+        return no_grads
     option_args = options.schema_args(x.device)
     result = [None, None, None]
-    if torch.is_grad_enabled() or grad_lse is not None:
-        # create_graph=True: the reference's formula is made of differentiable ops. A used lse:
-        # its softmax term goes with the loss's, in one backward op.
+    if torch.is_grad_enabled() or grad_lse is not None or grad_entropy is not None:
+        # create_graph=True: the reference's formula is made of differentiable ops. A used lse
+        # or entropy: its term goes with the loss's, in one backward op.
         if grad_loss is None:
             grad_loss = torch.zeros_like(lse) if options.reduction == "none" else lse.new_zeros(())
         backward = (
@@ -473,16 +514,31 @@ def _fused_linear_cross_entropy_backward(ctx, grad_loss, grad_lse, _lo, _pred, _
             if torch.is_grad_enabled()
             else torch.ops.gpufit.fused_linear_cross_entropy_backward.default
         )
+        saved_entropy = entropy if grad_entropy is not None else None
         result = list(
-            backward(grad_loss, grad_lse, x, weight, target, bias, lse, lse_lo, *option_args, needs)
-        )
+            backward(
+                grad_loss, grad_lse, grad_entropy, x, weight, target, bias, lse, lse_lo,
+                saved_entropy, *option_args, needs,
+            )
+        )  # fmt: skip
     else:
         missing = [need and not done for need, done in zip(needs, ctx.precomputed, strict=True)]
         if any(missing):
             result = list(
                 torch.ops.gpufit.fused_linear_cross_entropy_backward.default(
-                    grad_loss, None, x, weight, target, bias, lse, lse_lo, *option_args, missing
-                )
+                    grad_loss,
+                    None,
+                    None,
+                    x,
+                    weight,
+                    target,
+                    bias,
+                    lse,
+                    lse_lo,
+                    None,
+                    *option_args,
+                    missing,
+                )  # fmt: skip
             )
         # The saved gradients are those of the loss itself; scale them by grad_loss. Not in
         # place: a graph kept with retain_graph=True must give the same gradients again. For the

@@ -78,14 +78,42 @@ def linear_ce_grads_in_forward(dtype: torch.dtype, reduction: str, grad_mask) ->
 
 
 def _linear_ce_logits(x, weight, target, bias, o):
-    """The (N, V) logits in the accumulation type, capped where o.softcap says, and the flat
-    target."""
+    """The (N, V) logits in the accumulation type, capped where o.softcap says and divided by
+    o.temperature, and the flat target. bf16/fp16 inputs are multiplied in fp32 (their product
+    is never rounded to 8 or 11 bits), as the kernels do."""
     v, h = weight.shape
     acc = _acc_dtype(x.dtype)
-    logits = F.linear(x.reshape(target.numel(), h), weight, bias).to(acc)
+    up = lambda t: None if t is None else t.to(acc)  # noqa: E731
+    logits = F.linear(up(x.reshape(target.numel(), h)), up(weight), up(bias))
     if o.softcap is not None:
         logits = torch.tanh(logits / o.softcap) * o.softcap
+    if o.temperature != 1.0:
+        logits = logits / o.temperature
     return logits, target.reshape(-1)
+
+
+def _plogp(logits):
+    """p log p of each logit's softmax probability (0 where p is 0), and p."""
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    return torch.where(p > 0, p * logp, 0), p, logp
+
+
+def entropy(logits):
+    """Each row's softmax entropy, -sum_j p_j log p_j."""
+    return -_plogp(logits)[0].sum(-1)
+
+
+def _row_outputs(logits, o, shape):
+    """entropy, log_sum_sq_probs and mean_logits of each row, where o asks for them (else
+    empty)."""
+    none = logits.new_empty(0)
+    ent = entropy(logits).reshape(shape) if o.return_entropy else none
+    lss = none
+    if o.return_log_sum_sq_probs:
+        lss = torch.logsumexp(2 * torch.log_softmax(logits, dim=-1), dim=-1).reshape(shape)
+    mean = logits.mean(-1).reshape(shape) if o.return_mean_logits else none
+    return ent, lss, mean
 
 
 def _class_weights(o, logits):
@@ -122,9 +150,9 @@ def _lse_parts(logits):
     return lse, torch.where(torch.isfinite(lse), lo, torch.zeros_like(lo))
 
 
-def _linear_ce_grads(x, weight, bias, logits, target, scale, grad_lse, o, mask):
-    """Gradients of sum_i (scale_i loss_i + grad_lse_i lse_i) w.r.t. x, weight, bias from the
-    full logits, for the options o."""
+def _linear_ce_grads(x, weight, bias, logits, target, scale, grad_lse, o, mask, grad_entropy=None):
+    """Gradients of sum_i (scale_i loss_i + grad_lse_i lse_i + grad_entropy_i H_i) w.r.t. x,
+    weight, bias from the full (tempered) logits, for the options o."""
     v, h = weight.shape
     eps, z_loss = o.label_smoothing, o.z_loss
     valid = target != o.ignore_index
@@ -146,10 +174,16 @@ def _linear_ce_grads(x, weight, bias, logits, target, scale, grad_lse, o, mask):
     if eps != 0:
         smooth = (c * (eps / v))[:, None]
         dz = dz - (smooth if w is None else smooth * w[None, :])
+    if grad_entropy is not None:  # d H / d z_j = -p_j (log p_j + H)
+        plogp, p, logp = _plogp(logits)
+        h_row = -plogp.sum(-1, keepdim=True)
+        dz = dz - grad_entropy[:, None] * torch.where(p > 0, p * (logp + h_row), 0)
     onehot = F.one_hot(torch.where(valid, target, 0), v).to(dz.dtype)
     dz = dz - target_coef[:, None] * onehot
-    if o.softcap is not None:
-        dz = dz * (1 - (logits / o.softcap) ** 2)
+    if o.softcap is not None:  # the logits are capped, then divided by the temperature
+        dz = dz * (1 - (logits * (o.temperature / o.softcap)) ** 2)
+    if o.temperature != 1.0:
+        dz = dz / o.temperature
     dz_in = dz.to(x.dtype)
     # separate empty tensors: outputs of an op must not alias each other
     grad_x = dz_in.mm(weight).reshape(x.shape) if mask[0] else x.new_empty(0)
@@ -201,25 +235,34 @@ def fused_linear_cross_entropy(
         )  # fmt: skip
     else:
         grads = (x.new_empty(0), x.new_empty(0), x.new_empty(0))
-    return (loss, lse.reshape(target.shape), lse_lo.reshape(target.shape), predicted, *grads)
+    return (
+        loss,
+        lse.reshape(target.shape),
+        lse_lo.reshape(target.shape),
+        predicted,
+        *_row_outputs(logits, o, target.shape),
+        *grads,
+    )
 
 
 @_without_autocast
 def fused_linear_cross_entropy_backward(
     grad_loss: torch.Tensor,
     grad_lse: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
     x: torch.Tensor,
     weight: torch.Tensor,
     target: torch.Tensor,
     bias: torch.Tensor | None,
     lse: torch.Tensor,
     lse_lo: torch.Tensor,
+    entropy: torch.Tensor | None,
     *args,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """args: the options (in schema order) and grad_mask."""
     o, grad_mask = _options_and_mask(args)
-    # lse and lse_lo are recomputed from the logits (so that the result is differentiable in
-    # x, weight and bias); the kernels use the saved ones
+    # lse, lse_lo and the entropy are recomputed from the logits (so that the result is
+    # differentiable in x, weight and bias); the kernels use the saved ones
     logits, flat_target = _linear_ce_logits(x, weight, target, bias, o)
     acc = logits.dtype
     if o.reduction == "none":
@@ -229,4 +272,7 @@ def fused_linear_cross_entropy_backward(
         scale = grad_loss.to(acc) * _reduced_scale(o, logits, flat_target, valid)
         scale = scale.expand(flat_target.shape)
     g = None if grad_lse is None else grad_lse.reshape(-1).to(acc)
-    return _linear_ce_grads(x, weight, bias, logits, flat_target, scale, g, o, grad_mask)
+    g_entropy = None if grad_entropy is None else grad_entropy.reshape(-1).to(acc)
+    return _linear_ce_grads(
+        x, weight, bias, logits, flat_target, scale, g, o, grad_mask, g_entropy
+    )  # fmt: skip

@@ -328,9 +328,15 @@ def test_compiled_op_equals_the_fallback_reference():
     x, w, t, b = make_inputs((10,), 6, 14, torch.float64, ignore=2)
     cw = torch.linspace(0.5, 2.0, 14, dtype=torch.float64)
     for reduction, new in itertools.product(REDUCTIONS, (False, True)):
-        # the options after z_loss: softcap, class_weight, num_items, chunk_size, return_predicted
+        # the options after z_loss: softcap, class_weight, num_items, chunk_size,
+        # return_predicted, temperature, return_entropy, return_log_sum_sq_probs,
+        # return_mean_logits
         items = torch.tensor(3.0) if reduction == "sum" else None
-        more = (2.0, cw, items, 4, True) if new else (None, None, None, 4, False)
+        more = (
+            (2.0, cw, items, 4, True, 0.7, True, True, True)
+            if new
+            else (None, None, None, 4, False, 1.0, False, False, False)
+        )
         for mask in ([True, True, True], [False, True, False], [False, False, False]):
             args = (x, w, t, b, 2, reduction, 0.1, 1e-3, *more, mask)
             got = torch.ops.gpufit.fused_linear_cross_entropy.default(*args)
@@ -338,10 +344,13 @@ def test_compiled_op_equals_the_fallback_reference():
             for a, c in zip(got, want, strict=True):
                 assert a.shape == c.shape
                 torch.testing.assert_close(a, c, atol=1e-12, rtol=1e-10)
-            lse, lse_lo = got[1], got[2]
+            lse, lse_lo, entropy = got[1], got[2], got[4]
             g = torch.rand(t.shape if reduction == "none" else (), dtype=x.dtype)
+            g_entropy = torch.rand(t.shape, dtype=x.dtype) if new else None
             for g_lse in (None, torch.rand(t.shape, dtype=x.dtype)):
-                bargs = (g, g_lse, x, w, t, b, lse, lse_lo, 2, reduction, 0.1, 1e-3, *more, mask)
+                saved_entropy = entropy if new else None
+                bargs = (g, g_lse, g_entropy, x, w, t, b, lse, lse_lo, saved_entropy, 2,
+                         reduction, 0.1, 1e-3, *more, mask)  # fmt: skip
                 got_b = torch.ops.gpufit.fused_linear_cross_entropy_backward.default(*bargs)
                 want_b = reference.fused_linear_cross_entropy_backward(*bargs)
                 for a, c in zip(got_b, want_b, strict=True):
@@ -672,6 +681,11 @@ def test_gradient_penalty_trains(dtype):
 # ---------------------------------------------------------------- registration
 
 
+# the schema's last options at their defaults: temperature, return_entropy,
+# return_log_sum_sq_probs, return_mean_logits (tests/test_linear_ce_per_token.py sets them)
+DEFAULTS = (1.0, False, False, False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_opcheck(dtype, reduction):
@@ -680,15 +694,16 @@ def test_opcheck(dtype, reduction):
         for a in (x, w, b):
             a.requires_grad_(requires_grad)
         mask = [requires_grad] * 3
-        args = (x, w, t, b, -100, reduction, 0.1, 1e-3, None, None, None, 4, False, mask)
+        args = (x, w, t, b, -100, reduction, 0.1, 1e-3, None, None, None, 4, False, *DEFAULTS, mask)
         torch.library.opcheck(torch.ops.gpufit.fused_linear_cross_entropy.default, args)
     with torch.no_grad():
         _, lse, lse_lo, *_ = torch.ops.gpufit.fused_linear_cross_entropy.default(*args)
     g = torch.rand(t.shape if reduction == "none" else (), dtype=loss_dtype(dtype))
     for g_lse in (None, torch.rand(t.shape, dtype=loss_dtype(dtype))):
         for mask in ([True, True, True], [True, False, False]):
-            bargs = (g, g_lse, x.detach(), w.detach(), t, b.detach(), lse, lse_lo, -100,
-                     reduction, 0.1, 1e-3, None, None, None, 4, False, mask)  # fmt: skip
+            bargs = (g, g_lse, None, x.detach(), w.detach(), t, b.detach(), lse, lse_lo, None,
+                     -100, reduction, 0.1, 1e-3, None, None, None, 4, False, *DEFAULTS,
+                     mask)  # fmt: skip
             torch.library.opcheck(
                 torch.ops.gpufit.fused_linear_cross_entropy_backward.default, bargs
             )

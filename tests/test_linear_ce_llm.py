@@ -192,6 +192,11 @@ def test_gradcheck_float64(case):
     assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6)
 
 
+# the schema's last options at their defaults: temperature, return_entropy,
+# return_log_sum_sq_probs, return_mean_logits
+DEFAULTS = (1.0, False, False, False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck(dtype):
     x, w, t, b = make_inputs((6,), 5, 9, dtype, ignore=-100)
@@ -200,13 +205,15 @@ def test_opcheck(dtype):
         a.requires_grad_()
     op = torch.ops.gpufit.fused_linear_cross_entropy.default
     for reduction, num_items in (("mean", None), ("sum", torch.tensor(4.0)), ("none", None)):
-        args = (x, w, t, b, -100, reduction, 0.1, 1e-3, 2.0, cw, num_items, 4, True, [True] * 3)
+        args = (x, w, t, b, -100, reduction, 0.1, 1e-3, 2.0, cw, num_items, 4, True, *DEFAULTS,
+                [True] * 3)  # fmt: skip
         torch.library.opcheck(op, args)
         with torch.no_grad():
             _, lse, lse_lo, *_ = op(*args)
         g = torch.rand(t.shape if reduction == "none" else (), dtype=lse.dtype)
-        bargs = (g, None, x.detach(), w.detach(), t, b.detach(), lse, lse_lo, -100, reduction,
-                 0.1, 1e-3, 2.0, cw, num_items, 4, False, [True, True, True])  # fmt: skip
+        bargs = (g, None, None, x.detach(), w.detach(), t, b.detach(), lse, lse_lo, None, -100,
+                 reduction, 0.1, 1e-3, 2.0, cw, num_items, 4, False, *DEFAULTS,
+                 [True, True, True])  # fmt: skip
         torch.library.opcheck(torch.ops.gpufit.fused_linear_cross_entropy_backward.default, bargs)
 
 
