@@ -21,10 +21,11 @@ also works as a context manager that restores, on exit, whichever kernel was in 
         trainer.train()
 
 A call gpufit cannot serve runs on TRL's own kernel, unchanged (never on something else), and
-the first call of each kind warns once, saying why: an output the installed gpufit's op does not
-compute, a device other than CPU or CUDA (or CUDA with a CPU-only build), a head that DeepSpeed
-ZeRO-3 partitions (TRL gathers it around the forward and gathers it again in its own backward;
-gpufit's backward would find the released weight), or an argument the op refuses.
+the first call of each kind warns once, saying why: an output gpufit's op does not compute, a
+device other than CPU or CUDA (or CUDA with a CPU-only build), a head that DeepSpeed ZeRO-3
+partitions (TRL gathers it around the forward and gathers it again in its own backward;
+gpufit's backward would find the released weight), a tensor subclass (a DTensor, a quantized
+weight), or an argument the op refuses.
 
 What the stand-in does with TRL's arguments: ``hidden @ weight.T + bias`` with TRL's
 ``logit_scale``, ``final_logit_softcapping`` and ``temperature`` become the op's
@@ -120,19 +121,12 @@ class _Call:
         if unknown:
             return f"an output gpufit does not know ({', '.join(map(repr, unknown))})"
         wanted = tuple(name for name in _TRL_RESULTS if name in outputs)
-        have = {f.name for f in dataclasses.fields(ops.LinearCEOptions)}
         flags = {_OUTPUT_OPTIONS[name]: True for name in wanted}
-        missing = [option for option in (*flags, "temperature") if option not in have]
-        if "temperature" in missing and temperature == 1:
-            missing.remove("temperature")
-        if missing:
-            return f"this gpufit's op has no {', '.join(missing)}"
-        extra = {"temperature": temperature} if "temperature" in have else {}
         try:
             chunk_size = _chunk_size(hidden, weight.shape[0], trl_chunk)
             options = ops.LinearCEOptions(reduction="none", softcap=softcap,
-                                          logit_scale=logit_scale, chunk_size=chunk_size,
-                                          **flags, **extra)  # fmt: skip
+                                          logit_scale=logit_scale, temperature=temperature,
+                                          chunk_size=chunk_size, **flags)  # fmt: skip
         except (TypeError, ValueError) as err:
             return f"the op refuses an argument ({err})"
         x, weight, bias = _in_compute_dtype(hidden, weight, bias)
@@ -148,7 +142,7 @@ class _Call:
             results = (results,)
         loss, rest = results[0], results[1:]
         # the op's extra outputs come in _OP_RESULTS order, those asked only
-        asked = [name for name in _OP_RESULTS if getattr(self.options, name, False)]
+        asked = [name for name in _OP_RESULTS if getattr(self.options, name)]
         by_option = dict(zip(asked, rest, strict=True))
         per_token = {"log_probs": (-loss).float()}
         for name in self.wanted:

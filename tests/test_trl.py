@@ -9,7 +9,6 @@ SentencePiece model mistral-common ships, its pieces read into a tokenizers Unig
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import math
 import sys
@@ -102,19 +101,6 @@ def common_args(tmp_path, **kwargs) -> dict:
             **kwargs}  # fmt: skip
 
 
-def require_op_options(*options: str) -> None:
-    """Skip, naming them, where this gpufit's op lacks options the test's calls need (its
-    per-row outputs and temperature came with issue 26); once present, the test runs."""
-    have = {f.name for f in dataclasses.fields(ops.LinearCEOptions)}
-    missing = [name for name in options if name not in have]
-    if missing:
-        pytest.skip(f"gpufit's op has no {', '.join(missing)}")
-
-
-OPTION_OF = {"entropy": "return_entropy", "log_sum_sq_probs": "return_log_sum_sq_probs",
-             "mean_logits": "return_mean_logits", "is_top1": "return_predicted"}  # fmt: skip
-
-
 class Served:
     """Counts the fused-head calls gpufit's op served and those TRL's own kernel ran."""
 
@@ -144,17 +130,9 @@ def train(make_trainer, *, on_gpufit: bool):
     return trainer.state.log_history, params
 
 
-def assert_same_training(
-    make_trainer,
-    monkeypatch,
-    *,
-    metrics: tuple[str, ...],
-    needs: tuple[str, ...] = ("return_entropy", "return_predicted"),
-):
+def assert_same_training(make_trainer, monkeypatch, *, metrics: tuple[str, ...]):
     """The run on gpufit's op logs the same values as the run on TRL's kernel and ends with the
-    same parameters; returns the largest differences. ``needs``: the op's options the trainer's
-    calls use."""
-    require_op_options(*needs)
+    same parameters; returns the largest differences."""
     served = Served(monkeypatch)
     trl_log, trl_params = train(make_trainer, on_gpufit=False)
     assert served.trl > 0 and served.gpufit == 0
@@ -227,9 +205,7 @@ def test_dpo_equal(tmp_path, monkeypatch, config):
         return trl.DPOTrainer(model=saved_tiny_llama(tmp_path), args=args, train_dataset=data,
                               processing_class=tokenizer())  # fmt: skip
 
-    needs = ("return_entropy", "return_predicted", "return_mean_logits",
-             "return_log_sum_sq_probs")  # fmt: skip
-    assert_same_training(make, monkeypatch, needs=needs, metrics=(
+    assert_same_training(make, monkeypatch, metrics=(
         "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
         "logps/rejected", "logits/chosen", "logits/rejected", "entropy",
         "mean_token_accuracy"))  # fmt: skip
@@ -254,7 +230,7 @@ def test_grpo_equal(tmp_path, monkeypatch):
         return trl.GRPOTrainer(model=saved_tiny_llama(tmp_path), reward_funcs=shortness, args=args,
                                train_dataset=data, processing_class=tokenizer())  # fmt: skip
 
-    assert_same_training(make, monkeypatch, needs=("return_entropy", "temperature"), metrics=(
+    assert_same_training(make, monkeypatch, metrics=(
         "reward", "reward_std", "entropy", "kl", "completions/mean_length"))  # fmt: skip
 
 
@@ -279,8 +255,6 @@ def both_kernels(inputs, monkeypatch, outputs=ALL_OUTPUTS, temperature=1.0, soft
                  logit_scale=1.0, autocast=None):  # fmt: skip
     """Each kernel's results and input gradients (upstream: random weights on log-probs and
     entropy), TRL's first; checks that gpufit's op served the second."""
-    require_op_options(*(OPTION_OF[name] for name in outputs if name in OPTION_OF),
-                       *(["temperature"] if temperature != 1.0 else []))  # fmt: skip
     served = Served(monkeypatch)
     runs = []
     for on_gpufit in (False, True):
