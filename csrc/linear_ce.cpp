@@ -24,6 +24,11 @@
 //                  softcap and class weights, and every bf16/fp16 call: the chunk loops of
 //                  linear_ce.h, with the row kernels CpuKernels below (the same loops the CUDA
 //                  kernels run).
+// The three GEMMs and the vocabulary blocks also gather each row's argmax (return_predicted) and
+// the sums behind the per-row outputs (entropy, log_sum_sq_probs, mean_logits) where asked, in
+// the same pass over each tile, and take a temperature as the scale of the logits GEMM; the
+// blocks' backward also takes the entropy's gradient. The one-chunk pass leaves those options to
+// the row kernels, in one chunk.
 // Each row's log-sum-exp is formed from z - max, and long sums are pairwise (pairwise_sum) or
 // blocked, so fp32 keeps its precision over a vocabulary of 2**20.
 #include <ATen/Dispatch.h>
@@ -332,12 +337,15 @@ inline CpuPlan cpu_plan(int64_t N, int64_t V, int64_t H, int64_t chunk_size) {
   return {Kind::Blocks, rows, rows * V};
 }
 
-// softcap, class weights, return_predicted, a temperature and the per-row outputs (entropy,
-// log_sum_sq_probs, mean_logits) run in the row kernels (CpuKernels, through linear_ce.h's chunk
-// loops) for fp32/fp64 too, in row chunks of the plan's scratch: the one-chunk pass and the
-// block engine know only the other options.
-inline bool needs_row_kernels(const Options& o) {
-  return o.capped() || o.weighted() || o.return_predicted || o.tempered() || o.row_outputs();
+// softcap and class weights run in the row kernels (CpuKernels, through linear_ce.h's chunk
+// loops) for fp32/fp64 too, in row chunks of the plan's scratch: the block engine knows only
+// the other options. The one-chunk pass knows neither return_predicted, a temperature nor the
+// per-row outputs (entropy, log_sum_sq_probs, mean_logits): those run the row kernels in one
+// chunk.
+inline bool needs_row_kernels(const Options& o) { return o.capped() || o.weighted(); }
+
+inline bool one_chunk_pass_serves(const Options& o) {
+  return !o.return_predicted && !o.tempered() && !o.row_outputs();
 }
 
 constexpr int64_t kThreeGemmMinRows = 64;  // see the three-GEMM plan below
@@ -348,8 +356,7 @@ constexpr int64_t kThreeGemmMinRows = 64;  // see the three-GEMM plan below
 inline bool uses_three_gemms(const CpuPlan& plan, const Options& o, bool with_grads) {
   const bool chunked = plan.kind == CpuPlan::Kind::RowChunks ||
                        (plan.kind == CpuPlan::Kind::Blocks && plan.rows >= kThreeGemmMinRows);
-  return with_grads && chunked && !o.capped() && !o.weighted() && !o.tempered() &&
-         !o.row_outputs();
+  return with_grads && chunked && !o.capped() && !o.weighted();
 }
 
 // d loss / d (row loss) of a reduced loss on the CPU: 1/count (mean), 1/num_items (sum with it;
@@ -385,6 +392,7 @@ double sum_as_double(const at::Tensor& t) {
 struct Partial {
   at::Tensor row_loss, lse, lse_lo, grad_x, grad_w, grad_b;
   at::Tensor predicted;  // (N,) int64 for return_predicted, else undefined
+  at::Tensor entropy, log_sum_sq_probs, mean_logits;  // (N,) where asked, else undefined
 };
 
 inline at::Tensor none_like(const at::Tensor& t) { return at::empty({0}, t.options()); }
@@ -521,29 +529,42 @@ inline EnginePlan engine_plan(int64_t N, int64_t V, int64_t H, int64_t budget) {
   return p;
 }
 
-// Per-row coefficients of d loss / d z for given statistics (see linear_ce.h):
-//   dz_ij = exp(z_ij - lse_i) * a_i - b_i - o_i [j == t_i],
-// a_i = (c_i (1 + 2 z_loss lse_i) + g_i) exp(-lse_lo_i), b_i = c_i eps / V, o_i = c_i (1 - eps),
-// c_i the row's loss scale (0 when ignored), g_i its lse gradient.
+// Per-row coefficients of d loss / d z (z the GEMM's logits, before the temperature) for given
+// statistics (see linear_ce.h), with t_ij = z_ij / T - lse_i:
+//   dz_ij = exp(t_ij) * (a_i - beta_i t_ij) - b_i - o_i [j == t_i],
+// a_i = (c_i (1 + 2 z_loss lse_i) + g_i - e_i (H_i - lse_lo_i)) exp(-lse_lo_i) / T,
+// beta_i = e_i exp(-lse_lo_i) / T (the entropy's term, -e p (log p + H); empty without it),
+// b_i = c_i eps / V / T, o_i = c_i (1 - eps) / T, c_i the row's loss scale (0 when ignored),
+// g_i its lse gradient, e_i its entropy gradient and H_i its entropy.
 template <typename scalar_t>
 struct GradRows {
-  std::vector<scalar_t> a, b, o;
+  std::vector<scalar_t> a, b, o, beta;
 };
 
 template <typename scalar_t>
 GradRows<scalar_t> grad_rows(const int64_t* target, int64_t N, int64_t V, const scalar_t* lse,
                              const scalar_t* lse_lo, const scalar_t* scale, bool per_row,
-                             const scalar_t* grad_lse, const Options& o) {
+                             const scalar_t* grad_lse, const Options& o,
+                             const scalar_t* grad_entropy = nullptr,
+                             const scalar_t* entropy = nullptr) {
   const int64_t ignore_index = o.ignore_index;
   const double eps = o.label_smoothing, z_loss = o.z_loss;
+  const scalar_t inv_t = static_cast<scalar_t>(o.inv_temperature());
   GradRows<scalar_t> r{std::vector<scalar_t>(N), std::vector<scalar_t>(N),
-                       std::vector<scalar_t>(N)};
+                       std::vector<scalar_t>(N), std::vector<scalar_t>()};
+  if (grad_entropy != nullptr) r.beta.resize(N);
   for (int64_t i = 0; i < N; ++i) {
     const scalar_t c = target[i] == ignore_index ? scalar_t(0) : scale[per_row ? i : 0];
     const scalar_t g = grad_lse != nullptr ? grad_lse[i] : scalar_t(0);
-    r.a[i] = (c * (scalar_t(1) + scalar_t(2 * z_loss) * lse[i]) + g) * std::exp(-lse_lo[i]);
-    r.b[i] = c * static_cast<scalar_t>(eps / static_cast<double>(V));
-    r.o[i] = c * static_cast<scalar_t>(1.0 - eps);
+    const scalar_t back = std::exp(-lse_lo[i]) * inv_t;
+    scalar_t a = c * (scalar_t(1) + scalar_t(2 * z_loss) * lse[i]) + g;
+    if (grad_entropy != nullptr) {
+      a -= grad_entropy[i] * (entropy[i] - lse_lo[i]);
+      r.beta[i] = grad_entropy[i] * back;
+    }
+    r.a[i] = a * back;
+    r.b[i] = c * static_cast<scalar_t>(eps / static_cast<double>(V)) * inv_t;
+    r.o[i] = c * static_cast<scalar_t>(1.0 - eps) * inv_t;
   }
   return r;
 }
@@ -555,16 +576,23 @@ struct BlockEngine {
   EnginePlan plan;
   int64_t ignore_index;
   double eps, z_loss;  // the options' label_smoothing and z_loss
+  double inv_t;        // 1 / temperature: the GEMM's scale
+  bool predicted;      // return_predicted
+  bool entropy, squares, mean;  // the per-row outputs asked for
   at::Tensor buffers;  // (workers, tile)
+  at::Tensor scratch;  // (workers, tile) for the entropy and log_sum_sq_probs sums, else empty
 
   BlockEngine(const linear_ce::Flat& flat, const EnginePlan& p, const Options& o)
       : f(flat), plan(p), ignore_index(o.ignore_index), eps(o.label_smoothing), z_loss(o.z_loss),
-        buffers(at::empty({p.workers, p.tile}, flat.x.options())) {}
+        inv_t(o.inv_temperature()), predicted(o.return_predicted), entropy(o.return_entropy),
+        squares(o.return_log_sum_sq_probs), mean(o.return_mean_logits),
+        buffers(at::empty({p.workers, p.tile}, flat.x.options())),
+        scratch(at::empty({entropy || squares ? p.workers * p.tile : 0}, flat.x.options())) {}
 
   at::Tensor logits(int64_t worker, int64_t r0, int64_t rows, int64_t c0, int64_t cols) const {
     at::Tensor z = linear_ce::chunk_view(buffers[worker], rows, cols);
     linear_ce::logits_into(z, f.x.narrow(0, r0, rows), f.weight.narrow(0, c0, cols),
-                           f.bias.defined() ? f.bias.narrow(0, c0, cols) : at::Tensor());
+                           f.bias.defined() ? f.bias.narrow(0, c0, cols) : at::Tensor(), inv_t);
     return z;
   }
 
@@ -575,7 +603,14 @@ struct BlockEngine {
     const auto col = [&](const scalar_t* v) {
       return at::from_blob(const_cast<scalar_t*>(v) + r0, {rows, 1}, z.options());
     };
-    z.sub_(col(lse)).exp_().mul_(col(g.a.data()));
+    z.sub_(col(lse));
+    if (g.beta.empty()) {
+      z.exp_().mul_(col(g.a.data()));
+    } else {  // exp(t) (a - beta t), 0 where t = -inf (p = 0)
+      at::Tensor coef = col(g.a.data()) - z * col(g.beta.data());
+      coef.masked_fill_(z == -std::numeric_limits<double>::infinity(), 0);
+      z.exp_().mul_(coef);
+    }
     if (eps != 0.0) z.sub_(col(g.b.data()));
     scalar_t* zp = z.data_ptr<scalar_t>();
     const int64_t* tp = f.target.const_data_ptr<int64_t>();
@@ -619,9 +654,11 @@ struct BlockEngine {
 
   // Phase A of the forward: statistics and loss of every row and, with grad_x (the loss's, for
   // the given per-row scale), flash-style: grad_x_i = a_i / s_i sum_j exp(z_ij - m_i) w_j
-  // - o_i w_{t_i} - b_i sum_j w_j.
+  // - o_i w_{t_i} - b_i sum_j w_j (each divided by the temperature). With `out` (the per-row
+  // outputs: Partial's predicted, entropy, log_sum_sq_probs, mean_logits, where defined), also
+  // each row's argmax and the sums behind the others.
   void row_tiles_forward(scalar_t* lse, scalar_t* lse_lo, scalar_t* row_loss, scalar_t scale,
-                         at::Tensor* grad_x) const {
+                         at::Tensor* grad_x, Partial& out) const {
     const int64_t N = f.N, V = f.V, H = f.H;
     const bool smoothing = eps != 0.0;
     const scalar_t* bp = nullptr;
@@ -632,29 +669,49 @@ struct BlockEngine {
     }
     const int64_t* tp = f.target.const_data_ptr<int64_t>();
     const scalar_t* wp = f.weight.const_data_ptr<scalar_t>();
+    int64_t* pred = predicted ? out.predicted.data_ptr<int64_t>() : nullptr;
+    scalar_t* ent = entropy ? out.entropy.data_ptr<scalar_t>() : nullptr;
+    scalar_t* lss = squares ? out.log_sum_sq_probs.data_ptr<scalar_t>() : nullptr;
+    scalar_t* mean_out = mean ? out.mean_logits.data_ptr<scalar_t>() : nullptr;
     const int64_t tiles = (N + plan.rows_a - 1) / plan.rows_a;
     cpu_threads::run_tasks(tiles, std::min(plan.workers, tiles), [&](int64_t k, int64_t w) {
       const int64_t r0 = k * plan.rows_a, rows = std::min(plan.rows_a, N - r0);
       std::vector<scalar_t> m(rows, neg_inf<scalar_t>()), s(rows, 0), zt(rows, 0), zrel(rows, 0),
-          factor(rows), shift(rows);
+          factor(rows), shift(rows), u(rows, 0), q(rows, 0), zsum(rows, 0);
+      std::vector<int64_t> arg(rows, 0);
       at::Tensor acc;
       if (grad_x != nullptr) acc = grad_x->narrow(0, r0, rows).zero_();
       scalar_t* accp = acc.defined() ? acc.data_ptr<scalar_t>() : nullptr;
       const auto opts = f.x.options();
       const at::Tensor shift_col = at::from_blob(shift.data(), {rows, 1}, opts);
       at::Tensor bmax = at::empty({rows}, opts), bsum = at::empty({rows}, opts),
-                 rel = at::empty({rows}, opts);
+                 rel = at::empty({rows}, opts), bidx = at::empty({rows}, opts.dtype(at::kLong)),
+                 bu = at::empty({rows}, opts), bq = at::empty({rows}, opts),
+                 bz = at::empty({rows}, opts);
       const scalar_t* bm = bmax.const_data_ptr<scalar_t>();
       const scalar_t* bs = bsum.const_data_ptr<scalar_t>();
       const scalar_t* rp = rel.const_data_ptr<scalar_t>();
+      const int64_t* bi = bidx.const_data_ptr<int64_t>();
+      const scalar_t* bup = bu.const_data_ptr<scalar_t>();
+      const scalar_t* bqp = bq.const_data_ptr<scalar_t>();
+      const scalar_t* bzp = bz.const_data_ptr<scalar_t>();
       for (int64_t c0 = 0; c0 < V; c0 += plan.cols_a) {
         const int64_t cols = std::min(plan.cols_a, V - c0);
         at::Tensor z = logits(w, r0, rows, c0, cols);
-        at::amax_out(bmax, z, {1});
+        if (predicted) {
+          at::max_out(bmax, bidx, z, 1);  // torch's rule: a nan is the max, the first one wins
+        } else {
+          at::amax_out(bmax, z, {1});
+        }
+        if (mean) at::sum_out(bz, z, {1});
         const scalar_t* zp = z.const_data_ptr<scalar_t>();
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t t = tp[r0 + i];
           if (t != ignore_index && t >= c0 && t < c0 + cols) zt[i] = zp[i * cols + t - c0];
+          if (predicted && (bm[i] > m[i] || (std::isnan(bm[i]) && !std::isnan(m[i])))) {
+            arg[i] = c0 + bi[i];
+          }
+          if (mean) zsum[i] += bzp[i];
           const scalar_t m_new = bm[i] > m[i] || std::isnan(bm[i]) ? bm[i] : m[i];
           factor[i] = m[i] == neg_inf<scalar_t>() ? scalar_t(0) : std::exp(m[i] - m_new);
           shift[i] = m_new == neg_inf<scalar_t>() ? scalar_t(0) : m_new;
@@ -663,6 +720,9 @@ struct BlockEngine {
                       : c0 == 0                      ? scalar_t(0)
                                                      : zrel[i] + scalar_t(c0) * (m[i] - m_new);
           }
+          // the entropy's sum so far relative to the new max (uses the old s)
+          if (entropy && factor[i] != scalar_t(0)) u[i] = factor[i] * (u[i] + (m[i] - m_new) * s[i]);
+          if (squares) q[i] *= factor[i] * factor[i];
           // grad_x's sum so far was taken relative to the old max (nothing yet while it was -inf)
           if (accp != nullptr && m_new != m[i] && m[i] != neg_inf<scalar_t>()) {
             scalar_t* ai = accp + i * H;
@@ -677,12 +737,29 @@ struct BlockEngine {
             if (m[i] != neg_inf<scalar_t>()) zrel[i] += rp[i];
           }
         }
+        at::Tensor d;  // z - shift, kept for the entropy's sum of exp(d) d
+        if (entropy || squares) d = scratch.narrow(0, w * plan.tile, rows * cols).view({rows, cols});
+        if (entropy) d.copy_(z);
         z.exp_();
         at::sum_out(bsum, z, {1});
+        if (entropy) {  // sum exp(d) d, 0 where exp(d) is 0
+          d.mul_(z).nan_to_num_(0.0, 0.0, 0.0);
+          at::sum_out(bu, d, {1});
+        }
+        if (squares) {
+          at::mul_out(d, z, z);
+          at::sum_out(bq, d, {1});
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          if (m[i] == neg_inf<scalar_t>()) continue;  // every column so far is -inf
+          if (entropy) u[i] += bup[i];
+          if (squares) q[i] += bqp[i];
+        }
         for (int64_t i = 0; i < rows; ++i) s[i] = s[i] * factor[i] + bs[i];
         if (acc.defined()) acc.addmm_(z, f.weight.narrow(0, c0, cols));
       }
       scalar_t* gx = accp;
+      const scalar_t inv_temperature = static_cast<scalar_t>(inv_t);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t t = tp[r0 + i];
         const bool ignored = t == ignore_index;
@@ -690,6 +767,10 @@ struct BlockEngine {
         const scalar_t l = m[i] + ls;
         lse[r0 + i] = l;
         lse_lo[r0 + i] = std::isfinite(l) ? two_sum_lo(m[i], ls, l) : scalar_t(0);
+        if (pred != nullptr) pred[r0 + i] = ignored ? ignore_index : arg[i];
+        if (ent != nullptr) ent[r0 + i] = ls - u[i] / s[i];
+        if (lss != nullptr) lss[r0 + i] = std::log(q[i]) - scalar_t(2) * ls;
+        if (mean_out != nullptr) mean_out[r0 + i] = zsum[i] / static_cast<scalar_t>(V);
         scalar_t loss = ls - scalar_t(1.0 - eps) * (zt[i] - m[i]);
         if (smoothing) loss -= static_cast<scalar_t>(eps / static_cast<double>(V)) * zrel[i];
         row_loss[r0 + i] = ignored ? scalar_t(0) : loss + static_cast<scalar_t>(z_loss) * l * l;
@@ -699,12 +780,14 @@ struct BlockEngine {
           std::fill(gi, gi + H, scalar_t(0));
           continue;
         }
-        const scalar_t a = scale * (scalar_t(1) + scalar_t(2 * z_loss) * l) / s[i];
-        const scalar_t o = scale * scalar_t(1.0 - eps);
+        const scalar_t a =
+            scale * (scalar_t(1) + scalar_t(2 * z_loss) * l) / s[i] * inv_temperature;
+        const scalar_t o = scale * scalar_t(1.0 - eps) * inv_temperature;
         const scalar_t* wt = wp + t * H;
         for (int64_t h = 0; h < H; ++h) gi[h] = gi[h] * a - o * wt[h];
         if (bp != nullptr) {
-          const scalar_t b = scale * static_cast<scalar_t>(eps / static_cast<double>(V));
+          const scalar_t b =
+              scale * static_cast<scalar_t>(eps / static_cast<double>(V)) * inv_temperature;
           for (int64_t h = 0; h < H; ++h) gi[h] -= b * bp[h];
         }
       }
@@ -782,27 +865,34 @@ struct ThreeGemmForward {
   const double eps, z_loss;
   const scalar_t scale;  // d loss / d (row loss) of a kept row
   const bool predicted;
+  const double inv_t;                 // 1 / temperature: the GEMM's scale
+  const bool entropy, squares, mean;  // the per-row outputs asked for
   at::Tensor* grad_x;  // each may be null: not wanted
   at::Tensor* grad_w;
   at::Tensor* grad_b;
 
   at::Tensor tiles;    // p.rows * V: block b's (rows, cols_b) tile at offset b * rows * cols
   at::Tensor partial;  // (workers, rows, H): each worker's share of the chunk's grad_x
+  at::Tensor scratch;  // (workers, rows * cols) for the entropy's and log_sum_sq_probs' sums
   // Per block b and chunk row i, at b * rows + i: the block's max, sum of exp(z - max), sum of
   // (z - max) (label smoothing), first column of the max (return_predicted), the subtracted
-  // shift (the max, 0 where it is -inf), and the gradient's factor exp(max - lse) a_i.
-  std::vector<scalar_t> bmax, bsum, brel, shift, factor;
+  // shift (the max, 0 where it is -inf), the gradient's factor exp(max - lse) a_i, and where
+  // asked the sums of exp(z - shift) (z - shift), exp(2 (z - shift)) and z.
+  std::vector<scalar_t> bmax, bsum, brel, shift, factor, bu, bq, bz;
   std::vector<int64_t> barg;
   std::vector<scalar_t> zt;  // per chunk row: the target's logit
 
   ThreeGemmForward(const linear_ce::Flat& flat, const ChunkPlan& plan, const Options& o,
                    double loss_scale, at::Tensor* gx, at::Tensor* gw, at::Tensor* gb)
       : f(flat), p(plan), ignore_index(o.ignore_index), eps(o.label_smoothing), z_loss(o.z_loss),
-        scale(static_cast<scalar_t>(loss_scale)), predicted(o.return_predicted), grad_x(gx),
-        grad_w(gw), grad_b(gb) {
+        scale(static_cast<scalar_t>(loss_scale)), predicted(o.return_predicted),
+        inv_t(o.inv_temperature()), entropy(o.return_entropy),
+        squares(o.return_log_sum_sq_probs), mean(o.return_mean_logits), grad_x(gx), grad_w(gw),
+        grad_b(gb) {
     const auto opts = f.x.options();
     tiles = at::empty({p.rows * f.V}, opts);
     if (grad_x != nullptr) partial = at::empty({p.workers, p.rows, f.H}, opts);
+    if (entropy || squares) scratch = at::empty({p.workers, p.rows * p.cols}, opts);
     const size_t n = static_cast<size_t>(p.blocks * p.rows);
     bmax.resize(n);
     bsum.resize(n);
@@ -810,6 +900,9 @@ struct ThreeGemmForward {
     shift.resize(n);
     factor.resize(n);
     if (predicted) barg.resize(n);
+    if (entropy) bu.resize(n);
+    if (squares) bq.resize(n);
+    if (mean) bz.resize(n);
     zt.resize(static_cast<size_t>(p.rows));
   }
 
@@ -826,13 +919,17 @@ struct ThreeGemmForward {
   }
 
   // Block b of the chunk at rows [r0, r0 + rows): logits, the block's statistics, and the tile
-  // left holding exp(z - shift).
-  void start_block(int64_t b, int64_t r0, int64_t rows) {
+  // left holding exp(z - shift) (worker w's scratch for the per-row outputs' sums).
+  void start_block(int64_t b, int64_t r0, int64_t rows, int64_t w) {
     const int64_t c0 = b * p.cols, cols = cols_of(b);
     at::Tensor z = tile(b, rows);
     linear_ce::logits_into(z, f.x.narrow(0, r0, rows), f.weight.narrow(0, c0, cols),
-                           f.bias.defined() ? f.bias.narrow(0, c0, cols) : at::Tensor());
+                           f.bias.defined() ? f.bias.narrow(0, c0, cols) : at::Tensor(), inv_t);
     const at::ScalarType st = f.x.scalar_type();
+    if (mean) {
+      at::Tensor sums = column(bz, b, rows, st).view({rows});
+      at::sum_out(sums, z, {1});
+    }
     at::Tensor maxima = column(bmax, b, rows, st).view({rows});
     if (predicted) {
       at::Tensor args = column(barg, b, rows, at::kLong).view({rows});
@@ -854,9 +951,22 @@ struct ThreeGemmForward {
       at::Tensor rel = column(brel, b, rows, st).view({rows});
       at::sum_out(rel, z, {1});
     }
+    at::Tensor d;  // z - shift, kept for the entropy's sum of exp(d) d
+    if (entropy || squares) d = scratch[w].narrow(0, 0, rows * cols).view({rows, cols});
+    if (entropy) d.copy_(z);
     z.exp_();
     at::Tensor sums = column(bsum, b, rows, st).view({rows});
     at::sum_out(sums, z, {1});
+    if (entropy) {  // 0 where exp(d) is 0
+      d.mul_(z).nan_to_num_(0.0, 0.0, 0.0);
+      at::Tensor u = column(bu, b, rows, st).view({rows});
+      at::sum_out(u, d, {1});
+    }
+    if (squares) {
+      at::mul_out(d, z, z);
+      at::Tensor q = column(bq, b, rows, st).view({rows});
+      at::sum_out(q, d, {1});
+    }
   }
 
   // Block b of the chunk at rows [r0, r0 + rows), whose statistics are final: the tile becomes
@@ -869,8 +979,9 @@ struct ThreeGemmForward {
     z.mul_(column(factor, b, rows, st));
     scalar_t* zp = z.data_ptr<scalar_t>();
     const int64_t* tp = f.target.const_data_ptr<int64_t>() + r0;
-    const scalar_t smooth = scale * static_cast<scalar_t>(eps / static_cast<double>(f.V));
-    const scalar_t onehot = scale * static_cast<scalar_t>(1.0 - eps);
+    const scalar_t back = scale * static_cast<scalar_t>(inv_t);  // through the temperature
+    const scalar_t smooth = back * static_cast<scalar_t>(eps / static_cast<double>(f.V));
+    const scalar_t onehot = back * static_cast<scalar_t>(1.0 - eps);
     for (int64_t i = 0; i < rows; ++i) {
       scalar_t* row = zp + i * cols;
       const int64_t t = tp[i];
@@ -904,10 +1015,13 @@ struct ThreeGemmForward {
     }
   }
 
-  // The chunk's rows from the blocks' statistics: lse, lse_lo, the row loss, the argmax, and
-  // each block's gradient factor.
+  // The chunk's rows from the blocks' statistics: lse, lse_lo, the row loss, the argmax, the
+  // per-row outputs asked for (Partial's), and each block's gradient factor.
   void finish_rows(int64_t r0, int64_t rows, scalar_t* lse, scalar_t* lse_lo, scalar_t* row_loss,
-                   int64_t* pred) {
+                   int64_t* pred, Partial& out) {
+    scalar_t* ent = entropy ? out.entropy.data_ptr<scalar_t>() : nullptr;
+    scalar_t* lss = squares ? out.log_sum_sq_probs.data_ptr<scalar_t>() : nullptr;
+    scalar_t* mean_out = mean ? out.mean_logits.data_ptr<scalar_t>() : nullptr;
     const int64_t* tp = f.target.const_data_ptr<int64_t>() + r0;
     const bool smoothing = eps != 0.0;
     for (int64_t i = 0; i < rows; ++i) {
@@ -921,15 +1035,19 @@ struct ThreeGemmForward {
           if (predicted) arg = b * p.cols + barg[b * p.rows + i];
         }
       }
-      scalar_t s = 0, zrel = 0;
+      scalar_t s = 0, zrel = 0, u = 0, q = 0, zsum = 0;
       for (int64_t b = 0; b < p.blocks; ++b) {
         const int64_t k = b * p.rows + i;
+        if (mean) zsum += bz[k];
         if (bmax[k] == neg_inf<scalar_t>()) {
           if (smoothing) zrel = neg_inf<scalar_t>();
           continue;
         }
-        s += bsum[k] * std::exp(shift[k] - m);
+        const scalar_t rescale = std::exp(shift[k] - m);
+        s += bsum[k] * rescale;
         if (smoothing) zrel += brel[k] + static_cast<scalar_t>(cols_of(b)) * (shift[k] - m);
+        if (entropy) u += rescale * (bu[k] + (shift[k] - m) * bsum[k]);
+        if (squares) q += rescale * rescale * bq[k];
       }
       const int64_t t = tp[i];
       const bool ignored = t == ignore_index;
@@ -938,13 +1056,17 @@ struct ThreeGemmForward {
       const scalar_t lo = std::isfinite(l) ? two_sum_lo(m, ls, l) : scalar_t(0);
       lse[r0 + i] = l;
       lse_lo[r0 + i] = lo;
+      if (ent != nullptr) ent[r0 + i] = ls - u / s;
+      if (lss != nullptr) lss[r0 + i] = std::log(q) - scalar_t(2) * ls;
+      if (mean_out != nullptr) mean_out[r0 + i] = zsum / static_cast<scalar_t>(f.V);
       if (pred != nullptr) pred[r0 + i] = ignored ? ignore_index : arg;
       scalar_t loss = ls - static_cast<scalar_t>(1.0 - eps) * (zt[i] - m);
       if (smoothing) loss -= static_cast<scalar_t>(eps / static_cast<double>(f.V)) * zrel;
       row_loss[r0 + i] = ignored ? scalar_t(0) : loss + static_cast<scalar_t>(z_loss) * l * l;
       // softmax_ij a_i = exp(z_ij - shift_ib) exp((shift_ib - lse_i) - lse_lo_i) a_i
       const scalar_t a = ignored ? scalar_t(0)
-                                 : scale * (scalar_t(1) + static_cast<scalar_t>(2 * z_loss) * l);
+                                 : scale * (scalar_t(1) + static_cast<scalar_t>(2 * z_loss) * l) *
+                                       static_cast<scalar_t>(inv_t);
       for (int64_t b = 0; b < p.blocks; ++b) {
         const int64_t k = b * p.rows + i;
         factor[k] = bmax[k] == neg_inf<scalar_t>() ? scalar_t(0)
@@ -953,7 +1075,7 @@ struct ThreeGemmForward {
     }
   }
 
-  void run(scalar_t* lse, scalar_t* lse_lo, scalar_t* row_loss, int64_t* pred) {
+  void run(scalar_t* lse, scalar_t* lse_lo, scalar_t* row_loss, int64_t* pred, Partial& out) {
     const int64_t N = f.N;
     int64_t pending = -1, pending_rows = 0;  // the chunk whose gradients are still to come
     for (int64_t r0 = 0; pending >= 0 || r0 < N; r0 += p.rows) {
@@ -961,13 +1083,13 @@ struct ThreeGemmForward {
       if (grad_x != nullptr && pending >= 0) partial.zero_();
       cpu_threads::run_tasks(p.blocks, p.workers, [&](int64_t b, int64_t w) {
         if (pending >= 0) finish_block(b, pending, pending_rows, w, pending == 0);
-        if (rows > 0) start_block(b, r0, rows);
+        if (rows > 0) start_block(b, r0, rows, w);
       });
       if (grad_x != nullptr && pending >= 0) {
         at::Tensor gx = grad_x->narrow(0, pending, pending_rows);
         at::sum_out(gx, partial.narrow(1, 0, pending_rows), {0});
       }
-      if (rows > 0) finish_rows(r0, rows, lse, lse_lo, row_loss, pred);
+      if (rows > 0) finish_rows(r0, rows, lse, lse_lo, row_loss, pred, out);
       pending = rows > 0 ? r0 : -1;
       pending_rows = rows;
     }
@@ -985,6 +1107,9 @@ Partial three_gemm_forward(const linear_ce::Flat& f, int64_t rows, int64_t count
   const bool want_b = grad_mask[2] && f.bias.defined();
   if (want_b) out.grad_b = at::empty({V}, opts);
   if (o.return_predicted) out.predicted = at::empty({N}, f.target.options());
+  if (o.return_entropy) out.entropy = at::empty({N}, opts);
+  if (o.return_log_sum_sq_probs) out.log_sum_sq_probs = at::empty({N}, opts);
+  if (o.return_mean_logits) out.mean_logits = at::empty({N}, opts);
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), kOp, [&] {
     ThreeGemmForward<scalar_t> engine(f, chunk_plan(std::min(rows, N), V), o, cpu_scale(o, count),
                                       grad_mask[0] ? &out.grad_x : nullptr,
@@ -992,7 +1117,7 @@ Partial three_gemm_forward(const linear_ce::Flat& f, int64_t rows, int64_t count
                                       want_b ? &out.grad_b : nullptr);
     engine.run(out.lse.data_ptr<scalar_t>(), out.lse_lo.data_ptr<scalar_t>(),
                out.row_loss.data_ptr<scalar_t>(),
-               o.return_predicted ? out.predicted.data_ptr<int64_t>() : nullptr);
+               o.return_predicted ? out.predicted.data_ptr<int64_t>() : nullptr, out);
   });
   return out;
 }
@@ -1009,13 +1134,17 @@ Partial blocks_forward(const linear_ce::Flat& f, const CpuPlan& cp, int64_t coun
   if (want_x) out.grad_x = at::empty({N, H}, opts);
   if (want_w) out.grad_w = at::empty({V, H}, opts);
   if (want_b) out.grad_b = at::empty({V}, opts);
+  if (o.return_predicted) out.predicted = at::empty({N}, f.target.options());
+  if (o.return_entropy) out.entropy = at::empty({N}, opts);
+  if (o.return_log_sum_sq_probs) out.log_sum_sq_probs = at::empty({N}, opts);
+  if (o.return_mean_logits) out.mean_logits = at::empty({N}, opts);
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), kOp, [&] {
     const BlockEngine<scalar_t> engine(f, engine_plan(N, V, H, cp.budget), o);
     const scalar_t scale = static_cast<scalar_t>(cpu_scale(o, count));
     scalar_t* lse = out.lse.data_ptr<scalar_t>();
     engine.row_tiles_forward(lse, out.lse_lo.data_ptr<scalar_t>(),
                              out.row_loss.data_ptr<scalar_t>(), scale,
-                             want_x ? &out.grad_x : nullptr);
+                             want_x ? &out.grad_x : nullptr, out);
     if (want_w || want_b) {
       const GradRows<scalar_t> g =
           grad_rows<scalar_t>(f.target.const_data_ptr<int64_t>(), N, V, lse,
@@ -1041,7 +1170,9 @@ linear_ce::Grads blocks_backward(const linear_ce::Flat& f, const CpuPlan& cp,
     const GradRows<scalar_t> g = grad_rows<scalar_t>(
         f.target.const_data_ptr<int64_t>(), N, V, lse, r.lse_lo.const_data_ptr<scalar_t>(),
         r.scale.const_data_ptr<scalar_t>(), r.per_row,
-        r.grad_lse.defined() ? r.grad_lse.const_data_ptr<scalar_t>() : nullptr, o);
+        r.grad_lse.defined() ? r.grad_lse.const_data_ptr<scalar_t>() : nullptr, o,
+        r.grad_entropy.defined() ? r.grad_entropy.const_data_ptr<scalar_t>() : nullptr,
+        r.grad_entropy.defined() ? r.entropy.const_data_ptr<scalar_t>() : nullptr);
     if (grad_mask[0]) engine.row_tiles_backward(lse, g, grad_x);
     if (grad_mask[1] || want_b) {
       engine.class_blocks(lse, g, grad_mask[1] ? &grad_w : nullptr, want_b ? &grad_b : nullptr);
@@ -1081,7 +1212,8 @@ linear_ce::Outputs forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_
   const CpuPlan plan = cpu_plan(f.N, f.V, f.H, o.chunk_size);
   const bool with_grads = linear_ce::grads_in_forward(f.x.scalar_type(), o.reduction, grad_mask);
   const bool three_gemms = uses_three_gemms(plan, o, with_grads);
-  if (!three_gemms && (plan.kind == CpuPlan::Kind::RowChunks || needs_row_kernels(o))) {
+  if (!three_gemms && (plan.kind == CpuPlan::Kind::RowChunks || needs_row_kernels(o) ||
+                      (plan.kind == CpuPlan::Kind::OneChunk && !one_chunk_pass_serves(o)))) {
     Options chunked = o;
     chunked.chunk_size = std::max<int64_t>(1, plan.rows);
     return linear_ce::forward<CpuKernels>(x_in, weight_in, target_in, bias_in, chunked,
@@ -1099,15 +1231,16 @@ linear_ce::Outputs forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_
     loss = at::full({}, sum_as_double(out.row_loss) * cpu_scale(o, count), f.x.options());
   }
   if (with_grads && grad_mask[0]) out.grad_x = out.grad_x.view(x_in.sizes());
-  const at::Tensor none = at::empty({0}, f.x.options());  // the per-row outputs: row kernels
+  const auto shaped = [&](const at::Tensor& t, const at::TensorOptions& opts) {
+    return t.defined() ? t.view(target_in.sizes()) : at::empty({0}, opts);
+  };
   return {loss,
           out.lse.view(target_in.sizes()),
           out.lse_lo.view(target_in.sizes()),
-          out.predicted.defined() ? out.predicted.view(target_in.sizes())
-                                  : at::empty({0}, f.target.options()),
-          none,
-          none.clone(),
-          none.clone(),
+          shaped(out.predicted, f.target.options()),
+          shaped(out.entropy, f.x.options()),
+          shaped(out.log_sum_sq_probs, f.x.options()),
+          shaped(out.mean_logits, f.x.options()),
           out.grad_x,
           out.grad_w,
           out.grad_b};
@@ -1139,9 +1272,7 @@ linear_ce::Grads backward_cpu(const at::Tensor& grad_loss,
     return shared(o.chunk_size);
   }
   const CpuPlan plan = cpu_plan(f.N, f.V, f.H, o.chunk_size);
-  // the entropy's gradient: the row kernels too
-  const bool entropy_grad = grad_entropy.has_value() && grad_entropy->defined();
-  if (plan.kind != CpuPlan::Kind::Blocks || needs_row_kernels(o) || entropy_grad) {
+  if (plan.kind != CpuPlan::Kind::Blocks || needs_row_kernels(o)) {
     return shared(std::max<int64_t>(1, plan.rows));
   }
   const linear_ce::BackwardRows r = linear_ce::backward_rows(

@@ -904,13 +904,16 @@ def test_ignore_index_target_is_not_out_of_range():
         (lambda a: {**a, "class_weight": torch.ones(4)}, RuntimeError, r"class_weight must have"),
         (lambda a: {**a, "num_items": torch.tensor(2.0)}, RuntimeError, "reduction='sum' only"),
         (lambda a: {**a, "reduction": "sum", "num_items": torch.ones(2)}, RuntimeError, "0-dim"),
+        (lambda a: {**a, "temperature": 0.0}, RuntimeError, "temperature must be a positive"),
     ],
 )
 def test_direct_op_call_is_guarded_in_cpp(change, error, pattern):
     x, w, t, b = _good()
     args = dict(x=x, weight=w, target=t, bias=b, ignore_index=-100, reduction="mean",
                 label_smoothing=0.0, z_loss=0.0, softcap=None, class_weight=None, num_items=None,
-                chunk_size=0, return_predicted=False, grad_mask=[False] * 3)  # fmt: skip
+                chunk_size=0, return_predicted=False, temperature=1.0, return_entropy=False,
+                return_log_sum_sq_probs=False, return_mean_logits=False,
+                grad_mask=[False] * 3)  # fmt: skip
     with pytest.raises(error, match=pattern):
         torch.ops.gpufit.fused_linear_cross_entropy.default(**change(args))
 

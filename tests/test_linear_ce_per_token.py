@@ -326,3 +326,27 @@ def test_half_training_entropy_tracks_fp32(dtype):
     # measured: at most 4e-4 (bf16) apart at any step, the rounded inputs' share
     drift = (half - reference).abs()
     assert drift.max() < 2e-3, drift
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS[:2])
+@pytest.mark.parametrize("n,h,v,chunk", SHAPES)
+def test_scalar_loss_forward_gradients_with_outputs(n, h, v, chunk, transform):
+    # a scalar loss computes its gradients in forward (the three GEMMs, the vocabulary blocks'
+    # phase A): with the per-row outputs and the temperature, in the same pass
+    x, w, t, b = make_inputs(n, h, v)
+    mine = leaves(x, w, b)
+    loss, lse, predicted, entropy, lss, mean = ops.fused_linear_cross_entropy(
+        *mine[:2], t, mine[2], chunk_size=chunk, **ALL_OUTPUTS, **transform
+    )
+    loss.backward()
+    theirs = leaves(x, w, b)
+    ref = torch_outputs(theirs[0], theirs[1], t, theirs[2], **transform)
+    keep = t != -100
+    ref_loss = ref[0][keep].mean()
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-10, atol=1e-12)
+    for got, want in zip((lse, entropy, lss, mean), (ref[1], ref[3], ref[4], ref[5]), strict=True):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
+    assert torch.equal(predicted[keep], ref[2][keep])
+    for a, r in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-9, atol=1e-12)
