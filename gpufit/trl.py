@@ -34,9 +34,7 @@ What the stand-in does with TRL's arguments: ``hidden @ weight.T + bias`` with T
 entropy, ``log_sum_sq_probs`` and ``mean_logits`` are the op's outputs of those names. The
 dtype the head computes in is TRL's: the autocast dtype where autocast is on, else the hidden
 states' (a weight in another dtype is cast to it as a whole, where TRL casts it chunk by chunk).
-TRL's ``chunk_size`` (its tile's width: the tile is up to 4096 rows by that many classes) sets
-gpufit's chunks to a scratch of the same size (classes per block for bf16/fp16, rows per chunk
-for fp32).
+TRL's ``chunk_size`` (its tile's width) is not passed on: gpufit's op plans its own chunks.
 Per-token outputs are float32 and ``is_top1`` bool, as TRL returns them.
 """
 
@@ -88,8 +86,8 @@ class GpufitLogProbFunction:
               final_logit_softcapping=None, logit_scale=1.0, outputs=None):  # fmt: skip
         if outputs is None:  # TRL's default: every output
             outputs = _TRL_RESULTS
-        call = _Call.of(hidden, weight, bias, targets, temperature, chunk_size,
-                        final_logit_softcapping, logit_scale, outputs)  # fmt: skip
+        call = _Call.of(hidden, weight, bias, targets, temperature, final_logit_softcapping,
+                        logit_scale, outputs)  # fmt: skip
         if isinstance(call, str):
             _warn_once(call)
             return cls.trl_kernel.apply(hidden, weight, bias, targets, temperature, chunk_size,
@@ -109,8 +107,7 @@ class _Call:
     wanted: tuple[str, ...]
 
     @classmethod
-    def of(cls, hidden, weight, bias, targets, temperature, trl_chunk, softcap, logit_scale,
-           outputs):  # fmt: skip
+    def of(cls, hidden, weight, bias, targets, temperature, softcap, logit_scale, outputs):
         """The call, or why gpufit cannot serve it (a string)."""
         from gpufit import ops
 
@@ -123,10 +120,9 @@ class _Call:
         wanted = tuple(name for name in _TRL_RESULTS if name in outputs)
         flags = {_OUTPUT_OPTIONS[name]: True for name in wanted}
         try:
-            chunk_size = _chunk_size(hidden, weight.shape[0], trl_chunk)
             options = ops.LinearCEOptions(reduction="none", softcap=softcap,
                                           logit_scale=logit_scale, temperature=temperature,
-                                          chunk_size=chunk_size, **flags)  # fmt: skip
+                                          **flags)  # fmt: skip
         except (TypeError, ValueError) as err:
             return f"the op refuses an argument ({err})"
         x, weight, bias = _in_compute_dtype(hidden, weight, bias)
@@ -174,24 +170,6 @@ def _unservable(hidden, weight, bias) -> str | None:
     if _compute_dtype(hidden) not in (torch.float32, torch.bfloat16, torch.float16):
         return f"{_compute_dtype(hidden)} compute"
     return None
-
-
-# rows per tile of TRL's kernel (trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE in trl 1.16)
-_TRL_TILE_ROWS = 4096
-
-
-def _chunk_size(hidden: torch.Tensor, vocab: int, trl_chunk) -> int | None:
-    """gpufit's chunk_size for the scratch TRL's kernel would take: a tile of at most
-    _TRL_TILE_ROWS rows by ``trl_chunk`` classes. For bf16/fp16 the op blocks the vocabulary
-    (chunk_size: classes per block), for fp32/fp64 the rows (chunk_size: rows per chunk, each
-    a full row of logits). None (the op's own plan) where TRL's value is not a positive int."""
-    if not isinstance(trl_chunk, int) or isinstance(trl_chunk, bool) or trl_chunk < 1:
-        return None
-    classes = min(vocab, trl_chunk)
-    if _compute_dtype(hidden) in (torch.bfloat16, torch.float16):
-        return classes
-    rows = min(hidden.shape[0], _TRL_TILE_ROWS)
-    return max(1, rows * classes // max(vocab, 1))
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
