@@ -169,6 +169,8 @@ def _unservable(hidden, weight, bias) -> str | None:
         return "hidden states or weight not 2-D"
     if _compute_dtype(hidden) not in (torch.float32, torch.bfloat16, torch.float16):
         return f"{_compute_dtype(hidden)} compute"
+    if torch.is_autocast_enabled(device.type) and any(t.dtype == torch.float64 for t in tensors):
+        return "float64 inputs under autocast (TRL casts them, gpufit's autocast rule does not)"
     return None
 
 

@@ -394,6 +394,18 @@ def test_fallback_zero3_head(monkeypatch):
     assert got[0].shape == (37,) and got[1] is not None
 
 
+def test_fallback_float64_under_autocast(monkeypatch):
+    x, w, b, t = head_inputs()
+    w = w.detach().double().requires_grad_()
+    served = Served(monkeypatch)
+    monkeypatch.setattr(gpufit.trl, "_warned", set())
+    with gpufit.trl.use_gpufit(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.warns(UserWarning, match="float64 inputs under autocast"):
+            trl_utils._ChunkedLogProbFunction.apply(x, w, b, t, 1.0, 64, None, 1.0,
+                                                    ("log_probs",))  # fmt: skip
+    assert served.trl == 1 and served.gpufit == 0
+
+
 def test_fallback_unknown_output(monkeypatch):
     x, w, b, t = head_inputs()
     served = Served(monkeypatch)
