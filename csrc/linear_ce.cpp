@@ -245,7 +245,8 @@ struct CpuKernels {
       const acc_t* lop = lse_lo.const_data_ptr<acc_t>();
       const acc_t* cp = scale.const_data_ptr<acc_t>();
       const acc_t* gp = grad_lse.defined() ? grad_lse.const_data_ptr<acc_t>() : nullptr;
-      const acc_t* gep = r.grad_entropy.defined() ? r.grad_entropy.const_data_ptr<acc_t>() : nullptr;
+      const acc_t* gep =
+          r.grad_entropy.defined() ? r.grad_entropy.const_data_ptr<acc_t>() : nullptr;
       const acc_t* hp = gep != nullptr ? r.entropy.const_data_ptr<acc_t>() : nullptr;
       const acc_t* wp = cw.defined() ? cw.w.const_data_ptr<acc_t>() : nullptr;
       const acc_t total_weight = wp != nullptr ? cw.prefix.const_data_ptr<acc_t>()[V] : acc_t(V);
@@ -721,7 +722,9 @@ struct BlockEngine {
                                                      : zrel[i] + scalar_t(c0) * (m[i] - m_new);
           }
           // the entropy's sum so far relative to the new max (uses the old s)
-          if (entropy && factor[i] != scalar_t(0)) u[i] = factor[i] * (u[i] + (m[i] - m_new) * s[i]);
+          if (entropy && factor[i] != scalar_t(0)) {
+            u[i] = factor[i] * (u[i] + (m[i] - m_new) * s[i]);
+          }
           if (squares) q[i] *= factor[i] * factor[i];
           // grad_x's sum so far was taken relative to the old max (nothing yet while it was -inf)
           if (accp != nullptr && m_new != m[i] && m[i] != neg_inf<scalar_t>()) {
@@ -738,7 +741,9 @@ struct BlockEngine {
           }
         }
         at::Tensor d;  // z - shift, kept for the entropy's sum of exp(d) d
-        if (entropy || squares) d = scratch.narrow(0, w * plan.tile, rows * cols).view({rows, cols});
+        if (entropy || squares) {
+          d = scratch.narrow(0, w * plan.tile, rows * cols).view({rows, cols});
+        }
         if (entropy) d.copy_(z);
         z.exp_();
         at::sum_out(bsum, z, {1});

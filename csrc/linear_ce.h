@@ -256,7 +256,9 @@ struct RowStats {
   at::Tensor m, s, zt, zrel, pred, u, q, zsum;
 
   static RowStats start(int64_t N, const at::TensorOptions& acc_opts, const Options& o) {
-    const auto zeros_if = [&](bool wanted) { return wanted ? at::zeros({N}, acc_opts) : at::Tensor(); };
+    const auto zeros_if = [&](bool wanted) {
+      return wanted ? at::zeros({N}, acc_opts) : at::Tensor();
+    };
     return {at::full({N}, -std::numeric_limits<double>::infinity(), acc_opts),
             at::zeros({N}, acc_opts),
             at::zeros({N}, acc_opts),

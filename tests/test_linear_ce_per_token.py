@@ -350,3 +350,30 @@ def test_scalar_loss_forward_gradients_with_outputs(n, h, v, chunk, transform):
     assert torch.equal(predicted[keep], ref[2][keep])
     for a, r in zip(mine, theirs, strict=True):
         torch.testing.assert_close(a.grad, r.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_cuda_matches_torch(dtype, chunk):
+    # the CUDA kernels' per-row outputs, temperature and entropy gradient
+    transform = {"temperature": 0.7, "softcap": 4.0, "logit_scale": 1.3}
+    atol, rtol = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 5e-4)}.get(
+        dtype, (2e-3, 2e-3)
+    )
+    x, w, t, b = (a.cuda() for a in make_inputs(37, 16, 300, dtype))
+    mine = leaves(x, w, b)
+    outs = ops.fused_linear_cross_entropy(
+        *mine[:2], t, mine[2], reduction="none", chunk_size=chunk, **ALL_OUTPUTS, **transform
+    )
+    theirs = leaves(*(a.double() for a in (x, w, b)))
+    ref = torch_outputs(theirs[0], theirs[1], t, theirs[2], **transform)
+    keep = t != -100
+    torch.testing.assert_close(outs[0].double()[keep], ref[0].detach()[keep], atol=atol, rtol=rtol)
+    for got, want in zip(outs[3:], ref[3:], strict=True):
+        torch.testing.assert_close(got.double(), want.detach(), atol=atol, rtol=rtol)
+    (outs[0].sum() + outs[3].sum()).backward()
+    (torch.where(keep, ref[0], 0).sum() + ref[3].sum()).backward()
+    grad_tol = (atol, rtol) if dtype != torch.bfloat16 else (3e-2, 5e-2)
+    for a, r in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a.grad.double(), r.grad, atol=grad_tol[0], rtol=grad_tol[1])
