@@ -12,7 +12,11 @@ family whose head and loss follow the standard pattern, with --family; hidden 25
   cce            Cut Cross-Entropy's linear_cross_entropy on the hidden states: its
                  torch_compile implementation on CPU, its CUDA kernel ("cce") on a GPU
   liger          LigerFusedLinearCrossEntropyLoss on the hidden states (CUDA only)
-The last three get the labels shifted as the model shifts them. Vocabularies 32000 and 128256.
+  trl            TRL's own fused head (trl.trainer.utils.add_fused_lm_head, with the outputs
+                 SFTTrainer asks for: log-probs, entropy, top-1), its loss
+  trl-gpufit     the same TRL head after gpufit.trl.use_gpufit(): gpufit's op under it
+The torch-chunked, cce and liger variants get the labels shifted as the model shifts them.
+Vocabularies 32000 and 128256.
 Timed in the same rounds, the head's GEMM floor: the three GEMMs of the head's forward +
 backward alone (logits, grad of the hidden states, grad of lm_head's weight; (tokens, hidden) x
 (hidden, vocab)), the least a three-GEMM head can add to the model's own step.
@@ -37,8 +41,12 @@ import time
 from pathlib import Path
 
 MIB = 1 << 20
-VARIANTS = {"cpu": ("stock", "gpufit", "torch-chunked", "cce"),
-            "cuda": ("stock", "gpufit", "torch-chunked", "cce", "liger")}  # fmt: skip
+VARIANTS = {
+    "cpu": ("stock", "gpufit", "torch-chunked", "cce", "trl", "trl-gpufit"),
+    "cuda": ("stock", "gpufit", "torch-chunked", "cce", "liger", "trl", "trl-gpufit"),
+}
+# the per-token outputs SFTTrainer asks TRL's fused head for (trl 1.16)
+TRL_OUTPUTS = ("log_probs", "entropy", "is_top1")
 SHAPE = {"hidden": 256, "layers": 2, "intermediate": 1024, "batch": 4, "tokens": 256}
 QUICK_SHAPE = {**SHAPE, "batch": 2, "tokens": 64}
 # --family: transformers' config and model class names; each gets the same tiny shape
@@ -67,6 +75,7 @@ class Workload:
         )  # fmt: skip
         self.stock = model_class(config).to(device, dtype).train()
         self.fused = gpufit.fuse(copy.deepcopy(self.stock))
+        self.trl_model = None  # the stock model with TRL's fused head, made on first use
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, vocab, (shape["batch"], shape["tokens"]), generator=g)
         labels = ids.clone()
@@ -91,12 +100,32 @@ class Workload:
 
             impl = "cce" if self.device == "cuda" else "torch_compile"
             return self._on_hidden(lambda x, w, t: linear_cross_entropy(x, w, t, impl=impl))
+        if name in ("trl", "trl-gpufit"):
+            return self._trl_loss(on_gpufit=name == "trl-gpufit")
         if name == "liger":
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
             liger = LigerFusedLinearCrossEntropyLoss()
             return self._on_hidden(lambda x, w, t: liger(w, x, t))
         raise ValueError(name)
+
+    def _trl_loss(self, on_gpufit: bool):
+        import contextlib
+
+        from trl.trainer.utils import add_fused_lm_head
+
+        import gpufit.trl
+
+        if self.trl_model is None:
+            self.trl_model = copy.deepcopy(self.stock)
+            add_fused_lm_head(self.trl_model, outputs=TRL_OUTPUTS)
+
+        def run():
+            with gpufit.trl.use_gpufit() if on_gpufit else contextlib.nullcontext():
+                out = self.trl_model(input_ids=self.ids, labels=self.labels, fused_lm_head=True)
+            return out.loss
+
+        return run
 
     def _on_hidden(self, loss):
         def run():
@@ -106,13 +135,17 @@ class Workload:
 
         return run
 
+    def zero_grad(self) -> None:
+        for model in (self.stock, self.fused, self.trl_model):
+            if model is not None:
+                model.zero_grad(set_to_none=True)
+
     def sync(self) -> None:
         if self.device == "cuda":
             self.torch.cuda.synchronize()
 
     def step(self, fn) -> float:
-        for model in (self.stock, self.fused):
-            model.zero_grad(set_to_none=True)
+        self.zero_grad()
         loss = fn()
         loss.backward()
         return float(loss.detach().float())
@@ -138,14 +171,18 @@ class Workload:
         return time.perf_counter() - start
 
     def peak_bytes(self, fn) -> int:
-        for model in (self.stock, self.fused):
-            model.zero_grad(set_to_none=True)
+        self.zero_grad()
         from benchmarks.memory import peak_bytes
 
         return peak_bytes(self.device, self.step, fn)
 
 
-OPTIONAL = {"cce": "cut_cross_entropy", "liger": "liger_kernel"}  # variant -> its package
+OPTIONAL = {
+    "cce": "cut_cross_entropy",
+    "liger": "liger_kernel",
+    "trl": "trl",
+    "trl-gpufit": "trl",
+}  # variant -> its package
 
 
 def _installed(variant: str) -> bool:
@@ -289,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             "time_vs_stock": {n: seconds[n] / seconds["stock"] for n in seconds},
             "time_vs_cce": {n: seconds[n] / seconds["cce"] for n in seconds}
             if "cce" in seconds else {},
+            "time_vs_trl": {n: seconds[n] / seconds["trl"] for n in seconds}
+            if "trl" in seconds else {},
         })  # fmt: skip
     load_after = os.getloadavg()
     for row in rows:
@@ -301,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"  loss {row['loss'][name]:.5f}")  # fmt: skip
         print(f"  {FLOOR:>13}  the head's 3 GEMMs alone: {row['seconds'][FLOOR] * 1e3:.1f} ms"
               + "".join(f"; {n} {row['time_vs_cce'][n]:.2f}x cce" for n in row["time_vs_cce"]
-                        if n not in (FLOOR, "cce")))  # fmt: skip
+                        if n not in (FLOOR, "cce"))
+              + "".join(f"; {n} {row['time_vs_trl'][n]:.2f}x trl" for n in row["time_vs_trl"]
+                        if n.startswith("trl-")))  # fmt: skip
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
     report = {
         "benchmark": "lm_head",

@@ -2,7 +2,7 @@
 # Build gpufit with CUDA on a GPU machine, run the CUDA tests, the op benchmarks (with the per-op
 # scripts/gpu_check_*.sh), the MNIST benchmark and the LM-head benchmark (a tiny Llama in bf16:
 # stock transformers loss vs gpufit.fuse vs torch's chunked loss vs Cut Cross-Entropy's CUDA
-# kernel vs Liger-Kernel).
+# kernel vs Liger-Kernel vs TRL's own fused head, and TRL's head on gpufit's op).
 #
 #   scripts/gpu_check.sh [OUT_DIR]      (default out/gpu_check; about 3-5 minutes on one GPU)
 #
@@ -38,7 +38,7 @@ step mnist-bench timeout 600 "$PY" -m benchmarks.mnist --device cuda --rounds 2 
 # Liger-Kernel is GPU-only (triton kernels), so it is installed here rather than in CI; without
 # a package index the benchmark runs without it (and without CCE, if that is missing too)
 "$PY" -m pip install --quiet --disable-pip-version-check liger-kernel==0.8.5 \
-  cut-cross-entropy==25.1.1 2>&1 | tail -1 || echo "gpu_check: liger-kernel not installed"
+  cut-cross-entropy==25.1.1 trl==1.16.0 datasets==5.2.0 2>&1 | tail -1 || echo "gpu_check: liger-kernel not installed"
 step lm-head-bench timeout 900 "$PY" -m benchmarks.lm_head --device cuda --out "$OUT"
 for extra in scripts/gpu_check_*.sh; do  # per-op checks added beside this script
   [ -e "$extra" ] && step "$(basename "$extra" .sh)" bash "$extra" "$OUT"

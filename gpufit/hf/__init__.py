@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gpufit.hf import _fused
+from gpufit.hf import _fused, _trl
 from gpufit.hf._models import (
     UnsupportedModelError,
     admit,
@@ -202,8 +202,14 @@ def fuse(model: nn.Module, *, chunk_size: int | None = None) -> nn.Module:
     if _FUSED in vars(model_lm):
         return model
     earlier = vars(model_lm).get("forward")  # an instance-level wrapper put there before us
+    if earlier is not None and _trl.trl_head_of(earlier):
+        raise UnsupportedModelError(
+            f"gpufit.fuse: {type(model_lm).__name__} is not fused: it has TRL's fused LM head "
+            f"already (a TRL trainer added it), which never calls the model's head; {_trl.FIX}"
+        )
     setattr(model_lm, _FUSED, _Fused(earlier, chunk_size))
     model_lm.forward = types.MethodType(_fused_forward(type(model_lm)), model_lm)
+    _trl.watch(model_lm)
     return model
 
 
@@ -212,6 +218,7 @@ def unfuse(model: nn.Module) -> nn.Module:
     model_lm = causal_lm(model)
     if _FUSED in vars(model_lm):
         earlier = vars(model_lm).pop(_FUSED).earlier
+        _trl.unwatch(model_lm)
         if earlier is None:
             del model_lm.forward
         else:
