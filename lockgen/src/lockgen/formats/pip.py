@@ -40,7 +40,6 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from lockgen.errors import LockgenError
 from lockgen.findings import Report
@@ -65,10 +64,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
-
 
 PIP_PROJECT_REQUIREMENTS = ("numpy",)
 
