@@ -629,7 +629,9 @@ def test_readme_lm_fsdp_line_equals_one_process(tmp_path):
     one = lm.train(config_from_args(one_process))["losses"]
     two = metrics["losses"]
     assert len(two) == len(one) >= 3
-    assert one[0] - one[-1] > 0.05, one  # the steps trained: later losses depend on them
+    # the steps trained (later losses depend on them); the text is the README, so the size of
+    # the drop moves with every README edit: only its sign is asserted
+    assert one[-1] < one[0], one
     diff = max(abs(a - b) for a, b in zip(one, two, strict=True))
     print(f"lm --fsdp, 2 ranks vs 1 process: losses {two} vs {one}, max diff {diff:.2e}")
     assert diff <= 1e-5 * max(one), (one, two)
