@@ -128,10 +128,11 @@ def eager_case(x, w, t, b, options):
     return loss.detach(), entropy if entropy is None else entropy.detach(), ref
 
 
-# (dtype, loss and entropy tolerance, gradient tolerance), each (rtol, atol)
+# (dtype, loss and entropy tolerance, gradient tolerance), each (rtol, atol); a gradient's atol
+# grows with its largest entry where that is above 1 (a sum's gradients are not divided by N)
 DTYPES = [
     pytest.param(torch.float64, (1e-10, 1e-12), (1e-9, 1e-12), id="fp64"),
-    pytest.param(torch.float32, (1e-5, 1e-6), (1e-4, 1e-6), id="fp32"),
+    pytest.param(torch.float32, (1e-6, 1e-7), (1e-5, 1e-6), id="fp32"),
 ]
 
 
@@ -153,7 +154,8 @@ def test_three_gemm_plan_matches_eager(n, h, v, chunk, case, threads, dtype, val
         torch.testing.assert_close(entropy, ref_entropy.to(dtype), rtol=rtol, atol=atol)
     rtol, atol = grad_tol
     for mine, theirs in zip(ours, ref, strict=True):
-        torch.testing.assert_close(mine.grad, theirs.grad.to(dtype), rtol=rtol, atol=atol)
+        size = max(1.0, theirs.grad.abs().max().item())
+        torch.testing.assert_close(mine.grad, theirs.grad.to(dtype), rtol=rtol, atol=atol * size)
 
 
 @pytest.mark.parametrize("n,h,v,chunk", SHAPES)
