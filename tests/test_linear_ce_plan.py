@@ -299,3 +299,27 @@ def test_every_option_takes_the_three_gemm_plan(case):
     chunks, blocks = -(-n // chunk), -(-v // 512)
     assert gemm_calls(forward) == 3 * chunks * blocks
     assert gemm_calls(backward) == 0  # backward only scales what forward stored
+
+
+@pytest.mark.parametrize("case", ["softcap", "class_weight+smoothing+z_loss"])
+def test_softcap_and_class_weights_take_the_three_gemm_plan_in_few_rows(case):
+    # With no chunk_size, PyTorch's rule leaves 4 rows per chunk here (300 rows, 1100 classes,
+    # 8 features), below the plain options' minimum for the three GEMMs (those take the
+    # vocabulary blocks, which know neither option); a softcap or class weights take the three
+    # GEMMs anyway, in those 4-row chunks, and still match eager PyTorch.
+    n, h, v, rows = 300, 8, 1100, 4
+    options = resolve(case, v, torch.float64)
+    x, w, t, b = make_inputs(n, h, v)
+    ours = leaves(x, w, b)
+    out = []
+
+    def forward():
+        out.append(ops.fused_linear_cross_entropy(ours[0], ours[1], t, ours[2], **options))
+
+    chunks, blocks = -(-n // rows), -(-v // 512)
+    assert gemm_calls(forward) == 3 * chunks * blocks
+    assert gemm_calls(out[0].backward) == 0
+    ref_loss, _, ref = eager_case(x, w, t, b, options)
+    torch.testing.assert_close(out[0].detach(), ref_loss, rtol=1e-10, atol=1e-12)
+    for mine, theirs in zip(ours, ref, strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-9, atol=1e-12)
