@@ -21,22 +21,25 @@
 //                  4 GEMMs in all, no buffer larger than one tile per thread, and no two threads
 //                  ever write the same output.
 //   row chunks     an explicit chunk_size (rows per chunk) where the three GEMMs do not run,
-//                  softcap and class weights, and every bf16/fp16 call: the chunk loops of
-//                  linear_ce.h, with the row kernels CpuKernels below (the same loops the CUDA
-//                  kernels run).
+//                  softcap and class weights outside the three GEMMs, and every bf16/fp16
+//                  call: the chunk loops of linear_ce.h, with the row kernels CpuKernels below
+//                  (the same loops the CUDA kernels run).
 // The three GEMMs and the vocabulary blocks also gather each row's argmax (return_predicted) and
 // the sums behind the per-row outputs (entropy, log_sum_sq_probs, mean_logits) where asked, in
 // the same pass over each tile, and take a temperature as the scale of the logits GEMM; the
-// blocks' backward also takes the entropy's gradient. The one-chunk pass leaves those options to
-// the row kernels, in one chunk.
+// blocks' backward also takes the entropy's gradient. The three GEMMs also take a softcap and
+// class weights. The one-chunk pass leaves those options to the row kernels, in one chunk.
 // Each row's log-sum-exp is formed from z - max, and long sums are pairwise (pairwise_sum) or
 // blocked, so fp32 keeps its precision over a vocabulary of 2**20.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/addcmul.h>
 #include <ATen/ops/amax.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/max.h>
+#include <ATen/ops/mv.h>
+#include <ATen/ops/sub.h>
 #include <ATen/ops/sum.h>
 #include <torch/library.h>
 
@@ -339,10 +342,10 @@ inline CpuPlan cpu_plan(int64_t N, int64_t V, int64_t H, int64_t chunk_size) {
 }
 
 // softcap and class weights run in the row kernels (CpuKernels, through linear_ce.h's chunk
-// loops) for fp32/fp64 too, in row chunks of the plan's scratch: the block engine knows only
-// the other options. The one-chunk pass knows neither return_predicted, a temperature nor the
-// per-row outputs (entropy, log_sum_sq_probs, mean_logits): those run the row kernels in one
-// chunk.
+// loops) for fp32/fp64 too, in row chunks of the plan's scratch, wherever the three GEMMs do not
+// run: the block engine and the one-chunk pass know only the other options. The one-chunk pass
+// knows neither return_predicted, a temperature nor the per-row outputs (entropy,
+// log_sum_sq_probs, mean_logits): those run the row kernels in one chunk.
 inline bool needs_row_kernels(const Options& o) { return o.capped() || o.weighted(); }
 
 inline bool one_chunk_pass_serves(const Options& o) {
@@ -353,17 +356,21 @@ constexpr int64_t kThreeGemmMinRows = 64;  // see the three-GEMM plan below
 
 // The three-GEMM forward (ThreeGemmForward below) runs where forward computes the gradients, in
 // row chunks of the plan (an explicit chunk_size, or PyTorch's rule where it leaves at least
-// kThreeGemmMinRows rows), without a softcap or class weights.
+// kThreeGemmMinRows rows), with every option. A softcap or class weights take it below that
+// too: the vocabulary blocks do not know them, and the row kernels, the other choice, ran
+// slower in the same chunks (fp32, one core, N=1020 H=256 V=32000 in PyTorch's 16-row chunks:
+// softcap 2.5 s against 3.1 s, class weights with smoothing 2.4 s against 3.0 s).
 inline bool uses_three_gemms(const CpuPlan& plan, const Options& o, bool with_grads) {
+  const bool worth_it = plan.rows >= kThreeGemmMinRows || needs_row_kernels(o);
   const bool chunked = plan.kind == CpuPlan::Kind::RowChunks ||
-                       (plan.kind == CpuPlan::Kind::Blocks && plan.rows >= kThreeGemmMinRows);
-  return with_grads && chunked && !o.capped() && !o.weighted();
+                       (plan.kind == CpuPlan::Kind::Blocks && worth_it);
+  return with_grads && chunked;
 }
 
-// d loss / d (row loss) of a reduced loss on the CPU: 1/count (mean), 1/num_items (sum with it;
-// read here, a CPU tensor's value costs no wait) or 1.
-inline double cpu_scale(const Options& o, int64_t count) {
-  if (o.reduction == Reduction::Mean) return 1.0 / static_cast<double>(count);
+// d loss / d (row loss) of a reduced loss on the CPU: 1/denominator (mean: cpu_denominator),
+// 1/num_items (sum with it; read here, a CPU tensor's value costs no wait) or 1.
+inline double cpu_scale(const Options& o, double denominator) {
+  if (o.reduction == Reduction::Mean) return 1.0 / denominator;
   if (o.num_items.defined()) return 1.0 / o.num_items.to(at::kCPU, at::kDouble).item<double>();
   return 1.0;
 }
@@ -378,6 +385,16 @@ int64_t count_valid(const at::Tensor& target, int64_t ignore_index, int64_t V) {
     count += tp[i] != ignore_index;
   }
   return count;
+}
+
+// The denominator of reduction="mean": the number of kept rows (count_valid's) or, with class
+// weights, the sum of their targets' weights (linear_ce::mean_denominator, the row kernels').
+double cpu_denominator(const linear_ce::Flat& f, const Options& o, int64_t count) {
+  if (!o.weighted()) return static_cast<double>(count);
+  const at::ScalarType acc = linear_ce::acc_type(f.x.scalar_type());
+  const linear_ce::ClassWeights cw = linear_ce::ClassWeights::of(o, f.x.options().dtype(acc));
+  return linear_ce::mean_denominator(f.target, f.target != o.ignore_index, cw, acc)
+      .item<double>();
 }
 
 double sum_as_double(const at::Tensor& t) {
@@ -448,7 +465,7 @@ struct RowPass {
 };
 
 // All rows in one chunk (3 GEMMs).
-Partial one_chunk_forward(const linear_ce::Flat& f, int64_t count, const Options& o,
+Partial one_chunk_forward(const linear_ce::Flat& f, double denominator, const Options& o,
                           bool with_grads, std::array<bool, 3> grad_mask) {
   const int64_t N = f.N, V = f.V;
   Partial out;
@@ -467,7 +484,7 @@ Partial one_chunk_forward(const linear_ce::Flat& f, int64_t count, const Options
   at::Tensor z = at::empty({N, V}, f.x.options());
   linear_ce::logits_into(z, f.x, f.weight, f.bias);
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), kOp, [&] {
-    const double scale = cpu_scale(o, count);
+    const double scale = cpu_scale(o, denominator);
     const RowPass<scalar_t> pass{f.target.const_data_ptr<int64_t>(), o.ignore_index, V,
                                  static_cast<scalar_t>(o.label_smoothing),
                                  static_cast<scalar_t>(o.z_loss), static_cast<scalar_t>(scale),
@@ -833,6 +850,8 @@ struct BlockEngine {
 // share, that block's rows of grad_weight and grad_bias) and then starts the next chunk there
 // (logits, block statistics), so each block of the weight is read from memory once for both.
 // No two tasks write the same rows of grad_weight; each worker sums its grad_x share apart.
+// Every option runs here: with a softcap a tile keeps the capped logits until its gradient is
+// formed (their factor 1 - (z / cap)^2 needs them), its exponentials go to a worker's buffer.
 struct ChunkPlan {
   int64_t rows;     // rows per chunk
   int64_t cols;     // classes per block
@@ -872,17 +891,26 @@ struct ThreeGemmForward {
   const bool predicted;
   const double inv_t;                 // 1 / temperature: the GEMM's scale
   const bool entropy, squares, mean;  // the per-row outputs asked for
+  const Options& options;             // for the softcap (linear_ce::apply_softcap)
+  const bool capped;                  // a softcap: the tiles keep the capped logits
+  const double cap;                   // the softcap, divided by the temperature
+  const linear_ce::ClassWeights cw;   // undefined without class weights
+  const scalar_t* weights;            // cw's w (V,), or null without class weights
+  const scalar_t total_weight;        // their sum W (V without them)
   at::Tensor* grad_x;  // each may be null: not wanted
   at::Tensor* grad_w;
   at::Tensor* grad_b;
 
   at::Tensor tiles;    // p.rows * V: block b's (rows, cols_b) tile at offset b * rows * cols
   at::Tensor partial;  // (workers, rows, H): each worker's share of the chunk's grad_x
-  at::Tensor scratch;  // (workers, rows * cols) for the entropy's and log_sum_sq_probs' sums
+  // (workers, buffers, rows * cols): with a softcap, exp(z - shift) and then the gradient
+  // before the softcap's factor; for the entropy's and log_sum_sq_probs' sums, z - shift
+  at::Tensor scratch;
   // Per block b and chunk row i, at b * rows + i: the block's max, sum of exp(z - max), sum of
-  // (z - max) (label smoothing), first column of the max (return_predicted), the subtracted
-  // shift (the max, 0 where it is -inf), the gradient's factor exp(max - lse) a_i, and where
-  // asked the sums of exp(z - shift) (z - shift), exp(2 (z - shift)) and z.
+  // w_j (z_j - max) (label smoothing; w_j = 1 without class weights), first column of the max
+  // (return_predicted), the subtracted shift (the max, 0 where it is -inf), the gradient's
+  // factor exp(max - lse) a_i, and where asked the sums of exp(z - shift) (z - shift),
+  // exp(2 (z - shift)) and z.
   std::vector<scalar_t> bmax, bsum, brel, shift, factor, bu, bq, bz;
   std::vector<int64_t> barg;
   std::vector<scalar_t> zt;  // per chunk row: the target's logit
@@ -892,12 +920,18 @@ struct ThreeGemmForward {
       : f(flat), p(plan), ignore_index(o.ignore_index), eps(o.label_smoothing), z_loss(o.z_loss),
         scale(static_cast<scalar_t>(loss_scale)), predicted(o.return_predicted),
         inv_t(o.inv_temperature()), entropy(o.return_entropy),
-        squares(o.return_log_sum_sq_probs), mean(o.return_mean_logits), grad_x(gx), grad_w(gw),
-        grad_b(gb) {
+        squares(o.return_log_sum_sq_probs), mean(o.return_mean_logits), options(o),
+        capped(o.capped()), cap(o.tempered_cap()),
+        cw(linear_ce::ClassWeights::of(o, flat.x.options())),
+        weights(cw.defined() ? cw.w.const_data_ptr<scalar_t>() : nullptr),
+        total_weight(cw.defined() ? cw.prefix.const_data_ptr<scalar_t>()[flat.V]
+                                  : static_cast<scalar_t>(flat.V)),
+        grad_x(gx), grad_w(gw), grad_b(gb) {
     const auto opts = f.x.options();
     tiles = at::empty({p.rows * f.V}, opts);
     if (grad_x != nullptr) partial = at::empty({p.workers, p.rows, f.H}, opts);
-    if (entropy || squares) scratch = at::empty({p.workers, p.rows * p.cols}, opts);
+    const int64_t buffers = int64_t(capped) + int64_t(entropy || squares);
+    if (buffers > 0) scratch = at::empty({p.workers, buffers, p.rows * p.cols}, opts);
     const size_t n = static_cast<size_t>(p.blocks * p.rows);
     bmax.resize(n);
     bsum.resize(n);
@@ -913,6 +947,18 @@ struct ThreeGemmForward {
 
   int64_t cols_of(int64_t b) const { return std::min(p.cols, f.V - b * p.cols); }
 
+  // The sum of block b's class weights (its number of classes without them).
+  scalar_t weight_of(int64_t b) const {
+    if (weights == nullptr) return static_cast<scalar_t>(cols_of(b));
+    const scalar_t* prefix = cw.prefix.const_data_ptr<scalar_t>();
+    return prefix[b * p.cols + cols_of(b)] - prefix[b * p.cols];
+  }
+
+  // Worker w's buffer k of scratch, as a (rows, cols) tile.
+  at::Tensor buffer(int64_t w, int64_t k, int64_t rows, int64_t cols) const {
+    return scratch[w][k].narrow(0, 0, rows * cols).view({rows, cols});
+  }
+
   at::Tensor tile(int64_t b, int64_t rows) const {
     return tiles.narrow(0, b * p.rows * p.cols, rows * cols_of(b)).view({rows, cols_of(b)});
   }
@@ -923,13 +969,15 @@ struct ThreeGemmForward {
     return at::from_blob(v.data() + b * p.rows, {rows, 1}, f.x.options().dtype(type));
   }
 
-  // Block b of the chunk at rows [r0, r0 + rows): logits, the block's statistics, and the tile
-  // left holding exp(z - shift) (worker w's scratch for the per-row outputs' sums).
+  // Block b of the chunk at rows [r0, r0 + rows): logits (capped), the block's statistics, and
+  // the tile left holding exp(z - shift), or with a softcap the capped z, which its gradient
+  // needs (worker w's scratch for exp(z - shift) then, and for the per-row outputs' sums).
   void start_block(int64_t b, int64_t r0, int64_t rows, int64_t w) {
     const int64_t c0 = b * p.cols, cols = cols_of(b);
     at::Tensor z = tile(b, rows);
     linear_ce::logits_into(z, f.x.narrow(0, r0, rows), f.weight.narrow(0, c0, cols),
                            f.bias.defined() ? f.bias.narrow(0, c0, cols) : at::Tensor(), inv_t);
+    linear_ce::apply_softcap(z, options);
     const at::ScalarType st = f.x.scalar_type();
     if (mean) {
       at::Tensor sums = column(bz, b, rows, st).view({rows});
@@ -951,24 +999,29 @@ struct ThreeGemmForward {
       if (t != ignore_index && t >= c0 && t < c0 + cols) zt[i] = zp[i * cols + t - c0];
       sh[i] = m[i] == neg_inf<scalar_t>() ? scalar_t(0) : m[i];
     }
-    z.sub_(column(shift, b, rows, st));
+    at::Tensor e = capped ? buffer(w, 0, rows, cols) : z;  // z - shift, then exp(z - shift)
+    at::sub_out(e, z, column(shift, b, rows, st));
     if (eps != 0.0) {
       at::Tensor rel = column(brel, b, rows, st).view({rows});
-      at::sum_out(rel, z, {1});
+      if (weights != nullptr) {
+        at::mv_out(rel, e, cw.w.narrow(0, c0, cols));
+      } else {
+        at::sum_out(rel, e, {1});
+      }
     }
     at::Tensor d;  // z - shift, kept for the entropy's sum of exp(d) d
-    if (entropy || squares) d = scratch[w].narrow(0, 0, rows * cols).view({rows, cols});
-    if (entropy) d.copy_(z);
-    z.exp_();
+    if (entropy || squares) d = buffer(w, capped ? 1 : 0, rows, cols);
+    if (entropy) d.copy_(e);
+    e.exp_();
     at::Tensor sums = column(bsum, b, rows, st).view({rows});
-    at::sum_out(sums, z, {1});
+    at::sum_out(sums, e, {1});
     if (entropy) {  // 0 where exp(d) is 0
-      d.mul_(z).nan_to_num_(0.0, 0.0, 0.0);
+      d.mul_(e).nan_to_num_(0.0, 0.0, 0.0);
       at::Tensor u = column(bu, b, rows, st).view({rows});
       at::sum_out(u, d, {1});
     }
     if (squares) {
-      at::mul_out(d, z, z);
+      at::mul_out(d, e, e);
       at::Tensor q = column(bq, b, rows, st).view({rows});
       at::sum_out(q, d, {1});
     }
@@ -976,28 +1029,43 @@ struct ThreeGemmForward {
 
   // Block b of the chunk at rows [r0, r0 + rows), whose statistics are final: the tile becomes
   // d loss / d z in place, then its share of grad_x (worker w's), its rows of grad_weight and
-  // grad_bias (first: the first chunk, which writes instead of adding).
+  // grad_bias (first: the first chunk, which writes instead of adding). With a softcap the
+  // gradient w.r.t. the capped logits is formed in worker w's buffer from exp(z - shift) again,
+  // and the tile's capped z becomes its factor 1 - (z / cap)^2.
   void finish_block(int64_t b, int64_t r0, int64_t rows, int64_t w, bool first) {
     const int64_t c0 = b * p.cols, cols = cols_of(b);
     const at::ScalarType st = f.x.scalar_type();
     at::Tensor z = tile(b, rows);
-    z.mul_(column(factor, b, rows, st));
-    scalar_t* zp = z.data_ptr<scalar_t>();
+    at::Tensor g = capped ? buffer(w, 0, rows, cols) : z;
+    if (capped) at::sub_out(g, z, column(shift, b, rows, st)).exp_();
+    g.mul_(column(factor, b, rows, st));
+    scalar_t* gp = g.data_ptr<scalar_t>();
     const int64_t* tp = f.target.const_data_ptr<int64_t>() + r0;
     const scalar_t back = scale * static_cast<scalar_t>(inv_t);  // through the temperature
     const scalar_t smooth = back * static_cast<scalar_t>(eps / static_cast<double>(f.V));
     const scalar_t onehot = back * static_cast<scalar_t>(1.0 - eps);
+    const scalar_t* wb_class = weights != nullptr ? weights + c0 : nullptr;
     for (int64_t i = 0; i < rows; ++i) {
-      scalar_t* row = zp + i * cols;
+      scalar_t* row = gp + i * cols;
       const int64_t t = tp[i];
-      if (t == ignore_index) {
-        std::fill(row, row + cols, scalar_t(0));
-        continue;
-      }
-      if (eps != 0.0) {
+      if (t == ignore_index) continue;  // zeroed below
+      if (eps != 0.0 && wb_class != nullptr) {
+        for (int64_t j = 0; j < cols; ++j) row[j] -= smooth * wb_class[j];
+      } else if (eps != 0.0) {
         for (int64_t j = 0; j < cols; ++j) row[j] -= smooth;
       }
-      if (t >= c0 && t < c0 + cols) row[t - c0] -= onehot;
+      if (t >= c0 && t < c0 + cols) {
+        row[t - c0] -= onehot * (weights != nullptr ? weights[t] : scalar_t(1));
+      }
+    }
+    if (capped) {  // z = g (1 - (z / cap)^2)
+      z.div_(cap);
+      z.mul_(z);
+      at::addcmul_out(z, g, g, z, -1);
+    }
+    scalar_t* zp = z.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < rows; ++i) {
+      if (tp[i] == ignore_index) std::fill(zp + i * cols, zp + (i + 1) * cols, scalar_t(0));
     }
     const at::Tensor wb = f.weight.narrow(0, c0, cols);
     if (grad_x != nullptr) partial[w].narrow(0, 0, rows).addmm_(z, wb);
@@ -1050,7 +1118,7 @@ struct ThreeGemmForward {
         }
         const scalar_t rescale = std::exp(shift[k] - m);
         s += bsum[k] * rescale;
-        if (smoothing) zrel += brel[k] + static_cast<scalar_t>(cols_of(b)) * (shift[k] - m);
+        if (smoothing) zrel += brel[k] + weight_of(b) * (shift[k] - m);
         if (entropy) u += rescale * (bu[k] + (shift[k] - m) * bsum[k]);
         if (squares) q += rescale * rescale * bq[k];
       }
@@ -1065,12 +1133,25 @@ struct ThreeGemmForward {
       if (lss != nullptr) lss[r0 + i] = std::log(q) - scalar_t(2) * ls;
       if (mean_out != nullptr) mean_out[r0 + i] = zsum / static_cast<scalar_t>(f.V);
       if (pred != nullptr) pred[r0 + i] = ignored ? ignore_index : arg;
-      scalar_t loss = ls - static_cast<scalar_t>(1.0 - eps) * (zt[i] - m);
-      if (smoothing) loss -= static_cast<scalar_t>(eps / static_cast<double>(f.V)) * zrel;
+      const scalar_t keep = static_cast<scalar_t>(1.0 - eps);
+      const scalar_t smooth = static_cast<scalar_t>(eps / static_cast<double>(f.V));
+      // the target's weight, and A_i of linear_ce.h without the z-loss: (1 - eps) w_t + eps W / V
+      // (1 without class weights)
+      const scalar_t wt = weights != nullptr && !ignored ? weights[t] : scalar_t(1);
+      const scalar_t weighted =
+          weights != nullptr ? keep * wt + smooth * total_weight : scalar_t(1);
+      scalar_t loss;
+      if (weights != nullptr) {  // F.cross_entropy's weighted form, as linear_ce::row_losses
+        loss = (ls - (zt[i] - m)) * wt * keep;
+        if (smoothing) loss += (ls * total_weight - zrel) * smooth;
+      } else {
+        loss = ls - keep * (zt[i] - m);
+        if (smoothing) loss -= smooth * zrel;
+      }
       row_loss[r0 + i] = ignored ? scalar_t(0) : loss + static_cast<scalar_t>(z_loss) * l * l;
       // softmax_ij a_i = exp(z_ij - shift_ib) exp((shift_ib - lse_i) - lse_lo_i) a_i
       const scalar_t a = ignored ? scalar_t(0)
-                                 : scale * (scalar_t(1) + static_cast<scalar_t>(2 * z_loss) * l) *
+                                 : scale * (weighted + static_cast<scalar_t>(2 * z_loss) * l) *
                                        static_cast<scalar_t>(inv_t);
       for (int64_t b = 0; b < p.blocks; ++b) {
         const int64_t k = b * p.rows + i;
@@ -1101,7 +1182,7 @@ struct ThreeGemmForward {
   }
 };
 
-Partial three_gemm_forward(const linear_ce::Flat& f, int64_t rows, int64_t count,
+Partial three_gemm_forward(const linear_ce::Flat& f, int64_t rows, double denominator,
                            const Options& o, std::array<bool, 3> grad_mask) {
   const int64_t N = f.N, H = f.H, V = f.V;
   const auto opts = f.x.options();
@@ -1116,7 +1197,8 @@ Partial three_gemm_forward(const linear_ce::Flat& f, int64_t rows, int64_t count
   if (o.return_log_sum_sq_probs) out.log_sum_sq_probs = at::empty({N}, opts);
   if (o.return_mean_logits) out.mean_logits = at::empty({N}, opts);
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), kOp, [&] {
-    ThreeGemmForward<scalar_t> engine(f, chunk_plan(std::min(rows, N), V), o, cpu_scale(o, count),
+    ThreeGemmForward<scalar_t> engine(f, chunk_plan(std::min(rows, N), V), o,
+                                      cpu_scale(o, denominator),
                                       grad_mask[0] ? &out.grad_x : nullptr,
                                       grad_mask[1] ? &out.grad_w : nullptr,
                                       want_b ? &out.grad_b : nullptr);
@@ -1127,7 +1209,7 @@ Partial three_gemm_forward(const linear_ce::Flat& f, int64_t rows, int64_t count
   return out;
 }
 
-Partial blocks_forward(const linear_ce::Flat& f, const CpuPlan& cp, int64_t count,
+Partial blocks_forward(const linear_ce::Flat& f, const CpuPlan& cp, double denominator,
                        const Options& o, bool with_grads, std::array<bool, 3> grad_mask) {
   const int64_t N = f.N, H = f.H, V = f.V;
   const auto opts = f.x.options();
@@ -1145,7 +1227,7 @@ Partial blocks_forward(const linear_ce::Flat& f, const CpuPlan& cp, int64_t coun
   if (o.return_mean_logits) out.mean_logits = at::empty({N}, opts);
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), kOp, [&] {
     const BlockEngine<scalar_t> engine(f, engine_plan(N, V, H, cp.budget), o);
-    const scalar_t scale = static_cast<scalar_t>(cpu_scale(o, count));
+    const scalar_t scale = static_cast<scalar_t>(cpu_scale(o, denominator));
     scalar_t* lse = out.lse.data_ptr<scalar_t>();
     engine.row_tiles_forward(lse, out.lse_lo.data_ptr<scalar_t>(),
                              out.row_loss.data_ptr<scalar_t>(), scale,
@@ -1224,16 +1306,17 @@ linear_ce::Outputs forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_
     return linear_ce::forward<CpuKernels>(x_in, weight_in, target_in, bias_in, chunked,
                                           grad_mask);
   }
-  Partial out = three_gemms ? three_gemm_forward(f, plan.rows, count, o, grad_mask)
+  const double denominator = cpu_denominator(f, o, count);
+  Partial out = three_gemms ? three_gemm_forward(f, plan.rows, denominator, o, grad_mask)
                 : plan.kind == CpuPlan::Kind::Blocks
-                    ? blocks_forward(f, plan, count, o, with_grads, grad_mask)
-                    : one_chunk_forward(f, count, o, with_grads, grad_mask);
+                    ? blocks_forward(f, plan, denominator, o, with_grads, grad_mask)
+                    : one_chunk_forward(f, denominator, o, with_grads, grad_mask);
   at::Tensor loss;
   if (o.reduction == Reduction::None) {
     loss = out.row_loss.view(target_in.sizes());
   } else {
     // a double sum of the row losses; mean over zero valid rows is 0/0 = nan, as in PyTorch
-    loss = at::full({}, sum_as_double(out.row_loss) * cpu_scale(o, count), f.x.options());
+    loss = at::full({}, sum_as_double(out.row_loss) * cpu_scale(o, denominator), f.x.options());
   }
   if (with_grads && grad_mask[0]) out.grad_x = out.grad_x.view(x_in.sizes());
   const auto shaped = [&](const at::Tensor& t, const at::TensorOptions& opts) {

@@ -1,8 +1,9 @@
 """The plans of fused_linear_cross_entropy's CPU kernel against eager PyTorch: the three-GEMM
-forward (gradients formed while each chunk's logits are at hand, backward only scales them),
-the four-GEMM plan it leaves to (a differentiated lse, create_graph, no gradients), and the
-argmax of return_predicted, which follows torch.argmax's rule for nan (a nan logit is the max).
-"""
+forward (gradients formed while each chunk's logits are at hand, backward only scales them;
+with a softcap, class weights and a temperature too, which the test of the GEMMs counted shows
+it takes), the four-GEMM plan it leaves to (a differentiated lse, create_graph, no gradients),
+and the argmax of return_predicted, which follows torch.argmax's rule for nan (a nan logit is
+the max)."""
 
 from __future__ import annotations
 
@@ -39,43 +40,122 @@ def leaves(*tensors):
     return [t.clone().requires_grad_() for t in tensors]
 
 
-def eager_loss(x, w, t, b, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-               reduction="mean"):  # fmt: skip
+def class_weights(v, dtype=torch.float64, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(v, generator=g, dtype=dtype) * 2 + 0.1
+
+
+def eager_logits(x, w, b, *, softcap=None, temperature=1.0):
     logits = F.linear(x, w, b)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits / temperature
+
+
+def eager_loss(x, w, t, b, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+               reduction="mean", softcap=None, class_weight=None, temperature=1.0):  # fmt: skip
+    logits = eager_logits(x, w, b, softcap=softcap, temperature=temperature)
     loss = F.cross_entropy(
-        logits, t, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        reduction="none",
+        logits, t, weight=class_weight, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, reduction="none",
     )  # fmt: skip
     keep = t != ignore_index
     loss = loss + z_loss * torch.logsumexp(logits, 1) ** 2 * keep
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / keep.sum()
+    if class_weight is None:
+        return loss.sum() / keep.sum()
+    return loss.sum() / class_weight[t[keep]].sum()  # F.cross_entropy's weighted mean
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("n,h,v,chunk", SHAPES)
-@pytest.mark.parametrize(
-    "options",
-    [{}, {"label_smoothing": 0.1, "z_loss": 1e-3}, {"reduction": "sum", "ignore_index": 3}],
-    ids=["plain", "smoothing+z_loss", "sum, ignore 3"],
-)
-def test_three_gemm_plan_matches_eager(n, h, v, chunk, options, threads):
-    x, w, t, b = make_inputs(n, h, v, ignore=options.get("ignore_index", -100))
-    ref = leaves(x, w, b)
-    eager_loss(ref[0], ref[1], t, ref[2], **options).backward()
+def eager_entropy(x, w, b, *, softcap=None, temperature=1.0):
+    log_p = eager_logits(x, w, b, softcap=softcap, temperature=temperature).log_softmax(1)
+    return -(log_p.exp() * log_p).sum(1)
+
+
+# The options of the three-GEMM plan's cases; class_weight=True stands for class_weights(V).
+THREE_GEMM_OPTIONS = {
+    "plain": {},
+    "smoothing+z_loss": {"label_smoothing": 0.1, "z_loss": 1e-3},
+    "sum, ignore 3": {"reduction": "sum", "ignore_index": 3},
+    "softcap": {"softcap": 2.0},
+    "class_weight": {"class_weight": True},
+    "class_weight+smoothing+z_loss": {"class_weight": True, "label_smoothing": 0.1, "z_loss": 1e-3},
+    "softcap+temperature+entropy": {"softcap": 1.5, "temperature": 0.7, "return_entropy": True},
+}
+
+
+def resolve(name, v, dtype):
+    options = dict(THREE_GEMM_OPTIONS[name])
+    if options.get("class_weight") is True:
+        options["class_weight"] = class_weights(v, dtype)
+    return options
+
+
+def entropy_term(entropy):
+    """What a case with return_entropy adds to the loss it differentiates: its entropy's
+    gradient joins the stored one in backward."""
+    return 0.5 * entropy.mean()
+
+
+def our_case(x, w, t, b, chunk, options, threads):
+    """The op's loss, entropy (with return_entropy, else None) and leaves holding the
+    gradients, at the given number of threads."""
     ours = leaves(x, w, b)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        loss = ops.fused_linear_cross_entropy(ours[0], ours[1], t, ours[2], chunk_size=chunk,
-                                              **options)  # fmt: skip
-        loss.backward()
+        out = ops.fused_linear_cross_entropy(ours[0], ours[1], t, ours[2], chunk_size=chunk,
+                                             **options)  # fmt: skip
+        loss, entropy = out if options.get("return_entropy") else (out, None)
+        (loss if entropy is None else loss + entropy_term(entropy)).backward()
     finally:
         torch.set_num_threads(before)
-    torch.testing.assert_close(loss, eager_loss(x, w, t, b, **options), rtol=1e-10, atol=1e-12)
+    return loss.detach(), entropy if entropy is None else entropy.detach(), ours
+
+
+def eager_case(x, w, t, b, options):
+    """eager PyTorch's loss, entropy and leaves holding the gradients, as our_case's."""
+    options = dict(options)
+    with_entropy = options.pop("return_entropy", False)
+    ref = leaves(x, w, b)
+    loss = eager_loss(ref[0], ref[1], t, ref[2], **options)
+    entropy = None
+    if with_entropy:
+        keys = [k for k in ("softcap", "temperature") if k in options]
+        entropy = eager_entropy(ref[0], ref[1], ref[2], **{k: options[k] for k in keys})
+    (loss if entropy is None else loss + entropy_term(entropy)).backward()
+    return loss.detach(), entropy if entropy is None else entropy.detach(), ref
+
+
+# (dtype, loss and entropy tolerance, gradient tolerance), each (rtol, atol); a gradient's atol
+# grows with its largest entry where that is above 1 (a sum's gradients are not divided by N)
+DTYPES = [
+    pytest.param(torch.float64, (1e-10, 1e-12), (1e-9, 1e-12), id="fp64"),
+    pytest.param(torch.float32, (1e-6, 1e-7), (1e-5, 1e-6), id="fp32"),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,h,v,chunk", SHAPES)
+@pytest.mark.parametrize("case", list(THREE_GEMM_OPTIONS))
+@pytest.mark.parametrize("dtype,value_tol,grad_tol", DTYPES)
+def test_three_gemm_plan_matches_eager(n, h, v, chunk, case, threads, dtype, value_tol,
+                                       grad_tol):  # fmt: skip
+    options = resolve(case, v, dtype)
+    x, w, t, b = make_inputs(n, h, v, dtype=dtype, ignore=options.get("ignore_index", -100))
+    loss, entropy, ours = our_case(x, w, t, b, chunk, options, threads)
+    # the reference in fp64 (fp32 inputs are exact in it), rounded once at the end
+    wide = {k: v.double() if torch.is_tensor(v) else v for k, v in options.items()}
+    ref_loss, ref_entropy, ref = eager_case(x.double(), w.double(), t, b.double(), wide)
+    rtol, atol = value_tol
+    torch.testing.assert_close(loss, ref_loss.to(dtype), rtol=rtol, atol=atol)
+    if entropy is not None:
+        torch.testing.assert_close(entropy, ref_entropy.to(dtype), rtol=rtol, atol=atol)
+    rtol, atol = grad_tol
     for mine, theirs in zip(ours, ref, strict=True):
-        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-9, atol=1e-12)
+        size = max(1.0, theirs.grad.abs().max().item())
+        torch.testing.assert_close(mine.grad, theirs.grad.to(dtype), rtol=rtol, atol=atol * size)
 
 
 @pytest.mark.parametrize("n,h,v,chunk", SHAPES)
@@ -183,3 +263,63 @@ def test_predicted_follows_torch_argmax_on_nan_cuda(n, h, v, chunk, dtype):
     expected = torch.argmax(F.linear(x.float(), w.float(), b.float()), 1)
     expected = torch.where(t == -100, -100, expected)
     assert torch.equal(predicted, expected), (predicted, expected)
+
+
+# ---------------------------------------------------------------- which plan runs
+
+GEMMS = {"aten::mm", "aten::addmm", "aten::addmm_"}
+
+
+def gemm_calls(fn):
+    """The GEMMs (mm and addmm, in any of their forms) that ATen runs while fn runs, on any
+    thread."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key in GEMMS)
+
+
+@pytest.mark.parametrize("case", [c for c in THREE_GEMM_OPTIONS if c != "plain"])
+def test_every_option_takes_the_three_gemm_plan(case):
+    # The three-GEMM plan runs its three GEMMs once per 512-class block of each row chunk, all in
+    # forward; the row kernels run them once per chunk, over the whole vocabulary. 37 rows in
+    # chunks of 8 (5 chunks) and 1100 classes (3 blocks): 45 GEMMs against 15.
+    n, h, v, chunk = 37, 8, 1100, 8
+    options = resolve(case, v, torch.float64)
+    x, w, t, b = make_inputs(n, h, v, ignore=options.get("ignore_index", -100))
+    ours = leaves(x, w, b)
+    out = []
+
+    def forward():
+        out.append(ops.fused_linear_cross_entropy(ours[0], ours[1], t, ours[2], chunk_size=chunk,
+                                                  **options))  # fmt: skip
+
+    def backward():
+        (out[0][0] if options.get("return_entropy") else out[0]).backward()
+
+    chunks, blocks = -(-n // chunk), -(-v // 512)
+    assert gemm_calls(forward) == 3 * chunks * blocks
+    assert gemm_calls(backward) == 0  # backward only scales what forward stored
+
+
+@pytest.mark.parametrize("case", ["softcap", "class_weight+smoothing+z_loss"])
+def test_softcap_and_class_weights_take_the_three_gemm_plan_in_few_rows(case):
+    # With no chunk_size, PyTorch's rule leaves 4 rows per chunk here (300 rows, 1100 classes,
+    # 8 features), below the plain options' minimum for the three GEMMs (those take the
+    # vocabulary blocks, which know neither option); a softcap or class weights take the three
+    # GEMMs anyway, in those 4-row chunks, and still match eager PyTorch.
+    n, h, v, rows = 300, 8, 1100, 4
+    options = resolve(case, v, torch.float64)
+    x, w, t, b = make_inputs(n, h, v)
+    ours = leaves(x, w, b)
+    out = []
+
+    def forward():
+        out.append(ops.fused_linear_cross_entropy(ours[0], ours[1], t, ours[2], **options))
+
+    chunks, blocks = -(-n // rows), -(-v // 512)
+    assert gemm_calls(forward) == 3 * chunks * blocks
+    assert gemm_calls(out[0].backward) == 0
+    ref_loss, _, ref = eager_case(x, w, t, b, options)
+    torch.testing.assert_close(out[0].detach(), ref_loss, rtol=1e-10, atol=1e-12)
+    for mine, theirs in zip(ours, ref, strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-9, atol=1e-12)
