@@ -1058,10 +1058,9 @@ struct ThreeGemmForward {
         row[t - c0] -= onehot * (weights != nullptr ? weights[t] : scalar_t(1));
       }
     }
-    if (capped) {  // z = g (1 - (z / cap)^2)
-      z.div_(cap);
+    if (capped) {  // z = g (1 - (z / cap)^2) = g - g z^2 / cap^2, in two sweeps
       z.mul_(z);
-      at::addcmul_out(z, g, g, z, -1);
+      at::addcmul_out(z, g, g, z, -1.0 / (cap * cap));
     }
     scalar_t* zp = z.data_ptr<scalar_t>();
     for (int64_t i = 0; i < rows; ++i) {
