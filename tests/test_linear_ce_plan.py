@@ -278,6 +278,18 @@ def gemm_calls(fn):
     return sum(e.count for e in prof.key_averages() if e.key in GEMMS)
 
 
+def step_gemm_calls(ours, t, options):
+    """The GEMMs of one call's forward, those of its backward, and its loss, on leaves ours."""
+    out = []
+
+    def forward():
+        out.append(ops.fused_linear_cross_entropy(ours[0], ours[1], t, ours[2], **options))
+
+    forward_calls = gemm_calls(forward)
+    loss = out[0][0] if options.get("return_entropy") else out[0]
+    return forward_calls, gemm_calls(loss.backward), loss.detach()
+
+
 @pytest.mark.parametrize("case", [c for c in THREE_GEMM_OPTIONS if c != "plain"])
 def test_every_option_takes_the_three_gemm_plan(case):
     # The three-GEMM plan runs its three GEMMs once per 512-class block of each row chunk, all in
@@ -286,19 +298,10 @@ def test_every_option_takes_the_three_gemm_plan(case):
     n, h, v, chunk = 37, 8, 1100, 8
     options = resolve(case, v, torch.float64)
     x, w, t, b = make_inputs(n, h, v, ignore=options.get("ignore_index", -100))
-    ours = leaves(x, w, b)
-    out = []
-
-    def forward():
-        out.append(ops.fused_linear_cross_entropy(ours[0], ours[1], t, ours[2], chunk_size=chunk,
-                                                  **options))  # fmt: skip
-
-    def backward():
-        (out[0][0] if options.get("return_entropy") else out[0]).backward()
-
+    forward, backward, _ = step_gemm_calls(leaves(x, w, b), t, {**options, "chunk_size": chunk})
     chunks, blocks = -(-n // chunk), -(-v // 512)
-    assert gemm_calls(forward) == 3 * chunks * blocks
-    assert gemm_calls(backward) == 0  # backward only scales what forward stored
+    assert forward == 3 * chunks * blocks
+    assert backward == 0  # backward only scales what forward stored
 
 
 @pytest.mark.parametrize("case", ["softcap", "class_weight+smoothing+z_loss"])
@@ -311,15 +314,11 @@ def test_softcap_and_class_weights_take_the_three_gemm_plan_in_few_rows(case):
     options = resolve(case, v, torch.float64)
     x, w, t, b = make_inputs(n, h, v)
     ours = leaves(x, w, b)
-    out = []
-
-    def forward():
-        out.append(ops.fused_linear_cross_entropy(ours[0], ours[1], t, ours[2], **options))
-
+    forward, backward, loss = step_gemm_calls(ours, t, options)
     chunks, blocks = -(-n // rows), -(-v // 512)
-    assert gemm_calls(forward) == 3 * chunks * blocks
-    assert gemm_calls(out[0].backward) == 0
+    assert forward == 3 * chunks * blocks
+    assert backward == 0
     ref_loss, _, ref = eager_case(x, w, t, b, options)
-    torch.testing.assert_close(out[0].detach(), ref_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
     for mine, theirs in zip(ours, ref, strict=True):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-9, atol=1e-12)
