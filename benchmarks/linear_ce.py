@@ -2,7 +2,7 @@
 
     python -m benchmarks.linear_ce [--device cpu|cuda] [--dtype float32|bfloat16] [--quick]
                                    [--sizes N,H,V ...] [--threads 1 2 ...] [--busy K]
-                                   [--rounds 5] [--out out/benchmarks]
+                                   [--rounds R] [--out out/benchmarks]
 
 Forward + backward of ``cross_entropy(x @ W.T + b, target)`` (mean, ignore_index=-100, x, W, b
 all requiring grad) for:
@@ -12,7 +12,8 @@ all requiring grad) for:
   cce            Cut Cross-Entropy's linear_cross_entropy (when cut_cross_entropy is importable):
                  its torch_compile implementation on CPU, its CUDA kernel ("cce") on a GPU; it
                  takes no bias, so it gets none (the bias here is zero: the same loss, minus a
-                 bias gradient that costs one pass over the logits)
+                 bias gradient that costs one pass over the logits); not with --quick on
+                 the CPU, where its first call compiles for about 2 minutes on 2 cores
   liger          LigerFusedLinearCrossEntropyLoss (CUDA only, when liger_kernel is importable)
 and, timed in the same rounds, the GEMM floor: the three GEMMs of the math alone (logits
 x @ W.T + b, grad_x = G @ W, grad_W = G.T @ x, on the whole (N, V) matrix, no softmax), the
@@ -48,7 +49,7 @@ SIZES = {
 MIB = 1 << 20
 
 
-def _variants(torch, device: str) -> dict:
+def _variants(torch, device: str, quick: bool) -> dict:
     import torch.nn.functional as F
 
     import gpufit
@@ -73,8 +74,12 @@ def _variants(torch, device: str) -> dict:
     except ImportError:
         print("cut_cross_entropy is not installed: skipping cce")
     else:
-        impl = "cce" if device == "cuda" else "torch_compile"
-        variants["cce"] = lambda x, w, t, b: cce(x, w, t, impl=impl)
+        if quick and device == "cpu":
+            print("--quick: skipping cce (on the CPU, torch.compile builds it on first use: "
+                  "about 2 minutes on 2 cores)")  # fmt: skip
+        else:
+            impl = "cce" if device == "cuda" else "torch_compile"
+            variants["cce"] = lambda x, w, t, b: cce(x, w, t, impl=impl)
     if device == "cuda":
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -231,16 +236,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="default: float32 on CPU, bfloat16 on CUDA")  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="the smaller sizes only")
+    parser.add_argument("--quick", action="store_true",
+                        help="the smaller sizes only (on the CPU: without cce)")  # fmt: skip
     parser.add_argument("--sizes", type=_size, nargs="+", metavar="N,H,V",
                         help="these sizes instead")  # fmt: skip
     parser.add_argument("--threads", type=int, nargs="+",
                         help="CPU thread counts (default: 1 and all cores)")  # fmt: skip
     parser.add_argument("--busy", type=int, default=0, metavar="K",
                         help="K busy-looping processes beside the timed runs")  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed rounds (default: 5; 3 with --quick)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("out/benchmarks"))
     args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 5
 
     import torch  # after parsing: --help answers without loading torch
 
@@ -256,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         threads = args.threads or sorted({1, cores})
     sizes = args.sizes or SIZES[args.device, args.quick]
-    variants = _variants(torch, args.device)
+    variants = _variants(torch, args.device, args.quick)
     load_before = os.getloadavg()
     print(f"load average {load_before[0]:.2f}; {len(sizes)} sizes x threads {threads} x "
           f"{len(variants)} variants, {args.rounds} rounds", flush=True)  # fmt: skip
