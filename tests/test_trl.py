@@ -240,6 +240,52 @@ def test_grpo_equal(tmp_path, monkeypatch):
         "reward", "reward_std", "entropy", "kl", "completions/mean_length"))  # fmt: skip
 
 
+# ================================================================ KTO
+
+
+def test_kto_equal(tmp_path, monkeypatch):
+    """KTO's policy runs the head on each batch and on its mismatched pairs (the KL term), for
+    log-probs and entropy; its reference model, loaded from the same folder, for log-probs.
+    Each batch of 4 holds one desirable and one undesirable example at least, so every step
+    logs both sides' rewards."""
+    data = datasets.Dataset.from_dict({
+        "prompt": TEXTS[:4] * 3,
+        "completion": [" Yes.", " No, not at all, never.", " Right.", " Wrong."] * 3,
+        "label": [True, False, True, False] * 3,
+    })  # fmt: skip
+
+    def make():
+        args = trl.KTOConfig(**common_args(tmp_path, max_length=32,
+                                           per_device_train_batch_size=4))  # fmt: skip
+        return trl.KTOTrainer(model=saved_tiny_llama(tmp_path), args=args, train_dataset=data,
+                              processing_class=tokenizer())  # fmt: skip
+
+    assert_same_training(make, monkeypatch, metrics=(
+        "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+        "logps/rejected", "logits/chosen", "logits/rejected", "entropy"),
+        nonzero=("rewards/margins", "entropy"))  # fmt: skip
+
+
+# ================================================================ RLOO
+
+
+def test_rloo_equal(tmp_path, monkeypatch):
+    """RLOO samples completions at a temperature, which its head divides the logits by."""
+    data = datasets.Dataset.from_dict({"prompt": TEXTS[:4]})
+
+    def make():
+        args = trl.RLOOConfig(**common_args(
+            tmp_path, num_generations=2, max_completion_length=6, temperature=0.7,
+            generation_kwargs={"do_sample": True}, beta=0.04,
+        ))  # fmt: skip
+        return trl.RLOOTrainer(model=saved_tiny_llama(tmp_path), reward_funcs=shortness, args=args,
+                               train_dataset=data, processing_class=tokenizer())  # fmt: skip
+
+    assert_same_training(make, monkeypatch, metrics=(
+        "reward", "reward_std", "entropy", "kl", "completions/mean_length"),
+        nonzero=("reward", "entropy"))  # fmt: skip
+
+
 # ================================================================ the kernel, call by call
 
 ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
