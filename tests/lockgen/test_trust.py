@@ -571,8 +571,23 @@ def test_a_failed_install_leaves_nothing_or_the_old_prefix(cu121, tmp_path, monk
     assert not [p for p in tmp_path.iterdir() if ".lockgen-" in p.name]  # no staging left
 
 
+@pytest.fixture
+def default_signal_handlers():
+    """SIGINT and SIGTERM at Python's defaults for the test (a shell may start the test run
+    with them ignored), restored afterwards; returns those defaults."""
+    import signal
+
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    before = {s: signal.signal(s, h) for s, h in defaults.items()}
+    yield defaults
+    for s, h in before.items():
+        signal.signal(s, h)
+
+
 @pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
-def test_an_interrupted_install_leaves_nothing_and_says_so(cu121, tmp_path, monkeypatch, signum):
+def test_an_interrupted_install_leaves_nothing_and_says_so(
+    cu121, tmp_path, monkeypatch, signum, default_signal_handlers
+):
     """F8/T3: the signal arrives while packages are being linked."""
     import os
     import signal
@@ -607,7 +622,26 @@ def test_an_interrupted_install_leaves_nothing_and_says_so(cu121, tmp_path, monk
         == f"lockgen: error: installation interrupted ({signum}): nothing was left in {prefix}\n"
     )
     assert not prefix.exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    for s, handler in default_signal_handlers.items():
+        assert signal.getsignal(s) is handler, s
+
+
+def test_an_ignored_signal_stays_ignored_during_an_install(default_signal_handlers):
+    """Started with SIGINT ignored (nohup, a script's background job), an install leaves it
+    ignored and still stops on SIGTERM; both handlers are restored after."""
+    import signal
+
+    import lockgen.install as install
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with install._signals_raise():
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        term = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(install.InstallInterrupted) as stopped:
+            term(signal.SIGTERM, None)
+        assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 @pytest.mark.parametrize("version", ["2.5.1rc1", "2.5.1.post1", "2.5.10"])
@@ -635,9 +669,11 @@ def test_ctrl_c_during_a_real_install_is_one_line_and_leaves_nothing(cu121, tmp_
     prefix = tmp_path / "env"
     argv = [sys.executable, "-m", "lockgen", "--targets", _targets(matrix), "install", lock]
     argv += ["--prefix", prefix, "--platform", "linux-64", "--no-driver-check"]
+    # SIGINT as in a terminal, not ignored (a script's background job would ignore it)
     child = subprocess.Popen(
-        [str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        [str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     deadline = time.monotonic() + 120
     while not [p for p in tmp_path.iterdir() if ".lockgen-" in p.name]:
         assert child.poll() is None and time.monotonic() < deadline, child.communicate()

@@ -296,7 +296,8 @@ def _check_prefix(prefix: Path, force: bool) -> bool:
 @contextlib.contextmanager
 def _signals_raise():
     """SIGINT and SIGTERM raise :class:`InstallInterrupted` in the main thread while the
-    install runs (elsewhere, e.g. in a test's worker thread, they are left alone)."""
+    install runs (elsewhere, e.g. in a test's worker thread, they are left alone). A signal
+    this process was told to ignore (``nohup``, a background job of a script) stays ignored."""
     import signal
     import threading
 
@@ -307,7 +308,8 @@ def _signals_raise():
     def handler(signum, _frame):
         raise InstallInterrupted(signal.Signals(signum).name, signum)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    caught = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
+    old = {s: signal.signal(s, handler) for s in caught}
     try:
         yield
     finally:
