@@ -217,7 +217,7 @@ def test_dpo_equal(tmp_path, monkeypatch, config):
         "mean_token_accuracy"))  # fmt: skip
 
 
-# ================================================================ GRPO
+# ================================================================ GRPO and RLOO
 
 
 def shortness(completions, **kwargs) -> list[float]:
@@ -225,19 +225,30 @@ def shortness(completions, **kwargs) -> list[float]:
     return [-float(len(c)) for c in completions]
 
 
-def test_grpo_equal(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "config, trainer, nonzero",
+    [
+        ("GRPOConfig", "GRPOTrainer", ()),
+        ("RLOOConfig", "RLOOTrainer", ("reward", "entropy")),
+    ],
+    ids=["grpo", "rloo"],
+)
+def test_online_equal(tmp_path, monkeypatch, config, trainer, nonzero):
+    """Both sample completions at a temperature, which their head divides the logits by."""
     data = datasets.Dataset.from_dict({"prompt": TEXTS[:4]})
 
     def make():
-        args = trl.GRPOConfig(**common_args(
+        args = getattr(trl, config)(**common_args(
             tmp_path, num_generations=2, max_completion_length=6, temperature=0.7,
             generation_kwargs={"do_sample": True}, beta=0.04,
         ))  # fmt: skip
-        return trl.GRPOTrainer(model=saved_tiny_llama(tmp_path), reward_funcs=shortness, args=args,
-                               train_dataset=data, processing_class=tokenizer())  # fmt: skip
+        return getattr(trl, trainer)(model=saved_tiny_llama(tmp_path), reward_funcs=shortness,
+                                     args=args, train_dataset=data,
+                                     processing_class=tokenizer())  # fmt: skip
 
     assert_same_training(make, monkeypatch, metrics=(
-        "reward", "reward_std", "entropy", "kl", "completions/mean_length"))  # fmt: skip
+        "reward", "reward_std", "entropy", "kl", "completions/mean_length"),
+        nonzero=nonzero)  # fmt: skip
 
 
 # ================================================================ KTO
@@ -264,26 +275,6 @@ def test_kto_equal(tmp_path, monkeypatch):
         "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
         "logps/rejected", "logits/chosen", "logits/rejected", "entropy"),
         nonzero=("rewards/margins", "entropy"))  # fmt: skip
-
-
-# ================================================================ RLOO
-
-
-def test_rloo_equal(tmp_path, monkeypatch):
-    """RLOO samples completions at a temperature, which its head divides the logits by."""
-    data = datasets.Dataset.from_dict({"prompt": TEXTS[:4]})
-
-    def make():
-        args = trl.RLOOConfig(**common_args(
-            tmp_path, num_generations=2, max_completion_length=6, temperature=0.7,
-            generation_kwargs={"do_sample": True}, beta=0.04,
-        ))  # fmt: skip
-        return trl.RLOOTrainer(model=saved_tiny_llama(tmp_path), reward_funcs=shortness, args=args,
-                               train_dataset=data, processing_class=tokenizer())  # fmt: skip
-
-    assert_same_training(make, monkeypatch, metrics=(
-        "reward", "reward_std", "entropy", "kl", "completions/mean_length"),
-        nonzero=("reward", "entropy"))  # fmt: skip
 
 
 # ================================================================ the kernel, call by call
